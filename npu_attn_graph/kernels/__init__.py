@@ -1,0 +1,16 @@
+"""The npu_attn op library: one module per fused op (schema, fake, reference, NPU kernel).
+
+Importing this package registers every op under ``torch.ops.npu_attn``.
+"""
+
+from . import (  # noqa: F401  (imported for their registrations)
+    fused_infer_attention_score,
+    incre_flash_attention,
+    prompt_flash_attention,
+    scatter_nd_update,
+    scatter_pa_kv_cache,
+    scatter_update,
+)
+from ._library import NAMESPACE, NpuAttnArgumentError
+
+__all__ = ["NAMESPACE", "NpuAttnArgumentError"]

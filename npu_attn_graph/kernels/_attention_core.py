@@ -1,0 +1,212 @@
+"""Chunked masked attention: the numerical core of every reference kernel.
+
+The op modules translate their arguments (layouts, paged caches, quantisation,
+sparse modes) into one canonical problem and call :func:`attention`. The query
+is processed in row chunks so that the fp32 score block never exceeds a fixed
+budget: extra memory is O(chunk x S_kv) per head, whatever the sequence length.
+
+Conventions (those of the NPU ops, not of torch SDPA):
+- ``mask`` True means "masked out".
+- A query row whose every key is masked (or that lies outside its batch's
+  valid rows) produces zeros, not NaN; its log-sum-exp is +inf. (The NPU does
+  the same with row-invalid correction; without it, hardware output for such
+  rows is unspecified.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._library import DEFAULT_SCORE_BLOCK_BYTES
+
+INF_TOKENS = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Band:
+    """Keep key j for query i iff -pre_tokens <= (j - kv_start) - (i - q_start) - shift <= next_tokens.
+
+    ``right_down`` anchors the diagonal at the bottom-right corner of each batch's
+    valid block (shift = kv_len - q_len), as rightDownCausal and band modes do;
+    otherwise it is anchored at the top-left (shift = 0).
+    """
+
+    pre_tokens: int
+    next_tokens: int
+    right_down: bool
+
+
+@dataclass
+class AttentionProblem:
+    """One attention call in canonical BNSD form.
+
+    query (B, N, Sq, D); key (B, Nkv, Skv, D); value (B, Nkv, Skv, Dv), all floating.
+    mask: bool, broadcastable to (B, N, Sq, Skv), True = masked out.
+    bias: floating, broadcastable to (B, N, Sq, Skv), added after scaling.
+    q_ranges[b] = (start, end): the valid query rows of batch b; others output zero.
+    kv_ranges[b] = (start, end): the valid keys of batch b.
+    prob_quant_scale: full-int8 quantisation of the softmax probabilities before
+    the second matmul (P_int8 = saturate(round(P * prob_quant_scale))).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float
+    mask: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    q_ranges: Sequence[tuple[int, int]] | None = None
+    kv_ranges: Sequence[tuple[int, int]] | None = None
+    band: Band | None = None
+    prob_quant_scale: float | None = None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reduced-precision inputs are computed in fp32, as the NPU accumulates."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(batch: int, heads: int, kv_len: int, budget_bytes: int) -> int:
+    per_row = max(1, batch * heads * kv_len * 4)
+    return max(1, budget_bytes // per_row)
+
+
+def attention(
+    problem: AttentionProblem,
+    *,
+    want_lse: bool = False,
+    score_block_bytes: int = DEFAULT_SCORE_BLOCK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (out (B, N, Sq, Dv) in the compute dtype, lse (B, N, Sq, 1) fp32 or None)."""
+    q, k, v = problem.query, problem.key, problem.value
+    batch, heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    dtype = compute_dtype(q.dtype)
+    device = q.device
+
+    q_ranges = list(problem.q_ranges) if problem.q_ranges is not None else [(0, q_len)] * batch
+    kv_ranges = list(problem.kv_ranges) if problem.kv_ranges is not None else [(0, kv_len)] * batch
+    band = problem.band
+    shifts = [
+        (ke - ks) - (qe - qs) if band is not None and band.right_down else 0
+        for (qs, qe), (ks, ke) in zip(q_ranges, kv_ranges)
+    ]
+    # Structural masking (ragged lengths, ranges, bands) is only built when some
+    # row needs it; the common dense case skips it entirely.
+    needs_structure = band is not None or any(
+        r != (0, q_len) for r in q_ranges
+    ) or any(r != (0, kv_len) for r in kv_ranges)
+    geometry = _Geometry(q_ranges, kv_ranges, shifts, device)
+
+    out = torch.zeros(batch, heads, q_len, v.shape[-1], dtype=dtype, device=device)
+    lse = (
+        torch.full((batch, heads, q_len, 1), float("inf"), dtype=torch.float32, device=device)
+        if want_lse
+        else None
+    )
+    k = k.to(dtype)
+    v = v.to(dtype)
+    chunk = _chunk_rows(batch, heads, kv_len, score_block_bytes)
+    first_row = min((s for s, e in q_ranges if e > s), default=q_len)
+    last_row = max((e for s, e in q_ranges if e > s), default=0)
+
+    for r0 in range(first_row, last_row, chunk):
+        r1 = min(last_row, r0 + chunk)
+        lo, hi = _key_window(r0, r1, q_ranges, kv_ranges, shifts, band)
+        if hi <= lo:
+            continue
+        rows = r1 - r0
+        qc = q[:, :, r0:r1].to(dtype) * problem.scale
+        # GQA: each kv head serves `group` consecutive query heads; fold the
+        # group into the row axis so K/V are never repeated.
+        qc = qc.reshape(batch, kv_heads, group * rows, -1)
+        scores = torch.matmul(qc, k[:, :, lo:hi].transpose(-1, -2))
+        scores = scores.view(batch, heads, rows, hi - lo)
+        if problem.bias is not None:
+            scores += problem.bias[..., r0:r1, lo:hi].to(dtype)
+        masked = None
+        if problem.mask is not None:
+            masked = problem.mask[..., r0:r1, lo:hi]
+        if needs_structure:
+            structural = geometry.mask(r0, r1, lo, hi, band)
+            masked = structural if masked is None else (masked | structural)
+        if masked is not None:
+            scores.masked_fill_(masked, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        scores.sub_(row_max).exp_()
+        row_sum = scores.sum(dim=-1, keepdim=True)
+        empty = row_sum == 0
+        safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
+        if problem.prob_quant_scale is not None:
+            scores.div_(safe_sum).mul_(problem.prob_quant_scale).round_().clamp_(-128, 127)
+        probs = scores.view(batch, kv_heads, group * rows, hi - lo)
+        oc = torch.matmul(probs, v[:, :, lo:hi]).view(batch, heads, rows, -1)
+        if problem.prob_quant_scale is None:
+            oc.div_(safe_sum)
+        out[:, :, r0:r1] = oc
+        if lse is not None:
+            chunk_lse = torch.where(empty, float("inf"), row_max + torch.log(row_sum))
+            lse[:, :, r0:r1] = chunk_lse.to(torch.float32)
+    return out, lse
+
+
+def _key_window(
+    r0: int,
+    r1: int,
+    q_ranges: Sequence[tuple[int, int]],
+    kv_ranges: Sequence[tuple[int, int]],
+    shifts: Sequence[int],
+    band: Band | None,
+) -> tuple[int, int]:
+    """The union over batches of the keys any valid row in [r0, r1) may attend to."""
+    lo, hi = None, None
+    for (qs, qe), (ks, ke), shift in zip(q_ranges, kv_ranges, shifts):
+        first, last = max(r0, qs), min(r1, qe) - 1
+        if last < first or ke <= ks:
+            continue
+        b_lo, b_hi = ks, ke
+        if band is not None:
+            b_lo = max(b_lo, ks + (first - qs) + shift - band.pre_tokens)
+            b_hi = min(b_hi, ks + (last - qs) + shift + band.next_tokens + 1)
+        if b_hi <= b_lo:
+            continue
+        lo = b_lo if lo is None else min(lo, b_lo)
+        hi = b_hi if hi is None else max(hi, b_hi)
+    return (0, 0) if lo is None else (lo, hi)
+
+
+class _Geometry:
+    """Per-batch valid row/key ranges and diagonal shifts, as (B, 1, 1, 1) tensors."""
+
+    def __init__(
+        self,
+        q_ranges: Sequence[tuple[int, int]],
+        kv_ranges: Sequence[tuple[int, int]],
+        shifts: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        def column(values: Sequence[int]) -> torch.Tensor:
+            return torch.tensor(list(values), device=device).view(-1, 1, 1, 1)
+
+        self.q_start = column([s for s, _ in q_ranges])
+        self.q_end = column([e for _, e in q_ranges])
+        self.kv_start = column([s for s, _ in kv_ranges])
+        self.kv_end = column([e for _, e in kv_ranges])
+        self.shift = column(shifts)
+        self.device = device
+
+    def mask(self, r0: int, r1: int, lo: int, hi: int, band: Band | None) -> torch.Tensor:
+        """(B, 1, rows, keys) bool, True where ranges or the band mask out."""
+        i = torch.arange(r0, r1, device=self.device).view(1, 1, -1, 1)
+        j = torch.arange(lo, hi, device=self.device).view(1, 1, 1, -1)
+        masked = (i < self.q_start) | (i >= self.q_end) | (j < self.kv_start) | (j >= self.kv_end)
+        if band is not None:
+            diagonal = (j - self.kv_start) - (i - self.q_start) - self.shift
+            masked |= diagonal > band.next_tokens
+            masked |= -diagonal > band.pre_tokens
+        return masked

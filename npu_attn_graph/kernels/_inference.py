@@ -1,0 +1,767 @@
+"""Shared argument model of the three inference attention ops.
+
+npu_prompt_flash_attention, npu_incre_flash_attention and
+npu_fused_infer_attention_score take overlapping argument sets under different
+names. Each op module maps its arguments onto :class:`InferenceCall`; this
+module validates it (the same checks for the fake and the reference kernel),
+derives the output shapes, and runs the reference computation through the
+chunked attention core.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._attention_core import INF_TOKENS, AttentionProblem, Band, attention
+from ._layouts import (
+    Layout,
+    batch_and_seq,
+    from_bnsd,
+    heads_and_dim,
+    output_shape,
+    pack_tnd,
+    segments,
+    to_bnsd,
+    unpack_tnd,
+)
+from ._library import check, fail
+
+COMPRESSED_MASK_SIZE = 2048
+MAX_HEAD_DIM = 512
+MAX_HEADS = 256
+MAX_GQA_RATIO = 64
+MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
+NPU_FLOAT_DTYPES = (torch.float16, torch.bfloat16)
+# Off the NPU the reference kernels also take fp32/fp64, so fp32 models can be
+# checked exactly against eager.
+REFERENCE_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Antiquant:
+    """int8 KV dequantisation, (x + offset) * scale, for key or value.
+
+    mode: 0 per-channel (or per-tensor when the scale has one element),
+    1 per-token (B, S), 2 per-head (N,), 3 per-token-per-head (B, N, S),
+    4 per-token in paged blocks (blocknum, blocksize),
+    5 per-token-per-head in paged blocks (blocknum, N, blocksize).
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    mode: int
+    name: str  # argument name for errors
+
+
+@dataclass
+class InferenceCall:
+    op: str
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    layout: Layout
+    num_heads: int
+    num_key_value_heads: int
+    scale: float
+    atten_mask: torch.Tensor | None = None
+    pse_shift: torch.Tensor | None = None
+    # Per-batch lengths (or cumulative ones for TND), with the op's argument names.
+    q_lens: Sequence[int] | None = None
+    q_lens_name: str = "actual_seq_lengths"
+    kv_lens: Sequence[int] | None = None
+    kv_lens_name: str = "actual_seq_lengths_kv"
+    sparse_mode: int = 0
+    pre_tokens: int = INF_TOKENS
+    next_tokens: int = INF_TOKENS
+    block_table: torch.Tensor | None = None
+    block_size: int = 0
+    kv_padding_size: torch.Tensor | None = None
+    query_padding_size: torch.Tensor | None = None
+    key_antiquant: Antiquant | None = None
+    value_antiquant: Antiquant | None = None
+    dequant_scale1: torch.Tensor | None = None
+    dequant_scale1_name: str = "dequant_scale1"
+    quant_scale1: torch.Tensor | None = None
+    dequant_scale2: torch.Tensor | None = None
+    dequant_scale2_name: str = "dequant_scale2"
+    quant_scale2: torch.Tensor | None = None
+    quant_offset2: torch.Tensor | None = None
+    key_shared_prefix: torch.Tensor | None = None
+    value_shared_prefix: torch.Tensor | None = None
+    shared_prefix_len: Sequence[int] | None = None
+    query_rope: torch.Tensor | None = None
+    key_rope: torch.Tensor | None = None
+    softmax_lse: bool = False
+    # The incremental op takes S == 1 queries only and no sparse modes.
+    incremental_only: bool = False
+
+
+@dataclass
+class Geometry:
+    """Shapes derived from a validated call (may hold SymInts under tracing)."""
+
+    batch: object
+    q_seq: object
+    heads: int
+    head_dim: object
+    kv_heads: int
+    kv_seq: object  # logical KV length (paged: block_table width * block_size)
+    value_dim: object
+    paged_cache_rank: int  # 0 when not paged
+    out_shape: list
+    out_dtype: torch.dtype
+    lse_shape: list
+
+
+# ----------------------------------------------------------------------------
+# Validation and shape inference (shared by fake and reference kernels)
+# ----------------------------------------------------------------------------
+
+
+def validate(call: InferenceCall) -> Geometry:
+    op, q, k, v, layout = call.op, call.query, call.key, call.value, call.layout
+    check(call.num_heads > 0, op, "num_heads", "must be positive", call.num_heads)
+    heads = call.num_heads
+    kv_heads = call.num_key_value_heads or heads
+    check(call.num_key_value_heads >= 0, op, "num_key_value_heads", "must be >= 0", call.num_key_value_heads)
+    check(heads % kv_heads == 0, op, "num_heads",
+          f"must be divisible by num_key_value_heads={kv_heads}", heads)
+    check(heads // kv_heads <= MAX_GQA_RATIO, op, "num_heads / num_key_value_heads",
+          f"must be <= {MAX_GQA_RATIO}", heads // kv_heads)
+    check(heads <= MAX_HEADS, op, "num_heads", f"must be <= {MAX_HEADS}", heads)
+
+    q_n, head_dim = heads_and_dim(op, "query", q.shape, layout.inputs, heads)
+    check(q_n == heads, op, "num_heads", f"must equal the query head count {q_n}", heads)
+    _check_dtypes(call)
+
+    paged = call.block_table is not None
+    if layout.inputs == "TND":
+        check(call.q_lens is not None, op, call.q_lens_name,
+              "is required (cumulative lengths) for input_layout TND", None)
+        batch, q_seq = len(call.q_lens), None
+    else:
+        batch, q_seq = batch_and_seq(q.shape, layout.inputs)
+
+    if paged:
+        kv_seq, value_dim, cache_rank = _validate_paged(call, batch, kv_heads, head_dim)
+    else:
+        cache_rank = 0
+        k_n, k_d = heads_and_dim(op, "key", k.shape, layout.inputs, kv_heads)
+        v_n, value_dim = heads_and_dim(op, "value", v.shape, layout.inputs, kv_heads)
+        check(k_n == kv_heads, op, "num_key_value_heads", f"must equal the key head count {k_n}", kv_heads)
+        check(v_n == kv_heads, op, "value", f"head count must equal num_key_value_heads={kv_heads}", v_n)
+        check(k_d == head_dim, op, "key", f"head dim must equal the query's {head_dim}", k_d)
+        if layout.inputs == "TND":
+            check(call.kv_lens is not None, op, call.kv_lens_name,
+                  "is required (cumulative lengths) for input_layout TND", None)
+            check(len(call.kv_lens) == batch, op, call.kv_lens_name,
+                  f"must have one entry per batch ({batch})", len(call.kv_lens))
+            kv_seq = None
+        else:
+            k_b, kv_seq = batch_and_seq(k.shape, layout.inputs)
+            check(k_b == batch, op, "key", f"batch must equal the query batch {batch}", k_b)
+            v_b, v_seq = batch_and_seq(v.shape, layout.inputs)
+            check((v_b, v_seq) == (k_b, kv_seq), op, "value",
+                  f"batch and sequence must equal key's {(k_b, kv_seq)}", (v_b, v_seq))
+        if call.incremental_only:
+            check(value_dim == head_dim, op, "value", "shape must equal key's shape", tuple(v.shape))
+
+    check(head_dim <= MAX_HEAD_DIM, op, "query head_dim (D)", f"must be <= {MAX_HEAD_DIM}", head_dim)
+    alignment = 32 if _int8_involved(call) else 16
+    check(head_dim % alignment == 0, op, "query head_dim (D)",
+          f"must be a multiple of {alignment}", head_dim)
+
+    if call.incremental_only:
+        check(q_seq == 1, op, "query", "sequence length S must be 1 for the incremental op", q_seq)
+
+    _validate_lengths(call, batch, q_seq, kv_seq)
+    _validate_sparse(call, q_seq)
+    _validate_mask(call, batch, q_seq, kv_seq)
+    _validate_pse(call, batch, heads, q_seq, kv_seq)
+    _validate_quant(call, heads, value_dim)
+    for aq in (call.key_antiquant, call.value_antiquant):
+        if aq is not None:
+            _validate_antiquant(call, aq, batch, kv_heads, head_dim if aq is call.key_antiquant else value_dim, kv_seq)
+    _validate_padding(call)
+    _validate_prefix_and_rope(call)
+
+    out_dtype = _output_dtype(call)
+    out_shape = output_shape(q.shape, layout, heads, value_dim)
+    if not call.softmax_lse:
+        lse_shape = [1]
+    elif layout.inputs == "TND":
+        lse_shape = [q.shape[0], heads, 1]
+    else:
+        lse_shape = [batch, heads, q_seq, 1]
+    return Geometry(batch, q_seq, heads, head_dim, kv_heads, kv_seq, value_dim, cache_rank,
+                    out_shape, out_dtype, lse_shape)
+
+
+def _int8_involved(call: InferenceCall) -> bool:
+    return torch.int8 in (call.query.dtype, call.key.dtype, call.value.dtype)
+
+
+def _check_dtypes(call: InferenceCall) -> None:
+    op, q, k, v = call.op, call.query, call.key, call.value
+    on_npu = q.device.type == "npu"
+    floats = NPU_FLOAT_DTYPES if on_npu else REFERENCE_FLOAT_DTYPES
+    if q.dtype == torch.int8:
+        check(not call.incremental_only, op, "query.dtype", "must be float16 or bfloat16", q.dtype)
+        check(k.dtype == torch.int8 and v.dtype == torch.int8, op, "key.dtype",
+              "must be int8 when the query is int8 (full quantisation)", k.dtype)
+        for name, t in ((call.dequant_scale1_name, call.dequant_scale1), ("quant_scale1", call.quant_scale1),
+                        (call.dequant_scale2_name, call.dequant_scale2)):
+            check(t is not None, op, name, "is required when query is int8 (full quantisation)", None)
+        return
+    check(q.dtype in floats, op, "query.dtype", f"must be one of {list(floats)}", q.dtype)
+    for name, t in (("key", k), ("value", v)):
+        check(t.dtype in (q.dtype, torch.int8), op, f"{name}.dtype",
+              f"must equal query.dtype ({q.dtype}) or be int8 with antiquant", t.dtype)
+    check(k.dtype == v.dtype, op, "value.dtype", f"must equal key.dtype ({k.dtype})", v.dtype)
+    if k.dtype == torch.int8:
+        check(call.key_antiquant is not None and call.value_antiquant is not None, op, "antiquant_scale",
+              "is required when key/value are int8 and the query is floating", None)
+    for name, t in ((call.dequant_scale1_name, call.dequant_scale1), ("quant_scale1", call.quant_scale1),
+                    (call.dequant_scale2_name, call.dequant_scale2)):
+        check(t is None, op, name, "must be None unless query is int8 (full quantisation)", "a tensor")
+
+
+def _per_batch(call: InferenceCall, values: Sequence[int] | None, name: str, batch: object) -> None:
+    if values is None:
+        return
+    n = len(values)
+    check(n == 1 or n >= batch, call.op, name, f"must have 1 or at least batch={batch} entries", n)
+    for x in values:
+        check(x >= 0, call.op, name, "entries must be >= 0", list(values))
+
+
+def _validate_lengths(call: InferenceCall, batch: object, q_seq: object, kv_seq: object) -> None:
+    op = call.op
+    if call.layout.inputs == "TND":
+        total_q = call.query.shape[0]
+        _check_cumulative(op, call.q_lens_name, call.q_lens, total_q)
+        if call.block_table is None:
+            _check_cumulative(op, call.kv_lens_name, call.kv_lens, call.key.shape[0])
+        else:
+            _per_batch(call, call.kv_lens, call.kv_lens_name, batch)
+        return
+    _per_batch(call, call.q_lens, call.q_lens_name, batch)
+    _per_batch(call, call.kv_lens, call.kv_lens_name, batch)
+    if call.q_lens is not None:
+        check(max(call.q_lens) <= q_seq, op, call.q_lens_name,
+              f"entries must be <= the query sequence length {q_seq}", list(call.q_lens))
+    if call.kv_lens is not None and kv_seq is not None:
+        check(max(call.kv_lens) <= kv_seq, op, call.kv_lens_name,
+              f"entries must be <= the key/value sequence length {kv_seq}", list(call.kv_lens))
+
+
+def _check_cumulative(op: str, name: str, values: Sequence[int], total: object) -> None:
+    check(len(values) > 0, op, name, "must not be empty for input_layout TND", list(values))
+    prev = 0
+    for x in values:
+        check(x >= prev, op, name, "must be cumulative (non-decreasing, >= 0) for input_layout TND", list(values))
+        prev = x
+    check(values[-1] == total, op, name, f"last entry must equal the token count T={total}", values[-1])
+
+
+def _validate_paged(call: InferenceCall, batch: object, kv_heads: int, head_dim: object) -> tuple:
+    op, table, k, v = call.op, call.block_table, call.key, call.value
+    check(table.dtype == torch.int32, op, "block_table.dtype", "must be int32", table.dtype)
+    check(table.dim() == 2, op, "block_table.dim()", "must be 2 (batch, max_blocks_per_seq)", table.dim())
+    check(table.shape[0] == batch, op, "block_table.shape[0]", f"must equal the batch size {batch}", table.shape[0])
+    check(call.kv_lens is not None, op, call.kv_lens_name, "is required with block_table (page attention)", None)
+    check(call.block_size > 0, op, "block_size", "must be positive with block_table", call.block_size)
+    alignment = 32 if k.dtype == torch.int8 else 16
+    check(call.block_size % alignment == 0, op, "block_size",
+          f"must be a multiple of {alignment} for {k.dtype} key/value caches", call.block_size)
+    check(k.dim() in (3, 4), op, "key.dim()",
+          "must be 3 (blocknum, blocksize, H) or 4 (blocknum, numKvHeads, blocksize, D) with block_table", k.dim())
+    check(v.dim() == k.dim(), op, "value.dim()", f"must equal key.dim() ({k.dim()})", v.dim())
+    if k.dim() == 3:
+        check(k.shape[1] == call.block_size, op, "key.shape[1]", f"must equal block_size={call.block_size}", k.shape[1])
+        check(k.shape[2] == kv_heads * head_dim, op, "key.shape[2] (H)",
+              f"must equal num_key_value_heads*D={kv_heads * head_dim}", k.shape[2])
+        check(v.shape[:2] == k.shape[:2], op, "value.shape", f"must match key.shape[:2] {tuple(k.shape[:2])}",
+              tuple(v.shape))
+        check(v.shape[2] % kv_heads == 0, op, "value.shape[2] (H)",
+              f"must be divisible by num_key_value_heads={kv_heads}", v.shape[2])
+        value_dim = v.shape[2] // kv_heads
+    else:
+        allowed = ("BNSD",) if call.incremental_only else ("BNSD", "TND")
+        check(call.layout.inputs in allowed, op, "input_layout",
+              f"must be one of {list(allowed)} with a (blocknum, numKvHeads, blocksize, D) cache",
+              call.layout.inputs)
+        check(k.shape[1] == kv_heads, op, "key.shape[1]", f"must equal num_key_value_heads={kv_heads}", k.shape[1])
+        check(k.shape[2] == call.block_size, op, "key.shape[2]", f"must equal block_size={call.block_size}", k.shape[2])
+        check(k.shape[3] == head_dim, op, "key.shape[3] (D)", f"must equal the query head dim {head_dim}", k.shape[3])
+        check(v.shape[:3] == k.shape[:3], op, "value.shape", f"must match key.shape[:3] {tuple(k.shape[:3])}",
+              tuple(v.shape))
+        value_dim = v.shape[3]
+    max_blocks = table.shape[1]
+    needed = max((math.ceil(x / call.block_size) for x in call.kv_lens), default=0)
+    check(needed <= max_blocks, op, "block_table.shape[1]",
+          f"must be >= ceil(max({call.kv_lens_name}) / block_size) = {needed}", max_blocks)
+    check(call.kv_padding_size is None, op, "kv_padding_size", "is not supported with block_table", "a tensor")
+    return max_blocks * call.block_size, value_dim, k.dim()
+
+
+def _validate_sparse(call: InferenceCall, q_seq: object) -> None:
+    op, mode = call.op, call.sparse_mode
+    check(mode in (0, 1, 2, 3, 4), op, "sparse_mode", "must be one of 0, 1, 2, 3, 4", mode)
+    if mode in (1, 2, 3, 4) and q_seq != 1:
+        check(call.atten_mask is not None, op, "atten_mask", f"is required for sparse_mode {mode}", None)
+    if mode == 4:
+        check(not (call.pre_tokens < 0 and call.next_tokens < 0), op, "pre_tokens/next_tokens",
+              "must not both be negative for sparse_mode 4",
+              (call.pre_tokens, call.next_tokens))
+        check(-call.next_tokens <= call.pre_tokens, op, "pre_tokens/next_tokens",
+              "must overlap (-next_tokens <= pre_tokens) for sparse_mode 4",
+              (call.pre_tokens, call.next_tokens))
+
+
+def _mask_uses_compressed_form(call: InferenceCall, q_seq: object) -> bool:
+    return call.sparse_mode in (2, 3, 4)
+
+
+def _validate_mask(call: InferenceCall, batch: object, q_seq: object, kv_seq: object) -> None:
+    op, mask = call.op, call.atten_mask
+    if mask is None:
+        return
+    check(mask.dtype in MASK_DTYPES, op, "atten_mask.dtype", "must be bool, int8 or uint8", mask.dtype)
+    shape = tuple(mask.shape)
+    if _mask_uses_compressed_form(call, q_seq):
+        size = COMPRESSED_MASK_SIZE
+        allowed = [(size, size), (1, size, size), (1, 1, size, size)]
+        check(shape in allowed, op, "atten_mask",
+              f"must have shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048) for sparse_mode {call.sparse_mode}",
+              shape)
+        return
+    check(call.layout.inputs != "TND", op, "atten_mask",
+          "with input_layout TND is only supported as the compressed mask of sparse_mode 3", shape)
+    check(mask.dim() in (2, 3, 4), op, "atten_mask.dim()", "must be 2, 3 or 4", mask.dim())
+    if mask.dim() == 2 and q_seq == 1 and mask.shape[0] != 1:
+        mask_batch, mask_q, mask_kv = mask.shape[0], 1, mask.shape[1]  # (B, KV_S)
+    elif mask.dim() == 2:
+        mask_batch, mask_q, mask_kv = 1, mask.shape[0], mask.shape[1]
+    elif mask.dim() == 3:
+        mask_batch, mask_q, mask_kv = mask.shape
+    else:
+        check(mask.shape[1] == 1, op, "atten_mask.shape[1]", "must be 1 (the mask is shared by heads)", mask.shape[1])
+        mask_batch, mask_q, mask_kv = mask.shape[0], mask.shape[2], mask.shape[3]
+    check(mask_batch in (1, batch), op, "atten_mask batch dim", f"must be 1 or the batch size {batch}", mask_batch)
+    check(mask_q >= q_seq, op, "atten_mask query dim", f"must be >= the query sequence length {q_seq}", mask_q)
+    check(mask_kv >= kv_seq, op, "atten_mask key dim", f"must be >= the key/value sequence length {kv_seq}", mask_kv)
+
+
+def _validate_pse(call: InferenceCall, batch: object, heads: int, q_seq: object, kv_seq: object) -> None:
+    op, pse = call.op, call.pse_shift
+    if pse is None:
+        return
+    check(call.layout.inputs != "TND", op, "pse_shift", "is not supported with input_layout TND", tuple(pse.shape))
+    check(pse.dim() == 4, op, "pse_shift.dim()", "must be 4 (B or 1, N, Q_S, KV_S)", pse.dim())
+    expected = torch.float16 if call.query.dtype == torch.int8 else call.query.dtype
+    check(pse.dtype == expected, op, "pse_shift.dtype", f"must be {expected} to match the query", pse.dtype)
+    check(pse.shape[0] in (1, batch), op, "pse_shift.shape[0]", f"must be 1 or the batch size {batch}", pse.shape[0])
+    check(pse.shape[1] == heads, op, "pse_shift.shape[1]", f"must equal num_heads={heads}", pse.shape[1])
+    check(pse.shape[2] >= q_seq, op, "pse_shift.shape[2]", f"must be >= the query sequence length {q_seq}",
+          pse.shape[2])
+    check(pse.shape[3] >= kv_seq, op, "pse_shift.shape[3]", f"must be >= the key/value sequence length {kv_seq}",
+          pse.shape[3])
+
+
+def _validate_quant(call: InferenceCall, heads: int, value_dim: object) -> None:
+    op, scale2, offset2 = call.op, call.quant_scale2, call.quant_offset2
+    if scale2 is None:
+        check(offset2 is None, op, "quant_offset2", "requires quant_scale2", "a tensor")
+        return
+    allowed = (torch.float32, torch.bfloat16) if call.query.dtype == torch.bfloat16 else (torch.float32,)
+    if call.query.device.type != "npu" and call.query.dtype in (torch.float32, torch.float64):
+        allowed = (torch.float32, call.query.dtype)
+    check(scale2.dtype in allowed, op, "quant_scale2.dtype", f"must be one of {list(allowed)}", scale2.dtype)
+    channels = heads * value_dim
+    check(scale2.numel() in (1, channels), op, "quant_scale2",
+          f"must have 1 element (per-tensor) or N*D={channels} elements (per-channel)", tuple(scale2.shape))
+    if offset2 is not None:
+        check(offset2.shape == scale2.shape, op, "quant_offset2.shape",
+              f"must equal quant_scale2.shape {tuple(scale2.shape)}", tuple(offset2.shape))
+        check(offset2.dtype == scale2.dtype, op, "quant_offset2.dtype",
+              f"must equal quant_scale2.dtype {scale2.dtype}", offset2.dtype)
+    for name, t in ((call.dequant_scale1_name, call.dequant_scale1), (call.dequant_scale2_name, call.dequant_scale2)):
+        if t is not None:
+            check(t.numel() == 1, op, name, "must be per-tensor (one element)", tuple(t.shape))
+            check(t.dtype == torch.float32, op, f"{name}.dtype",
+                  "must be float32 (uint64-packed scales are not supported off the NPU)", t.dtype)
+
+
+ANTIQUANT_SHAPES = {
+    0: "per-channel (N, 1, D) / (N, D) / (H), optionally with a leading 1, or per-tensor (1,)",
+    1: "per-token (B, S) or (1, B, S), float32",
+    2: "per-head (N,)",
+    3: "per-token-per-head (B, N, S), float32",
+    4: "per-token in pages (blocknum, blocksize), float32",
+    5: "per-token-per-head in pages (blocknum, N, blocksize), float32",
+}
+
+
+def _validate_antiquant(call: InferenceCall, aq: Antiquant, batch: object, kv_heads: int, dim: object,
+                        kv_seq: object) -> None:
+    op, scale = call.op, aq.scale
+    check(aq.mode in ANTIQUANT_SHAPES, op, f"{aq.name} mode", f"must be one of {sorted(ANTIQUANT_SHAPES)}", aq.mode)
+    check(call.key.dtype == torch.int8, op, aq.name, "requires int8 key/value", call.key.dtype)
+    if aq.offset is not None:
+        check(aq.offset.shape == scale.shape, op, aq.name.replace("scale", "offset") + ".shape",
+              f"must equal {aq.name}.shape {tuple(scale.shape)}", tuple(aq.offset.shape))
+    if aq.mode in (4, 5):
+        check(call.block_table is not None, op, f"{aq.name} mode {aq.mode}", "requires block_table", None)
+    shape = tuple(scale.shape)
+    numel = scale.numel()
+    ok = {
+        0: numel == 1 or _without_leading_ones(shape) in ((kv_heads, 1, dim), (kv_heads, dim), (kv_heads * dim,)),
+        1: (scale.dim() == 2 and scale.shape[0] in (1, batch))
+        or (scale.dim() == 3 and scale.shape[0] == 1 and scale.shape[1] in (1, batch)),
+        2: shape == (kv_heads,),
+        3: scale.dim() == 3 and scale.shape[0] in (1, batch) and scale.shape[1] == kv_heads,
+        4: scale.dim() == 2 and call.key.dim() > 0 and scale.shape[0] == call.key.shape[0],
+        5: scale.dim() == 3 and scale.shape[0] == call.key.shape[0] and scale.shape[1] == kv_heads,
+    }[aq.mode]
+    check(ok, op, aq.name, f"must have shape {ANTIQUANT_SHAPES[aq.mode]} for mode {aq.mode}", shape)
+
+
+def _without_leading_ones(shape: tuple) -> tuple:
+    """(1, N, 1, D) -> (N, 1, D), (1, H) -> (H,): the documented per-channel
+    shapes of the separate key/value scales carry an optional leading 1."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def _validate_padding(call: InferenceCall) -> None:
+    op = call.op
+    for name, pad, lens, lens_name in (
+        ("kv_padding_size", call.kv_padding_size, call.kv_lens, call.kv_lens_name),
+        ("query_padding_size", call.query_padding_size, call.q_lens, call.q_lens_name),
+    ):
+        if pad is None:
+            continue
+        check(pad.numel() == 1, op, name, "must hold one value", tuple(pad.shape))
+        check(pad.dtype == torch.int64, op, f"{name}.dtype", "must be int64", pad.dtype)
+        check(lens is not None, op, lens_name, f"is required with {name} (left padding)", None)
+        check(call.layout.inputs != "TND", op, name, "is not supported with input_layout TND", call.layout.inputs)
+
+
+def _validate_prefix_and_rope(call: InferenceCall) -> None:
+    op = call.op
+    if (call.key_shared_prefix is None) != (call.value_shared_prefix is None):
+        fail(op, "key_shared_prefix/value_shared_prefix", "must be given together", "only one")
+    if call.key_shared_prefix is not None:
+        check(call.block_table is None, op, "key_shared_prefix", "is not supported with block_table", "a tensor")
+        check(call.kv_padding_size is None, op, "key_shared_prefix", "is not supported with kv_padding_size",
+              "a tensor")
+        check(call.layout.inputs != "TND", op, "key_shared_prefix", "is not supported with input_layout TND",
+              call.layout.inputs)
+        for name, t in (("key_shared_prefix", call.key_shared_prefix), ("value_shared_prefix", call.value_shared_prefix)):
+            check(t.dim() == call.key.dim(), op, f"{name}.dim()", f"must equal key.dim() ({call.key.dim()})", t.dim())
+            check(t.shape[0] == 1, op, f"{name}.shape[0]", "must be 1 (one prefix shared by all batches)", t.shape[0])
+    if (call.query_rope is None) != (call.key_rope is None):
+        fail(op, "query_rope/key_rope", "must be given together", "only one")
+    if call.query_rope is not None:
+        check(call.query_rope.dtype == call.query.dtype or call.query.dtype == torch.int8, op, "query_rope.dtype",
+              f"must equal query.dtype {call.query.dtype}", call.query_rope.dtype)
+        check(call.query_rope.shape[:-1] == call.query.shape[:-1] or call.layout.inputs == "BSH", op,
+              "query_rope.shape", f"must match query.shape except the last dim {tuple(call.query.shape)}",
+              tuple(call.query_rope.shape))
+
+
+def _output_dtype(call: InferenceCall) -> torch.dtype:
+    if call.quant_scale2 is not None:
+        return torch.int8
+    if call.query.dtype == torch.int8:
+        return call.query_rope.dtype if call.query_rope is not None else torch.float16
+    return call.query.dtype
+
+
+def empty_outputs(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake implementation: validated, correctly shaped empty outputs."""
+    g = validate(call)
+    q = call.query
+    out = q.new_empty(g.out_shape, dtype=g.out_dtype)
+    lse = q.new_empty(g.lse_shape, dtype=torch.float32)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------
+# Reference computation
+# ----------------------------------------------------------------------------
+
+
+def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference kernel: (attention_out, softmax_lse) with the op's exact semantics."""
+    g = validate(call)
+    layout, device = call.layout, call.query.device
+    tnd = layout.inputs == "TND"
+
+    # Query (B, N, Sq, D) and its valid rows.
+    if tnd:
+        q_segs = segments(call.q_lens)
+        q = pack_tnd(call.query, q_segs)
+        q_ranges = [(0, e - s) for s, e in q_segs]
+    else:
+        q = to_bnsd(call.query, layout.inputs, g.heads)
+        q_ranges = _left_padded_ranges(call.q_lens, call.query_padding_size, g.q_seq, g.batch)
+
+    # Key/value (B, Nkv, Skv, D) and their valid positions.
+    if call.block_table is not None:
+        kv_lens = _broadcast(call.kv_lens, g.batch)
+        k, v, kv_ranges, token_blocks = _gather_pages(call, g, kv_lens)
+    elif tnd:
+        kv_segs = segments(call.kv_lens)
+        k = pack_tnd(call.key, kv_segs)
+        v = pack_tnd(call.value, kv_segs)
+        kv_ranges = [(0, e - s) for s, e in kv_segs]
+        token_blocks = None
+    else:
+        k = to_bnsd(call.key, layout.inputs, g.kv_heads)
+        v = to_bnsd(call.value, layout.inputs, g.kv_heads)
+        kv_ranges = _left_padded_ranges(call.kv_lens, call.kv_padding_size, g.kv_seq, g.batch)
+        token_blocks = None
+
+    k = _dequantise(call, call.key_antiquant, k, token_blocks)
+    v = _dequantise(call, call.value_antiquant, v, token_blocks)
+
+    if call.query_rope is not None:
+        q = torch.cat([q.to(k.dtype) if q.dtype == torch.int8 else q, _rope_to_bnsd(call, call.query_rope, g, True)], -1)
+        k = torch.cat([k, _rope_to_bnsd(call, call.key_rope, g, False, token_blocks)], -1)
+
+    mask = _normalise_mask(call, g)
+    bias = to_bnsd_pse(call.pse_shift)
+    if call.key_shared_prefix is not None:
+        k, v, kv_ranges, mask, bias = _prepend_prefix(call, g, k, v, kv_ranges, mask, bias)
+
+    scale = call.scale
+    prob_quant = None
+    if call.query.dtype == torch.int8:
+        scale = scale * float(call.dequant_scale1.reshape(-1)[0])
+        prob_quant = float(call.quant_scale1.reshape(-1)[0])
+
+    band = _band(call, g)
+    problem = AttentionProblem(
+        query=q, key=k, value=v, scale=scale, mask=mask, bias=bias,
+        q_ranges=q_ranges, kv_ranges=kv_ranges, band=band, prob_quant_scale=prob_quant,
+    )
+    out, lse = attention(problem, want_lse=call.softmax_lse)
+
+    if call.query.dtype == torch.int8:
+        out = out * float(call.dequant_scale2.reshape(-1)[0])
+    out = _finish_output(call, g, out)
+
+    if tnd:
+        out = unpack_tnd(out, q_segs, call.query.shape[0])
+        lse_out = unpack_tnd(lse, q_segs, call.query.shape[0]) if lse is not None else None
+    else:
+        out = from_bnsd(out, layout.output)
+        lse_out = lse
+    if lse_out is None:
+        lse_out = torch.zeros(1, dtype=torch.float32, device=device)
+    return out, lse_out
+
+
+def int_list(values: Sequence[int] | torch.Tensor | None) -> list[int] | None:
+    """torch_npu accepts lists or 1-D tensors for the length arguments."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return [int(x) for x in values.tolist()]
+    return list(values)
+
+
+def _broadcast(values: Sequence[int] | None, batch: int) -> list[int] | None:
+    if values is None:
+        return None
+    return [int(values[0])] * batch if len(values) == 1 else [int(x) for x in values[:batch]]
+
+
+def _left_padded_ranges(
+    lens: Sequence[int] | None, padding: torch.Tensor | None, seq: int, batch: int
+) -> list[tuple[int, int]]:
+    """Valid positions per batch: [0, len) (right padding) or, with a left
+    padding size, [S - pad - len, S - pad); a range that starts or ends below 0
+    is empty (the NPU returns zeros for that batch)."""
+    per_batch = _broadcast(lens, batch)
+    if per_batch is None:
+        return [(0, seq)] * batch
+    if padding is None:
+        return [(0, n) for n in per_batch]
+    pad = max(0, int(padding.reshape(-1)[0]))
+    ranges = []
+    for n in per_batch:
+        start, end = seq - pad - n, seq - pad
+        ranges.append((start, end) if start >= 0 and end >= 0 else (0, 0))
+    return ranges
+
+
+def _gather_pages(call: InferenceCall, g: Geometry, kv_lens: list[int]):
+    """Gather each batch's blocks into a dense (B, Nkv, L, D) key/value.
+
+    Returns (key, value, kv_ranges, token_blocks) where token_blocks (B, nb) are
+    the block ids used (for paged per-token scales)."""
+    bs = call.block_size
+    nb = max(1, max((math.ceil(n / bs) for n in kv_lens), default=1))
+    table = call.block_table[:, :nb].long()
+    needed = torch.tensor([math.ceil(n / bs) for n in kv_lens], device=table.device).view(-1, 1)
+    # Entries past a batch's need may be garbage (e.g. -1): point them at block 0
+    # and mask those positions out through kv_ranges.
+    table = torch.where(torch.arange(nb, device=table.device).view(1, -1) < needed, table, torch.zeros_like(table))
+
+    flat = table.reshape(-1)
+    batch = table.shape[0]
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        blocks = cache.index_select(0, flat)
+        if cache.dim() == 3:  # (blocknum, bs, H)
+            return blocks.view(batch, nb * bs, g.kv_heads, -1).transpose(1, 2).contiguous()
+        # (blocknum, Nkv, bs, D)
+        blocks = blocks.view(batch, nb, cache.shape[1], bs, -1)
+        return blocks.permute(0, 2, 1, 3, 4).reshape(batch, cache.shape[1], nb * bs, -1)
+
+    return gather(call.key), gather(call.value), [(0, n) for n in kv_lens], table
+
+
+def _dequantise(call: InferenceCall, aq: Antiquant | None, x: torch.Tensor,
+                token_blocks: torch.Tensor | None) -> torch.Tensor:
+    """int8 (B, Nkv, S, D) -> float: (x + offset) * scale, scales broadcast per mode."""
+    if aq is None or x.dtype != torch.int8:
+        return x
+    dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
+    b, n, s, d = x.shape
+
+    def shaped(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        if aq.mode == 0:
+            return t.reshape(()) if t.numel() == 1 else t.reshape(1, n, 1, d)
+        if aq.mode == 1:  # (B, S), or (1, B, S) for the separate key/value scales
+            t = t[0] if t.dim() == 3 else t
+            return _expand_batch(t, b)[:, :s].reshape(b, 1, s, 1)
+        if aq.mode == 2:
+            return t.reshape(1, n, 1, 1)
+        if aq.mode == 3:
+            return _expand_batch(t, b)[:, :, :s].reshape(b, n, s, 1)
+        if aq.mode == 4:  # (blocknum, blocksize) gathered like the cache
+            return t[token_blocks].reshape(b, 1, s, 1)
+        return t[token_blocks].permute(0, 2, 1, 3).reshape(b, n, s, 1)  # mode 5
+
+    result = x.to(dtype)
+    if aq.offset is not None:
+        result = result + shaped(aq.offset)
+    return result * shaped(aq.scale)
+
+
+def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
+
+
+def _rope_to_bnsd(call: InferenceCall, rope: torch.Tensor, g: Geometry, is_query: bool,
+                  token_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    layout = call.layout.inputs
+    heads = g.heads if is_query else g.kv_heads
+    if layout == "TND":
+        lens = call.q_lens if is_query or call.block_table is None else None
+        if lens is None and not is_query:
+            lens = call.kv_lens
+        return pack_tnd(rope, segments(lens))
+    if not is_query and call.block_table is not None:
+        b, nb = token_blocks.shape
+        blocks = rope[token_blocks]
+        if rope.dim() == 3:
+            return blocks.reshape(b, nb * call.block_size, heads, -1).transpose(1, 2)
+        return blocks.permute(0, 2, 1, 3, 4).reshape(b, heads, nb * call.block_size, -1)
+    return to_bnsd(rope, layout, heads)
+
+
+def _normalise_mask(call: InferenceCall, g: Geometry) -> torch.Tensor | None:
+    """User mask -> bool, broadcastable to (B, N, Sq, Skv); None for compressed masks."""
+    mask = call.atten_mask
+    if mask is None or _mask_uses_compressed_form(call, g.q_seq):
+        if mask is not None:
+            _check_compressed_mask(call, mask)
+        return None
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.dim() == 2 and g.q_seq == 1 and mask.shape[0] != 1:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    return mask[..., : g.q_seq, :]
+
+
+def _check_compressed_mask(call: InferenceCall, mask: torch.Tensor) -> None:
+    """Modes 2/3/4 read the 2048x2048 mask as a pattern; it must be triu(1)."""
+    size = COMPRESSED_MASK_SIZE
+    expected = torch.triu(torch.ones(size, size, dtype=torch.bool, device=mask.device), diagonal=1)
+    if not torch.equal(mask.reshape(size, size) != 0, expected):
+        fail(call.op, "atten_mask", f"must be torch.triu(ones(2048, 2048), diagonal=1) for sparse_mode "
+             f"{call.sparse_mode}", "a different pattern")
+
+
+def to_bnsd_pse(pse: torch.Tensor | None) -> torch.Tensor | None:
+    return pse  # already (B or 1, N, Q_S, KV_S)
+
+
+def _prepend_prefix(call: InferenceCall, g: Geometry, k, v, kv_ranges, mask, bias):
+    """Shared prefix: the first actual_shared_prefix_len prefix tokens precede
+    every batch's own keys; masks and pse index the concatenated sequence."""
+    pk = to_bnsd(call.key_shared_prefix, call.layout.inputs, g.kv_heads)
+    pv = to_bnsd(call.value_shared_prefix, call.layout.inputs, g.kv_heads)
+    plen = pk.shape[2] if call.shared_prefix_len is None else int(call.shared_prefix_len[0])
+    check(0 <= plen <= pk.shape[2], call.op, "actual_shared_prefix_len",
+          f"must be within [0, {pk.shape[2]}]", plen)
+    b = k.shape[0]
+    k = torch.cat([pk[:, :, :plen].expand(b, -1, -1, -1).to(k.dtype), k], dim=2)
+    v = torch.cat([pv[:, :, :plen].expand(b, -1, -1, -1).to(v.dtype), v], dim=2)
+    # A batch's keys are prefix [0, plen) then its own valid range; a left-padded
+    # range is not contiguous with the prefix, so shared prefixes require
+    # right-padded KV (checked in validation: no kv_padding_size).
+    kv_ranges = [(0, plen + e) if s == 0 else (0, 0) for s, e in kv_ranges]
+    return k, v, kv_ranges, mask, bias
+
+
+def _band(call: InferenceCall, g: Geometry) -> Band | None:
+    """Sparse mode -> band. The S == 1 (incremental) path ignores sparse modes."""
+    if g.q_seq == 1 or call.incremental_only:
+        return None
+    mode = call.sparse_mode
+    if mode == 0:
+        # No mask, or a mask with query/KV left padding: torch_npu ignores
+        # pre_tokens/next_tokens (sets them to INT_MAX).
+        if call.atten_mask is None or call.query_padding_size is not None or call.kv_padding_size is not None:
+            return None
+        return Band(call.pre_tokens, call.next_tokens, right_down=False)
+    if mode == 1:
+        return None
+    if mode == 2:
+        return Band(INF_TOKENS, 0, right_down=False)
+    if mode == 3:
+        return Band(INF_TOKENS, 0, right_down=True)
+    return Band(call.pre_tokens, call.next_tokens, right_down=True)
+
+
+def _finish_output(call: InferenceCall, g: Geometry, out: torch.Tensor) -> torch.Tensor:
+    """fp32 (B, N, S, Dv) -> the op's output dtype, quantising to int8 if asked."""
+    if call.quant_scale2 is None:
+        return out.to(g.out_dtype)
+    b, n, s, d = out.shape
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(out.dtype)
+        return t.reshape(()) if t.numel() == 1 else t.reshape(1, n, 1, d)
+
+    y = out * per_channel(call.quant_scale2)
+    if call.quant_offset2 is not None:
+        y = y + per_channel(call.quant_offset2)
+    # Round half to even, then saturate, as the NPU's CAST_RINT int8 cast does.
+    return torch.round(y).clamp_(-128, 127).to(torch.int8)

@@ -1,0 +1,129 @@
+"""Query/key/value layouts of the NPU attention ops, and conversion to BNSD.
+
+B batch, S sequence, N heads, D head dim, H = N * D, T = total tokens (TND).
+Composite layouts such as "BNSD_BSND" name the input and the output layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ._library import check, fail
+
+DENSE_LAYOUTS = ("BSH", "BSND", "BNSD")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An op's input_layout: how query/key/value are laid out and how the output is."""
+
+    inputs: str
+    output: str
+
+    @property
+    def rank(self) -> int:
+        return len(self.inputs) if self.inputs != "BSH" else 3
+
+
+def parse_layout(op: str, input_layout: str, allowed: Sequence[str]) -> Layout:
+    check(input_layout in allowed, op, "input_layout", f"must be one of {list(allowed)}", repr(input_layout))
+    if "_" in input_layout:
+        inputs, output = input_layout.split("_")
+        return Layout(inputs, output)
+    return Layout(input_layout, input_layout)
+
+
+def layout_rank(layout: str) -> int:
+    return {"BSH": 3, "TND": 3, "BSND": 4, "BNSD": 4}[layout]
+
+
+def heads_and_dim(op: str, name: str, shape: Sequence[int], layout: str, heads: int) -> tuple[int, int]:
+    """(N, D) of a query/key/value tensor of `shape` in `layout`, given N for BSH."""
+    check(len(shape) == layout_rank(layout), op, f"{name}.dim()",
+          f"must be {layout_rank(layout)} for input_layout {layout}", len(shape))
+    if layout == "BSH":
+        check(shape[2] % heads == 0, op, f"{name} hidden size H (dim 2)",
+              f"must be divisible by its head count {heads}", shape[2])
+        return heads, shape[2] // heads
+    if layout == "BSND":
+        return shape[2], shape[3]
+    if layout == "BNSD":
+        return shape[1], shape[3]
+    return shape[1], shape[2]  # TND
+
+
+def batch_and_seq(shape: Sequence[int], layout: str) -> tuple[int, int]:
+    """(B, S) of a dense-layout tensor."""
+    if layout == "BNSD":
+        return shape[0], shape[2]
+    return shape[0], shape[1]
+
+
+def to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
+    """View a BSH/BSND/BNSD tensor as (B, N, S, D) (no copy)."""
+    if layout == "BSH":
+        b, s, h = x.shape
+        return x.view(b, s, heads, h // heads).transpose(1, 2)
+    if layout == "BSND":
+        return x.transpose(1, 2)
+    if layout == "BNSD":
+        return x
+    fail("npu_attn", "input_layout", "is not a dense layout", layout)
+    raise AssertionError  # unreachable
+
+
+def from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """(B, N, S, D) -> the output layout, contiguous."""
+    if layout == "BSH":
+        b, n, s, d = x.shape
+        return x.transpose(1, 2).reshape(b, s, n * d)
+    if layout == "BSND":
+        return x.transpose(1, 2).contiguous()
+    return x.contiguous()
+
+
+def output_shape(
+    query_shape: Sequence[int], layout: Layout, heads: int, value_dim: int
+) -> list[int]:
+    """Output shape: the query's, with the value head dim, in the output layout."""
+    if layout.inputs == "TND":
+        t, n, _ = query_shape
+        return [t, n, value_dim]
+    if layout.inputs == "BSH":
+        b, s, _ = query_shape
+        return [b, s, heads * value_dim]
+    if layout.inputs == "BSND":
+        b, s, n, _ = query_shape
+    else:
+        b, n, s, _ = query_shape
+    if layout.output == "BSND":
+        return [b, s, n, value_dim]
+    if layout.output == "BSH":
+        return [b, s, n * value_dim]
+    return [b, n, s, value_dim]
+
+
+def segments(cumulative: Sequence[int]) -> list[tuple[int, int]]:
+    """Cumulative lengths [l0, l0+l1, ...] -> [(start, end), ...]."""
+    bounds = [0, *cumulative]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(cumulative))]
+
+
+def pack_tnd(x: torch.Tensor, segs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(T, N, D) + per-batch segments -> zero-padded (B, N, max_len, D)."""
+    max_len = max((e - s for s, e in segs), default=0)
+    out = x.new_zeros(len(segs), x.shape[1], max_len, x.shape[2])
+    for b, (s, e) in enumerate(segs):
+        out[b, :, : e - s] = x[s:e].transpose(0, 1)
+    return out
+
+
+def unpack_tnd(x: torch.Tensor, segs: Sequence[tuple[int, int]], total: int) -> torch.Tensor:
+    """Inverse of pack_tnd: (B, N, max_len, D) -> (total, N, D), rows outside segments zero."""
+    out = x.new_zeros(total, x.shape[1], x.shape[3])
+    for b, (s, e) in enumerate(segs):
+        out[s:e] = x[b, :, : e - s].transpose(0, 1)
+    return out

@@ -1,0 +1,172 @@
+"""``scatter_update`` / ``scatter_update_``: torch_npu's KV-cache row update (the CANN Scatter op).
+
+Schemas (torch_npu 2.13.0, namespace ``npu_attn``)::
+
+    scatter_update(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor
+    scatter_update_(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)
+
+Semantics (CANN Scatter, shown for axis = -2 of a 4-D ``self`` (a, b, c, d)):
+
+* 1-D ``indices`` (n,), n <= a: ``indices[i]`` is the *start offset* along ``axis``
+  for batch row i: ``out[i, j, indices[i] + k, l] = updates[i, j, k, l]`` for every
+  k < updates.shape[axis].
+* 2-D ``indices`` (n, 2): column 0 picks the batch row of ``self``, column 1 is the
+  start offset: ``out[indices[i, 0], j, indices[i, 1] + k, l] = updates[i, j, k, l]``.
+
+Dim 0 is the batch dim, so ``axis`` (negative allowed) must not resolve to 0.
+Duplicate targets give an unspecified result (as on the NPU).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._library import check, define, fail, register_npu, register_reference
+
+__all__ = ["scatter_update", "scatter_update_"]
+
+# int8, fp16, fp32, bf16, int32 are the NPU dtypes; float64 is for CPU tests.
+_DTYPES = (torch.int8, torch.float16, torch.float32, torch.bfloat16, torch.int32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+class _Plan(NamedTuple):
+    axis: int  # normalised, in [1, self.dim())
+
+
+def _validate(op: str, self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> _Plan:
+    """Shape/dtype rules shared by the fake and reference kernels (no data access)."""
+    rank = self.dim()
+    check(2 <= rank <= 8, op, "self.dim()", "must be in [2, 8]", rank)
+    check(self.dtype in _DTYPES, op, "self.dtype", f"must be one of {list(_DTYPES)}", self.dtype)
+    check(updates.dtype == self.dtype, op, "updates.dtype", f"must equal self.dtype ({self.dtype})", updates.dtype)
+    check(indices.dtype in _INDEX_DTYPES, op, "indices.dtype", "must be int32 or int64", indices.dtype)
+    check(indices.dim() in (1, 2), op, "indices.dim()", "must be 1 or 2", indices.dim())
+    if indices.dim() == 2:
+        check(indices.shape[1] == 2, op, "indices.shape[1]", "must be 2 for 2-D indices (batch row, start offset)",
+              indices.shape[1])
+    check(-rank <= axis < rank, op, "axis", f"must be in [-{rank}, {rank})", axis)
+    ax = axis % rank
+    check(ax != 0, op, "axis", "must not be the batch dim 0", axis)
+    check(updates.dim() == rank, op, "updates.dim()", f"must equal self.dim() ({rank})", updates.dim())
+    check(updates.shape[0] == indices.shape[0], op, "updates.shape[0]",
+          f"must equal indices.shape[0] ({indices.shape[0]})", updates.shape[0])
+    check(indices.shape[0] <= self.shape[0], op, "indices.shape[0]",
+          f"must be <= self.shape[0] ({self.shape[0]})", indices.shape[0])
+    for d in range(1, rank):
+        if d == ax:
+            check(updates.shape[d] <= self.shape[d], op, f"updates.shape[{d}] (axis)",
+                  f"must be <= self.shape[{d}] ({self.shape[d]})", updates.shape[d])
+        else:
+            check(updates.shape[d] == self.shape[d], op, f"updates.shape[{d}]",
+                  f"must equal self.shape[{d}] ({self.shape[d]})", updates.shape[d])
+    return _Plan(ax)
+
+
+def _scatter_into(op: str, out: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
+    """Write ``updates`` into ``out`` in place (validation of the data included)."""
+    ax = _validate(op, out, indices, updates, axis).axis
+    n, width, extent = indices.shape[0], updates.shape[ax], out.shape[ax]
+    if n == 0 or width == 0:
+        return
+    idx = indices.to(torch.int64)
+    if idx.dim() == 1:
+        rows = torch.arange(n, device=out.device)
+        starts = idx
+    else:
+        rows, starts = idx[:, 0], idx[:, 1]
+        bad = (rows < 0) | (rows >= out.shape[0])
+        if bool(bad.any()):
+            fail(op, "indices[:, 0]", f"must be batch rows in [0, {out.shape[0]})", rows[bad].tolist())
+    bad = (starts < 0) | (starts + width > extent)
+    if bool(bad.any()):
+        fail(op, "indices (start offsets)",
+             f"must satisfy 0 <= index and index + updates.shape[{ax}] ({width}) <= self.shape[{ax}] ({extent})",
+             starts[bad].tolist())
+    positions = starts[:, None] + torch.arange(width, device=out.device)[None, :]  # (n, width)
+    target = out.movedim(ax, 1)  # a view: writes go to `out`
+    target[rows[:, None].expand(n, width), positions] = updates.movedim(ax, 1)
+
+
+# ---------------------------------------------------------------------------- scatter_update
+
+SCATTER_UPDATE = define("scatter_update", "(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor")
+
+
+@torch.library.register_fake(SCATTER_UPDATE)
+def _scatter_update_fake(self, indices, updates, axis):
+    _validate("scatter_update", self, indices, updates, axis)
+    return torch.empty_like(self)
+
+
+def _scatter_update_ref(self, indices, updates, axis):
+    out = self.clone()
+    _scatter_into("scatter_update", out, indices, updates, axis)
+    return out
+
+
+def _scatter_update_npu(self, indices, updates, axis):
+    import torch_npu  # noqa: F401  (registers torch.ops.npu)
+
+    return torch.ops.npu.scatter_update(self, indices, updates, axis)
+
+
+register_reference(SCATTER_UPDATE, _scatter_update_ref)
+register_npu(SCATTER_UPDATE, _scatter_update_npu)
+
+
+def scatter_update(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> torch.Tensor:
+    """``scatter_update(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor``
+
+    Returns a copy of ``self`` with ``updates`` written at the start offsets ``indices``
+    along ``axis``; ``self`` is left untouched. With 1-D ``indices`` (n,):
+    ``out[i, ..., indices[i] + k, ...] = updates[i, ..., k, ...]``; with 2-D ``indices``
+    (n, 2): ``out[indices[i, 0], ..., indices[i, 1] + k, ...] = updates[i, ..., k, ...]``
+    (k < updates.shape[axis], the position along ``axis``). ``self`` is 2-D to 8-D;
+    ``updates`` has its rank, updates.shape[0] == indices.shape[0] <= self.shape[0],
+    and its dims other than 0 and ``axis`` equal those of ``self``. ``axis`` may be
+    negative but not the batch dim 0. Dtypes: int8, fp16, fp32, bf16, int32 (and
+    float64 on the reference kernel); indices int32/int64.
+    Raises NpuAttnArgumentError when a shape/dtype rule or (reference kernel) an
+    index range does not hold.
+    """
+    return torch.ops.npu_attn.scatter_update(self, indices, updates, axis)
+
+
+# ---------------------------------------------------------------------------- scatter_update_
+
+SCATTER_UPDATE_ = define("scatter_update_",
+                         "(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)")
+
+
+@torch.library.register_fake(SCATTER_UPDATE_)
+def _scatter_update__fake(self, indices, updates, axis):
+    _validate("scatter_update_", self, indices, updates, axis)
+    return self
+
+
+def _scatter_update__ref(self, indices, updates, axis):
+    _scatter_into("scatter_update_", self, indices, updates, axis)
+    return self
+
+
+def _scatter_update__npu(self, indices, updates, axis):
+    import torch_npu  # noqa: F401
+
+    return torch.ops.npu.scatter_update_(self, indices, updates, axis)
+
+
+register_reference(SCATTER_UPDATE_, _scatter_update__ref)
+register_npu(SCATTER_UPDATE_, _scatter_update__npu)
+
+
+def scatter_update_(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> torch.Tensor:
+    """``scatter_update_(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)``
+
+    In-place :func:`scatter_update` (same rules): writes ``updates`` into ``self``
+    (same storage) and returns ``self``. Not functionalizable by AOT autograd (its return aliases a
+    mutated input); use ``self.copy_(scatter_update(...))`` under torch.compile.
+    """
+    return torch.ops.npu_attn.scatter_update_(self, indices, updates, axis)
+

@@ -1,0 +1,31 @@
+"""Drop-in Python API mirroring torch_npu's fused attention and KV-cache ops.
+
+Code written against torch_npu runs on CPU (or CUDA) by changing one import::
+
+    import npu_attn_graph.ops as torch_npu
+
+    out = torch_npu.npu_incre_flash_attention(q, k, v, num_heads=8, input_layout="BNSD")
+
+Every function has torch_npu's name and signature and calls the matching
+``torch.ops.npu_attn`` op, whose kernel is the device-generic reference off
+the NPU and torch_npu itself on an Ascend host.
+"""
+
+from .kernels.fused_infer_attention_score import npu_fused_infer_attention_score
+from .kernels.incre_flash_attention import npu_incre_flash_attention
+from .kernels.prompt_flash_attention import npu_prompt_flash_attention
+from .kernels.scatter_nd_update import npu_scatter_nd_update, npu_scatter_nd_update_
+from .kernels.scatter_pa_kv_cache import npu_scatter_pa_kv_cache, npu_scatter_pa_kv_cache_functional
+from .kernels.scatter_update import scatter_update, scatter_update_
+
+__all__ = [
+    "npu_fused_infer_attention_score",
+    "npu_incre_flash_attention",
+    "npu_prompt_flash_attention",
+    "npu_scatter_nd_update",
+    "npu_scatter_nd_update_",
+    "npu_scatter_pa_kv_cache",
+    "npu_scatter_pa_kv_cache_functional",
+    "scatter_update",
+    "scatter_update_",
+]
