@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -104,12 +103,21 @@ GOALS = {
 }
 
 
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
 def _peak_extra_mib(name: str, which: int, quick: bool, queue) -> None:
     fns = CASES[name](quick)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    before = _rss_kib("VmRSS")
     fns[which]()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((after - before) / 1024)  # ru_maxrss is KiB on Linux
+    queue.put((_rss_kib("VmHWM") - before) / 1024)
 
 
 def peak_memory(name: str, which: int, quick: bool) -> float:

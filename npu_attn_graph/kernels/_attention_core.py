@@ -16,7 +16,7 @@ Conventions (those of the NPU ops, not of torch SDPA):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -39,11 +39,41 @@ class Band:
     right_down: bool
 
 
+class KeyValueSource(Protocol):
+    """Keys/values in (B, Nkv, S, D) form, handed out in position chunks.
+
+    A dense source hands out views; a paged source gathers blocks chunk by chunk
+    so that no full dense copy of the cache is ever made."""
+
+    kv_heads: int
+    length: int
+    value_dim: int
+
+    def key_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]: ...
+
+    def value_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]: ...
+
+
+class DenseKeyValues:
+    """A KeyValueSource over dense (B, Nkv, S, D) tensors."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.key, self.value = key, value
+        self.kv_heads, self.length, self.value_dim = key.shape[1], key.shape[2], value.shape[-1]
+
+    def key_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+        yield lo, hi, self.key[:, :, lo:hi].to(dtype)
+
+    def value_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+        yield lo, hi, self.value[:, :, lo:hi].to(dtype)
+
+
 @dataclass
 class AttentionProblem:
     """One attention call in canonical BNSD form.
 
-    query (B, N, Sq, D); key (B, Nkv, Skv, D); value (B, Nkv, Skv, Dv), all floating.
+    query (B, N, Sq, D); key (B, Nkv, Skv, D); value (B, Nkv, Skv, Dv), all floating,
+    or instead of key/value a KeyValueSource (paged caches).
     mask: bool, broadcastable to (B, N, Sq, Skv), True = masked out.
     bias: floating, broadcastable to (B, N, Sq, Skv), added after scaling.
     q_ranges[b] = (start, end): the valid query rows of batch b; others output zero.
@@ -53,8 +83,8 @@ class AttentionProblem:
     """
 
     query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
+    key: torch.Tensor | None
+    value: torch.Tensor | None
     scale: float
     mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
@@ -62,6 +92,7 @@ class AttentionProblem:
     kv_ranges: Sequence[tuple[int, int]] | None = None
     band: Band | None = None
     prob_quant_scale: float | None = None
+    source: KeyValueSource | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -81,9 +112,10 @@ def attention(
     score_block_bytes: int = DEFAULT_SCORE_BLOCK_BYTES,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (out (B, N, Sq, Dv) in the compute dtype, lse (B, N, Sq, 1) fp32 or None)."""
-    q, k, v = problem.query, problem.key, problem.value
+    q = problem.query
+    source = problem.source or DenseKeyValues(problem.key, problem.value)
     batch, heads, q_len, _ = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
+    kv_heads, kv_len = source.kv_heads, source.length
     group = heads // kv_heads
     dtype = compute_dtype(q.dtype)
     device = q.device
@@ -102,14 +134,12 @@ def attention(
     ) or any(r != (0, kv_len) for r in kv_ranges)
     geometry = _Geometry(q_ranges, kv_ranges, shifts, device)
 
-    out = torch.zeros(batch, heads, q_len, v.shape[-1], dtype=dtype, device=device)
+    out = torch.zeros(batch, heads, q_len, source.value_dim, dtype=dtype, device=device)
     lse = (
         torch.full((batch, heads, q_len, 1), float("inf"), dtype=torch.float32, device=device)
         if want_lse
         else None
     )
-    k = k.to(dtype)
-    v = v.to(dtype)
     chunk = _chunk_rows(batch, heads, kv_len, score_block_bytes)
     first_row = min((s for s, e in q_ranges if e > s), default=q_len)
     last_row = max((e for s, e in q_ranges if e > s), default=0)
@@ -124,7 +154,15 @@ def attention(
         # GQA: each kv head serves `group` consecutive query heads; fold the
         # group into the row axis so K/V are never repeated.
         qc = qc.reshape(batch, kv_heads, group * rows, -1)
-        scores = torch.matmul(qc, k[:, :, lo:hi].transpose(-1, -2))
+        scores = None
+        for a, b, kc in source.key_chunks(lo, hi, dtype):
+            part = torch.matmul(qc, kc.transpose(-1, -2))
+            if (a, b) == (lo, hi):
+                scores = part
+                continue
+            if scores is None:
+                scores = torch.empty(batch, kv_heads, group * rows, hi - lo, dtype=dtype, device=device)
+            scores[..., a - lo : b - lo] = part
         scores = scores.view(batch, heads, rows, hi - lo)
         if problem.bias is not None:
             scores += problem.bias[..., r0:r1, lo:hi].to(dtype)
@@ -145,7 +183,11 @@ def attention(
         if problem.prob_quant_scale is not None:
             scores.div_(safe_sum).mul_(problem.prob_quant_scale).round_().clamp_(-128, 127)
         probs = scores.view(batch, kv_heads, group * rows, hi - lo)
-        oc = torch.matmul(probs, v[:, :, lo:hi]).view(batch, heads, rows, -1)
+        oc = None
+        for a, b, vc in source.value_chunks(lo, hi, dtype):
+            part = torch.matmul(probs[..., a - lo : b - lo], vc)
+            oc = part if oc is None else oc.add_(part)
+        oc = oc.view(batch, heads, rows, -1)
         if problem.prob_quant_scale is None:
             oc.div_(safe_sum)
         out[:, :, r0:r1] = oc

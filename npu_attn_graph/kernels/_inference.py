@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from ._layouts import (
     to_bnsd,
     unpack_tnd,
 )
-from ._library import check, fail
+from ._library import DEFAULT_SCORE_BLOCK_BYTES, LIB, check, fail, register_npu, register_reference
 
 COMPRESSED_MASK_SIZE = 2048
 MAX_HEAD_DIM = 512
@@ -251,12 +251,19 @@ def _validate_lengths(call: InferenceCall, batch: object, q_seq: object, kv_seq:
         return
     _per_batch(call, call.q_lens, call.q_lens_name, batch)
     _per_batch(call, call.kv_lens, call.kv_lens_name, batch)
+    # Only the first `batch` entries are used (a single entry is broadcast).
     if call.q_lens is not None:
-        check(max(call.q_lens) <= q_seq, op, call.q_lens_name,
+        check(max(_used_entries(call.q_lens, batch)) <= q_seq, op, call.q_lens_name,
               f"entries must be <= the query sequence length {q_seq}", list(call.q_lens))
     if call.kv_lens is not None and kv_seq is not None:
-        check(max(call.kv_lens) <= kv_seq, op, call.kv_lens_name,
+        check(max(_used_entries(call.kv_lens, batch)) <= kv_seq, op, call.kv_lens_name,
               f"entries must be <= the key/value sequence length {kv_seq}", list(call.kv_lens))
+
+
+def _used_entries(values: Sequence[int], batch: object) -> list:
+    """The per-batch entries the op reads: all of a one-entry list, else the first `batch`."""
+    values = list(values)
+    return values if len(values) == 1 else values[: int(batch)]
 
 
 def _check_cumulative(op: str, name: str, values: Sequence[int], total: object) -> None:
@@ -302,7 +309,7 @@ def _validate_paged(call: InferenceCall, batch: object, kv_heads: int, head_dim:
               tuple(v.shape))
         value_dim = v.shape[3]
     max_blocks = table.shape[1]
-    needed = max((math.ceil(x / call.block_size) for x in call.kv_lens), default=0)
+    needed = max((math.ceil(x / call.block_size) for x in _used_entries(call.kv_lens, batch)), default=0)
     check(needed <= max_blocks, op, "block_table.shape[1]",
           f"must be >= ceil(max({call.kv_lens_name}) / block_size) = {needed}", max_blocks)
     check(call.kv_padding_size is None, op, "kv_padding_size", "is not supported with block_table", "a tensor")
@@ -314,7 +321,7 @@ def _validate_sparse(call: InferenceCall, q_seq: object) -> None:
     check(mode in (0, 1, 2, 3, 4), op, "sparse_mode", "must be one of 0, 1, 2, 3, 4", mode)
     if mode in (1, 2, 3, 4) and q_seq != 1:
         check(call.atten_mask is not None, op, "atten_mask", f"is required for sparse_mode {mode}", None)
-    if mode == 4:
+    if mode == 4 and q_seq != 1:  # query S == 1 ignores sparse_mode and pre/next tokens
         check(not (call.pre_tokens < 0 and call.next_tokens < 0), op, "pre_tokens/next_tokens",
               "must not both be negative for sparse_mode 4",
               (call.pre_tokens, call.next_tokens))
@@ -463,9 +470,16 @@ def _validate_prefix_and_rope(call: InferenceCall) -> None:
               "a tensor")
         check(call.layout.inputs != "TND", op, "key_shared_prefix", "is not supported with input_layout TND",
               call.layout.inputs)
+        check(call.query_rope is None and call.key_rope is None, op, "key_shared_prefix",
+              "is not supported with query_rope/key_rope (MLA)", "a tensor")
         for name, t in (("key_shared_prefix", call.key_shared_prefix), ("value_shared_prefix", call.value_shared_prefix)):
             check(t.dim() == call.key.dim(), op, f"{name}.dim()", f"must equal key.dim() ({call.key.dim()})", t.dim())
             check(t.shape[0] == 1, op, f"{name}.shape[0]", "must be 1 (one prefix shared by all batches)", t.shape[0])
+        if call.shared_prefix_len is not None:  # checked here too so that the fake kernel raises it
+            prefix_seq = batch_and_seq(call.key_shared_prefix.shape, call.layout.inputs)[1]
+            plen = call.shared_prefix_len[0] if len(call.shared_prefix_len) else -1
+            check(len(call.shared_prefix_len) == 1 and 0 <= plen <= prefix_seq, op, "actual_shared_prefix_len",
+                  f"must hold one value within [0, {prefix_seq}]", list(call.shared_prefix_len))
     if (call.query_rope is None) != (call.key_rope is None):
         fail(op, "query_rope/key_rope", "must be given together", "only one")
     if call.query_rope is not None:
@@ -482,6 +496,24 @@ def _output_dtype(call: InferenceCall) -> torch.dtype:
     if call.query.dtype == torch.int8:
         return call.query_rope.dtype if call.query_rope is not None else torch.float16
     return call.query.dtype
+
+
+def register_inference_op(qualname: str, build_call: Callable[..., InferenceCall], npu_kernel: Callable,
+                          *, returns_lse: bool) -> None:
+    """Register fake, reference and NPU kernels of an op whose arguments
+    `build_call` maps onto an InferenceCall (same signature as the schema)."""
+
+    def fake(*args, **kwargs):
+        outputs = empty_outputs(build_call(*args, **kwargs))
+        return outputs if returns_lse else outputs[0]
+
+    def reference(*args, **kwargs):
+        outputs = run(build_call(*args, **kwargs))
+        return outputs if returns_lse else outputs[0]
+
+    torch.library.register_fake(qualname, fake, lib=LIB)
+    register_reference(qualname, reference)
+    register_npu(qualname, npu_kernel)
 
 
 def empty_outputs(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
@@ -514,27 +546,30 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
         q_ranges = _left_padded_ranges(call.q_lens, call.query_padding_size, g.q_seq, g.batch)
 
     # Key/value (B, Nkv, Skv, D) and their valid positions.
+    source = None
     if call.block_table is not None:
         kv_lens = _broadcast(call.kv_lens, g.batch)
-        k, v, kv_ranges, token_blocks = _gather_pages(call, g, kv_lens)
+        source = PagedKeyValues(call, g, _sanitised_block_table(call, kv_lens))
+        k = v = None
+        kv_ranges = [(0, n) for n in kv_lens]
     elif tnd:
         kv_segs = segments(call.kv_lens)
         k = pack_tnd(call.key, kv_segs)
         v = pack_tnd(call.value, kv_segs)
         kv_ranges = [(0, e - s) for s, e in kv_segs]
-        token_blocks = None
     else:
         k = to_bnsd(call.key, layout.inputs, g.kv_heads)
         v = to_bnsd(call.value, layout.inputs, g.kv_heads)
         kv_ranges = _left_padded_ranges(call.kv_lens, call.kv_padding_size, g.kv_seq, g.batch)
-        token_blocks = None
 
-    k = _dequantise(call, call.key_antiquant, k, token_blocks)
-    v = _dequantise(call, call.value_antiquant, v, token_blocks)
-
+    if source is None:
+        k = _dequantise(call, call.key_antiquant, k)
+        v = _dequantise(call, call.value_antiquant, v)
+        if call.key_rope is not None:
+            k = torch.cat([k, _rope_to_bnsd(call, call.key_rope, g, False)], -1)
     if call.query_rope is not None:
-        q = torch.cat([q.to(k.dtype) if q.dtype == torch.int8 else q, _rope_to_bnsd(call, call.query_rope, g, True)], -1)
-        k = torch.cat([k, _rope_to_bnsd(call, call.key_rope, g, False, token_blocks)], -1)
+        rope_q = _rope_to_bnsd(call, call.query_rope, g, True)
+        q = torch.cat([q.to(rope_q.dtype) if q.dtype == torch.int8 else q, rope_q], -1)
 
     mask = _normalise_mask(call, g)
     bias = to_bnsd_pse(call.pse_shift)
@@ -550,7 +585,7 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     band = _band(call, g)
     problem = AttentionProblem(
         query=q, key=k, value=v, scale=scale, mask=mask, bias=bias,
-        q_ranges=q_ranges, kv_ranges=kv_ranges, band=band, prob_quant_scale=prob_quant,
+        q_ranges=q_ranges, kv_ranges=kv_ranges, band=band, prob_quant_scale=prob_quant, source=source,
     )
     out, lse = attention(problem, want_lse=call.softmax_lse)
 
@@ -603,36 +638,67 @@ def _left_padded_ranges(
     return ranges
 
 
-def _gather_pages(call: InferenceCall, g: Geometry, kv_lens: list[int]):
-    """Gather each batch's blocks into a dense (B, Nkv, L, D) key/value.
-
-    Returns (key, value, kv_ranges, token_blocks) where token_blocks (B, nb) are
-    the block ids used (for paged per-token scales)."""
+def _sanitised_block_table(call: InferenceCall, kv_lens: list[int]) -> torch.Tensor:
+    """(B, nb) int64 block ids covering the longest sequence. Entries past a
+    batch's need may be garbage (e.g. -1): they point at block 0 and the
+    positions they hold are masked out through kv_ranges."""
     bs = call.block_size
     nb = max(1, max((math.ceil(n / bs) for n in kv_lens), default=1))
     table = call.block_table[:, :nb].long()
     needed = torch.tensor([math.ceil(n / bs) for n in kv_lens], device=table.device).view(-1, 1)
-    # Entries past a batch's need may be garbage (e.g. -1): point them at block 0
-    # and mask those positions out through kv_ranges.
-    table = torch.where(torch.arange(nb, device=table.device).view(1, -1) < needed, table, torch.zeros_like(table))
-
-    flat = table.reshape(-1)
-    batch = table.shape[0]
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        blocks = cache.index_select(0, flat)
-        if cache.dim() == 3:  # (blocknum, bs, H)
-            return blocks.view(batch, nb * bs, g.kv_heads, -1).transpose(1, 2).contiguous()
-        # (blocknum, Nkv, bs, D)
-        blocks = blocks.view(batch, nb, cache.shape[1], bs, -1)
-        return blocks.permute(0, 2, 1, 3, 4).reshape(batch, cache.shape[1], nb * bs, -1)
-
-    return gather(call.key), gather(call.value), [(0, n) for n in kv_lens], table
+    in_use = torch.arange(nb, device=table.device).view(1, -1) < needed
+    return torch.where(in_use, table, torch.zeros_like(table))
 
 
-def _dequantise(call: InferenceCall, aq: Antiquant | None, x: torch.Tensor,
-                token_blocks: torch.Tensor | None) -> torch.Tensor:
-    """int8 (B, Nkv, S, D) -> float: (x + offset) * scale, scales broadcast per mode."""
+class PagedKeyValues:
+    """KeyValueSource over paged caches (see _attention_core.KeyValueSource).
+
+    Blocks are gathered a few at a time into a small dense buffer (dequantised
+    and with rope keys appended there), so no dense copy of the whole cache is
+    made and each gathered chunk is still in cache when it is multiplied."""
+
+    def __init__(self, call: InferenceCall, g: Geometry, table: torch.Tensor) -> None:
+        self.call, self.table, self.block_size = call, table, call.block_size
+        self.kv_heads, self.value_dim = g.kv_heads, g.value_dim
+        self.length = table.shape[1] * call.block_size
+        dim = max(g.head_dim, g.value_dim)
+        chunk_bytes = table.shape[0] * g.kv_heads * call.block_size * dim * 4
+        self.blocks_per_chunk = max(1, DEFAULT_SCORE_BLOCK_BYTES // chunk_bytes)
+
+    def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """cache blocks (B, n) -> (B, Nkv, n * block_size, D), contiguous."""
+        batch, n = blocks.shape
+        picked = cache.index_select(0, blocks.reshape(-1))
+        if cache.dim() == 3:  # (blocknum, blocksize, H)
+            return picked.view(batch, n * self.block_size, self.kv_heads, -1).transpose(1, 2).contiguous()
+        picked = picked.view(batch, n, self.kv_heads, self.block_size, -1)  # (blocknum, Nkv, blocksize, D)
+        return picked.transpose(1, 2).reshape(batch, self.kv_heads, n * self.block_size, -1)
+
+    def _chunks(self, cache: torch.Tensor, antiquant: Antiquant | None, rope: torch.Tensor | None,
+                lo: int, hi: int, dtype: torch.dtype):
+        bs = self.block_size
+        last_block = math.ceil(hi / bs)
+        for j0 in range(lo // bs, last_block, self.blocks_per_chunk):
+            j1 = min(last_block, j0 + self.blocks_per_chunk)
+            blocks = self.table[:, j0:j1]
+            x = _dequantise(self.call, antiquant, self._gather(cache, blocks), j0 * bs, blocks).to(dtype)
+            if rope is not None:
+                x = torch.cat([x, self._gather(rope, blocks).to(dtype)], dim=-1)
+            a, b = max(lo, j0 * bs), min(hi, j1 * bs)
+            yield a, b, x[:, :, a - j0 * bs : b - j0 * bs]
+
+    def key_chunks(self, lo: int, hi: int, dtype: torch.dtype):
+        return self._chunks(self.call.key, self.call.key_antiquant, self.call.key_rope, lo, hi, dtype)
+
+    def value_chunks(self, lo: int, hi: int, dtype: torch.dtype):
+        return self._chunks(self.call.value, self.call.value_antiquant, None, lo, hi, dtype)
+
+
+def _dequantise(call: InferenceCall, aq: Antiquant | None, x: torch.Tensor, start: int = 0,
+                token_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 (B, Nkv, S, D) holding positions [start, start + S) -> float:
+    (x + offset) * scale, the scales broadcast per mode (paged modes 4/5 index
+    the scales by the chunk's block ids)."""
     if aq is None or x.dtype != torch.int8:
         return x
     dtype = torch.float64 if call.query.dtype == torch.float64 else torch.float32
@@ -644,11 +710,11 @@ def _dequantise(call: InferenceCall, aq: Antiquant | None, x: torch.Tensor,
             return t.reshape(()) if t.numel() == 1 else t.reshape(1, n, 1, d)
         if aq.mode == 1:  # (B, S), or (1, B, S) for the separate key/value scales
             t = t[0] if t.dim() == 3 else t
-            return _expand_batch(t, b)[:, :s].reshape(b, 1, s, 1)
+            return _expand_batch(t, b)[:, start : start + s].reshape(b, 1, s, 1)
         if aq.mode == 2:
             return t.reshape(1, n, 1, 1)
         if aq.mode == 3:
-            return _expand_batch(t, b)[:, :, :s].reshape(b, n, s, 1)
+            return _expand_batch(t, b)[:, :, start : start + s].reshape(b, n, s, 1)
         if aq.mode == 4:  # (blocknum, blocksize) gathered like the cache
             return t[token_blocks].reshape(b, 1, s, 1)
         return t[token_blocks].permute(0, 2, 1, 3).reshape(b, n, s, 1)  # mode 5
@@ -663,21 +729,12 @@ def _expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 else t
 
 
-def _rope_to_bnsd(call: InferenceCall, rope: torch.Tensor, g: Geometry, is_query: bool,
-                  token_blocks: torch.Tensor | None = None) -> torch.Tensor:
+def _rope_to_bnsd(call: InferenceCall, rope: torch.Tensor, g: Geometry, is_query: bool) -> torch.Tensor:
+    """Dense query/key rope -> BNSD (paged key rope is gathered by PagedKeyValues)."""
     layout = call.layout.inputs
     heads = g.heads if is_query else g.kv_heads
-    if layout == "TND":
-        lens = call.q_lens if is_query or call.block_table is None else None
-        if lens is None and not is_query:
-            lens = call.kv_lens
-        return pack_tnd(rope, segments(lens))
-    if not is_query and call.block_table is not None:
-        b, nb = token_blocks.shape
-        blocks = rope[token_blocks]
-        if rope.dim() == 3:
-            return blocks.reshape(b, nb * call.block_size, heads, -1).transpose(1, 2)
-        return blocks.permute(0, 2, 1, 3, 4).reshape(b, heads, nb * call.block_size, -1)
+    if layout == "TND":  # query rope follows the query segments, key rope the key segments
+        return pack_tnd(rope, segments(call.q_lens if is_query else call.kv_lens))
     return to_bnsd(rope, layout, heads)
 
 

@@ -40,9 +40,9 @@ from typing import Sequence
 
 import torch
 
-from ._inference import Antiquant, InferenceCall, empty_outputs, int_list, run
+from ._inference import Antiquant, InferenceCall, int_list, register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define, register_npu, register_reference
+from ._library import check, define
 from .incre_flash_attention import split_combined_antiquant
 
 __all__ = ["npu_fused_infer_attention_score"]
@@ -116,23 +116,13 @@ def _call(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq_leng
     )
 
 
-@torch.library.register_fake(QUALNAME)
-def _fake(*args, **kwargs):
-    return empty_outputs(_call(*args, **kwargs))
-
-
-def _reference(*args, **kwargs):
-    return run(_call(*args, **kwargs))
-
-
 def _npu(query, key, value, **kwargs):
     import torch_npu
 
     return torch_npu.npu_fused_infer_attention_score(query, key, value, **kwargs)
 
 
-register_reference(QUALNAME, _reference)
-register_npu(QUALNAME, _npu)
+register_inference_op(QUALNAME, _call, _npu, returns_lse=True)
 
 
 def npu_fused_infer_attention_score(

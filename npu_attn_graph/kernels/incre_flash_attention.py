@@ -30,9 +30,9 @@ from typing import Sequence
 
 import torch
 
-from ._inference import Antiquant, InferenceCall, empty_outputs, int_list, run
+from ._inference import Antiquant, InferenceCall, int_list, register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define, register_npu, register_reference
+from ._library import check, define
 
 __all__ = ["npu_incre_flash_attention"]
 
@@ -91,23 +91,13 @@ def _call(query, key, value, *, padding_mask=None, atten_mask=None, pse_shift=No
     )
 
 
-@torch.library.register_fake(QUALNAME)
-def _fake(*args, **kwargs):
-    return empty_outputs(_call(*args, **kwargs))[0]
-
-
-def _reference(*args, **kwargs):
-    return run(_call(*args, **kwargs))[0]
-
-
 def _npu(query, key, value, **kwargs):
     import torch_npu
 
     return torch_npu.npu_incre_flash_attention(query, key, value, **kwargs)
 
 
-register_reference(QUALNAME, _reference)
-register_npu(QUALNAME, _npu)
+register_inference_op(QUALNAME, _call, _npu, returns_lse=False)
 
 
 def npu_incre_flash_attention(
