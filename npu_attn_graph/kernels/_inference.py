@@ -180,14 +180,18 @@ def validate(call: InferenceCall) -> Geometry:
 
     _validate_lengths(call, batch, q_seq, kv_seq)
     _validate_sparse(call, q_seq)
-    _validate_mask(call, batch, q_seq, kv_seq)
-    _validate_pse(call, batch, heads, q_seq, kv_seq)
+    _validate_prefix_and_rope(call)
+    # With a shared prefix, masks and pse index the prefix + key sequence.
+    attended_kv = kv_seq
+    if kv_seq is not None and call.key_shared_prefix is not None:
+        attended_kv = kv_seq + _shared_prefix_length(call)
+    _validate_mask(call, batch, q_seq, attended_kv)
+    _validate_pse(call, batch, heads, q_seq, attended_kv)
     _validate_quant(call, heads, value_dim)
     for aq in (call.key_antiquant, call.value_antiquant):
         if aq is not None:
             _validate_antiquant(call, aq, batch, kv_heads, head_dim if aq is call.key_antiquant else value_dim, kv_seq)
     _validate_padding(call)
-    _validate_prefix_and_rope(call)
 
     out_dtype = _output_dtype(call)
     out_shape = output_shape(q.shape, layout, heads, value_dim)
@@ -436,6 +440,16 @@ def _validate_antiquant(call: InferenceCall, aq: Antiquant, batch: object, kv_he
         5: scale.dim() == 3 and scale.shape[0] == call.key.shape[0] and scale.shape[1] == kv_heads,
     }[aq.mode]
     check(ok, op, aq.name, f"must have shape {ANTIQUANT_SHAPES[aq.mode]} for mode {aq.mode}", shape)
+    if aq.mode in (1, 3) and call.block_table is None and kv_seq is not None:
+        check(scale.shape[-1] >= kv_seq, op, aq.name,
+              f"per-token scales must cover the key/value sequence length {kv_seq}", shape)
+
+
+def _shared_prefix_length(call: InferenceCall) -> object:
+    """actual_shared_prefix_len, or the prefix's sequence length."""
+    if call.shared_prefix_len is not None:
+        return call.shared_prefix_len[0]
+    return batch_and_seq(call.key_shared_prefix.shape, call.layout.inputs)[1]
 
 
 def _without_leading_ones(shape: tuple) -> tuple:
