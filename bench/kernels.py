@@ -5,6 +5,9 @@ Run:  python bench/kernels.py [--repeats N] [--quick]
 Cases (fp32, CPU):
 - prefill: B=1, S=2048, N=16, D=128, non-causal and causal
   (npu_prompt_flash_attention sparse_mode 0 / 3 vs SDPA / SDPA is_causal);
+  these reach torch's fused SDPA kernel through the reference's fast path;
+- prefill with ragged actual lengths (2048 and 1536) and rightDownCausal: the
+  chunked path, against SDPA with the equivalent dense boolean mask;
 - decode: B=16, KV length 4096, N=32, KV heads 8 (GQA 4), D=128
   (npu_incre_flash_attention dense vs SDPA enable_gqa), and the same with a
   paged cache of 128-token blocks in shuffled order.
@@ -53,6 +56,33 @@ def prefill(causal: bool, quick: bool):
     return ours, sdpa
 
 
+def prefill_ragged(quick: bool):
+    """Ragged batch, rightDownCausal: our chunked path (mask built per chunk)
+    against SDPA given the equivalent dense boolean mask."""
+    s = 512 if quick else 2048
+    b, n, d = 2, 16, 128
+    lengths = [s, s * 3 // 4]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, s, d, generator=g) for _ in range(3))
+    scale = 1 / math.sqrt(d)
+    compressed = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+    i = torch.arange(s).view(-1, 1)
+    j = torch.arange(s).view(1, -1)
+    keep = torch.stack([(j <= i) & (i < n_b) & (j < n_b) | (i >= n_b) & (j == 0) for n_b in lengths])[:, None]
+
+    def ours():
+        return npu.npu_prompt_flash_attention(q, k, v, num_heads=n, scale_value=scale, input_layout="BNSD",
+                                              atten_mask=compressed, sparse_mode=3, actual_seq_lengths=lengths,
+                                              actual_seq_lengths_kv=lengths)
+
+    def sdpa():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+        # padded query rows are zero in the NPU semantics
+        return out * (torch.arange(s).view(1, 1, -1, 1) < torch.tensor(lengths).view(-1, 1, 1, 1))
+
+    return ours, sdpa
+
+
 def decode(paged: bool, quick: bool):
     b, n, nkv, d = 16, 32, 8, 128
     kv_len = 1024 if quick else 4096
@@ -92,12 +122,14 @@ def decode(paged: bool, quick: bool):
 CASES = {
     "prefill B1 S2048 N16 D128": lambda quick: prefill(False, quick),
     "prefill causal B1 S2048 N16 D128": lambda quick: prefill(True, quick),
+    "prefill ragged causal B2 S2048 N16 D128": prefill_ragged,
     "decode B16 KV4096 GQA4 D128": lambda quick: decode(False, quick),
     "decode paged(128) B16 KV4096 GQA4 D128": lambda quick: decode(True, quick),
 }
 GOALS = {
     "prefill B1 S2048 N16 D128": 1.5,
     "prefill causal B1 S2048 N16 D128": 1.5,
+    "prefill ragged causal B2 S2048 N16 D128": 1.5,
     "decode B16 KV4096 GQA4 D128": 1.5,
     "decode paged(128) B16 KV4096 GQA4 D128": 2.0,
 }

@@ -23,6 +23,20 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {FP32: (1e-5, 1e-6), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
 
 
+@pytest.fixture(autouse=True, params=["default", "tiny-chunks", "fused-everywhere"])
+def kernel_path(request, monkeypatch):
+    """Run every case through each code path of the reference kernels:
+    the default chunking; one query row (and one paged block) per chunk; and
+    torch's fused SDPA for every dense chunk, decode-sized ones included."""
+    from npu_attn_graph.kernels import _attention_core, _library
+
+    if request.param == "tiny-chunks":
+        monkeypatch.setattr(_library, "SCORE_BLOCK_BYTES", 1)
+    elif request.param == "fused-everywhere":
+        monkeypatch.setattr(_attention_core, "FUSED_MIN_ROWS", 1)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

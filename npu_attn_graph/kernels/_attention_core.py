@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from ._library import DEFAULT_SCORE_BLOCK_BYTES
+from . import _library
 
 INF_TOKENS = 2**63 - 1
+# Query chunks with at least this many rows use torch's fused SDPA kernel.
+FUSED_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def attention(
     problem: AttentionProblem,
     *,
     want_lse: bool = False,
-    score_block_bytes: int = DEFAULT_SCORE_BLOCK_BYTES,
+    score_block_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (out (B, N, Sq, Dv) in the compute dtype, lse (B, N, Sq, 1) fp32 or None)."""
     q = problem.query
@@ -140,7 +143,21 @@ def attention(
         if want_lse
         else None
     )
-    chunk = _chunk_rows(batch, heads, kv_len, score_block_bytes)
+    chunk = _chunk_rows(batch, heads, kv_len, score_block_bytes or _library.SCORE_BLOCK_BYTES)
+    # Chunks of many rows over dense keys go through torch's fused SDPA kernel
+    # (same math, faster GEMMs); decode-sized chunks, paged keys, softmax_lse
+    # and quantised probabilities take the explicit path below.
+    use_fused = isinstance(source, DenseKeyValues) and lse is None and problem.prob_quant_scale is None
+    if use_fused and q_len >= FUSED_MIN_ROWS and problem.mask is None and problem.bias is None:
+        # No per-row data to bound: SDPA's own kernel is already O(S) in memory,
+        # so hand it the whole problem when its causal flag (or none) matches.
+        whole = not needs_structure
+        causal = needs_structure and _is_top_left_causal(band, q_ranges, kv_ranges, shifts, q_len, kv_len)
+        if whole or causal:
+            out = F.scaled_dot_product_attention(q.to(dtype), source.key.to(dtype), source.value.to(dtype),
+                                                 is_causal=causal, scale=problem.scale, enable_gqa=group > 1)
+            return out, None
+
     first_row = min((s for s, e in q_ranges if e > s), default=q_len)
     last_row = max((e for s, e in q_ranges if e > s), default=0)
 
@@ -150,6 +167,17 @@ def attention(
         if hi <= lo:
             continue
         rows = r1 - r0
+        bias = None if problem.bias is None else problem.bias[..., r0:r1, lo:hi].to(dtype)
+        masked = None
+        if problem.mask is not None:
+            masked = problem.mask[..., r0:r1, lo:hi]
+        if needs_structure:
+            structural = geometry.mask(r0, r1, lo, hi, band)
+            masked = structural if masked is None else (masked | structural)
+        if use_fused and rows >= FUSED_MIN_ROWS:
+            out[:, :, r0:r1] = _fused_chunk(q[:, :, r0:r1].to(dtype), source, lo, hi, dtype, problem.scale,
+                                            bias, masked, group)
+            continue
         qc = q[:, :, r0:r1].to(dtype) * problem.scale
         # GQA: each kv head serves `group` consecutive query heads; fold the
         # group into the row axis so K/V are never repeated.
@@ -164,14 +192,8 @@ def attention(
                 scores = torch.empty(batch, kv_heads, group * rows, hi - lo, dtype=dtype, device=device)
             scores[..., a - lo : b - lo] = part
         scores = scores.view(batch, heads, rows, hi - lo)
-        if problem.bias is not None:
-            scores += problem.bias[..., r0:r1, lo:hi].to(dtype)
-        masked = None
-        if problem.mask is not None:
-            masked = problem.mask[..., r0:r1, lo:hi]
-        if needs_structure:
-            structural = geometry.mask(r0, r1, lo, hi, band)
-            masked = structural if masked is None else (masked | structural)
+        if bias is not None:
+            scores += bias
         if masked is not None:
             scores.masked_fill_(masked, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True)
@@ -195,6 +217,46 @@ def attention(
             chunk_lse = torch.where(empty, float("inf"), row_max + torch.log(row_sum))
             lse[:, :, r0:r1] = chunk_lse.to(torch.float32)
     return out, lse
+
+
+def _is_top_left_causal(band: Band | None, q_ranges, kv_ranges, shifts, q_len: int, kv_len: int) -> bool:
+    """True when the structure is exactly SDPA's is_causal mask: full ranges and
+    a diagonal through the top-left corner with nothing cut below it."""
+    return (
+        band is not None
+        and band.next_tokens == 0
+        and band.pre_tokens >= q_len
+        and all(r == (0, q_len) for r in q_ranges)
+        and all(r == (0, kv_len) for r in kv_ranges)
+        and all(s == 0 for s in shifts)
+    )
+
+
+def _fused_chunk(
+    q: torch.Tensor,
+    source: DenseKeyValues,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype,
+    scale: float,
+    bias: torch.Tensor | None,
+    masked: torch.Tensor | None,
+    group: int,
+) -> torch.Tensor:
+    """One query chunk through F.scaled_dot_product_attention.
+
+    SDPA's bool mask means "keep" (the NPU's means "masked out"), and SDPA
+    leaves rows with no key undefined, so those rows are zeroed explicitly."""
+    keep = None if masked is None else ~masked
+    attn_mask = keep
+    if bias is not None:
+        attn_mask = bias if masked is None else bias.masked_fill(masked, float("-inf"))
+    k = source.key[:, :, lo:hi].to(dtype)
+    v = source.value[:, :, lo:hi].to(dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=group > 1)
+    if keep is not None:
+        out = torch.where(keep.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
 
 
 def _key_window(

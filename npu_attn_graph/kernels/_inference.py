@@ -28,7 +28,8 @@ from ._layouts import (
     to_bnsd,
     unpack_tnd,
 )
-from ._library import DEFAULT_SCORE_BLOCK_BYTES, LIB, check, fail, register_npu, register_reference
+from . import _library
+from ._library import LIB, check, fail, register_npu, register_reference
 
 COMPRESSED_MASK_SIZE = 2048
 MAX_HEAD_DIM = 512
@@ -334,8 +335,22 @@ def _validate_sparse(call: InferenceCall, q_seq: object) -> None:
               (call.pre_tokens, call.next_tokens))
 
 
+COMPRESSED_MASK_SHAPES = (
+    (COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE),
+    (1, COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE),
+    (1, 1, COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE),
+)
+
+
 def _mask_uses_compressed_form(call: InferenceCall, q_seq: object) -> bool:
-    return call.sparse_mode in (2, 3, 4)
+    """Modes 2-4 read atten_mask as the compressed causal pattern. The S == 1
+    path ignores sparse_mode, so there a mask is the compressed pattern only if
+    it has that shape; any other mask is an ordinary (B, KV_S) mask."""
+    if call.sparse_mode not in (2, 3, 4):
+        return False
+    if q_seq != 1:
+        return True
+    return call.atten_mask is not None and tuple(call.atten_mask.shape) in COMPRESSED_MASK_SHAPES
 
 
 def _validate_mask(call: InferenceCall, batch: object, q_seq: object, kv_seq: object) -> None:
@@ -345,9 +360,7 @@ def _validate_mask(call: InferenceCall, batch: object, q_seq: object, kv_seq: ob
     check(mask.dtype in MASK_DTYPES, op, "atten_mask.dtype", "must be bool, int8 or uint8", mask.dtype)
     shape = tuple(mask.shape)
     if _mask_uses_compressed_form(call, q_seq):
-        size = COMPRESSED_MASK_SIZE
-        allowed = [(size, size), (1, size, size), (1, 1, size, size)]
-        check(shape in allowed, op, "atten_mask",
+        check(shape in COMPRESSED_MASK_SHAPES, op, "atten_mask",
               f"must have shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048) for sparse_mode {call.sparse_mode}",
               shape)
         return
@@ -440,9 +453,13 @@ def _validate_antiquant(call: InferenceCall, aq: Antiquant, batch: object, kv_he
         5: scale.dim() == 3 and scale.shape[0] == call.key.shape[0] and scale.shape[1] == kv_heads,
     }[aq.mode]
     check(ok, op, aq.name, f"must have shape {ANTIQUANT_SHAPES[aq.mode]} for mode {aq.mode}", shape)
-    if aq.mode in (1, 3) and call.block_table is None and kv_seq is not None:
-        check(scale.shape[-1] >= kv_seq, op, aq.name,
-              f"per-token scales must cover the key/value sequence length {kv_seq}", shape)
+    if aq.mode in (1, 3) and kv_seq is not None:
+        covered = kv_seq
+        if call.block_table is not None:  # the gathered positions: whole blocks of the longest sequence
+            longest = max(_broadcast(call.kv_lens, batch), default=0)
+            covered = math.ceil(longest / call.block_size) * call.block_size
+        check(scale.shape[-1] >= covered, op, aq.name,
+              f"per-token scales must cover the key/value sequence length {covered}", shape)
 
 
 def _shared_prefix_length(call: InferenceCall) -> object:
@@ -557,7 +574,9 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
         q_ranges = [(0, e - s) for s, e in q_segs]
     else:
         q = to_bnsd(call.query, layout.inputs, g.heads)
-        q_ranges = _left_padded_ranges(call.q_lens, call.query_padding_size, g.q_seq, g.batch)
+        # query_padding_size only applies to the prompt (S > 1) path.
+        q_padding = call.query_padding_size if g.q_seq != 1 else None
+        q_ranges = _left_padded_ranges(call.q_lens, q_padding, g.q_seq, g.batch)
 
     # Key/value (B, Nkv, Skv, D) and their valid positions.
     source = None
@@ -677,7 +696,9 @@ class PagedKeyValues:
         self.length = table.shape[1] * call.block_size
         dim = max(g.head_dim, g.value_dim)
         chunk_bytes = table.shape[0] * g.kv_heads * call.block_size * dim * 4
-        self.blocks_per_chunk = max(1, DEFAULT_SCORE_BLOCK_BYTES // chunk_bytes)
+        # A quarter of the score budget keeps each gathered chunk cache-resident
+        # until its matmul reads it (measured faster than larger gathers).
+        self.blocks_per_chunk = max(1, _library.SCORE_BLOCK_BYTES // 4 // chunk_bytes)
 
     def _gather(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """cache blocks (B, n) -> (B, Nkv, n * block_size, D), contiguous."""

@@ -16,9 +16,11 @@ NAMESPACE = "npu_attn"
 # One DEF library for the whole namespace; op modules add to it on import.
 LIB = torch.library.Library(NAMESPACE, "DEF")
 
-# Default chunk budget: the reference kernels keep each query chunk's fp32
-# score block under this many bytes, so extra memory is O(chunk x S_kv).
-DEFAULT_SCORE_BLOCK_BYTES = 16 * 1024 * 1024
+# Chunk budget of the reference kernels: each query chunk's fp32 score block
+# (and each gathered block of a paged cache) stays under this many bytes, so
+# extra memory is O(chunk x S_kv). Read at call time; tests shrink it to force
+# many chunks.
+SCORE_BLOCK_BYTES = 16 * 1024 * 1024
 
 
 class NpuAttnArgumentError(ValueError):
