@@ -1,7 +1,9 @@
 """npu_attn_graph: fused Ascend NPU attention ops and the graph rewrites that target them."""
 
 from . import kernels
+from .backend import explain, npu_attn_backend
 from .kernels import NpuAttnArgumentError
+from .report import Report, Site
 
-__all__ = ["kernels", "NpuAttnArgumentError"]
+__all__ = ["kernels", "NpuAttnArgumentError", "Report", "Site", "explain", "npu_attn_backend"]
 __version__ = "0.1.0"

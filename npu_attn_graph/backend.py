@@ -1,0 +1,113 @@
+"""The "npu_attn" torch.compile backend.
+
+    torch.compile(model, backend="npu_attn", options={...})
+
+Pipeline, top to bottom:
+1. dynamo hands over its FX graph;
+2. AOT autograd functionalizes it into ATen graphs (one inference graph, or a
+   forward and a backward graph when gradients are needed);
+3. our passes rewrite each ATen graph (see npu_attn_graph.passes);
+4. the executor runs it: "eager" runs the rewritten graph as is (the fused ops
+   run their reference kernels off the NPU), "inductor" compiles everything
+   that is not our op with Inductor.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch._dynamo.backends.common import aot_autograd
+
+from . import kernels  # noqa: F401  (registers the npu_attn ops)
+from .passes import PASSES, run_passes
+from .report import Report
+
+EXECUTORS = ("eager", "inductor")
+OPTION_DOCS = {
+    "passes": f"list of pass names to run, in order (default: all of {list(PASSES)})",
+    "executor": f"one of {list(EXECUTORS)} (default: 'eager')",
+    "report": "a Report to fill, or a callable receiving the Report after each graph",
+}
+
+
+@dataclass
+class BackendOptions:
+    passes: list[str] = field(default_factory=lambda: list(PASSES))
+    executor: str = "eager"
+    report: Report | Callable[[Report], Any] | None = None
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(OPTION_DOCS))
+        if unknown:
+            valid = "; ".join(f"{k}: {v}" for k, v in OPTION_DOCS.items())
+            raise ValueError(f"npu_attn backend: unknown option(s) {unknown}; valid options are {valid}")
+        parsed = cls(**options)
+        if isinstance(parsed.passes, str) or not all(p in PASSES for p in parsed.passes):
+            raise ValueError(f"npu_attn backend: option 'passes' must be a list of names from {list(PASSES)}, "
+                             f"got {parsed.passes!r}")
+        if parsed.executor not in EXECUTORS:
+            raise ValueError(f"npu_attn backend: option 'executor' must be one of {list(EXECUTORS)}, "
+                             f"got {parsed.executor!r}")
+        if parsed.report is not None and not (isinstance(parsed.report, Report) or callable(parsed.report)):
+            raise ValueError(f"npu_attn backend: option 'report' must be a Report or a callable, "
+                             f"got {type(parsed.report).__name__}")
+        return parsed
+
+
+def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None):
+    """torch.compile backend: AOT autograd, our passes, then the chosen executor."""
+    opts = BackendOptions.parse(options)
+    report = opts.report if isinstance(opts.report, Report) else Report()
+
+    def compiler(graph_name: str):
+        def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
+            run_passes(aten_gm, opts.passes, report, graph_name)
+            report.graphs += 1
+            if callable(opts.report) and not isinstance(opts.report, Report):
+                opts.report(report)
+            return _execute(aten_gm, aten_inputs, opts.executor)
+
+        return compile_graph
+
+    extra = {}
+    if opts.executor == "inductor":
+        # Inductor lowers only graphs decomposed with its own table.
+        from torch._inductor.decomposition import select_decomp_table
+
+        extra["decompositions"] = select_decomp_table()
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        **extra,
+    )(gm, example_inputs)
+
+
+def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str):
+    if executor == "inductor":
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        return compile_fx_inner(gm, example_inputs)
+    return gm
+
+
+def explain(model: Callable, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
+    """Compile `model` with the npu_attn backend, run it once on the arguments,
+    and return the report: every attention site found, rewritten or not (and
+    why), plus graph breaks and recompiles."""
+    from torch._dynamo.utils import counters
+
+    report = Report()
+    torch._dynamo.reset()
+    breaks_before = Counter(counters["graph_break"])
+    recompiles_before = Counter(counters["recompiles"])
+    compiled = torch.compile(model, backend=npu_attn_backend, options={**(options or {}), "report": report})
+    compiled(*args, **kwargs)
+    report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
+    report.recompiles = sorted((Counter(counters["recompiles"]) - recompiles_before).elements())
+    return report

@@ -1,0 +1,29 @@
+"""FX graph passes of the npu_attn backend: one module per rewrite.
+
+Each pass takes a post-AOT (functionalized ATen) GraphModule, rewrites it in
+place and records every site it looked at in the Report.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..report import Report
+from .sdpa_to_fused import sdpa_to_fused
+
+GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
+
+# In the order they run.
+PASSES: dict[str, GraphPass] = {
+    "sdpa_to_fused": sdpa_to_fused,
+}
+
+
+def run_passes(gm: torch.fx.GraphModule, names: list[str], report: Report, graph_name: str) -> None:
+    for name in names:
+        PASSES[name](gm, report, graph_name)
+
+
+__all__ = ["PASSES", "GraphPass", "run_passes"]

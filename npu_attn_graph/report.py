@@ -1,0 +1,77 @@
+"""What the npu_attn backend found, rewrote and left alone, as data and as a table."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Site:
+    """One attention site or KV-cache update found in a graph."""
+
+    kind: str  # "attention" or "kv_update"
+    graph: str  # "inference" / "forward" / ...
+    layer: str
+    source: str
+    pattern: str
+    fused_op: str | None = None  # None: left as it was
+    layout: str | None = None
+    sparse_mode: int | None = None
+    gqa_ratio: int | None = None
+    reason: str | None = None  # why it was left alone
+
+    @property
+    def rewritten(self) -> bool:
+        return self.fused_op is not None
+
+
+@dataclass
+class Report:
+    sites: list[Site] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+    recompiles: list[str] = field(default_factory=list)
+    graphs: int = 0
+
+    def fused(self, kind: str | None = None) -> list[Site]:
+        return [s for s in self.sites if s.rewritten and (kind is None or s.kind == kind)]
+
+    def left_alone(self) -> list[Site]:
+        return [s for s in self.sites if not s.rewritten]
+
+    def table(self) -> str:
+        headers = ["graph", "kind", "layer", "source", "pattern", "fused op", "layout", "sparse", "gqa", "reason"]
+        rows = [[s.graph, s.kind, s.layer, s.source, s.pattern, s.fused_op or "-", s.layout or "-",
+                 "-" if s.sparse_mode is None else str(s.sparse_mode),
+                 "-" if s.gqa_ratio is None else str(s.gqa_ratio), s.reason or ""] for s in self.sites]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        fused = len(self.fused())
+        lines.append(f"{fused}/{len(self.sites)} sites fused in {self.graphs} graph(s); "
+                     f"{len(self.graph_breaks)} graph break(s), {len(self.recompiles)} recompile(s)")
+        for b in self.graph_breaks:
+            lines.append(f"graph break: {b}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def node_location(node: torch.fx.Node) -> tuple[str, str]:
+    """(layer, 'file:line') of the user code that produced an FX node."""
+    stack = node.meta.get("nn_module_stack") or {}
+    layer = "-"
+    if stack:
+        path = list(stack.values())[-1][0]
+        layer = re.sub(r"^L\['self'\]\.?", "", str(path)) or "-"
+    source = "-"
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if frames:
+        file, line = frames[-1]
+        source = f"{file.rsplit('/', 1)[-1]}:{line}"
+    return layer, source
