@@ -66,7 +66,10 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
 
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
+            report.code_before.append(aten_gm.code)
             run_passes(aten_gm, opts.passes, report, graph_name)
+            report.code_after.append(aten_gm.code)
+            report.graph_modules.append(aten_gm)
             report.graphs += 1
             if callable(opts.report) and not isinstance(opts.report, Report):
                 opts.report(report)

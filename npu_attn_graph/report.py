@@ -34,6 +34,11 @@ class Report:
     graph_breaks: list[str] = field(default_factory=list)
     recompiles: list[str] = field(default_factory=list)
     graphs: int = 0
+    # Readable code of each ATen graph before and after the passes, and the
+    # rewritten graphs themselves.
+    code_before: list[str] = field(default_factory=list)
+    code_after: list[str] = field(default_factory=list)
+    graph_modules: list[torch.fx.GraphModule] = field(default_factory=list)
 
     def fused(self, kind: str | None = None) -> list[Site]:
         return [s for s in self.sites if s.rewritten and (kind is None or s.kind == kind)]

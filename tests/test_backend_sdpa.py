@@ -185,3 +185,51 @@ def test_sites_the_ops_cannot_take_are_left_with_a_reason(fn, reason):
     _, report = _run(fn, q, k, v)
     assert not report.sites[0].rewritten
     assert reason in report.sites[0].reason
+
+
+def _fused_nodes(report: Report) -> list[torch.fx.Node]:
+    return [n for gm in report.graph_modules for n in gm.graph.nodes
+            if n.op == "call_function" and str(n.target).startswith("npu_attn.")]
+
+
+def test_repeat_kv_is_removed_and_the_ratio_goes_to_num_key_value_heads():
+    """transformers repeats K/V for GQA when a mask is passed; the fused op
+    takes the original 2 KV heads and no repeated copy remains."""
+    model = _llama()
+    ids = torch.randint(0, 128, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        report = Report()
+        actual = torch.compile(model, backend="npu_attn", fullgraph=True,
+                               options={"report": report})(ids, attention_mask=mask).logits
+    torch.testing.assert_close(actual[1], expected[1], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(actual[0, 2:], expected[0, 2:], rtol=RTOL, atol=ATOL)
+    nodes = _fused_nodes(report)
+    assert len(nodes) == 2
+    for node in nodes:
+        assert node.kwargs["num_key_value_heads"] == 2
+        assert node.args[1].meta["val"].shape[1] == 2 and node.args[2].meta["val"].shape[1] == 2
+    assert all(s.gqa_ratio == 2 and s.pattern.endswith("+repeat_kv") for s in report.sites)
+    assert "aten.clone" in report.code_before[0] and "aten.clone" not in report.code_after[0]
+
+
+@pytest.mark.parametrize("repeat", ["expand", "repeat_interleave"])
+def test_repeat_kv_forms_on_a_small_function(repeat):
+    def fn(q, k, v, keep):
+        if repeat == "expand":
+            b, n, s, d = k.shape
+            k = k[:, :, None].expand(b, n, 4, s, d).reshape(b, n * 4, s, d)
+            v = v[:, :, None].expand(b, n, 4, s, d).reshape(b, n * 4, s, d)
+        else:
+            k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    q, k, v = _qkv(5, 7, n=8, nkv=2)
+    keep = torch.ones(2, 1, 5, 7, dtype=torch.bool).tril(2)
+    out, report = _run(fn, q, k, v, keep)
+    torch.testing.assert_close(out, fn(q, k, v, keep), rtol=1e-5, atol=1e-6)
+    assert report.sites[0].gqa_ratio == 4
+    (node,) = _fused_nodes(report)
+    assert node.args[1].meta["val"].shape[1] == 2

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..report import Report
+from .gqa_repeat_kv import gqa_repeat_kv
 from .sdpa_to_fused import sdpa_to_fused
 
 GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
@@ -18,6 +19,7 @@ GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
 # In the order they run.
 PASSES: dict[str, GraphPass] = {
     "sdpa_to_fused": sdpa_to_fused,
+    "gqa_repeat_kv": gqa_repeat_kv,
 }
 
 

@@ -277,6 +277,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: SdpaSite) -> tuple[str, int | None]
                      dict(common, scale=scale, sparse_mode=sparse_mode), node)
         fused = _call(gm, operator.getitem, (both, 0), {}, node)
 
+    fused_op_node = fused if fused.target is op else fused.args[0]
     if layout == "BNSD_BSND":
         fused = _call(gm, aten.permute.default, (fused, [0, 2, 1, 3]), {}, node)
     if site.output_index is None:
@@ -286,7 +287,7 @@ def _rewrite(gm: torch.fx.GraphModule, site: SdpaSite) -> tuple[str, int | None]
             user.replace_all_uses_with(fused)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-    return op.__name__.split(".")[0], sparse_mode, layout
+    return op.__name__.split(".")[0], sparse_mode, layout, fused_op_node
 
 
 def _output_is_bsnd_memory(site: SdpaSite) -> bool:
@@ -312,7 +313,8 @@ def sdpa_to_fused(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> 
                 break
         else:
             record.gqa_ratio = site.q_shape[1] // site.k_shape[1]
-            record.fused_op, record.sparse_mode, record.layout = _rewrite(gm, site)
+            record.fused_op, record.sparse_mode, record.layout, fused_node = _rewrite(gm, site)
+            fused_node.meta["npu_attn_site"] = record  # later passes refine the record
         report.sites.append(record)
     gm.graph.lint()
     gm.recompile()
