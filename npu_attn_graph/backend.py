@@ -26,8 +26,11 @@ from .passes import PASSES, run_passes
 from .report import Report
 
 EXECUTORS = ("eager", "inductor")
+# Passes whose rewrites Inductor cannot lower; with the Inductor executor the
+# KV-cache writes stay as index_put/index_copy, which Inductor makes in place.
+INDUCTOR_UNSUPPORTED = ("static_cache_update",)
 OPTION_DOCS = {
-    "passes": f"list of pass names to run, in order (default: all of {list(PASSES)})",
+    "passes": f"list of pass names to run, in order (default: all of {list(PASSES)} that the executor supports)",
     "executor": f"one of {list(EXECUTORS)} (default: 'eager')",
     "report": "a Report to fill, or a callable receiving the Report after each graph",
 }
@@ -35,7 +38,7 @@ OPTION_DOCS = {
 
 @dataclass
 class BackendOptions:
-    passes: list[str] = field(default_factory=lambda: list(PASSES))
+    passes: list[str] | None = None  # None: every pass the executor can run
     executor: str = "eager"
     report: Report | Callable[[Report], Any] | None = None
 
@@ -47,12 +50,18 @@ class BackendOptions:
             valid = "; ".join(f"{k}: {v}" for k, v in OPTION_DOCS.items())
             raise ValueError(f"npu_attn backend: unknown option(s) {unknown}; valid options are {valid}")
         parsed = cls(**options)
+        if parsed.passes is None:
+            parsed.passes = [p for p in PASSES if p not in INDUCTOR_UNSUPPORTED or parsed.executor != "inductor"]
         if isinstance(parsed.passes, str) or not all(p in PASSES for p in parsed.passes):
             raise ValueError(f"npu_attn backend: option 'passes' must be a list of names from {list(PASSES)}, "
                              f"got {parsed.passes!r}")
         if parsed.executor not in EXECUTORS:
             raise ValueError(f"npu_attn backend: option 'executor' must be one of {list(EXECUTORS)}, "
                              f"got {parsed.executor!r}")
+        if parsed.executor == "inductor" and set(parsed.passes) & set(INDUCTOR_UNSUPPORTED):
+            raise ValueError(f"npu_attn backend: passes {sorted(set(parsed.passes) & set(INDUCTOR_UNSUPPORTED))} "
+                             "cannot run with executor 'inductor': they write KV caches with in-place ops that "
+                             "return an alias of their input, which Inductor cannot lower (use executor 'eager')")
         if parsed.report is not None and not (isinstance(parsed.report, Report) or callable(parsed.report)):
             raise ValueError(f"npu_attn backend: option 'report' must be a Report or a callable, "
                              f"got {type(parsed.report).__name__}")
@@ -87,6 +96,9 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
+        # Input mutations (KV caches) stay in the graph as copy_ nodes, so the
+        # cache-update pass can turn them into in-place writes.
+        keep_inference_input_mutations=True,
         **extra,
     )(gm, example_inputs)
 

@@ -13,6 +13,7 @@ import torch
 from ..report import Report
 from .gqa_repeat_kv import gqa_repeat_kv
 from .sdpa_to_fused import sdpa_to_fused
+from .static_cache_update import static_cache_update
 
 GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
 
@@ -20,6 +21,7 @@ GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
 PASSES: dict[str, GraphPass] = {
     "sdpa_to_fused": sdpa_to_fused,
     "gqa_repeat_kv": gqa_repeat_kv,
+    "static_cache_update": static_cache_update,
 }
 
 
