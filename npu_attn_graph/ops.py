@@ -17,6 +17,7 @@ from .kernels.prompt_flash_attention import npu_prompt_flash_attention
 from .kernels.scatter_nd_update import npu_scatter_nd_update, npu_scatter_nd_update_
 from .kernels.scatter_pa_kv_cache import npu_scatter_pa_kv_cache, npu_scatter_pa_kv_cache_functional
 from .kernels.scatter_update import scatter_update, scatter_update_
+from .kernels.sparse_flash_attention import npu_sparse_flash_attention
 
 __all__ = [
     "npu_fused_infer_attention_score",
@@ -26,6 +27,7 @@ __all__ = [
     "npu_scatter_nd_update_",
     "npu_scatter_pa_kv_cache",
     "npu_scatter_pa_kv_cache_functional",
+    "npu_sparse_flash_attention",
     "scatter_update",
     "scatter_update_",
 ]

@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     scatter_nd_update,
     scatter_pa_kv_cache,
     scatter_update,
+    sparse_flash_attention,
 )
 from ._library import NAMESPACE, NpuAttnArgumentError
 

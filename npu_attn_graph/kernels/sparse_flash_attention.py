@@ -1,0 +1,508 @@
+"""npu_sparse_flash_attention: attention over the KV tokens chosen by an indexer (MLA-absorb).
+
+Schema (torch_npu 2.13.0, namespace npu_attn)::
+
+    npu_sparse_flash_attention(Tensor query, Tensor key, Tensor? value, Tensor sparse_indices,
+        float scale_value, *, Tensor? block_table=None, Tensor? actual_seq_lengths_query=None,
+        Tensor? actual_seq_lengths_kv=None, Tensor? query_rope=None, Tensor? key_rope=None,
+        int sparse_block_size=1, str layout_query="BSND", str layout_kv="BSND", int sparse_mode=3,
+        int pre_tokens=9223372036854775807, int next_tokens=9223372036854775807,
+        int attention_mode=0, bool return_softmax_lse=False, Tensor? sinks=None)
+        -> (Tensor, Tensor, Tensor)
+
+Returns (attention_out, softmax_max, softmax_sum).
+
+Semantics (torch_npu / ops-transformer SparseFlashAttention docs and the
+ops-transformer golden; B batch, S1/S2 query/KV lengths, N1 query heads, N2 KV
+heads, G = N1 / N2, D = 512, Dr = 64 rope dim, K = sparse_indices.shape[-1]):
+
+* For query token i of batch b and KV head n, ``sparse_indices[.., i, n, :]``
+  names K blocks of ``sparse_block_size`` consecutive KV tokens: entry x
+  selects positions [x * sparse_block_size, (x + 1) * sparse_block_size).
+  -1 is padding: the first -1 ends the row's list (the docs require valid
+  entries first, padding last). Entries < -1 are an error.
+* Causal limit: threshold = kv_len (sparse_mode 0) or
+  kv_len - q_len + s + 1 (sparse_mode 3, rightDownCausal; s = the token's
+  position in its batch, q_len/kv_len the batch's actual lengths). Selected
+  positions >= threshold, and positions >= kv_len, are masked. As on the
+  hardware (whose s2 loop covers min(threshold, K * sparse_block_size) tokens)
+  only the first min(K, ceil(threshold / sparse_block_size)) entries are read;
+  with distinct in-range indices listed first this never drops a valid block.
+* MLA-absorb (attention_mode 2, the only documented mode):
+  score = scale_value * (q . k + q_rope . k_rope) over the selected tokens,
+  out = softmax(score) @ v, with v = value, or v = key when value is None
+  (the absorbed latent cache serves as key and value: "key 与 value 共享同一份
+  底层张量数据"). Duplicate selections are gathered (and weighted) twice.
+* sinks (N1,) float32: one learnable logit per query head that joins the
+  softmax max and denominator but has no value:
+  max = max(max(score), sink); sum = sum(exp(score - max)) + exp(sink - max).
+* softmax_max / softmax_sum (return_softmax_lse=True) are that max and sum
+  (of the scaled scores, fp32): (B, N2, S1, G) for layout_query BSND,
+  (N2, T, G) for TND; with return_softmax_lse=False both are empty (0,)
+  float32 tensors (the torch_npu meta registration).
+* Rows with nothing to compute output 0: query rows past
+  actual_seq_lengths_query (BSND), and sparse_mode 3 rows with threshold <= 0
+  (s < q_len - kv_len), also get softmax_max = softmax_sum = 0 (the kernel's
+  zero-initialised output). A computed row whose selection is empty outputs 0
+  with max = sum = 0, or with sinks max = sink and sum = 1 (as the golden).
+* Layouts: layout_query BSND query (B, S1, N1, D) or TND (T, N1, D);
+  layout_kv BSND key (B, S2, N2, D), TND (T2, N2, D) -- each only with the
+  same layout_query -- or PA_BSND key (block_num, block_size, N2, D) with
+  block_table (B, max_blocks): token p of batch b lives in block
+  block_table[b, p // block_size] at offset p % block_size.
+  sparse_indices is (B, S1, N2, K) for BSND and (T, N2, K) for TND;
+  query_rope/key_rope are query/key with last dim 64.
+* actual_seq_lengths_query / actual_seq_lengths_kv are int32 (B,) tensors of
+  per-batch lengths (None = full S1/S2); for a TND tensor they are cumulative
+  (required, non-decreasing, last entry = T, and B = their length).
+  actual_seq_lengths_kv is required for PA_BSND (and TND).
+
+Constraints (NpuAttnArgumentError naming the argument, from the fake and the
+reference kernel alike): D = 512, Dr = 64, N2 = 1, N1 in {1, 2, 4, ..., 128},
+attention_mode = 2 with query_rope and key_rope given, sparse_mode in {0, 3},
+pre_tokens = next_tokens = 2**63 - 1, sparse_block_size a power of two in
+[1, 128] that divides block_size, block_size a multiple of 16 up to 1024,
+return_softmax_lse not with PA_BSND, dtypes fp16/bf16 (q, k, v, ropes alike),
+int32 indices/lengths/block_table, float32 sinks.
+
+Choices where the docs are silent or device-specific:
+* D = 512, Dr = 64, N2 = 1 and attention_mode = 2 are enforced on every
+  device: each product's docs list them identically (they define this
+  MLA-absorb op, not one chip), and D = 512 tensors are cheap on a CPU. The
+  only relaxation off the NPU is the dtype: float32/float64 are accepted too,
+  so models can be checked exactly against eager.
+* The A2/A3 rules of the torch_npu doc (N1 a power of two, sparse_block_size
+  a power of two <= 128, no return_softmax_lse with PA_BSND) are enforced
+  everywhere; sinks (Ascend 950 only in the CANN docs, but in the torch_npu
+  2.13 schema) are accepted everywhere.
+* The reference computes in fp32 (fp64 for fp64 inputs) without rounding the
+  probabilities to the input dtype before P @ V (the hardware does).
+* Data-dependent rules (length ranges, cumulative lengths, index values,
+  block ids) are checked by the reference kernel only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from . import _library
+from ._library import check, define, fail, register_npu, register_reference
+
+__all__ = ["npu_sparse_flash_attention"]
+
+OP = "npu_sparse_flash_attention"
+INT64_MAX = 2**63 - 1
+HEAD_DIM = 512
+ROPE_DIM = 64
+KV_HEADS = 1
+QUERY_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
+MAX_SPARSE_BLOCK_SIZE = 128
+MAX_PAGE_BLOCK_SIZE = 1024
+PAGE_BLOCK_ALIGNMENT = 16
+MLA_ABSORB = 2
+SPARSE_MODES = (0, 3)
+QUERY_LAYOUTS = ("BSND", "TND")
+KV_LAYOUTS = ("BSND", "TND", "PA_BSND")
+NPU_DTYPES = (torch.float16, torch.bfloat16)
+# Off the NPU the reference also takes fp32/fp64 (exact checks against eager).
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+QUALNAME = define(
+    OP,
+    "(Tensor query, Tensor key, Tensor? value, Tensor sparse_indices, float scale_value, *, "
+    "Tensor? block_table=None, Tensor? actual_seq_lengths_query=None, Tensor? actual_seq_lengths_kv=None, "
+    "Tensor? query_rope=None, Tensor? key_rope=None, int sparse_block_size=1, str layout_query=\"BSND\", "
+    "str layout_kv=\"BSND\", int sparse_mode=3, int pre_tokens=9223372036854775807, "
+    "int next_tokens=9223372036854775807, int attention_mode=0, bool return_softmax_lse=False, "
+    "Tensor? sinks=None) -> (Tensor, Tensor, Tensor)",
+)
+
+
+class _Plan(NamedTuple):
+    """Shapes derived from validated arguments (SymInts under tracing)."""
+
+    batch: object
+    q_tokens: object  # rows of the flattened query: B * S1 (BSND) or T (TND)
+    q_seq: object  # S1 (BSND) or None (TND)
+    heads: int  # N1
+    kv_heads: int  # N2
+    kv_seq: object  # S2 (BSND), T2 (TND) or max_blocks * block_size (PA_BSND)
+    page_block_size: object  # PA_BSND block_size, else None
+    out_shape: list
+    lse_shape: list
+
+
+# ----------------------------------------------------------------------------
+# Validation (shared by the fake and the reference kernel; shapes only)
+# ----------------------------------------------------------------------------
+
+
+def _validate(query, key, value, sparse_indices, *, block_table=None, actual_seq_lengths_query=None,
+              actual_seq_lengths_kv=None, query_rope=None, key_rope=None, sparse_block_size=1, layout_query="BSND",
+              layout_kv="BSND", sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
+              return_softmax_lse=False, sinks=None) -> _Plan:
+    """Check every shape/dtype rule (no data access); defaults are the schema's."""
+    check(layout_query in QUERY_LAYOUTS, OP, "layout_query", f"must be one of {list(QUERY_LAYOUTS)}",
+          repr(layout_query))
+    check(layout_kv in KV_LAYOUTS, OP, "layout_kv", f"must be one of {list(KV_LAYOUTS)}", repr(layout_kv))
+    check(layout_kv in ("PA_BSND", layout_query), OP, "layout_kv",
+          f"must equal layout_query ({layout_query}) unless it is PA_BSND", repr(layout_kv))
+    check(attention_mode == MLA_ABSORB, OP, "attention_mode", "must be 2 (MLA-absorb, the only supported mode)",
+          attention_mode)
+    check(sparse_mode in SPARSE_MODES, OP, "sparse_mode", "must be 0 (all) or 3 (rightDownCausal)", sparse_mode)
+    check(pre_tokens == INT64_MAX, OP, "pre_tokens", f"only supports the default {INT64_MAX}", pre_tokens)
+    check(next_tokens == INT64_MAX, OP, "next_tokens", f"only supports the default {INT64_MAX}", next_tokens)
+    check(1 <= sparse_block_size <= MAX_SPARSE_BLOCK_SIZE and sparse_block_size & (sparse_block_size - 1) == 0,
+          OP, "sparse_block_size", f"must be a power of two in [1, {MAX_SPARSE_BLOCK_SIZE}]", sparse_block_size)
+    paged = layout_kv == "PA_BSND"
+    check(not (return_softmax_lse and paged), OP, "return_softmax_lse",
+          "is not supported with layout_kv PA_BSND", return_softmax_lse)
+
+    # --- dtypes
+    on_npu = query.device.type == "npu"
+    floats = NPU_DTYPES if on_npu else REFERENCE_DTYPES
+    check(query.dtype in floats, OP, "query.dtype", f"must be one of {list(floats)}", query.dtype)
+    check(key.dtype == query.dtype, OP, "key.dtype", f"must equal query.dtype ({query.dtype})", key.dtype)
+    if value is not None:
+        check(value.dtype == query.dtype, OP, "value.dtype", f"must equal query.dtype ({query.dtype})", value.dtype)
+    check(sparse_indices.dtype == torch.int32, OP, "sparse_indices.dtype", "must be int32", sparse_indices.dtype)
+    check(query_rope is not None, OP, "query_rope", "is required (attention_mode 2 takes query_rope and key_rope)",
+          None)
+    check(key_rope is not None, OP, "key_rope", "is required (attention_mode 2 takes query_rope and key_rope)", None)
+    check(query_rope.dtype == query.dtype, OP, "query_rope.dtype", f"must equal query.dtype ({query.dtype})",
+          query_rope.dtype)
+    check(key_rope.dtype == query.dtype, OP, "key_rope.dtype", f"must equal query.dtype ({query.dtype})",
+          key_rope.dtype)
+    for name, t in (("actual_seq_lengths_query", actual_seq_lengths_query),
+                    ("actual_seq_lengths_kv", actual_seq_lengths_kv), ("block_table", block_table)):
+        if t is not None:
+            check(t.dtype == torch.int32, OP, f"{name}.dtype", "must be int32", t.dtype)
+    if sinks is not None:
+        check(sinks.dtype == torch.float32, OP, "sinks.dtype", "must be float32", sinks.dtype)
+
+    # --- query
+    q_rank = 4 if layout_query == "BSND" else 3
+    check(query.dim() == q_rank, OP, "query.dim()", f"must be {q_rank} for layout_query {layout_query}",
+          query.dim())
+    heads, head_dim = query.shape[-2], query.shape[-1]
+    check(heads in QUERY_HEADS, OP, "query head count N1", f"must be one of {list(QUERY_HEADS)}", heads)
+    check(head_dim == HEAD_DIM, OP, "query head dim D", f"must be {HEAD_DIM}", head_dim)
+    for name, t in (("actual_seq_lengths_query", actual_seq_lengths_query),
+                    ("actual_seq_lengths_kv", actual_seq_lengths_kv)):
+        if t is not None:
+            check(t.dim() == 1, OP, f"{name}.dim()", "must be 1 (one entry per batch)", t.dim())
+    if layout_query == "TND":
+        check(actual_seq_lengths_query is not None, OP, "actual_seq_lengths_query",
+              "is required (cumulative lengths) for layout_query TND", None)
+        batch, q_seq, q_tokens = actual_seq_lengths_query.shape[0], None, query.shape[0]
+        check(batch > 0, OP, "actual_seq_lengths_query", "must not be empty for layout_query TND",
+              tuple(actual_seq_lengths_query.shape))
+    else:
+        batch, q_seq = query.shape[0], query.shape[1]
+        q_tokens = batch * q_seq
+        if actual_seq_lengths_query is not None:
+            check(actual_seq_lengths_query.shape[0] == batch, OP, "actual_seq_lengths_query",
+                  f"must have one entry per batch ({batch})", tuple(actual_seq_lengths_query.shape))
+    check(tuple(query_rope.shape) == (*query.shape[:-1], ROPE_DIM), OP, "query_rope.shape",
+          f"must be query.shape with a last dim of {ROPE_DIM} {(*query.shape[:-1], ROPE_DIM)}",
+          tuple(query_rope.shape))
+
+    # --- key / value / key_rope
+    k_rank = 3 if layout_kv == "TND" else 4
+    check(key.dim() == k_rank, OP, "key.dim()", f"must be {k_rank} for layout_kv {layout_kv}", key.dim())
+    kv_heads, key_dim = key.shape[-2], key.shape[-1]
+    check(kv_heads == KV_HEADS, OP, "key head count N2", f"must be {KV_HEADS}", kv_heads)
+    check(key_dim == HEAD_DIM, OP, "key head dim D", f"must be {HEAD_DIM}", key_dim)
+    check(heads % kv_heads == 0, OP, "query head count N1", f"must be divisible by the key head count {kv_heads}",
+          heads)
+    if value is not None:
+        check(tuple(value.shape) == tuple(key.shape), OP, "value.shape", f"must equal key.shape {tuple(key.shape)}",
+              tuple(value.shape))
+    check(tuple(key_rope.shape) == (*key.shape[:-1], ROPE_DIM), OP, "key_rope.shape",
+          f"must be key.shape with a last dim of {ROPE_DIM} {(*key.shape[:-1], ROPE_DIM)}", tuple(key_rope.shape))
+
+    page_block_size = None
+    if paged:
+        check(block_table is not None, OP, "block_table", "is required for layout_kv PA_BSND", None)
+        check(actual_seq_lengths_kv is not None, OP, "actual_seq_lengths_kv", "is required for layout_kv PA_BSND",
+              None)
+        check(block_table.dim() == 2, OP, "block_table.dim()", "must be 2 (batch, max_blocks)", block_table.dim())
+        check(block_table.shape[0] == batch, OP, "block_table.shape[0]", f"must equal the batch size {batch}",
+              block_table.shape[0])
+        check(block_table.shape[1] > 0, OP, "block_table.shape[1]", "must be positive", block_table.shape[1])
+        page_block_size = key.shape[1]
+        check(0 < page_block_size <= MAX_PAGE_BLOCK_SIZE and page_block_size % PAGE_BLOCK_ALIGNMENT == 0, OP,
+              "block_size (key.shape[1])",
+              f"must be a multiple of {PAGE_BLOCK_ALIGNMENT} in [{PAGE_BLOCK_ALIGNMENT}, {MAX_PAGE_BLOCK_SIZE}]",
+              page_block_size)
+        check(page_block_size % sparse_block_size == 0, OP, "sparse_block_size",
+              f"must divide block_size ({page_block_size})", sparse_block_size)
+        check(key.shape[0] > 0, OP, "key.shape[0] (block_num)", "must be positive", key.shape[0])
+        kv_seq = block_table.shape[1] * page_block_size
+    else:
+        check(block_table is None, OP, "block_table", f"must be None for layout_kv {layout_kv}", "a tensor")
+        if layout_kv == "TND":
+            check(actual_seq_lengths_kv is not None, OP, "actual_seq_lengths_kv",
+                  "is required (cumulative lengths) for layout_kv TND", None)
+            kv_seq = key.shape[0]
+        else:
+            check(key.shape[0] == batch, OP, "key.shape[0]", f"must equal the query batch size {batch}",
+                  key.shape[0])
+            kv_seq = key.shape[1]
+    if actual_seq_lengths_kv is not None:
+        check(actual_seq_lengths_kv.shape[0] == batch, OP, "actual_seq_lengths_kv",
+              f"must have one entry per batch ({batch})", tuple(actual_seq_lengths_kv.shape))
+
+    # --- sparse_indices
+    idx_shape = (batch, q_seq, kv_heads) if layout_query == "BSND" else (q_tokens, kv_heads)
+    check(sparse_indices.dim() == len(idx_shape) + 1, OP, "sparse_indices.dim()",
+          f"must be {len(idx_shape) + 1} for layout_query {layout_query}", sparse_indices.dim())
+    check(tuple(sparse_indices.shape[:-1]) == idx_shape, OP, "sparse_indices.shape",
+          f"must be {(*idx_shape, 'sparse_size')}", tuple(sparse_indices.shape))
+    check(sparse_indices.shape[-1] > 0, OP, "sparse_indices.shape[-1] (sparse_size)", "must be positive",
+          sparse_indices.shape[-1])
+
+    if sinks is not None:
+        check(tuple(sinks.shape) == (heads,), OP, "sinks.shape", f"must be (N1,) = ({heads},)", tuple(sinks.shape))
+
+    group = heads // kv_heads
+    if not return_softmax_lse:
+        lse_shape = [0]
+    elif layout_query == "BSND":
+        lse_shape = [batch, kv_heads, q_seq, group]
+    else:
+        lse_shape = [kv_heads, q_tokens, group]
+    return _Plan(batch, q_tokens, q_seq, heads, kv_heads, kv_seq, page_block_size, list(query.shape), lse_shape)
+
+
+def _outputs_like(query: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = query.new_empty(plan.out_shape)
+    lse = [query.new_empty(plan.lse_shape, dtype=torch.float32) for _ in range(2)]
+    return out, lse[0], lse[1]
+
+
+@torch.library.register_fake(QUALNAME)
+def _fake(query, key, value, sparse_indices, scale_value, **kwargs):
+    return _outputs_like(query, _validate(query, key, value, sparse_indices, **kwargs))
+
+
+# ----------------------------------------------------------------------------
+# Reference kernel
+# ----------------------------------------------------------------------------
+
+
+def _host_ints(t: torch.Tensor) -> list[int]:
+    return [int(x) for x in t.tolist()]
+
+
+def _segment_lengths(op_arg: str, cumulative: list[int], total: int, layout: str) -> tuple[list[int], list[int]]:
+    """Cumulative lengths -> (starts, lengths), checking the documented rules."""
+    prev = 0
+    for x in cumulative:
+        check(x >= prev, OP, op_arg, f"must be cumulative (non-decreasing, >= 0) for layout {layout}", cumulative)
+        prev = x
+    check(cumulative[-1] == total, OP, op_arg, f"last entry must equal the token count T={total}", cumulative[-1])
+    starts = [0, *cumulative[:-1]]
+    return starts, [e - s for s, e in zip(starts, cumulative)]
+
+
+def _per_batch_lengths(op_arg: str, values: torch.Tensor | None, batch: int, limit: int, what: str) -> list[int]:
+    if values is None:
+        return [limit] * batch
+    lengths = _host_ints(values)
+    for x in lengths:
+        check(0 <= x <= limit, OP, op_arg, f"entries must be in [0, {what} {limit}]", lengths)
+    return lengths
+
+
+def _reference(query, key, value, sparse_indices, scale_value, *, block_table=None, actual_seq_lengths_query=None,
+               actual_seq_lengths_kv=None, query_rope=None, key_rope=None, sparse_block_size=1, layout_query="BSND",
+               layout_kv="BSND", sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
+               return_softmax_lse=False, sinks=None):
+    plan = _validate(
+        query, key, value, sparse_indices, block_table=block_table,
+        actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
+        query_rope=query_rope, key_rope=key_rope, sparse_block_size=sparse_block_size, layout_query=layout_query,
+        layout_kv=layout_kv, sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens,
+        attention_mode=attention_mode, return_softmax_lse=return_softmax_lse, sinks=sinks)
+    device = query.device
+    batch, tokens, heads, kv_heads = int(plan.batch), int(plan.q_tokens), plan.heads, plan.kv_heads
+    group = heads // kv_heads
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+
+    # --- per-batch lengths and token ranges (host side; data-dependent checks)
+    if layout_query == "TND":
+        q_starts, q_lens = _segment_lengths("actual_seq_lengths_query", _host_ints(actual_seq_lengths_query),
+                                            tokens, "TND")
+    else:
+        s1 = int(plan.q_seq)
+        q_lens = _per_batch_lengths("actual_seq_lengths_query", actual_seq_lengths_query, batch, s1,
+                                    "the query sequence length")
+        q_starts = [b * s1 for b in range(batch)]
+    if layout_kv == "TND":
+        kv_starts, kv_lens = _segment_lengths("actual_seq_lengths_kv", _host_ints(actual_seq_lengths_kv),
+                                              int(plan.kv_seq), "TND")
+    elif layout_kv == "BSND":
+        kv_lens = _per_batch_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, batch, int(plan.kv_seq),
+                                     "the key sequence length")
+        kv_starts = [b * int(plan.kv_seq) for b in range(batch)]
+    else:
+        kv_lens = _per_batch_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, batch, int(plan.kv_seq),
+                                     "block_table.shape[1] * block_size =")
+        kv_starts = [0] * batch
+        _check_block_ids(block_table, kv_lens, int(plan.page_block_size), key.shape[0])
+    if bool((sparse_indices < -1).any()):
+        fail(OP, "sparse_indices", "entries must be block indices >= 0 or -1 (padding)",
+             sorted(set(sparse_indices[sparse_indices < -1].tolist()))[:8])
+
+    # --- per-row tables: batch, position in batch, causal limit, entries read
+    row_batch = torch.zeros(tokens, dtype=torch.long)
+    row_pos = torch.zeros(tokens, dtype=torch.long)
+    row_in_batch = torch.zeros(tokens, dtype=torch.bool)
+    for b in range(batch):
+        s, n = q_starts[b], q_lens[b]
+        row_batch[s : s + n] = b
+        row_pos[s : s + n] = torch.arange(n)
+        row_in_batch[s : s + n] = True
+    kv_len_t = torch.tensor(kv_lens, dtype=torch.long)[row_batch]
+    if sparse_mode == 3:
+        q_len_t = torch.tensor(q_lens, dtype=torch.long)[row_batch]
+        threshold = kv_len_t - q_len_t + row_pos + 1
+    else:
+        threshold = kv_len_t
+    live = row_in_batch & (threshold > 0)
+    limit = torch.minimum(threshold, kv_len_t).clamp_min(0)  # positions must be < limit
+    # The kernel walks at most min(K, ceil(threshold / sparse_block_size)) entries.
+    entries = torch.clamp(-(-threshold.clamp_min(0) // sparse_block_size), max=sparse_indices.shape[-1])
+    row_base = torch.tensor(kv_starts, dtype=torch.long)[row_batch]
+    row_batch, limit, entries, live, row_base = (t.to(device) for t in (row_batch, limit, entries, live, row_base))
+
+    # --- flattened operands: rows of the query, rows of the KV store
+    q_rows = query.reshape(tokens, kv_heads, group, -1)
+    qr_rows = query_rope.reshape(tokens, kv_heads, group, -1)
+    idx_rows = sparse_indices.reshape(tokens, kv_heads, -1)
+    key_rows = key.reshape(-1, kv_heads, key.shape[-1])
+    key_rope_rows = key_rope.reshape(-1, kv_heads, key_rope.shape[-1])
+    value_rows = None if value is None else value.reshape(-1, kv_heads, value.shape[-1])
+    sink = None if sinks is None else sinks.to(dtype).view(1, kv_heads, group)
+
+    out = torch.zeros(tokens, kv_heads, group, query.shape[-1], dtype=dtype, device=device)
+    softmax_max = torch.zeros(tokens, kv_heads, group, dtype=torch.float32, device=device)
+    softmax_sum = torch.zeros_like(softmax_max)
+
+    span = sparse_indices.shape[-1] * sparse_block_size  # gathered tokens per row and KV head
+    elem = torch.finfo(dtype).bits // 8
+    gathered = key.shape[-1] + key_rope.shape[-1] + (0 if value is None else value.shape[-1])
+    per_row = kv_heads * span * elem * (gathered + 2 * group)
+    chunk = max(1, _library.SCORE_BLOCK_BYTES // per_row)
+    offsets = torch.arange(sparse_block_size, device=device)
+    kv_head_index = torch.arange(kv_heads, device=device).view(1, kv_heads, 1)
+    entry_index = torch.arange(sparse_indices.shape[-1], device=device)
+
+    for r0 in range(0, tokens, chunk):
+        r1 = min(tokens, r0 + chunk)
+        rows = r1 - r0
+        idx = idx_rows[r0:r1].to(torch.long)  # (rows, N2, K)
+        # Entries read: before the first -1 and within the row's entry budget.
+        read = ((idx == -1).cumsum(-1) == 0) & (entry_index < entries[r0:r1, None, None])
+        pos = idx[..., None] * sparse_block_size + offsets  # (rows, N2, K, sbs)
+        ok = read[..., None] & (pos >= 0) & (pos < limit[r0:r1, None, None, None]) & live[r0:r1, None, None, None]
+        pos = torch.where(ok, pos, 0).view(rows, kv_heads, span)
+        ok = ok.view(rows, kv_heads, span)
+        if layout_kv == "PA_BSND":
+            bs = int(plan.page_block_size)
+            table = block_table[row_batch[r0:r1]].to(torch.long)  # (rows, max_blocks)
+            blocks = torch.gather(table, 1, (pos // bs).view(rows, -1)).view_as(pos)
+            flat = torch.where(ok, blocks * bs + pos % bs, 0)
+        else:
+            flat = torch.where(ok, row_base[r0:r1, None, None] + pos, 0)  # a batch may start past the end
+        k = key_rows[flat, kv_head_index].to(dtype)  # (rows, N2, span, D)
+        kr = key_rope_rows[flat, kv_head_index].to(dtype)
+        v = k if value_rows is None else value_rows[flat, kv_head_index].to(dtype)
+        scores = torch.matmul(q_rows[r0:r1].to(dtype), k.transpose(-1, -2))
+        scores += torch.matmul(qr_rows[r0:r1].to(dtype), kr.transpose(-1, -2))
+        scores *= scale_value
+        scores.masked_fill_(~ok[:, :, None, :], float("-inf"))  # (rows, N2, G, span)
+        row_max = scores.amax(dim=-1)
+        if sink is not None:
+            row_max = torch.maximum(row_max, sink)
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        probs = torch.exp(scores - row_max[..., None])
+        row_sum = probs.sum(dim=-1)
+        if sink is not None:
+            row_sum = row_sum + torch.exp(sink - row_max)
+        safe_sum = torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)
+        alive = live[r0:r1, None, None]
+        out[r0:r1] = torch.where(alive[..., None], torch.matmul(probs, v) / safe_sum[..., None], 0.0)
+        softmax_max[r0:r1] = torch.where(alive, row_max, 0.0).to(torch.float32)
+        softmax_sum[r0:r1] = torch.where(alive, row_sum, 0.0).to(torch.float32)
+
+    attention_out = out.view(plan.out_shape).to(query.dtype)
+    if not return_softmax_lse:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return attention_out, empty, empty.clone()
+    if layout_query == "BSND":
+        s1 = int(plan.q_seq)
+        to_layout = lambda t: t.view(batch, s1, kv_heads, group).transpose(1, 2).contiguous()  # noqa: E731
+    else:
+        to_layout = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
+    return attention_out, to_layout(softmax_max), to_layout(softmax_sum)
+
+
+def _check_block_ids(block_table: torch.Tensor, kv_lens: list[int], block_size: int, block_num: int) -> None:
+    """The blocks covering each batch's actual KV length must be cache blocks."""
+    for b, length in enumerate(kv_lens):
+        used = block_table[b, : math.ceil(length / block_size)]
+        bad = (used < 0) | (used >= block_num)
+        if bool(bad.any()):
+            fail(OP, "block_table", f"entries covering actual_seq_lengths_kv must be block ids in [0, {block_num})",
+                 f"batch {b}: {used[bad].tolist()}")
+
+
+def _npu(query, key, value, sparse_indices, scale_value, **kwargs):
+    import torch_npu
+
+    return torch_npu.npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, **kwargs)
+
+
+register_reference(QUALNAME, _reference)
+register_npu(QUALNAME, _npu)
+
+
+def npu_sparse_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None,
+    sparse_indices: torch.Tensor,
+    scale_value: float,
+    *,
+    block_table: torch.Tensor | None = None,
+    actual_seq_lengths_query: torch.Tensor | None = None,
+    actual_seq_lengths_kv: torch.Tensor | None = None,
+    query_rope: torch.Tensor | None = None,
+    key_rope: torch.Tensor | None = None,
+    sparse_block_size: int = 1,
+    layout_query: str = "BSND",
+    layout_kv: str = "BSND",
+    sparse_mode: int = 3,
+    pre_tokens: int = 9223372036854775807,
+    next_tokens: int = 9223372036854775807,
+    attention_mode: int = 0,
+    return_softmax_lse: bool = False,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch_npu.npu_sparse_flash_attention, runnable on any device (see module docstring).
+
+    Returns (attention_out, softmax_max, softmax_sum); the last two are empty
+    (0,) float32 tensors unless return_softmax_lse is True.
+    """
+    return torch.ops.npu_attn.npu_sparse_flash_attention(
+        query, key, value, sparse_indices, scale_value, block_table=block_table,
+        actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
+        query_rope=query_rope, key_rope=key_rope, sparse_block_size=sparse_block_size, layout_query=layout_query,
+        layout_kv=layout_kv, sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens,
+        attention_mode=attention_mode, return_softmax_lse=return_softmax_lse, sinks=sinks,
+    )
