@@ -11,8 +11,10 @@ Every function has torch_npu's name and signature and calls the matching
 the NPU and torch_npu itself on an Ascend host.
 """
 
+from .kernels.advance_step_flashattn import npu_advance_step_flashattn
 from .kernels.fused_infer_attention_score import npu_fused_infer_attention_score
 from .kernels.incre_flash_attention import npu_incre_flash_attention
+from .kernels.nsa_compress_attention_infer import npu_nsa_compress_attention_infer
 from .kernels.prompt_flash_attention import npu_prompt_flash_attention
 from .kernels.scatter_nd_update import npu_scatter_nd_update, npu_scatter_nd_update_
 from .kernels.scatter_pa_kv_cache import npu_scatter_pa_kv_cache, npu_scatter_pa_kv_cache_functional
@@ -20,8 +22,10 @@ from .kernels.scatter_update import scatter_update, scatter_update_
 from .kernels.sparse_flash_attention import npu_sparse_flash_attention
 
 __all__ = [
+    "npu_advance_step_flashattn",
     "npu_fused_infer_attention_score",
     "npu_incre_flash_attention",
+    "npu_nsa_compress_attention_infer",
     "npu_prompt_flash_attention",
     "npu_scatter_nd_update",
     "npu_scatter_nd_update_",

@@ -4,8 +4,10 @@ Importing this package registers every op under ``torch.ops.npu_attn``.
 """
 
 from . import (  # noqa: F401  (imported for their registrations)
+    advance_step_flashattn,
     fused_infer_attention_score,
     incre_flash_attention,
+    nsa_compress_attention_infer,
     prompt_flash_attention,
     scatter_nd_update,
     scatter_pa_kv_cache,
