@@ -177,7 +177,7 @@ def test_boolean_mask_and_gqa_and_custom_scale():
     (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.rand(2, 4, 5, 5) > 0.1),
      "per-head mask of shape (2, 4, 5, 5)"),
     (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(5, 5) * 0.5),
-     "additive float mask"),
+     "additive mask of shape (5, 5) does not broadcast"),
 ])
 def test_sites_the_ops_cannot_take_are_left_with_a_reason(fn, reason):
     q, k, v = _qkv(5, 5)
@@ -233,3 +233,18 @@ def test_repeat_kv_forms_on_a_small_function(repeat):
     assert report.sites[0].gqa_ratio == 4
     (node,) = _fused_nodes(report)
     assert node.args[1].meta["val"].shape[1] == 2
+
+
+def test_arbitrary_additive_mask_becomes_pse_shift():
+    """A float mask that is not where(keep, 0, -inf) (here an ALiBi-like bias)
+    is added to the scaled scores as pse_shift, exactly as SDPA adds it."""
+    def fn(q, k, v, bias):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+    q, k, v = _qkv(5, 7)
+    bias = -0.3 * (torch.arange(7).view(1, 1, 1, 7) - torch.arange(5).view(1, 1, 5, 1)).abs().float()
+    out, report = _run(fn, q, k, v, bias)
+    torch.testing.assert_close(out, fn(q, k, v, bias), rtol=1e-5, atol=1e-6)
+    assert report.sites[0].rewritten
+    (node,) = _fused_nodes(report)
+    assert node.kwargs["pse_shift"] is not None and node.kwargs["atten_mask"] is None

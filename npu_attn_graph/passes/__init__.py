@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..report import Report
+from .eager_attention_to_fused import eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .sdpa_to_fused import sdpa_to_fused
 from .static_cache_update import static_cache_update
@@ -20,6 +21,7 @@ GraphPass = Callable[[torch.fx.GraphModule, Report, str], None]
 # In the order they run.
 PASSES: dict[str, GraphPass] = {
     "sdpa_to_fused": sdpa_to_fused,
+    "eager_attention_to_fused": eager_attention_to_fused,
     "gqa_repeat_kv": gqa_repeat_kv,
     "static_cache_update": static_cache_update,
 }

@@ -2,43 +2,19 @@
 
 After AOT autograd, F.scaled_dot_product_attention appears as one of several
 ATen ops (the CPU flash kernel, CUDA flash/efficient kernels, the math
-fallback, or the composite op itself). Each site becomes:
-
-- npu_prompt_flash_attention when the query length is static and > 1;
-- npu_incre_flash_attention when it is 1;
-- npu_fused_infer_attention_score when it is symbolic.
-
-All in BNSD layout (the layout SDPA already uses, so no transposes are added).
-Masks convert to the NPU convention (1/True = masked out): SDPA's boolean
-"keep" mask is negated, and the additive mask transformers builds as
-``where(keep, 0, -inf)`` is traced back to its boolean. is_causal becomes
-sparse_mode 3 (rightDownCausal) when query and key lengths are equal and 2
-(leftUpCausal) otherwise, which is SDPA's top-left alignment.
-
-A site is rewritten only when every check below holds; otherwise it stays
-and the report says which check failed, with the values.
+fallback, or the composite op itself). Each becomes an AttentionSite; see
+_fused_attention for the conditions and the replacement.
 """
 
 from __future__ import annotations
 
-import math
-import operator
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
-from ..kernels._inference import COMPRESSED_MASK_SIZE, MAX_GQA_RATIO, MAX_HEAD_DIM, MAX_HEADS
-from ..report import Report, Site, node_location
+from ..report import Report
+from ._fused_attention import AttentionSite, apply_to_sites
 
 aten = torch.ops.aten
-npu_attn = torch.ops.npu_attn
-
-INT_MAX = 2147483647
-CAUSAL_MASK_BUFFER = "npu_attn_compressed_causal_mask"
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # SDPA's ATen forms, and the index of the attention output in their result.
 SDPA_TARGETS: dict[object, int | None] = {
@@ -50,271 +26,21 @@ SDPA_TARGETS: dict[object, int | None] = {
 }
 
 
-@dataclass
-class SdpaSite:
-    node: torch.fx.Node
-    query: torch.fx.Node
-    key: torch.fx.Node
-    value: torch.fx.Node
-    mask: torch.fx.Node | None
-    dropout_p: float
-    is_causal: bool
-    scale: float | None
-    output_index: int | None
-
-    @property
-    def q_shape(self):
-        return self.query.meta["val"].shape
-
-    @property
-    def k_shape(self):
-        return self.key.meta["val"].shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.query.meta["val"].dtype
-
-
-def match_sdpa(node: torch.fx.Node) -> SdpaSite | None:
+def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
     if node.op != "call_function" or node.target not in SDPA_TARGETS:
         return None
     normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     kw = normalized.kwargs if normalized is not None else {}
     mask = kw.get("attn_mask", kw.get("attn_bias"))
-    return SdpaSite(
+    return AttentionSite(
         node=node, query=kw["query"], key=kw["key"], value=kw["value"], mask=mask,
         dropout_p=float(kw.get("dropout_p", 0.0)), is_causal=bool(kw.get("is_causal", False)),
         scale=kw.get("scale"), output_index=SDPA_TARGETS[node.target],
     )
 
 
-# ----------------------------------------------------------------------------
-# Conditions: each returns None when it holds, else the reason with values.
-# ----------------------------------------------------------------------------
-
-
-def _no_dropout(site: SdpaSite) -> str | None:
-    return None if site.dropout_p == 0.0 else f"dropout_p={site.dropout_p} (the inference ops have no dropout)"
-
-
-def _only_output_used(site: SdpaSite) -> str | None:
-    if site.output_index is None:
-        return None
-    used = {u.args[1] for u in site.node.users if u.target is operator.getitem}
-    others = [u for u in site.node.users if u.target is not operator.getitem]
-    if others or used - {site.output_index}:
-        return "the logsumexp/auxiliary outputs are used (a training graph needs npu_fusion_attention)"
-    return None
-
-
-def _supported_dtype(site: SdpaSite) -> str | None:
-    return None if site.dtype in SUPPORTED_DTYPES else f"query dtype {site.dtype} (needs float16/bfloat16/float32)"
-
-
-def _four_dims(site: SdpaSite) -> str | None:
-    dims = (len(site.q_shape), len(site.k_shape), len(site.value.meta["val"].shape))
-    return None if dims == (4, 4, 4) else f"q/k/v ranks {dims} (needs 4-D BNSD)"
-
-
-def _head_dim_supported(site: SdpaSite) -> str | None:
-    d = site.q_shape[-1]
-    if not statically_known_true(d % 16 == 0):
-        return f"head_dim D={d} is not a multiple of 16"
-    if not statically_known_true(d <= MAX_HEAD_DIM):
-        return f"head_dim D={d} exceeds {MAX_HEAD_DIM}"
-    if site.k_shape[-1] != d:
-        return f"key head_dim {site.k_shape[-1]} != query head_dim {d}"
-    return None
-
-
-def _heads_supported(site: SdpaSite) -> str | None:
-    n, nkv = site.q_shape[1], site.k_shape[1]
-    if not (isinstance(n, int) and isinstance(nkv, int)):
-        return f"symbolic head counts N={n}, N_kv={nkv}"
-    if n > MAX_HEADS:
-        return f"num_heads N={n} exceeds {MAX_HEADS}"
-    if n % nkv:
-        return f"num_heads N={n} not divisible by num_key_value_heads {nkv}"
-    if n // nkv > MAX_GQA_RATIO:
-        return f"GQA ratio {n // nkv} exceeds {MAX_GQA_RATIO}"
-    return None
-
-
-def _mask_supported(site: SdpaSite) -> str | None:
-    if site.mask is None:
-        return None
-    if site.is_causal:
-        return "both attn_mask and is_causal given"
-    if _boolean_keep_mask(site.mask) is None:
-        return "additive float mask is not a where(keep, 0, -inf) mask"
-    shape = site.mask.meta["val"].shape
-    if len(shape) == 4 and not statically_known_true(shape[1] == 1):
-        return f"per-head mask of shape {tuple(shape)} (the NPU mask is shared by heads)"
-    return None
-
-
-def _causal_expressible(site: SdpaSite) -> str | None:
-    if not site.is_causal:
-        return None
-    sq, skv = site.q_shape[2], site.k_shape[2]
-    if statically_known_true(sq == skv):
-        return None
-    if isinstance(sq, int) and isinstance(skv, int) and sq > 1:
-        return None  # leftUpCausal (sparse_mode 2) is SDPA's top-left causal
-    return f"is_causal with query length {sq} != key length {skv} and no static prompt shape"
-
-
-CONDITIONS: tuple[Callable[[SdpaSite], str | None], ...] = (
-    _no_dropout, _only_output_used, _supported_dtype, _four_dims, _head_dim_supported, _heads_supported,
-    _mask_supported, _causal_expressible,
-)
-
-
-# ----------------------------------------------------------------------------
-# Replacement
-# ----------------------------------------------------------------------------
-
-
-def _scalar_value(node: object) -> float | None:
-    if isinstance(node, (int, float)):
-        return float(node)
-    if isinstance(node, torch.fx.Node) and node.target is aten.scalar_tensor.default:
-        return float(node.args[0])
-    if isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.full.default:
-        return float(node.args[1])
-    return None
-
-
-def _boolean_keep_mask(mask: torch.fx.Node) -> torch.fx.Node | None:
-    """The boolean "keep" mask behind an SDPA mask node, if it has one."""
-    if mask.meta["val"].dtype == torch.bool:
-        return mask
-    if mask.target is aten.where.self:
-        cond, if_true, if_false = mask.args
-        if _scalar_value(if_true) == 0.0 and _scalar_value(if_false) == -math.inf:
-            return cond
-    return None
-
-
-def _fake_mode(node: torch.fx.Node):
-    """The FakeTensorMode the graph's metadata lives in."""
-    return node.meta["val"].fake_mode
-
-
-def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node) -> torch.fx.Node:
-    """The compressed causal mask triu(ones(2048, 2048), 1), built once per graph.
-
-    It is computed in the graph rather than held as a constant so that every
-    executor (Inductor included) treats it like any other value; building it
-    costs one 4 MiB comparison per call, shared by all sites."""
-    device = like.meta["val"].device
-    for node in gm.graph.find_nodes(op="call_function", target=aten.lt.Tensor):
-        if node.meta.get(CAUSAL_MASK_BUFFER) == device:
-            return node
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    # Core ATen/prims only (iota, unsqueeze, lt), so every executor lowers it.
-    positions = _call(gm, torch.ops.prims.iota.default, (COMPRESSED_MASK_SIZE,),
-                      dict(start=0, step=1, dtype=torch.int64, device=device, requires_grad=False), first,
-                      fake_from=like)
-    rows = _call(gm, aten.unsqueeze.default, (positions, 1), {}, first)
-    cols = _call(gm, aten.unsqueeze.default, (positions, 0), {}, first)
-    mask = _call(gm, aten.lt.Tensor, (rows, cols), {}, first)  # key after query: masked out
-    mask.meta[CAUSAL_MASK_BUFFER] = device
-    return mask
-
-
-def _call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict, like: torch.fx.Node,
-          fake_from: torch.fx.Node | None = None) -> torch.fx.Node:
-    """Insert target(*args, **kwargs) before `like`, with its fake value as meta."""
-    with gm.graph.inserting_before(like):
-        node = gm.graph.call_function(target, args, kwargs)
-    vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    if fake_from is not None:
-        fake_mode = _fake_mode(fake_from)
-    else:
-        fake_mode = next(t.fake_mode for t in torch.utils._pytree.tree_leaves(vals) if hasattr(t, "fake_mode"))
-    with fake_mode:
-        node.meta["val"] = target(*vals[0], **vals[1])
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
-
-
-def _rewrite(gm: torch.fx.GraphModule, site: SdpaSite) -> tuple[str, int | None]:
-    n, nkv = site.q_shape[1], site.k_shape[1]
-    sq, skv = site.q_shape[2], site.k_shape[2]
-    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.q_shape[-1])
-    node = site.node
-    atten_mask, sparse_mode = None, 0
-    if site.mask is not None:
-        keep = _boolean_keep_mask(site.mask)
-        atten_mask = _call(gm, aten.logical_not.default, (keep,), {}, node)
-        sparse_mode = 1  # allMask: exactly the given mask, no band
-    elif site.is_causal:
-        atten_mask = _causal_mask_node(gm, site.query)
-        sparse_mode = 3 if statically_known_true(sq == skv) else 2
-
-    # Match the memory layout the original kernel produced (the CPU and CUDA
-    # flash kernels return BNSD views of BSND memory), so the graph's later
-    # views stay valid and no transpose copy is needed: the fused op writes
-    # BSND directly (input_layout BNSD_BSND) and a permute gives the view.
-    layout = "BNSD_BSND" if _output_is_bsnd_memory(site) and not (isinstance(sq, int) and sq == 1) else "BNSD"
-    common = dict(atten_mask=atten_mask, num_heads=n, input_layout=layout,
-                  num_key_value_heads=0 if n == nkv else nkv)
-    if isinstance(sq, int) and sq == 1 and not site.is_causal:
-        op = npu_attn.npu_incre_flash_attention.default
-        fused = _call(gm, op, (site.query, site.key, site.value), dict(common, scale_value=scale), node)
-        sparse_mode = None
-    elif isinstance(sq, int):
-        op = npu_attn.npu_prompt_flash_attention.default
-        fused = _call(gm, op, (site.query, site.key, site.value),
-                      dict(common, scale_value=scale, sparse_mode=sparse_mode,
-                           pre_tokens=INT_MAX, next_tokens=INT_MAX), node)
-    else:
-        op = npu_attn.npu_fused_infer_attention_score.default
-        both = _call(gm, op, (site.query, site.key, site.value),
-                     dict(common, scale=scale, sparse_mode=sparse_mode), node)
-        fused = _call(gm, operator.getitem, (both, 0), {}, node)
-
-    fused_op_node = fused if fused.target is op else fused.args[0]
-    if layout == "BNSD_BSND":
-        fused = _call(gm, aten.permute.default, (fused, [0, 2, 1, 3]), {}, node)
-    if site.output_index is None:
-        node.replace_all_uses_with(fused)
-    else:
-        for user in list(node.users):
-            user.replace_all_uses_with(fused)
-            gm.graph.erase_node(user)
-    gm.graph.erase_node(node)
-    return op.__name__.split(".")[0], sparse_mode, layout, fused_op_node
-
-
-def _output_is_bsnd_memory(site: SdpaSite) -> bool:
-    val = site.node.meta["val"]
-    out = val if site.output_index is None else val[site.output_index]
-    stride = out.stride()
-    return statically_known_true(stride[2] > stride[1])
-
-
 def sdpa_to_fused(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
     """Rewrite every SDPA site of `gm` that the fused ops can take."""
-    for node in list(gm.graph.nodes):
-        site = match_sdpa(node)
-        if site is None:
-            continue
-        layer, source = node_location(node)
-        record = Site(kind="attention", graph=graph_name, layer=layer, source=source,
-                      pattern=f"sdpa:{node.target.__name__.split('.')[0]}")
-        for condition in CONDITIONS:
-            reason = condition(site)
-            if reason is not None:
-                record.reason = reason
-                break
-        else:
-            record.gqa_ratio = site.q_shape[1] // site.k_shape[1]
-            record.fused_op, record.sparse_mode, record.layout, fused_node = _rewrite(gm, site)
-            fused_node.meta["npu_attn_site"] = record  # later passes refine the record
-        report.sites.append(record)
-    gm.graph.lint()
-    gm.recompile()
+    sites = [(site, f"sdpa:{site.node.target.__name__.split('.')[0]}")
+             for site in map(match_sdpa, list(gm.graph.nodes)) if site is not None]
+    apply_to_sites(gm, sites, report, graph_name)
