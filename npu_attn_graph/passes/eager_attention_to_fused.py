@@ -123,22 +123,28 @@ def _from_bmm(node: object) -> bool:
     return isinstance(node, torch.fx.Node) and is_match(QK_SCORES.match(node))
 
 
+def _continues_chain(node: torch.fx.Node, user: torch.fx.Node) -> bool:
+    if user.target is aten.bmm.default:
+        return user.args[0] is node
+    return user.target in (aten._to_copy.default, aten.clone.default, aten.view.default,
+                           aten._unsafe_view.default) or _is_noop_expand(user)
+
+
 def _probs_times_value(probs: torch.fx.Node):
     """Follow the softmax output to out = bmm(flatten(probs), flatten(v)).view(...)."""
     chain = []
     node = probs
     while True:
-        user = _only_user(node)
-        if user is None:
+        # Other users (say, returned attention weights) do not hide the chain;
+        # the site's conditions report them.
+        steps = [u for u in node.users if _continues_chain(node, u)]
+        if len(steps) != 1:
             return None
-        if user.target is aten.bmm.default and user.args[0] is node:
+        user = steps[0]
+        if user.target is aten.bmm.default:
             break
-        if user.target in (aten._to_copy.default, aten.clone.default, aten.view.default,
-                           aten._unsafe_view.default) or _is_noop_expand(user):
-            chain.append(user)
-            node = user
-            continue
-        return None
+        chain.append(user)
+        node = user
     bmm = user
     out = _only_user(bmm)
     if out is None or out.target not in (aten.view.default, aten._unsafe_view.default) or _val(out).dim() != 4:

@@ -1,0 +1,119 @@
+"""The eager-attention pass alone, on small hand-written attention functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from npu_attn_graph import Report
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _run(fn, *args):
+    report = Report()
+    out = torch.compile(fn, backend="npu_attn", fullgraph=True, options={"report": report})(*args)
+    return out, report
+
+
+def _qkv(sq=6, skv=9, n=4, d=32):
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(2, n, sq, d, generator=g), torch.randn(2, n, skv, d, generator=g),
+            torch.randn(2, n, skv, d, generator=g))
+
+
+def scale_mul(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1) @ v
+
+
+def scale_div(q, k, v):
+    return torch.softmax(torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def scale_on_query(q, k, v):
+    return torch.softmax((q * 0.2) @ k.transpose(-1, -2), dim=-1) @ v
+
+
+def fp32_upcast(q, k, v):
+    scores = q @ k.transpose(-1, -2) * 0.1
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def causal_where(q, k, v):  # GPT-2's causal buffer: where(keep, scores, lowest)
+    keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril(k.shape[2] - q.shape[2])
+    scores = torch.where(keep, q @ k.transpose(-1, -2), torch.finfo(q.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def masked_fill(q, k, v):
+    masked = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1 + k.shape[2] - q.shape[2])
+    scores = (q @ k.transpose(-1, -2) * 0.1).masked_fill(masked, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def additive_where_mask(q, k, v):
+    keep = torch.ones(q.shape[0], 1, q.shape[2], k.shape[2], dtype=torch.bool).tril(2)
+    mask = torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.1 + mask, dim=-1) @ v
+
+
+def dropout_in_eval(q, k, v):
+    probs = torch.nn.functional.dropout(torch.softmax(q @ k.transpose(-1, -2), -1), p=0.1, training=False)
+    return probs @ v
+
+
+@pytest.mark.parametrize("fn", [scale_mul, scale_div, scale_on_query, fp32_upcast, causal_where, masked_fill,
+                                additive_where_mask, dropout_in_eval])
+def test_hand_written_attention_becomes_one_fused_op(fn):
+    q, k, v = _qkv()
+    out, report = _run(fn, q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.rewritten and site.fused_op == "npu_prompt_flash_attention", report.table()
+    graph = report.graph_modules[0].graph
+    assert not graph.find_nodes(op="call_function", target=torch.ops.aten._softmax.default)
+    assert not graph.find_nodes(op="call_function", target=torch.ops.aten.bmm.default)
+
+
+def test_single_query_row_becomes_incremental_attention():
+    q, k, v = _qkv(sq=1)
+    out, report = _run(scale_mul, q, k, v)
+    torch.testing.assert_close(out, scale_mul(q, k, v), rtol=1e-5, atol=1e-6)
+    assert report.sites[0].fused_op == "npu_incre_flash_attention"
+
+
+def test_returned_attention_weights_keep_the_chain():
+    def fn(q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2) * 0.1, dim=-1)
+        return probs @ v, probs
+
+    q, k, v = _qkv()
+    (out, probs), report = _run(fn, q, k, v)
+    (site,) = report.sites
+    assert not site.rewritten and "also used by" in site.reason
+    torch.testing.assert_close(out, fn(q, k, v)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_over_another_axis_is_not_attention():
+    def fn(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v
+
+    q, k, v = _qkv(sq=9)
+    out, report = _run(fn, q, k, v)
+    assert report.sites == []
+    torch.testing.assert_close(out, fn(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_head_dim_is_left_with_the_reason():
+    q, k, v = _qkv(d=40)
+    out, report = _run(scale_mul, q, k, v)
+    (site,) = report.sites
+    assert not site.rewritten and "D=40 is not a multiple of 16" in site.reason
+    torch.testing.assert_close(out, scale_mul(q, k, v), rtol=1e-5, atol=1e-6)
