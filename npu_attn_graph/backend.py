@@ -23,6 +23,7 @@ from torch._dynamo.backends.common import aot_autograd
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from .passes import PASSES, run_passes
+from .passes._fused_attention import CONSTANT
 from .report import Report
 
 EXECUTORS = ("eager", "inductor")
@@ -108,7 +109,36 @@ def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str)
         from torch._inductor.compile_fx import compile_fx_inner
 
         return compile_fx_inner(gm, example_inputs)
+    _fold_pass_constants(gm)
     return gm
+
+
+def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
+    """Evaluate the nodes the passes marked constant (the 2048x2048 causal
+    mask) once, and keep the results as graph attributes: run op by op, the
+    graph would otherwise rebuild them on every call. (Inductor's own constant
+    folding leaves iota alone, so this is done here.)"""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    values: dict[torch.fx.Node, Any] = {}
+    with unset_fake_temporarily():
+        for node in gm.graph.nodes:
+            if node.meta.get(CONSTANT):
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
+                values[node] = node.target(*args, **kwargs)
+    for node, value in values.items():
+        if all(user in values for user in node.users):
+            continue
+        name = f"_npu_attn_constant_{len(gm._buffers)}"
+        gm.register_buffer(name, value)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+    for node in reversed(list(values)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def explain(model: Callable, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Report:

@@ -39,6 +39,7 @@ class Report:
     code_before: list[str] = field(default_factory=list)
     code_after: list[str] = field(default_factory=list)
     graph_modules: list[torch.fx.GraphModule] = field(default_factory=list)
+    pass_seconds: dict[str, float] = field(default_factory=dict)  # wall time spent in each pass
 
     def fused(self, kind: str | None = None) -> list[Site]:
         return [s for s in self.sites if s.rewritten and (kind is None or s.kind == kind)]

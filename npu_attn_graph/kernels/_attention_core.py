@@ -135,7 +135,7 @@ def attention(
     needs_structure = band is not None or any(
         r != (0, q_len) for r in q_ranges
     ) or any(r != (0, kv_len) for r in kv_ranges)
-    geometry = _Geometry(q_ranges, kv_ranges, shifts, device)
+    geometry = _Geometry(q_ranges, kv_ranges, shifts, device) if needs_structure else None
 
     out = torch.zeros(batch, heads, q_len, source.value_dim, dtype=dtype, device=device)
     lse = (

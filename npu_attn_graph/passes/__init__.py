@@ -6,6 +6,7 @@ place and records every site it looked at in the Report.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -29,7 +30,9 @@ PASSES: dict[str, GraphPass] = {
 
 def run_passes(gm: torch.fx.GraphModule, names: list[str], report: Report, graph_name: str) -> None:
     for name in names:
+        start = time.perf_counter()
         PASSES[name](gm, report, graph_name)
+        report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 __all__ = ["PASSES", "GraphPass", "run_passes"]

@@ -35,6 +35,7 @@ npu_attn = torch.ops.npu_attn
 
 INT_MAX = 2147483647
 CAUSAL_MASK_BUFFER = "npu_attn_compressed_causal_mask"
+CONSTANT = "npu_attn_constant"  # node meta flag: computed from constants only
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @dataclass
@@ -260,6 +261,8 @@ def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node) -> torch.fx
     cols = _call(gm, aten.unsqueeze.default, (positions, 0), {}, first)
     mask = _call(gm, aten.lt.Tensor, (rows, cols), {}, first)  # key after query: masked out
     mask.meta[CAUSAL_MASK_BUFFER] = device
+    for node in (positions, rows, cols, mask):
+        node.meta[CONSTANT] = True  # executors may fold it into a constant
     return mask
 
 
