@@ -14,6 +14,7 @@ import torch
 from ..report import Report
 from .eager_attention_to_fused import eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
+from .paged_cache_update import paged_cache_update
 from .sdpa_to_fused import sdpa_to_fused
 from .static_cache_update import static_cache_update
 
@@ -25,6 +26,7 @@ PASSES: dict[str, GraphPass] = {
     "eager_attention_to_fused": eager_attention_to_fused,
     "gqa_repeat_kv": gqa_repeat_kv,
     "static_cache_update": static_cache_update,
+    "paged_cache_update": paged_cache_update,
 }
 
 

@@ -184,8 +184,8 @@ def static_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: st
         if node.op != "call_function" or node.target not in SEQUENCE_WRITES:
             continue
         write = SEQUENCE_WRITES[node.target](node)
-        if write is None:
-            continue
+        if write is None or write.cache.meta["val"].dim() != 4:
+            continue  # not a (B, N, S, D) cache write; paged slot writes have their own pass
         layer, source = node_location(node)
         site = Site(kind="kv_update", graph=graph_name, layer=layer, source=source, pattern=write.pattern)
         report.sites.append(site)
