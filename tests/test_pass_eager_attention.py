@@ -117,3 +117,29 @@ def test_unsupported_head_dim_is_left_with_the_reason():
     (site,) = report.sites
     assert not site.rewritten and "D=40 is not a multiple of 16" in site.reason
     torch.testing.assert_close(out, scale_mul(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_layout_pass_reads_and_writes_bsnd_so_transposes_and_the_output_copy_vanish():
+    """q/k/v projected as (B, S, N, D) and transposed for attention; the output
+    transposed back and made contiguous: the fused op takes BSND in and out."""
+    def block(x, wq, wk, wv):
+        b, s, _ = x.shape
+        q = (x @ wq).view(b, s, 4, 32).transpose(1, 2)
+        k = (x @ wk).view(b, s, 4, 32).transpose(1, 2)
+        v = (x @ wv).view(b, s, 4, 32).transpose(1, 2)
+        out = torch.softmax(q @ k.transpose(-1, -2) * 0.1, dim=-1) @ v
+        return out.transpose(1, 2).contiguous().view(b, s, 128)
+
+    g = torch.Generator().manual_seed(9)
+    # Weights scaled like a trained layer's (1/sqrt(fan_in)), keeping logits O(1).
+    x, wq, wk, wv = (torch.randn(*shape, generator=g) / shape[0] ** 0.5
+                     for shape in [(2, 6, 64), (64, 128), (64, 128), (64, 128)])
+    out, report = _run(block, x, wq, wk, wv)
+    torch.testing.assert_close(out, block(x, wq, wk, wv), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.layout == "BSND"
+    graph = report.graph_modules[0].graph
+    (node,) = graph.find_nodes(op="call_function", target=torch.ops.npu_attn.npu_prompt_flash_attention.default)
+    assert node.kwargs["input_layout"] == "BSND"
+    assert not graph.find_nodes(op="call_function", target=torch.ops.aten.clone.default)
+    assert not graph.find_nodes(op="call_function", target=torch.ops.aten.transpose.int)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..report import Report
+from .attention_layout import attention_layout
 from .eager_attention_to_fused import eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .paged_cache_update import paged_cache_update
@@ -27,6 +28,7 @@ PASSES: dict[str, GraphPass] = {
     "gqa_repeat_kv": gqa_repeat_kv,
     "static_cache_update": static_cache_update,
     "paged_cache_update": paged_cache_update,
+    "attention_layout": attention_layout,
 }
 
 
