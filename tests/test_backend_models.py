@@ -55,6 +55,19 @@ def attention_sites(report: Report) -> list:
     return [s for s in report.sites if s.kind == "attention"]
 
 
+FUSED_ATTENTION_OPS = (torch.ops.npu_attn.npu_prompt_flash_attention.default,
+                       torch.ops.npu_attn.npu_incre_flash_attention.default,
+                       torch.ops.npu_attn.npu_fused_infer_attention_score.default)
+
+
+def fused_attention_nodes(gm: torch.fx.GraphModule) -> int:
+    return sum(len(gm.graph.find_nodes(op="call_function", target=op)) for op in FUSED_ATTENTION_OPS)
+
+
+def kv_writer_nodes(gm: torch.fx.GraphModule) -> int:
+    return len(gm.graph.find_nodes(op="call_function", target=torch.ops.npu_attn.scatter_update_.default))
+
+
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
 @pytest.mark.parametrize("kind", DECODERS + ["bert"])
 def test_prefill(kind, attn):
@@ -73,6 +86,7 @@ def test_prefill(kind, attn):
     sites = attention_sites(report)
     assert len(sites) == LAYERS and all(s.rewritten for s in sites), report.table()
     assert report.graphs == 1
+    assert fused_attention_nodes(report.graph_modules[0]) == LAYERS
 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
@@ -96,6 +110,9 @@ def test_static_cache_generate(kind, attn):
     assert all(s.rewritten for s in report.sites), report.table()
     assert sum(s.kind == "attention" for s in report.sites) == 2 * LAYERS
     assert sum(s.kind == "kv_update" for s in report.sites) == 2 * 2 * LAYERS  # key + value, both graphs
+    for gm in report.graph_modules:
+        assert fused_attention_nodes(gm) == LAYERS and kv_writer_nodes(gm) == 2 * LAYERS
+        assert not gm.graph.find_nodes(op="call_function", target=torch.ops.aten.index_copy.default)
 
 
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
@@ -125,3 +142,4 @@ def test_dynamic_cache_decode_steps(kind, attn):
                for s in getattr(n.meta.get("val"), "shape", ())), "the last graph has symbolic shapes"
     assert all(s.rewritten for s in attention_sites(report)), report.table()
     assert len(attention_sites(report)) == LAYERS * report.graphs
+    assert all(fused_attention_nodes(gm) == LAYERS for gm in report.graph_modules)

@@ -248,3 +248,22 @@ def test_arbitrary_additive_mask_becomes_pse_shift():
     assert report.sites[0].rewritten
     (node,) = _fused_nodes(report)
     assert node.kwargs["pse_shift"] is not None and node.kwargs["atten_mask"] is None
+
+
+def test_repeat_kv_with_different_key_and_value_factors_is_kept():
+    """K repeated 4x but V only 2x (V already has 4 heads): not one GQA ratio."""
+    def fn(q, k, v, keep):
+        b, n, s, d = k.shape
+        k = k[:, :, None].expand(b, n, 4, s, d).reshape(b, n * 4, s, d)
+        v = v[:, :, None].expand(b, 4, 2, s, d).reshape(b, 8, s, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 8, 5, 32, generator=g), torch.randn(2, 2, 7, 32, generator=g), \
+        torch.randn(2, 4, 7, 32, generator=g)
+    keep = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    out, report = _run(fn, q, k, v, keep)
+    torch.testing.assert_close(out, fn(q, k, v, keep), rtol=1e-5, atol=1e-6)
+    (node,) = _fused_nodes(report)
+    assert node.args[1].meta["val"].shape[1] == 8  # the repeated key stays
+    assert report.sites[0].rewritten and "repeat_kv kept" in report.sites[0].reason
