@@ -10,7 +10,10 @@ Cases (fp32, CPU):
   chunked path, against SDPA with the equivalent dense boolean mask;
 - decode: B=16, KV length 4096, N=32, KV heads 8 (GQA 4), D=128
   (npu_incre_flash_attention dense vs SDPA enable_gqa), and the same with a
-  paged cache of 128-token blocks in shuffled order.
+  paged cache of 128-token blocks in shuffled order;
+- training: npu_fusion_attention forward + backward (B=2, S=1024, N=8, D=64,
+  BNSD, no mask) against SDPA forward + backward on the same shapes; each call
+  runs both passes and returns the output and the three gradients.
 
 Times are the median of interleaved repeats in one process; peak memory is the
 extra resident memory of one call, measured in a fresh subprocess per
@@ -119,12 +122,38 @@ def decode(paged: bool, quick: bool):
     return ours, sdpa
 
 
+def fusion_training(quick: bool):
+    """Forward and backward: the reference's autograd runs npu_fusion_attention_grad."""
+    s = 256 if quick else 1024
+    b, n, d = 2, 8, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, s, d, generator=g).requires_grad_() for _ in range(3))
+    dy = torch.randn(b, n, s, d, generator=g)
+    scale = 1 / math.sqrt(d)
+
+    def run(attention):
+        for t in (q, k, v):
+            t.grad = None
+        out = attention()
+        out.backward(dy)
+        return torch.cat([out.detach().flatten(), q.grad.flatten(), k.grad.flatten(), v.grad.flatten()])
+
+    def ours():
+        return run(lambda: npu.npu_fusion_attention(q, k, v, n, "BNSD", scale=scale)[0])
+
+    def sdpa():
+        return run(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+    return ours, sdpa
+
+
 CASES = {
     "prefill B1 S2048 N16 D128": lambda quick: prefill(False, quick),
     "prefill causal B1 S2048 N16 D128": lambda quick: prefill(True, quick),
     "prefill ragged causal B2 S2048 N16 D128": prefill_ragged,
     "decode B16 KV4096 GQA4 D128": lambda quick: decode(False, quick),
     "decode paged(128) B16 KV4096 GQA4 D128": lambda quick: decode(True, quick),
+    "npu_fusion_attention fwd+bwd B2 S1024 N8 D64": fusion_training,
 }
 GOALS = {
     "prefill B1 S2048 N16 D128": 1.5,
@@ -132,6 +161,7 @@ GOALS = {
     "prefill ragged causal B2 S2048 N16 D128": 1.5,
     "decode B16 KV4096 GQA4 D128": 1.5,
     "decode paged(128) B16 KV4096 GQA4 D128": 2.0,
+    "npu_fusion_attention fwd+bwd B2 S1024 N8 D64": 2.0,
 }
 
 

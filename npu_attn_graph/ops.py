@@ -12,6 +12,8 @@ the NPU and torch_npu itself on an Ascend host.
 """
 
 from .kernels.advance_step_flashattn import npu_advance_step_flashattn
+from .kernels.fusion_attention import npu_fusion_attention
+from .kernels.fusion_attention_grad import npu_fusion_attention_grad
 from .kernels.fused_infer_attention_score import npu_fused_infer_attention_score
 from .kernels.incre_flash_attention import npu_incre_flash_attention
 from .kernels.nsa_compress_attention_infer import npu_nsa_compress_attention_infer
@@ -24,6 +26,8 @@ from .kernels.sparse_flash_attention import npu_sparse_flash_attention
 __all__ = [
     "npu_advance_step_flashattn",
     "npu_fused_infer_attention_score",
+    "npu_fusion_attention",
+    "npu_fusion_attention_grad",
     "npu_incre_flash_attention",
     "npu_nsa_compress_attention_infer",
     "npu_prompt_flash_attention",

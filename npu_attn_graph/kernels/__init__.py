@@ -6,6 +6,8 @@ Importing this package registers every op under ``torch.ops.npu_attn``.
 from . import (  # noqa: F401  (imported for their registrations)
     advance_step_flashattn,
     fused_infer_attention_score,
+    fusion_attention,
+    fusion_attention_grad,
     incre_flash_attention,
     nsa_compress_attention_infer,
     prompt_flash_attention,
