@@ -143,3 +143,33 @@ def test_inductor_executor_leaves_cache_writes_to_inductor():
     with pytest.raises(Exception, match="cannot run with executor 'inductor'"):
         torch.compile(lambda x: x + 1, backend="npu_attn",
                       options={"executor": "inductor", "passes": ["static_cache_update"]})(torch.ones(1))
+
+
+class _CachedAttention(torch.nn.Module):
+    """A decode step whose KV cache lives in module buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(2, 2, 16, 32))
+        self.register_buffer("values", torch.zeros(2, 2, 16, 32))
+
+    def forward(self, q, k, v, pos):
+        positions = torch.arange(k.shape[2]) + pos
+        self.keys.index_copy_(2, positions, k)
+        self.values.index_copy_(2, positions, v)
+        return F.scaled_dot_product_attention(q, self.keys, self.values)
+
+
+def test_caches_in_module_buffers_are_written_in_place():
+    module, reference = _CachedAttention(), _CachedAttention()
+    report = Report()
+    compiled = torch.compile(module, backend="npu_attn", fullgraph=True, options={"report": report})
+    g = torch.Generator().manual_seed(8)
+    for step in range(3):
+        q, k, v = (torch.randn(2, 2, 1, 32, generator=g) for _ in range(3))
+        pos = torch.tensor(step)
+        torch.testing.assert_close(compiled(q, k, v, pos), reference(q, k, v, pos), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(module.keys, reference.keys, rtol=0, atol=0)
+    torch.testing.assert_close(module.values, reference.values, rtol=0, atol=0)
+    kv_sites = [s for s in report.sites if s.kind == "kv_update"]
+    assert kv_sites and all(s.fused_op == "scatter_update_" for s in kv_sites), report.table()
