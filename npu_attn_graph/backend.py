@@ -20,9 +20,11 @@ from typing import Any, Callable
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from .passes import PASSES, run_passes
+from .passes.training_sdpa_to_fusion import training_sdpa_to_fusion
 from .passes._fused_attention import CONSTANT
 from .report import Report
 
@@ -73,6 +75,10 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
     """torch.compile backend: AOT autograd, our passes, then the chosen executor."""
     opts = BackendOptions.parse(options)
     report = opts.report if isinstance(opts.report, Report) else Report()
+    if _needs_gradients(example_inputs) and "sdpa_to_fused" in opts.passes:
+        # Inference ops cannot carry gradients: attention goes to the training
+        # op before AOT, whose autograd formula AOT then differentiates.
+        training_sdpa_to_fusion(gm, report)
 
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
@@ -104,13 +110,17 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
     )(gm, example_inputs)
 
 
+def _needs_gradients(example_inputs: list[Any]) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
 def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str):
     if executor == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
         return compile_fx_inner(gm, example_inputs)
     _fold_pass_constants(gm)
-    return gm
+    return make_boxed_func(gm)  # AOT calls compiled graphs with a boxed (list) argument
 
 
 def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:

@@ -143,3 +143,31 @@ def test_dynamic_cache_decode_steps(kind, attn):
     assert all(s.rewritten for s in attention_sites(report)), report.table()
     assert len(attention_sites(report)) == LAYERS * report.graphs
     assert all(fused_attention_nodes(gm) == LAYERS for gm in report.graph_modules)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_training_step_uses_the_fusion_attention_op_and_its_grad(kind):
+    """With gradients, attention becomes npu_fusion_attention before AOT; the
+    backward graph then holds npu_fusion_attention_grad."""
+    model = build(kind, "sdpa").train()
+    for module in model.modules():  # BERT's dropout is random in training: compare without it
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(1, 128, (2, 9))
+    eager_out = output_of(model(ids)).float().square().mean()
+    eager_out.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    report = Report()
+    compiled = torch.compile(model, backend="npu_attn", fullgraph=True, options={"report": report})
+    out = output_of(compiled(ids)).float().square().mean()
+    out.backward()
+    torch.testing.assert_close(out, eager_out, rtol=RTOL, atol=ATOL)
+    for name, p in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(p.grad, expected[name], rtol=RTOL, atol=ATOL)
+    sites = attention_sites(report)
+    assert len(sites) == LAYERS and all(s.fused_op == "npu_fusion_attention" for s in sites), report.table()
+    targets = [n.target for gm in report.graph_modules for n in gm.graph.nodes]
+    assert targets.count(torch.ops.npu_attn.npu_fusion_attention.default) == LAYERS
+    assert targets.count(torch.ops.npu_attn.npu_fusion_attention_grad.default) == LAYERS
