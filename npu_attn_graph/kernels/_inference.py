@@ -11,7 +11,6 @@ chunked attention core.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -30,9 +29,8 @@ from ._layouts import (
     unpack_tnd,
 )
 from . import _library
-from ._library import LIB, check, fail, register_npu, register_reference
+from ._library import COMPRESSED_MASK_SIZE, LIB, check, fail, holds_once, register_npu, register_reference
 
-COMPRESSED_MASK_SIZE = 2048
 MAX_HEAD_DIM = 512
 MAX_HEADS = 256
 MAX_GQA_RATIO = 64
@@ -606,7 +604,7 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.cat([q.to(rope_q.dtype) if q.dtype == torch.int8 else q, rope_q], -1)
 
     mask = _normalise_mask(call, g)
-    bias = to_bnsd_pse(call.pse_shift)
+    bias = call.pse_shift  # already (B or 1, N, Q_S, KV_S)
     if call.key_shared_prefix is not None:
         k, v, kv_ranges, mask, bias = _prepend_prefix(call, g, k, v, kv_ranges, mask, bias)
 
@@ -794,33 +792,24 @@ def _normalise_mask(call: InferenceCall, g: Geometry) -> torch.Tensor | None:
 
 # Compressed masks already checked, with the tensor version they had then: a
 # model passes the same constant mask to every layer and every call.
-_COMPRESSED_PATTERNS: dict[torch.device, torch.Tensor] = {}
-# Keyed by id(); the weak reference tells a live tensor from a reused id.
-_VERIFIED_MASKS: dict[int, tuple[weakref.ref, int]] = {}
+_CAUSAL_PATTERNS: dict[torch.device, torch.Tensor] = {}
+
+
+def _is_causal_pattern(mask: torch.Tensor) -> bool:
+    size = COMPRESSED_MASK_SIZE
+    expected = _CAUSAL_PATTERNS.get(mask.device)
+    if expected is None:
+        expected = torch.triu(torch.ones(size, size, dtype=torch.bool, device=mask.device), diagonal=1)
+        _CAUSAL_PATTERNS[mask.device] = expected
+    flat = mask.reshape(size, size)
+    return torch.equal(flat if flat.dtype == torch.bool else flat != 0, expected)
 
 
 def _check_compressed_mask(call: InferenceCall, mask: torch.Tensor) -> None:
     """Modes 2/3/4 read the 2048x2048 mask as a pattern; it must be triu(1)."""
-    seen = _VERIFIED_MASKS.get(id(mask))
-    if seen is not None and seen[0]() is mask and seen[1] == mask._version:
-        return
-    size = COMPRESSED_MASK_SIZE
-    expected = _COMPRESSED_PATTERNS.get(mask.device)
-    if expected is None:
-        expected = torch.triu(torch.ones(size, size, dtype=torch.bool, device=mask.device), diagonal=1)
-        _COMPRESSED_PATTERNS[mask.device] = expected
-    flat = mask.reshape(size, size)
-    if not torch.equal(flat if flat.dtype == torch.bool else flat != 0, expected):
+    if not holds_once(mask, _is_causal_pattern):
         fail(call.op, "atten_mask", f"must be torch.triu(ones(2048, 2048), diagonal=1) for sparse_mode "
              f"{call.sparse_mode}", "a different pattern")
-    if not isinstance(mask, torch._subclasses.FakeTensor):
-        for key in [k for k, (ref, _) in _VERIFIED_MASKS.items() if ref() is None]:
-            del _VERIFIED_MASKS[key]
-        _VERIFIED_MASKS[id(mask)] = (weakref.ref(mask), mask._version)
-
-
-def to_bnsd_pse(pse: torch.Tensor | None) -> torch.Tensor | None:
-    return pse  # already (B or 1, N, Q_S, KV_S)
 
 
 def _prepend_prefix(call: InferenceCall, g: Geometry, k, v, kv_ranges, mask, bias):

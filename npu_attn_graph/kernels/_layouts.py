@@ -13,8 +13,6 @@ import torch
 
 from ._library import check, fail
 
-DENSE_LAYOUTS = ("BSH", "BSND", "BNSD")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -22,10 +20,6 @@ class Layout:
 
     inputs: str
     output: str
-
-    @property
-    def rank(self) -> int:
-        return len(self.inputs) if self.inputs != "BSH" else 3
 
 
 def parse_layout(op: str, input_layout: str, allowed: Sequence[str]) -> Layout:

@@ -7,6 +7,7 @@ lowering to real torch_npu is a namespace swap (``npu_attn`` -> ``npu``).
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Callable
 
 import torch
@@ -21,6 +22,31 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 # extra memory is O(chunk x S_kv). Read at call time; tests shrink it to force
 # many chunks.
 SCORE_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+# Side of the compressed causal mask (triu(ones(2048, 2048), 1)) that
+# sparse modes 2/3/4 (and the training op's 6/7/8) read as a pattern.
+COMPRESSED_MASK_SIZE = 2048
+
+
+def holds_once(tensor: torch.Tensor, predicate: Callable[[torch.Tensor], bool]) -> bool:
+    """predicate(tensor), an expensive content check, evaluated only until this
+    very tensor, at this version, has passed it once: a model hands the same
+    constant mask to every layer and every call."""
+    seen = _CHECKED.get((id(tensor), predicate))
+    if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
+        return True
+    if not predicate(tensor):
+        return False
+    if not isinstance(tensor, torch._subclasses.FakeTensor):
+        for key in [k for k, (ref, _) in _CHECKED.items() if ref() is None]:
+            del _CHECKED[key]
+        _CHECKED[(id(tensor), predicate)] = (weakref.ref(tensor), tensor._version)
+    return True
+
+
+# Keyed by (id(tensor), predicate); the weak reference tells a live tensor from a reused id.
+_CHECKED: dict[tuple[int, Callable], tuple[weakref.ref, int]] = {}
 
 
 class NpuAttnArgumentError(ValueError):

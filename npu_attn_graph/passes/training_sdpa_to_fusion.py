@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
 
 SDPA_SIGNATURE = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
-COMPRESSED_MASK_SIZE = 2048
 
 
 def fusion_attention_output(query, key, value, atten_mask, scale: float, sparse_mode: int):
