@@ -29,6 +29,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..kernels._inference import COMPRESSED_MASK_SIZE, MAX_GQA_RATIO, MAX_HEAD_DIM, MAX_HEADS
 from ..report import Report, Site, node_location
+from ._fx import insert_call
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -237,11 +238,6 @@ def _npu_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, before: torch.fx.No
     return _call(gm, aten.logical_not.default, (keep,), {}, before)
 
 
-def _fake_mode(node: torch.fx.Node):
-    """The FakeTensorMode the graph's metadata lives in."""
-    return node.meta["val"].fake_mode
-
-
 def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node) -> torch.fx.Node:
     """The compressed causal mask triu(ones(2048, 2048), 1), built once per graph.
 
@@ -269,19 +265,7 @@ def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node) -> torch.fx
 def _call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict, like: torch.fx.Node,
           fake_from: torch.fx.Node | None = None) -> torch.fx.Node:
     """Insert target(*args, **kwargs) before `like`, with its fake value as meta."""
-    with gm.graph.inserting_before(like):
-        node = gm.graph.call_function(target, args, kwargs)
-    vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    if fake_from is not None:
-        fake_mode = _fake_mode(fake_from)
-    else:
-        fake_mode = next(t.fake_mode for t in torch.utils._pytree.tree_leaves(vals) if hasattr(t, "fake_mode"))
-    with fake_mode:
-        node.meta["val"] = target(*vals[0], **vals[1])
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
+    return insert_call(gm, target, args, kwargs, before=like, fake_from=fake_from)
 
 
 def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[str, int | None, str, torch.fx.Node]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..report import Report
+from ._fx import insert_call
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -52,13 +53,6 @@ def _output(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _insert_after(gm, node, target, args, val) -> torch.fx.Node:
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_function(target, args)
-    new.meta["val"] = val
-    return new
-
-
 def _fake(node: torch.fx.Node):
     return node.meta["val"]
 
@@ -67,19 +61,17 @@ def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, layout
     """Give the fused node new inputs/layout; return a BNSD view of its (now BSND) output."""
     out = _output(node)
     users = list(out.users)
-    if node.kwargs.get("input_layout") == "BNSD_BSND":  # already writes BSND, viewed as BNSD
-        node.args = args
-        node.kwargs = {**node.kwargs, "input_layout": layout}
-        return next(u for u in users if _swaps_seq_and_heads(u))
+    writes_bsnd = node.kwargs.get("input_layout") == "BNSD_BSND"
     node.args = args
     node.kwargs = {**node.kwargs, "input_layout": layout}
+    if writes_bsnd:  # the output memory is unchanged; a permute already views it as BNSD
+        return next(u for u in users if _swaps_seq_and_heads(u))
     with _fake(node.args[0]).fake_mode:
         node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, _fake),
                                        **torch.fx.node.map_arg(node.kwargs, _fake))
         if out is not node:
             out.meta["val"] = node.meta["val"][0]
-        view = _insert_after(gm, out, aten.permute.default, (out, [0, 2, 1, 3]),
-                             _fake(out).permute(0, 2, 1, 3))
+    view = insert_call(gm, aten.permute.default, (out, [0, 2, 1, 3]), after=out)
     for user in users:
         user.replace_input_with(out, view)
     return view
@@ -87,9 +79,7 @@ def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, layout
 
 def _single_token_view(gm: torch.fx.GraphModule, out: torch.fx.Node, copy: torch.fx.Node) -> None:
     """S == 1: the contiguous copy of the BSND transpose has the op's memory order."""
-    with _fake(out).fake_mode:
-        view = _insert_after(gm, out, aten.view.default, (out, list(_fake(copy).shape)),
-                             _fake(out).view(_fake(copy).shape))
+    view = insert_call(gm, aten.view.default, (out, list(_fake(copy).shape)), after=out)
     copy.replace_all_uses_with(view)
 
 

@@ -34,6 +34,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
 from ..report import Report, Site, node_location
+from ._fx import insert_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -149,33 +150,19 @@ def _check(node: torch.fx.Node, write: SequenceWrite) -> str | None:
     return None
 
 
-def _insert(gm: torch.fx.GraphModule, target, args: tuple, like: torch.fx.Node, val) -> torch.fx.Node:
-    with gm.graph.inserting_before(like):
-        node = gm.graph.call_function(target, args)
-    node.meta["val"] = val
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
-    return node
-
-
 def _start_indices(gm: torch.fx.GraphModule, node: torch.fx.Node, cache: torch.fx.Node,
                    start: torch.fx.Node | int) -> torch.fx.Node:
     """scatter_update_'s per-batch start offsets: the first position, int64, (B,)."""
-    fake_mode = cache.meta["val"].fake_mode
     batch, device = cache.meta["val"].shape[0], cache.meta["val"].device
     start_val = start.meta["val"] if isinstance(start, torch.fx.Node) else start
-    with fake_mode:
-        if isinstance(start_val, torch.Tensor):  # a position tensor of one element
-            flat = _insert(gm, aten.view.default, (start, [1]), node, start_val.reshape(1))
-            if start_val.dtype != torch.int64:
-                flat = _insert(gm, aten._to_copy.default, (flat,), node, flat.meta["val"].to(torch.int64))
-                flat.kwargs = {"dtype": torch.int64}
-        else:  # an int or SymInt position
-            flat = _insert(gm, aten.full.default, ([1], start), node,
-                           torch.empty(1, dtype=torch.int64, device=device))
-            flat.kwargs = {"dtype": torch.int64, "device": device}
-        return _insert(gm, aten.expand.default, (flat, [batch]), node, flat.meta["val"].expand(batch))
+    if isinstance(start_val, torch.Tensor):  # a position tensor of one element
+        flat = insert_call(gm, aten.view.default, (start, [1]), before=node)
+        if start_val.dtype != torch.int64:
+            flat = insert_call(gm, aten._to_copy.default, (flat,), {"dtype": torch.int64}, before=node)
+    else:  # an int or SymInt position
+        flat = insert_call(gm, aten.full.default, ([1], start), {"dtype": torch.int64, "device": device},
+                           before=node, fake_from=cache)
+    return insert_call(gm, aten.expand.default, (flat, [batch]), before=node)
 
 
 def static_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
@@ -194,8 +181,7 @@ def static_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: st
             continue
         cache, states, start = write.cache, write.states, write.start
         starts = _start_indices(gm, node, cache, start)
-        in_place = _insert(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), node,
-                           cache.meta["val"])
+        in_place = insert_call(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), before=node)
         for user in list(node.users):
             if user.target is aten.copy_.default and user.args[0] is cache:
                 gm.graph.erase_node(user)  # the cache is already written in place
