@@ -11,7 +11,7 @@ import torch
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.incre_flash_attention import npu_incre_flash_attention as ifa
 from npu_attn_graph.kernels.prompt_flash_attention import npu_prompt_flash_attention as pfa
-from oracle import INT_MAX, fia_oracle, ifa_oracle, pfa_oracle
+from oracle import INT_MAX, bnsd, fia_oracle, ifa_oracle, pfa_oracle
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -158,15 +158,6 @@ def check_ifa(q, k, v, **kw) -> torch.Tensor:
     expected = ifa_oracle(q, k, v, **kw)
     assert_matches(actual, expected)
     return actual
-
-
-def to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    if layout == "BSH":
-        b, s, h = x.shape
-        return x.reshape(b, s, heads, h // heads).permute(0, 2, 1, 3)
-    if layout == "BSND":
-        return x.permute(0, 2, 1, 3)
-    return x
 
 
 def paged_cache(kv: torch.Tensor, lens, block_size: int, rank: int, table_fill: str, spare_blocks: int = 3,
@@ -411,7 +402,7 @@ def test_pfa_ragged_lengths_zero_padded_rows(layout):
     q_lens, kv_lens = [3, 7, 0], [10, 4, 0]
     out = check_pfa(q, k, v, scale_value=0.25, actual_seq_lengths=q_lens, actual_seq_lengths_kv=kv_lens,
                     next_tokens=INT_MAX, **kw)
-    out_bnsd = to_bnsd(out, "BSND" if layout in ("BSND", "BNSD_BSND") else layout, 4)
+    out_bnsd = bnsd(out, "BSND" if layout in ("BSND", "BNSD_BSND") else layout, 4)
     for b, n in enumerate(q_lens):
         assert torch.all(out_bnsd[b, :, n:] == 0)
         assert torch.any(out_bnsd[b, :, :n] != 0) or n == 0
