@@ -2,8 +2,10 @@
 
 from . import kernels
 from .backend import explain, npu_attn_backend
+from .ge_graph import GeConversion, to_ge_graph
 from .kernels import NpuAttnArgumentError
 from .report import Report, Site
 
-__all__ = ["kernels", "NpuAttnArgumentError", "Report", "Site", "explain", "npu_attn_backend"]
+__all__ = ["kernels", "GeConversion", "NpuAttnArgumentError", "Report", "Site", "explain", "npu_attn_backend",
+           "to_ge_graph"]
 __version__ = "0.1.0"

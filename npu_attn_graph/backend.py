@@ -10,6 +10,12 @@ Pipeline, top to bottom:
 4. the executor runs it: "eager" runs the rewritten graph as is (the fused ops
    run their reference kernels off the NPU), "inductor" compiles everything
    that is not our op with Inductor.
+
+With executor "torchair" (the default where torch_npu imports) steps 2-4 are
+TorchAir's npu backend instead: it runs AOT autograd, calls our passes at its
+``post_grad_custom_pre_pass`` seam (chained before any pass the user set in
+their CompilerConfig), converts the graph into one GE graph (our ops through
+npu_attn_graph.converters) and compiles and runs it on the NPU.
 """
 
 from __future__ import annotations
@@ -23,27 +29,36 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
-from .passes import PASSES, run_passes
+from .passes import PASSES, PassContext, run_passes
+from .passes._context import FP32_ATTENTION
 from .passes.training_sdpa_to_fusion import training_sdpa_to_fusion
 from .passes._fused_attention import CONSTANT
 from .report import Report
+from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
 
-EXECUTORS = ("eager", "inductor")
+EXECUTORS = ("eager", "inductor", "torchair")
 # Passes whose rewrites Inductor cannot lower; with the Inductor executor the
 # KV-cache writes stay as index_put/index_copy, which Inductor makes in place.
 INDUCTOR_UNSUPPORTED = ("static_cache_update",)
 OPTION_DOCS = {
     "passes": f"list of pass names to run, in order (default: all of {list(PASSES)} that the executor supports)",
-    "executor": f"one of {list(EXECUTORS)} (default: 'eager')",
+    "executor": f"one of {list(EXECUTORS)} (default: 'torchair' where torch_npu imports, else 'eager')",
     "report": "a Report to fill, or a callable receiving the Report after each graph",
+    "torchair_config": "TorchAir CompilerConfig for executor 'torchair' (copied; our passes run before "
+                       "its post_grad_custom_pre_pass)",
+    "fp32_attention": f"one of {list(FP32_ATTENTION)}: float32 attention sites are fused as float32 ('keep'), "
+                      "computed in float16/bfloat16 inside the fused op, or left as plain math ('unfused') "
+                      "(default: 'float16' with executor 'torchair', else 'keep')",
 }
 
 
 @dataclass
 class BackendOptions:
     passes: list[str] | None = None  # None: every pass the executor can run
-    executor: str = "eager"
+    executor: str | None = None  # None: "torchair" where torch_npu imports, else "eager"
     report: Report | Callable[[Report], Any] | None = None
+    torchair_config: Any = None
+    fp32_attention: str | None = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -53,6 +68,10 @@ class BackendOptions:
             valid = "; ".join(f"{k}: {v}" for k, v in OPTION_DOCS.items())
             raise ValueError(f"npu_attn backend: unknown option(s) {unknown}; valid options are {valid}")
         parsed = cls(**options)
+        if parsed.executor is None:
+            parsed.executor = "torchair" if torch_npu_available() else "eager"
+        if parsed.fp32_attention is None:
+            parsed.fp32_attention = "float16" if parsed.executor == "torchair" else "keep"
         if parsed.passes is None:
             parsed.passes = [p for p in PASSES if p not in INDUCTOR_UNSUPPORTED or parsed.executor != "inductor"]
         if isinstance(parsed.passes, str) or not all(p in PASSES for p in parsed.passes):
@@ -65,6 +84,16 @@ class BackendOptions:
             raise ValueError(f"npu_attn backend: passes {sorted(set(parsed.passes) & set(INDUCTOR_UNSUPPORTED))} "
                              "cannot run with executor 'inductor': they write KV caches with in-place ops that "
                              "return an alias of their input, which Inductor cannot lower (use executor 'eager')")
+        if parsed.fp32_attention not in FP32_ATTENTION:
+            raise ValueError(f"npu_attn backend: option 'fp32_attention' must be one of {list(FP32_ATTENTION)}, "
+                             f"got {parsed.fp32_attention!r}")
+        if parsed.executor == "torchair" and parsed.fp32_attention == "keep":
+            raise ValueError("npu_attn backend: fp32_attention='keep' cannot be used with executor 'torchair': "
+                             "the NPU's inference attention ops take float16/bfloat16 only, and a GE graph must "
+                             "not hold one in float32 (use 'float16', 'bfloat16' or 'unfused')")
+        if parsed.torchair_config is not None and parsed.executor != "torchair":
+            raise ValueError(f"npu_attn backend: option 'torchair_config' needs executor 'torchair', "
+                             f"got executor {parsed.executor!r}")
         if parsed.report is not None and not (isinstance(parsed.report, Report) or callable(parsed.report)):
             raise ValueError(f"npu_attn backend: option 'report' must be a Report or a callable, "
                              f"got {type(parsed.report).__name__}")
@@ -75,20 +104,13 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
     """torch.compile backend: AOT autograd, our passes, then the chosen executor."""
     opts = BackendOptions.parse(options)
     report = opts.report if isinstance(opts.report, Report) else Report()
-    if _needs_gradients(example_inputs) and "sdpa_to_fused" in opts.passes:
-        # Inference ops cannot carry gradients: attention goes to the training
-        # op before AOT, whose autograd formula AOT then differentiates.
-        training_sdpa_to_fusion(gm, report)
+    if opts.executor == "torchair":
+        return compile_with_torchair(gm, example_inputs, opts, report, load_torchair())
+    _rewrite_for_training(gm, example_inputs, opts, report)
 
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
-            report.code_before.append(aten_gm.code)
-            run_passes(aten_gm, opts.passes, report, graph_name)
-            report.code_after.append(aten_gm.code)
-            report.graph_modules.append(aten_gm)
-            report.graphs += 1
-            if callable(opts.report) and not isinstance(opts.report, Report):
-                opts.report(report)
+            _rewrite(aten_gm, opts, report, PassContext(graph_name, "in_place", opts.fp32_attention))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
         return compile_graph
@@ -108,6 +130,50 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
         keep_inference_input_mutations=True,
         **extra,
     )(gm, example_inputs)
+
+
+def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
+                          report: Report) -> None:
+    if _needs_gradients(example_inputs) and "sdpa_to_fused" in opts.passes:
+        # Inference ops cannot carry gradients: attention goes to the training
+        # op before AOT, whose autograd formula AOT then differentiates.
+        training_sdpa_to_fusion(gm, report)
+
+
+def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
+    report.code_before.append(aten_gm.code)
+    run_passes(aten_gm, opts.passes, report, ctx)
+    report.code_after.append(aten_gm.code)
+    report.graph_modules.append(aten_gm)
+    report.graphs += 1
+    if callable(opts.report) and not isinstance(opts.report, Report):
+        opts.report(report)
+
+
+def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
+                          report: Report, torchair: TorchAir):
+    """Hand the dynamo graph to TorchAir's npu backend, our passes at its
+    post_grad_custom_pre_pass seam; returns what TorchAir's backend returns."""
+    import copy
+
+    from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
+
+    _rewrite_for_training(gm, example_inputs, opts, report)
+    needs_gradients = _needs_gradients(example_inputs)
+    config = copy.deepcopy(opts.torchair_config) if opts.torchair_config is not None \
+        else torchair.module.CompilerConfig()
+    user_pass = config.post_grad_custom_pre_pass.value
+
+    def npu_attn_passes(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any], torchair_config: Any) -> None:
+        is_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in aten_gm.graph.nodes)
+        graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
+        # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
+        _rewrite(aten_gm, opts, report, PassContext(graph_name, "functional", opts.fp32_attention))
+        if user_pass is not None:
+            user_pass(aten_gm, aten_inputs, torchair_config)
+
+    config.post_grad_custom_pre_pass = npu_attn_passes
+    return torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)
 
 
 def _needs_gradients(example_inputs: list[Any]) -> bool:

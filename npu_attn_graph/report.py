@@ -22,6 +22,7 @@ class Site:
     sparse_mode: int | None = None
     gqa_ratio: int | None = None
     reason: str | None = None  # why it was left alone
+    precision: str | None = None  # e.g. "float32 via float16": casts around the fused op
 
     @property
     def rewritten(self) -> bool:
@@ -48,10 +49,12 @@ class Report:
         return [s for s in self.sites if not s.rewritten]
 
     def table(self) -> str:
-        headers = ["graph", "kind", "layer", "source", "pattern", "fused op", "layout", "sparse", "gqa", "reason"]
+        headers = ["graph", "kind", "layer", "source", "pattern", "fused op", "layout", "sparse", "gqa",
+                   "precision", "reason"]
         rows = [[s.graph, s.kind, s.layer, s.source, s.pattern, s.fused_op or "-", s.layout or "-",
                  "-" if s.sparse_mode is None else str(s.sparse_mode),
-                 "-" if s.gqa_ratio is None else str(s.gqa_ratio), s.reason or ""] for s in self.sites]
+                 "-" if s.gqa_ratio is None else str(s.gqa_ratio), s.precision or "-", s.reason or ""]
+                for s in self.sites]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))

@@ -29,6 +29,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..kernels._inference import COMPRESSED_MASK_SIZE, MAX_GQA_RATIO, MAX_HEAD_DIM, MAX_HEADS
 from ..report import Report, Site, node_location
+from ._context import PassContext
 from ._fx import insert_call
 
 aten = torch.ops.aten
@@ -329,18 +330,26 @@ def _output_is_bsnd_memory(site: AttentionSite) -> bool:
     return statically_known_true(stride[2] > stride[1])
 
 
+def float32_left_unfused(site: AttentionSite, ctx: PassContext) -> str | None:
+    if ctx.fp32_attention == "unfused" and site.query.meta["val"].dtype == torch.float32:
+        return "float32 attention left as plain math (fp32_attention='unfused'; the NPU ops take float16/bfloat16)"
+    return None
+
+
 def apply_to_sites(gm: torch.fx.GraphModule, sites: list[tuple[AttentionSite, str]], report: Report,
-                   graph_name: str) -> None:
+                   ctx: PassContext) -> None:
     """Check each (site, pattern name) and rewrite the ones every condition allows."""
     for site, pattern in sites:
         layer, source = node_location(site.node)
-        record = Site(kind="attention", graph=graph_name, layer=layer, source=source, pattern=pattern)
+        record = Site(kind="attention", graph=ctx.graph_name, layer=layer, source=source, pattern=pattern)
         for condition in CONDITIONS:
             reason = condition(site)
             if reason is not None:
                 record.reason = reason
                 break
         else:
+            record.reason = float32_left_unfused(site, ctx)
+        if record.reason is None:
             record.gqa_ratio = site.q_shape[1] // site.k_shape[1]
             record.fused_op, record.sparse_mode, record.layout, fused_node = rewrite_site(gm, site)
             fused_node.meta["npu_attn_site"] = record  # later passes refine the record

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ._context import PassContext
 from ..report import Report
 from ._fx import insert_call
 
@@ -95,7 +96,7 @@ def _contiguous_copy_of_transpose(view: torch.fx.Node) -> list[tuple[torch.fx.No
     return pairs
 
 
-def attention_layout(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def attention_layout(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in OPS or node.kwargs.get("block_table") is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
 
+from ._context import PassContext
 from ..report import Report
 from ._fused_attention import AttentionSite, _scalar_value, apply_to_sites
 
@@ -179,11 +180,11 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
                          mask_is_npu=mask_is_npu)
 
 
-def eager_attention_to_fused(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def eager_attention_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     """Rewrite every hand-written attention chain of `gm` that the fused ops can take."""
     sites = []
     for node in list(gm.graph.nodes):
         site = match_eager_attention(node)
         if site is not None:
             sites.append((site, "eager:matmul-softmax-matmul"))
-    apply_to_sites(gm, sites, report, graph_name)
+    apply_to_sites(gm, sites, report, ctx)

@@ -19,6 +19,7 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
 
 from ..kernels._inference import MAX_GQA_RATIO
+from ._context import PassContext
 from ..report import Report
 
 aten = torch.ops.aten
@@ -56,7 +57,7 @@ def _heads(node: torch.fx.Node) -> int:
     return node.meta["val"].shape[1]
 
 
-def gqa_repeat_kv(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def gqa_repeat_kv(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     changed = False
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in FUSED_ATTENTION:

@@ -18,6 +18,9 @@ disappear.
 Conditions: both caches are graph inputs in the ND ("Norm") paged layout,
 key/value are (T, N, D) matching them, both writes use the same slot
 mapping, and nothing reads a cache between its write and the fused write.
+For GE graphs (PassContext.kv_writes == "functional") the writer is
+npu_scatter_pa_kv_cache_functional and the copy_ nodes back stay: TorchAir
+turns writer + copy_ into one in-place write of each cache input.
 One difference is documented rather than provable: a negative slot (vLLM's
 padding id -1) is skipped by the fused op, while an eager index_put would
 write it from the end of the cache.
@@ -25,12 +28,15 @@ write it from the end of the cache.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ._context import PassContext
 from ..report import Report, Site, node_location
+from ._fx import insert_call
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -100,7 +106,7 @@ def _is_copy_back(user: torch.fx.Node, w: SlotWrite) -> bool:
     return user.target is aten.copy_.default and user.args[0] is w.cache and user.args[1] is w.back
 
 
-def paged_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def paged_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     writes = [w for w in map(match_slot_write, list(gm.graph.nodes)) if w is not None]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_slots: dict[torch.fx.Node, list[SlotWrite]] = {}
@@ -111,7 +117,7 @@ def paged_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: str
         sites = []
         for w in group:
             layer, source = node_location(w.write)
-            sites.append(Site(kind="kv_update", graph=graph_name, layer=layer, source=source, pattern=w.pattern))
+            sites.append(Site(kind="kv_update", graph=ctx.graph_name, layer=layer, source=source, pattern=w.pattern))
         report.sites.extend(sites)
         reason = None
         if len(group) != 2:
@@ -128,25 +134,50 @@ def paged_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: str
             for site in sites:
                 site.reason = reason
             continue
-        with gm.graph.inserting_after(last):
-            fused = gm.graph.call_function(
-                npu_attn.npu_scatter_pa_kv_cache.default,
-                (key_w.tokens, value_w.tokens, key_w.cache, value_w.cache, slots), {"cache_mode": "Norm"})
-        fused.meta["val"] = None
-        for w in (key_w, value_w):
-            for user in list(w.back.users):
-                if _is_copy_back(user, w):
-                    gm.graph.erase_node(user)
-            # Readers after the fused write read the cache itself, now updated in place.
-            w.back.replace_all_uses_with(w.cache)
-        for w in (key_w, value_w):
-            gm.graph.erase_node(w.back)
-            gm.graph.erase_node(w.write)
+        args = (key_w.tokens, value_w.tokens, key_w.cache, value_w.cache, slots)
+        if ctx.kv_writes == "functional":
+            _write_functional(gm, key_w, value_w, args, last)
+        else:
+            _write_in_place(gm, key_w, value_w, args, last)
         for site in sites:
-            site.fused_op = "npu_scatter_pa_kv_cache"
+            site.fused_op = ("npu_scatter_pa_kv_cache_functional" if ctx.kv_writes == "functional"
+                             else "npu_scatter_pa_kv_cache")
             site.layout = "PA(Norm)"
         changed = True
     if changed:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+
+
+def _write_in_place(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite, args: tuple,
+                    last: torch.fx.Node) -> None:
+    with gm.graph.inserting_after(last):
+        fused = gm.graph.call_function(npu_attn.npu_scatter_pa_kv_cache.default, args, {"cache_mode": "Norm"})
+    fused.meta["val"] = None
+    for w in (key_w, value_w):
+        for user in list(w.back.users):
+            if _is_copy_back(user, w):
+                gm.graph.erase_node(user)
+        # Readers after the fused write read the cache itself, now updated in place.
+        w.back.replace_all_uses_with(w.cache)
+    _erase_writes(gm, key_w, value_w)
+
+
+def _write_functional(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite, args: tuple,
+                      last: torch.fx.Node) -> None:
+    """The functional writer returns both new caches; the copy_ nodes back into
+    the cache inputs stay, and TorchAir makes writer + copy_ one in-place write."""
+    both = insert_call(gm, npu_attn.npu_scatter_pa_kv_cache_functional.default, args, {"cache_mode": "Norm"},
+                       after=last)
+    anchor = both
+    for index, w in enumerate((key_w, value_w)):
+        anchor = insert_call(gm, operator.getitem, (both, index), after=anchor)
+        w.back.replace_all_uses_with(anchor)
+    _erase_writes(gm, key_w, value_w)
+
+
+def _erase_writes(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite) -> None:
+    for w in (key_w, value_w):
+        gm.graph.erase_node(w.back)
+        gm.graph.erase_node(w.write)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx.operator_schemas import normalize_function
 
+from ._context import PassContext
 from ..report import Report
 from ._fused_attention import AttentionSite, apply_to_sites
 
@@ -39,8 +40,8 @@ def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
     )
 
 
-def sdpa_to_fused(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def sdpa_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     """Rewrite every SDPA site of `gm` that the fused ops can take."""
     sites = [(site, f"sdpa:{site.node.target.__name__.split('.')[0]}")
              for site in map(match_sdpa, list(gm.graph.nodes)) if site is not None]
-    apply_to_sites(gm, sites, report, graph_name)
+    apply_to_sites(gm, sites, report, ctx)

@@ -1,4 +1,4 @@
-"""Rewrite static KV-cache updates into the in-place fused writer scatter_update_.
+"""Rewrite static KV-cache updates into the fused writer scatter_update(_).
 
 transformers' StaticCache writes new keys/values with
 ``cache.index_copy_(2, positions, states)`` where positions = arange(S) + a
@@ -23,6 +23,9 @@ Rule = pattern + conditions + replacement:
   write except the final copy_ back into it; states has the cache's batch,
   heads and head dim;
 - replacement: scatter_update_ at the same place; the copy_ is dropped.
+  For GE graphs (PassContext.kv_writes == "functional") the functional
+  scatter_update replaces the write and the copy_ stays: TorchAir turns the
+  pair into one in-place GE Scatter on the cache input.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
+from ._context import PassContext
 from ..report import Report, Site, node_location
 from ._fx import insert_call
 
@@ -165,7 +169,7 @@ def _start_indices(gm: torch.fx.GraphModule, node: torch.fx.Node, cache: torch.f
     return insert_call(gm, aten.expand.default, (flat, [batch]), before=node)
 
 
-def static_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: str) -> None:
+def static_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in SEQUENCE_WRITES:
@@ -174,20 +178,23 @@ def static_cache_update(gm: torch.fx.GraphModule, report: Report, graph_name: st
         if write is None or write.cache.meta["val"].dim() != 4:
             continue  # not a (B, N, S, D) cache write; paged slot writes have their own pass
         layer, source = node_location(node)
-        site = Site(kind="kv_update", graph=graph_name, layer=layer, source=source, pattern=write.pattern)
+        site = Site(kind="kv_update", graph=ctx.graph_name, layer=layer, source=source, pattern=write.pattern)
         report.sites.append(site)
         site.reason = _check(node, write)
         if site.reason is not None:
             continue
         cache, states, start = write.cache, write.states, write.start
         starts = _start_indices(gm, node, cache, start)
-        in_place = insert_call(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), before=node)
-        for user in list(node.users):
-            if user.target is aten.copy_.default and user.args[0] is cache:
-                gm.graph.erase_node(user)  # the cache is already written in place
-        node.replace_all_uses_with(in_place)
+        if ctx.kv_writes == "functional":  # the copy_ back into the cache stays
+            written = insert_call(gm, npu_attn.scatter_update.default, (cache, starts, states, -2), before=node)
+        else:
+            written = insert_call(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), before=node)
+            for user in list(node.users):
+                if user.target is aten.copy_.default and user.args[0] is cache:
+                    gm.graph.erase_node(user)  # the cache is already written in place
+        node.replace_all_uses_with(written)
         gm.graph.erase_node(node)
-        site.fused_op = "scatter_update_"
+        site.fused_op = written.target.__name__.split(".")[0]
         site.layout = "BNSD"
         changed = True
     if changed:

@@ -1,0 +1,30 @@
+"""What the converters use from TorchAir, in one place."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torchair import register_fx_node_ge_converter
+from torchair._ge_concrete_graph import ge_apis as ge  # TorchAir's generated GE op builders
+from torchair.ge import DataType, Tensor, TensorSpec, attr, custom_op
+from torchair.ge._ge_graph import dont_prune_me
+
+from .._torchair_offline_native import register_ir
+
+INT_MAX = 2147483647
+
+
+def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.DT_INT64) -> Tensor | None:
+    """An ``int[]?`` / ``SymInt[]?`` argument as the GE tensor input the NPU op takes.
+
+    TorchAir hands a list of plain ints over as a list and a list holding
+    symbols as a GE tensor already."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value if value.dtype == dtype else ge.Cast(value, dst_type=dtype)
+    return ge.Const(list(value), dtype=dtype)
+
+
+__all__ = ["DataType", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
+           "int_list_input", "register_fx_node_ge_converter", "register_ir"]
