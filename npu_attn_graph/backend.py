@@ -110,7 +110,7 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
 
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
-            _rewrite(aten_gm, opts, report, PassContext(graph_name, "in_place", opts.fp32_attention))
+            _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
         return compile_graph
@@ -168,7 +168,7 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
         is_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in aten_gm.graph.nodes)
         graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
         # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
-        _rewrite(aten_gm, opts, report, PassContext(graph_name, "functional", opts.fp32_attention))
+        _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention))
         if user_pass is not None:
             user_pass(aten_gm, aten_inputs, torchair_config)
 

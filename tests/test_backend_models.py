@@ -11,33 +11,10 @@ from npu_attn_graph import Report
 
 transformers = pytest.importorskip("transformers")
 
+from models import DECODERS, IMPLEMENTATIONS, LAYERS, build  # noqa: E402
+
 RTOL, ATOL = 1e-4, 1e-5  # fp32 logits
-LAYERS = 2
 NEW_TOKENS = 16
-DECODERS = ["llama", "qwen2", "gpt2"]
-IMPLEMENTATIONS = ["sdpa", "eager"]
-
-
-def build(kind: str, attn: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       max_position_embeddings=128)
-        cls = transformers.LlamaForCausalLM
-    elif kind == "qwen2":
-        cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-        cls = transformers.Qwen2ForCausalLM
-    elif kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=128)
-        cls = transformers.GPT2LMHeadModel
-    else:
-        cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                      intermediate_size=128, max_position_embeddings=128)
-        cls = transformers.BertModel
-    cfg._attn_implementation = attn
-    return cls(cfg).eval()
 
 
 def output_of(result) -> torch.Tensor:

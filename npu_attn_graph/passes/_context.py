@@ -1,5 +1,5 @@
 """What a pass needs to know besides the graph: which graph it is, and what the
-rewritten graph is for (run op by op here, or converted into a GE graph)."""
+rewritten graph is for (run by torch here, or converted into a GE graph)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,38 @@ from dataclasses import dataclass
 
 import torch
 
-KV_WRITES = ("in_place", "functional")
+TARGETS = ("torch", "ge")
 FP32_ATTENTION = ("keep", "float16", "bfloat16", "unfused")
 
 
 @dataclass(frozen=True)
 class PassContext:
     graph_name: str  # "inference" / "forward" / "backward"
-    # How the KV-cache passes write caches:
-    # - "in_place": the in-place fused writers (scatter_update_, npu_scatter_pa_kv_cache),
-    #   and the graph's copy_ back into the cache is dropped. Right for running the graph.
-    # - "functional": the functional writers, and the graph's copy_ back stays. Right for
-    #   TorchAir, which turns writer + copy_ into one in-place GE write of the cache input
-    #   (an in-place op returning an alias cannot be re-functionalized on the way there).
-    kv_writes: str = "in_place"
-    # What happens to a float32 attention site (GE graphs: the NPU inference ops take
+    # Who consumes the rewritten graph:
+    # - "torch": it runs op by op (or through Inductor). KV caches are written with the
+    #   in-place fused writers (scatter_update_, npu_scatter_pa_kv_cache) and the graph's
+    #   copy_ back into the cache is dropped.
+    # - "ge": TorchAir converts it into a GE graph. KV caches are written with the
+    #   functional writers and the copy_ back stays: TorchAir turns the pair into one
+    #   in-place GE write of the cache input (an in-place op returning an alias could not
+    #   be functionalized again on the way). Only ops TorchAir converts are inserted.
+    target: str = "torch"
+    # What happens to a float32 attention site (the NPU's inference ops take
     # float16/bfloat16 only): "keep" fuses it in float32 (the reference kernels take it),
     # "float16"/"bfloat16" fuse it with casts around the fused op (attention_precision),
     # "unfused" leaves it as plain math.
     fp32_attention: str = "keep"
 
     def __post_init__(self) -> None:
-        if self.kv_writes not in KV_WRITES:
-            raise ValueError(f"PassContext: kv_writes must be one of {list(KV_WRITES)}, got {self.kv_writes!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"PassContext: target must be one of {list(TARGETS)}, got {self.target!r}")
         if self.fp32_attention not in FP32_ATTENTION:
             raise ValueError(f"PassContext: fp32_attention must be one of {list(FP32_ATTENTION)}, "
                              f"got {self.fp32_attention!r}")
+
+    @property
+    def functional_kv_writes(self) -> bool:
+        return self.target == "ge"
 
     @property
     def attention_cast_dtype(self) -> torch.dtype | None:

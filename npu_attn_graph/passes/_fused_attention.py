@@ -239,21 +239,27 @@ def _npu_mask(gm: torch.fx.GraphModule, mask: torch.fx.Node, before: torch.fx.No
     return _call(gm, aten.logical_not.default, (keep,), {}, before)
 
 
-def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node) -> torch.fx.Node:
+def _causal_mask_node(gm: torch.fx.GraphModule, like: torch.fx.Node, ctx: PassContext) -> torch.fx.Node:
     """The compressed causal mask triu(ones(2048, 2048), 1), built once per graph.
 
     It is computed in the graph rather than held as a constant so that every
     executor (Inductor included) treats it like any other value; building it
-    costs one 4 MiB comparison per call, shared by all sites."""
+    costs one 4 MiB comparison per call, shared by all sites (the eager executor
+    folds it into a constant, GE's constant folding does the same)."""
     device = like.meta["val"].device
     for node in gm.graph.find_nodes(op="call_function", target=aten.lt.Tensor):
         if node.meta.get(CAUSAL_MASK_BUFFER) == device:
             return node
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    # Core ATen/prims only (iota, unsqueeze, lt), so every executor lowers it.
-    positions = _call(gm, torch.ops.prims.iota.default, (COMPRESSED_MASK_SIZE,),
-                      dict(start=0, step=1, dtype=torch.int64, device=device, requires_grad=False), first,
-                      fake_from=like)
+    # Ops every consumer takes: prims.iota for Inductor (which lowers graphs decomposed
+    # to prims), aten.arange for TorchAir (which has no iota converter).
+    if ctx.target == "ge":
+        positions = _call(gm, aten.arange.start, (0, COMPRESSED_MASK_SIZE), dict(dtype=torch.int64, device=device),
+                          first, fake_from=like)
+    else:
+        positions = _call(gm, torch.ops.prims.iota.default, (COMPRESSED_MASK_SIZE,),
+                          dict(start=0, step=1, dtype=torch.int64, device=device, requires_grad=False), first,
+                          fake_from=like)
     rows = _call(gm, aten.unsqueeze.default, (positions, 1), {}, first)
     cols = _call(gm, aten.unsqueeze.default, (positions, 0), {}, first)
     mask = _call(gm, aten.lt.Tensor, (rows, cols), {}, first)  # key after query: masked out
@@ -269,7 +275,8 @@ def _call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict, like: tor
     return insert_call(gm, target, args, kwargs, before=like, fake_from=fake_from)
 
 
-def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[str, int | None, str, torch.fx.Node]:
+def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite,
+                 ctx: PassContext) -> tuple[str, int | None, str, torch.fx.Node]:
     """Replace the site with its fused op; returns (op name, sparse_mode, layout, fused node)."""
     n, nkv = site.q_shape[1], site.k_shape[1]
     sq, skv = site.q_shape[2], site.k_shape[2]
@@ -285,7 +292,7 @@ def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[str, in
             atten_mask = _npu_mask(gm, site.mask, node)
         sparse_mode = 1  # allMask: exactly the given mask, no band
     elif site.is_causal:
-        atten_mask = _causal_mask_node(gm, site.query)
+        atten_mask = _causal_mask_node(gm, site.query, ctx)
         sparse_mode = 3 if statically_known_true(sq == skv) else 2
 
     # Match the memory layout the original kernel produced (the CPU and CUDA
@@ -351,7 +358,7 @@ def apply_to_sites(gm: torch.fx.GraphModule, sites: list[tuple[AttentionSite, st
             record.reason = float32_left_unfused(site, ctx)
         if record.reason is None:
             record.gqa_ratio = site.q_shape[1] // site.k_shape[1]
-            record.fused_op, record.sparse_mode, record.layout, fused_node = rewrite_site(gm, site)
+            record.fused_op, record.sparse_mode, record.layout, fused_node = rewrite_site(gm, site, ctx)
             fused_node.meta["npu_attn_site"] = record  # later passes refine the record
         report.sites.append(record)
     if sites:

@@ -18,7 +18,7 @@ disappear.
 Conditions: both caches are graph inputs in the ND ("Norm") paged layout,
 key/value are (T, N, D) matching them, both writes use the same slot
 mapping, and nothing reads a cache between its write and the fused write.
-For GE graphs (PassContext.kv_writes == "functional") the writer is
+For GE graphs (PassContext.target == "ge") the writer is
 npu_scatter_pa_kv_cache_functional and the copy_ nodes back stay: TorchAir
 turns writer + copy_ into one in-place write of each cache input.
 One difference is documented rather than provable: a negative slot (vLLM's
@@ -135,12 +135,12 @@ def paged_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContex
                 site.reason = reason
             continue
         args = (key_w.tokens, value_w.tokens, key_w.cache, value_w.cache, slots)
-        if ctx.kv_writes == "functional":
+        if ctx.functional_kv_writes:
             _write_functional(gm, key_w, value_w, args, last)
         else:
             _write_in_place(gm, key_w, value_w, args, last)
         for site in sites:
-            site.fused_op = ("npu_scatter_pa_kv_cache_functional" if ctx.kv_writes == "functional"
+            site.fused_op = ("npu_scatter_pa_kv_cache_functional" if ctx.functional_kv_writes
                              else "npu_scatter_pa_kv_cache")
             site.layout = "PA(Norm)"
         changed = True

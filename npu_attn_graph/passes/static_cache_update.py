@@ -23,7 +23,7 @@ Rule = pattern + conditions + replacement:
   write except the final copy_ back into it; states has the cache's batch,
   heads and head dim;
 - replacement: scatter_update_ at the same place; the copy_ is dropped.
-  For GE graphs (PassContext.kv_writes == "functional") the functional
+  For GE graphs (PassContext.target == "ge") the functional
   scatter_update replaces the write and the copy_ stays: TorchAir turns the
   pair into one in-place GE Scatter on the cache input.
 """
@@ -185,7 +185,7 @@ def static_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassConte
             continue
         cache, states, start = write.cache, write.states, write.start
         starts = _start_indices(gm, node, cache, start)
-        if ctx.kv_writes == "functional":  # the copy_ back into the cache stays
+        if ctx.functional_kv_writes:  # the copy_ back into the cache stays
             written = insert_call(gm, npu_attn.scatter_update.default, (cache, starts, states, -2), before=node)
         else:
             written = insert_call(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), before=node)
