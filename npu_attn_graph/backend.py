@@ -29,6 +29,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
+from ._logging import graphs_log, log
 from .passes import PASSES, PassContext, run_passes
 from .passes._context import FP32_ATTENTION
 from .passes.training_sdpa_to_fusion import training_sdpa_to_fusion
@@ -142,12 +143,32 @@ def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
     report.code_before.append(aten_gm.code)
+    before = torch.fx.Graph()
+    before.output(before.graph_copy(aten_gm.graph, {}))  # node meta (shapes, module stack) included
+    report.graphs_before.append(before)
+    first_site = len(report.sites)
     run_passes(aten_gm, opts.passes, report, ctx)
     report.code_after.append(aten_gm.code)
+    _log_graph(report, ctx, first_site)
     report.graph_modules.append(aten_gm)
     report.graphs += 1
     if callable(opts.report) and not isinstance(opts.report, Report):
         opts.report(report)
+
+
+def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:
+    sites = report.sites[first_site:]
+    log.info("%s graph: %d of %d site(s) fused", ctx.graph_name, sum(s.rewritten for s in sites), len(sites))
+    for s in sites:
+        where = f"{s.kind} {s.layer} ({s.source}) pattern {s.pattern}"
+        if s.rewritten:
+            log.info("fused %s -> %s layout %s%s", where, s.fused_op, s.layout,
+                     f", {s.precision}" if s.precision else "")
+        else:
+            log.info("left alone %s: %s", where, s.reason)
+    log.debug("pass seconds so far: %s", {k: round(v, 4) for k, v in report.pass_seconds.items()})
+    graphs_log.debug("%s graph before npu_attn passes:\n%s\nafter:\n%s", ctx.graph_name, report.code_before[-1],
+                     report.code_after[-1])
 
 
 def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ._logging import log
 from .report import Report
 from .torchair_bridge import TorchAir, load_torchair
 
@@ -155,7 +156,12 @@ class _Recorder:
         path = self.out_dir / f"{name}.pbtxt"
         concrete.dump(str(path))
         (self.out_dir / f"{name}.ge.txt").write_text(str(graph_def))  # the GE protobuf as text
-        self.graphs.append(GeGraph(name, graph_def, path, self._pending.pop(id(concrete), []), optimized))
+        graph = GeGraph(name, graph_def, path, self._pending.pop(id(concrete), []), optimized)
+        self.graphs.append(graph)
+        log.info("GE graph %s: %d ops, %s; dumped to %s", name, len(graph_def.op),
+                 "complete" if graph.complete else f"{len(graph.unconverted)} unconverted node(s)", path)
+        for node in graph.unconverted:
+            log.info("TorchAir could not convert %s", node)
 
 
 def _recording_class(base: type, recorder: _Recorder) -> type:

@@ -40,6 +40,7 @@ class Report:
     code_before: list[str] = field(default_factory=list)
     code_after: list[str] = field(default_factory=list)
     graph_modules: list[torch.fx.GraphModule] = field(default_factory=list)
+    graphs_before: list[torch.fx.Graph] = field(default_factory=list)  # copies, taken before the passes
     pass_seconds: dict[str, float] = field(default_factory=dict)  # wall time spent in each pass
 
     def fused(self, kind: str | None = None) -> list[Site]:
