@@ -143,17 +143,22 @@ def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
     report.code_before.append(aten_gm.code)
-    before = torch.fx.Graph()
-    before.output(before.graph_copy(aten_gm.graph, {}))  # node meta (shapes, module stack) included
-    report.graphs_before.append(before)
+    report.graphs_before.append(_copy_graph(aten_gm.graph))
     first_site = len(report.sites)
     run_passes(aten_gm, opts.passes, report, ctx)
     report.code_after.append(aten_gm.code)
+    report.graphs_after.append(_copy_graph(aten_gm.graph))
     _log_graph(report, ctx, first_site)
     report.graph_modules.append(aten_gm)
     report.graphs += 1
     if callable(opts.report) and not isinstance(opts.report, Report):
         opts.report(report)
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))  # node meta (shapes, module stack) included
+    return copy
 
 
 def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:

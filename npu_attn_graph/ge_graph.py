@@ -180,6 +180,9 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
                     placeholder = self._create_mock_node_for_op(target, args, kwargs)
                 except Exception as mock_error:
                     raise _ConversionAborted(f"{node}: {error}; no placeholder possible: {mock_error}") from error
+                if isinstance(meta_outputs, (tuple, list)) and isinstance(placeholder, (tuple, list)):
+                    # Non-tensor results (ints) keep their traced values; only tensors get GE outputs.
+                    placeholder = [p if isinstance(m, torch.Tensor) else m for p, m in zip(placeholder, meta_outputs)]
                 if meta_outputs is not None:
                     set_ge_outputs(placeholder, meta_outputs)
                 return placeholder

@@ -40,7 +40,10 @@ class Report:
     code_before: list[str] = field(default_factory=list)
     code_after: list[str] = field(default_factory=list)
     graph_modules: list[torch.fx.GraphModule] = field(default_factory=list)
-    graphs_before: list[torch.fx.Graph] = field(default_factory=list)  # copies, taken before the passes
+    # Copies of each graph just before and just after the passes (the modules above
+    # may change later: TorchAir rewrites views, Inductor lowers).
+    graphs_before: list[torch.fx.Graph] = field(default_factory=list)
+    graphs_after: list[torch.fx.Graph] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)  # wall time spent in each pass
 
     def fused(self, kind: str | None = None) -> list[Site]:

@@ -228,12 +228,13 @@ class _OfflineTorchAirFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader)
 def _import_offline(root: Path) -> ModuleType:
     sys.meta_path.insert(0, _OfflineTorchAirFinder(root))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # TorchAir's converters for torch_npu's own ops cannot register without
+    # torch_npu, and it warns once per module (now or when it first converts a
+    # graph). Expected offline, so silenced; nothing else is.
+    warnings.filterwarnings("ignore", message=r"Failed to import torchair\._ge_concrete_graph\.ge_converter\.",
+                            category=UserWarning)
     try:
-        with warnings.catch_warnings():
-            # TorchAir's converters for torch_npu's own ops cannot register
-            # without torch_npu; it warns once per module. Expected offline.
-            warnings.filterwarnings("ignore", message="Failed to import torchair", category=UserWarning)
-            import torchair
+        import torchair
     except Exception as error:
         raise TorchAirUnavailable(f"importing TorchAir offline from {root} failed: {error}") from error
     finally:

@@ -42,5 +42,6 @@ def convert_fusion_attention(
         q_start_idx=None, kv_start_idx=None, head_num=head_num, input_layout=input_layout, scale_value=scale,
         keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens, inner_precise=inner_precise,
         sparse_mode=sparse_mode)
-    numels = meta_outputs[6] if meta_outputs is not None else 0
+    # TorchAir hands meta outputs over wrapped (TensorSpec); numels is the traced int.
+    numels = getattr(meta_outputs[6], "_meta", meta_outputs[6]) if meta_outputs is not None else 0
     return attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels

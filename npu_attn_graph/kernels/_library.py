@@ -66,9 +66,9 @@ def check(condition: bool, op: str, argument: str, rule: str, value: object) -> 
         fail(op, argument, rule, value)
 
 
-def define(name: str, schema: str) -> str:
+def define(name: str, schema: str, tags: tuple = ()) -> str:
     """Define ``npu_attn::<name>`` from the schema text after the op name."""
-    LIB.define(name + schema)
+    LIB.define(name + schema, tags=tags)
     return f"{NAMESPACE}::{name}"
 
 

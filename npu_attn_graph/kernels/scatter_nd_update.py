@@ -95,8 +95,10 @@ def npu_scatter_nd_update(self: torch.Tensor, indices: torch.Tensor, updates: to
 
 # ---------------------------------------------------------------------------- in place
 
+# Tagged in-place: AOT functionalizes it into npu_scatter_nd_update.
 NPU_SCATTER_ND_UPDATE_ = define("npu_scatter_nd_update_",
-                                "(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)")
+                                "(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)",
+                                tags=(torch.Tag.inplace,))
 
 
 @torch.library.register_fake(NPU_SCATTER_ND_UPDATE_)

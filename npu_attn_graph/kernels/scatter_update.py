@@ -136,8 +136,11 @@ def scatter_update(self: torch.Tensor, indices: torch.Tensor, updates: torch.Ten
 
 # ---------------------------------------------------------------------------- scatter_update_
 
+# Tagged in-place: AOT functionalizes it into the functional scatter_update (the op of the same
+# name without the underscore), so it compiles like torch's own in-place ops.
 SCATTER_UPDATE_ = define("scatter_update_",
-                         "(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)")
+                         "(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)",
+                         tags=(torch.Tag.inplace,))
 
 
 @torch.library.register_fake(SCATTER_UPDATE_)

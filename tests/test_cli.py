@@ -1,0 +1,159 @@
+"""The npu-attn-graph CLI: dump, check, explain, demo; TARGET errors; TORCH_LOGS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from npu_attn_graph.cli import main
+
+pytest.importorskip("transformers")
+
+GOOD = """
+import torch
+
+class Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+def make():
+    q = torch.randn(1, 2, 8, {d}, dtype=torch.float16)
+    return Attention(), (q, q, q)
+"""
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def write(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "npu_attn_graph", *argv], capture_output=True, text=True,
+                          timeout=600, env={k: v for k, v in os.environ.items() if k != "TORCH_LOGS"})
+
+
+@pytest.mark.parametrize("command", ["dump", "check", "explain", "demo"])
+def test_every_command_has_help_with_an_example(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0 and "Example:" in result.stdout and "npu-attn-graph " + command in result.stdout
+
+
+@pytest.mark.parametrize("target_source,spec,message", [
+    (None, "missing.py:make", "file not found: missing.py"),
+    ("def make():\n    return 1, (2,)\n", "t.py:nothing", "has no factory 'nothing' (its functions: make)"),
+    ("def make():\n    raise RuntimeError('no weights')\n", "t.py:make", "the factory raised RuntimeError: no weights"),
+    ("def make():\n    return 42\n", "t.py:make", "must return (model, example_args) or"),
+    ("def make():\n    return len, 3\n", "t.py:make", "(example_args is not a tuple or list)"),
+    ("import not_a_module_anywhere\n", "t.py:make", "importing t.py failed: ModuleNotFoundError"),
+    (None, "no_colon_here", "is not one of path/to/file.py:factory"),
+    (None, "demo:nope", "no built-in demo 'nope'"),
+    (None, "no_such_pkg.mod:make", "cannot import module 'no_such_pkg.mod'"),
+])
+def test_bad_targets_are_one_line_errors(tmp_path, monkeypatch, capsys, target_source, spec, message):
+    monkeypatch.chdir(tmp_path)
+    if target_source is not None:
+        write(tmp_path, "t.py", target_source)
+    assert main(["explain", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 + sum("[npu-attn-graph]" in line for line in err[:-1])  # progress lines, then one error
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert main(["explain", spec, "--verbose"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_only_the_named_target_is_imported(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "a.py", GOOD.format(d=16) + "print('imported a')\n")
+    write(tmp_path, "b.py", "print('imported b')\n")
+    assert main(["explain", "a.py:make"]) == 0
+    out = capsys.readouterr().out
+    assert "imported a" in out and "imported b" not in out
+    assert "npu_prompt_flash_attention" in out and "1/1 sites fused" in out
+
+
+def test_check_passes_for_the_demo_llama(capsys):
+    assert main(["check", "demo:llama"]) == 0
+    assert capsys.readouterr().out.startswith("OK demo:llama: 6/6 sites fused, one GE graph")
+
+
+def test_check_fails_with_reasons(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "odd.py", GOOD.format(d=20))  # head_dim 20: the NPU ops need a multiple of 16
+    assert main(["check", "odd.py:make"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL odd.py:make: 0/1 sites fused")
+    assert "left alone" in out and "multiple of 16" in out and "unconverted GE node" in out
+
+
+def test_dump_writes_everything_inside_out_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "dump"
+    assert main(["dump", "demo:llama", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dump"]
+    printed = capsys.readouterr().out
+    assert "6/6 sites fused" in printed and "one complete GE graph" in printed and str(out / "report.txt") in printed
+    assert (out / "fx" / "graph_0_before.py").read_text().count("aten.index_copy.default(") == 4
+    after = (out / "fx" / "graph_0_after.py").read_text()
+    assert after.count("npu_attn.npu_incre_flash_attention") == 2 and "aten.index_copy" not in after
+    data = json.loads((out / "report.json").read_text())
+    assert data["single_ge_graph"] and len(data["sites"]) == 6
+    assert {s["fused_op"] for s in data["sites"]} == {"npu_incre_flash_attention", "scatter_update"}
+    assert "IncreFlashAttention" in (out / "ge" / "op_types.txt").read_text()
+    assert list((out / "ge").glob("*.pbtxt"))
+    report = (out / "report.txt").read_text()
+    assert "sites left alone: 0" in report and "gqa" in report
+    for stage in ("before", "after"):
+        assert (out / "pictures" / f"attention_{stage}.svg").is_file()
+        assert (out / "pictures" / f"attention_{stage}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dump_refuses_a_non_empty_out_without_force(tmp_path, capsys):
+    out = tmp_path / "dump"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    (out / "report.txt").write_text("old")
+    assert main(["dump", "demo:bert", "--out", str(out)]) == 2
+    assert "is not empty; pass --force" in capsys.readouterr().err
+    assert main(["dump", "demo:bert", "--out", str(out), "--force"]) == 0
+    assert (out / "keep.txt").read_text() == "mine" and (out / "report.txt").read_text() != "old"
+
+
+def test_demo_command_generates_like_eager():
+    result = cli("demo", "--new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "generated tokens identical to eager" in result.stdout and "sites fused in 2 graph(s)" in result.stdout
+
+
+def test_torch_logs_shows_matches_and_misses(tmp_path):
+    write(tmp_path, "odd.py", GOOD.format(d=20))
+    write(tmp_path, "good.py", GOOD.format(d=16))
+    code = textwrap.dedent("""
+        import torch, sys
+        sys.path.insert(0, sys.argv[1])
+        import good, odd
+        for m in (good, odd):
+            torch._dynamo.reset()
+            model, args = m.make()
+            torch.compile(model, backend="npu_attn")(*args)
+    """)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TORCH_LOGS": "+npu_attn"})
+    assert result.returncode == 0, result.stderr
+    assert "fused attention" in result.stderr and "-> npu_prompt_flash_attention" in result.stderr
+    assert "left alone attention" in result.stderr and "multiple of 16" in result.stderr
+    assert "pass seconds" in result.stderr  # DEBUG level
