@@ -669,3 +669,14 @@ def test_public_signatures_match_schema_defaults():
     for mod in (su, snd, spa):
         for name in mod.__all__:
             assert getattr(mod, name).__doc__
+
+
+@pytest.mark.parametrize("op,args", [
+    (torch.ops.npu_attn.scatter_update_.default,
+     lambda: (torch.zeros(2, 3, 8, 4), torch.tensor([5, 1]), torch.randn(2, 3, 1, 4), 2)),
+    (torch.ops.npu_attn.npu_scatter_nd_update_.default,
+     lambda: (torch.zeros(4, 5, 6), torch.tensor([[0, 1], [3, 4], [2, 0]]), torch.randn(3, 6))),
+])
+def test_in_place_writers_pass_opcheck(op, args):
+    """Tagged inplace, the alias-returning writers functionalize (AOT dispatch included)."""
+    torch.library.opcheck(op, args())
