@@ -96,5 +96,11 @@ def make_native_module(name: str) -> ModuleType:
     if name == "torchair.core._torchair":
         return _torchair_module(name)
     module = ModuleType(name, __doc__)
-    module.__getattr__ = lambda attr: _unavailable(f"{name.rsplit('.', 1)[1]}.{attr}")
+
+    def runtime_entry(attr: str):
+        if attr.startswith("__"):  # import machinery probes (__path__, __spec__, ...)
+            raise AttributeError(attr)
+        return _unavailable(f"{name.rsplit('.', 1)[1]}.{attr}")
+
+    module.__getattr__ = runtime_entry
     return module

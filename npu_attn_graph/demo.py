@@ -1,4 +1,4 @@
-"""The built-in default job: a tiny GQA decoder attention run through the fused ops.
+"""The op-level tour (`npu-attn-graph demo --ops`): a tiny GQA decoder attention run through the fused ops.
 
 It prefills a prompt with npu_prompt_flash_attention (rightDownCausal), then
 decodes token by token twice: once with a static cache written by

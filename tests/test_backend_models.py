@@ -11,7 +11,8 @@ from npu_attn_graph import Report
 
 transformers = pytest.importorskip("transformers")
 
-from models import DECODERS, IMPLEMENTATIONS, LAYERS, build  # noqa: E402
+from models import (DECODERS, IMPLEMENTATIONS, LAYERS, assert_caches_close, build,  # noqa: E402
+                    generate_static_both_ways)
 
 RTOL, ATOL = 1e-4, 1e-5  # fp32 logits
 NEW_TOKENS = 16
@@ -71,18 +72,11 @@ def test_prefill(kind, attn):
 def test_static_cache_generate(kind, attn):
     model = build(kind, attn)
     ids = torch.randint(1, 128, (2, 7))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        eager_cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        expected = model.generate(ids, past_key_values=eager_cache, **kwargs)
-        report = Report()
-        model.forward = torch.compile(model.forward, backend="npu_attn", fullgraph=True, options={"report": report})
-        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        actual = model.generate(ids, past_key_values=cache, **kwargs)
+    report = Report()
+    expected, actual, eager_cache, cache = generate_static_both_ways(model, "npu_attn", ids, NEW_TOKENS,
+                                                                     {"report": report})
     assert torch.equal(actual, expected)
-    for mine, theirs in zip(cache.layers, eager_cache.layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(mine.values, theirs.values, rtol=RTOL, atol=ATOL)
+    assert_caches_close(cache, eager_cache, RTOL, ATOL)
     assert report.graphs == 2  # prefill + decode; the 15 later decode steps reuse the decode graph
     assert all(s.rewritten for s in report.sites), report.table()
     assert sum(s.kind == "attention" for s in report.sites) == 2 * LAYERS

@@ -1,4 +1,5 @@
-"""The README's main job: `npu-attn-graph demo` runs and checks itself."""
+"""The op-level tour, `npu-attn-graph demo --ops`, runs and checks itself (the
+main job, `npu-attn-graph demo`, is tested in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ def test_demo_steps_match_sdpa():
     assert max(r.max_abs_err for r in results) <= FP32_TOLERANCE
 
 
-def test_demo_command_exits_zero_and_prints_table():
-    proc = subprocess.run([sys.executable, "-m", "npu_attn_graph", "demo", "--new-tokens", "2"],
+def test_ops_demo_command_exits_zero_and_prints_table():
+    proc = subprocess.run([sys.executable, "-m", "npu_attn_graph", "demo", "--ops", "--new-tokens", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "npu_incre_flash_attention" in proc.stdout

@@ -15,7 +15,7 @@ from npu_attn_graph.passes import PASSES, PassContext, run_passes
 
 transformers = pytest.importorskip("transformers")
 
-from models import LAYERS, build  # noqa: E402
+from models import LAYERS, assert_caches_close, build, generate_static_both_ways  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5  # fp32, as the backend's model tests
 npu_attn = torch.ops.npu_attn
@@ -42,18 +42,11 @@ def _fresh_dynamo():
 def test_functional_kv_writes_match_eager_over_decode_steps(kind, attn):
     model = build(kind, attn)
     ids = torch.randint(1, 128, (2, 7))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     report = Report()
-    with torch.no_grad():
-        eager_cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        expected = model.generate(ids, past_key_values=eager_cache, **kwargs)
-        model.forward = torch.compile(model.forward, backend=ge_target_backend(report, "keep"), fullgraph=True)
-        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        actual = model.generate(ids, past_key_values=cache, **kwargs)
+    expected, actual, eager_cache, cache = generate_static_both_ways(
+        model, ge_target_backend(report, "keep"), ids, 8)
     assert torch.equal(actual, expected)
-    for mine, theirs in zip(cache.layers, eager_cache.layers):
-        torch.testing.assert_close(mine.keys, theirs.keys, rtol=RTOL, atol=ATOL)
-        torch.testing.assert_close(mine.values, theirs.values, rtol=RTOL, atol=ATOL)
+    assert_caches_close(cache, eager_cache, RTOL, ATOL)
     kv_sites = [s for s in report.sites if s.kind == "kv_update"]
     assert kv_sites and all(s.fused_op == "scatter_update" for s in kv_sites), report.table()
     for gm in report.graph_modules:

@@ -39,6 +39,10 @@ def convert_advance_step_flashattn(
     GE op type: AdvanceStep, updating its four ref inputs in place. The
     speculative inputs (spec_token, accepted_num) are the op's version-2 inputs;
     CANN's own GE example notes that older CANN releases reject them in graph mode.
+    After AOT (auto_functionalized_v2) TorchAir feeds the op TensorMove copies of
+    the four tensors and assigns the results back: TorchAir removes such copies
+    only for the ref op types in its own table, which lacks AdvanceStep, so four
+    copies of (num_seqs,) int64 vectors remain; small, and left as TorchAir makes them.
     """
     inputs = dict(input_tokens=input_tokens, sampled_token_ids=sampled_token_ids, input_positions=input_positions,
                   seq_lens=seq_lens, slot_mapping=slot_mapping, block_tables=block_tables, spec_token=spec_token,
