@@ -5,12 +5,14 @@ model and scenario, with TorchAir alone (no passes) and with npu_attn.
 
 Uses TorchAir offline (the torch-npu wheel) unless torch_npu imports.
 --full prints every GE op type; the default prints the attention, KV-write
-and placeholder (unconverted) types and the total.
+and placeholder (unconverted) types and the total. The seconds are the whole
+to_ge_graph call (dynamo, AOT, passes, GE conversion), side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -41,9 +43,11 @@ def main() -> None:
     for kind, attn, scenario in cases:
         for label, options in (("TorchAir alone", {"passes": []}), ("with npu_attn", None)):
             model, call_args, kwargs = scenario_call(kind, attn, scenario)
+            start = time.perf_counter()
             with torch.no_grad():
                 result = to_ge_graph(model, *call_args, options=options, **kwargs)
-            print(f"{kind:5} {attn:5} {scenario:13} {label:14} {describe(result, args.full)}")
+            seconds = time.perf_counter() - start
+            print(f"{kind:5} {attn:5} {scenario:13} {label:14} {seconds:5.2f} s  {describe(result, args.full)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ This is the backend's own path with executor "torchair": dynamo -> TorchAir's
 npu backend (AOT autograd) -> our passes at TorchAir's
 ``post_grad_custom_pre_pass`` seam -> TorchAir's FX-to-GE conversion, which
 uses the converters in npu_attn_graph.converters for our ops. to_ge_graph stops
-there: it records and dumps every GE graph built, runs the model's FX graphs
+there: it records and dumps every GE graph built (with gradients, the forward
+and the backward graph of each dynamo graph), runs the model's FX graphs
 eagerly so tracing reaches every graph, and never compiles or runs a GE graph
 (offline, nothing could).
 
@@ -240,7 +241,10 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     torch._dynamo.reset()
     breaks_before = Counter(counters["graph_break"])
     say("tracing the model with dynamo")
-    torch.compile(model, backend=backend)(*args, **kwargs)
+    # With gradients, AOT would build the backward graph only at the first
+    # backward call; lowering it right away puts its GE graph in the result too.
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+        torch.compile(model, backend=backend)(*args, **kwargs)
     report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
     torch._dynamo.reset()
     return GeConversion(recorder.graphs, report.graph_breaks, report, torchair.describe(), torchair.offline, out,

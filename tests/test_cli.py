@@ -91,6 +91,12 @@ def test_check_passes_for_the_demo_llama(capsys):
     assert capsys.readouterr().out.startswith("OK demo:llama: 6/6 sites fused, one GE graph")
 
 
+def test_check_passes_for_the_example_target(capsys):
+    example = Path(__file__).resolve().parents[1] / "examples" / "tiny_decoder.py"
+    assert main(["check", f"{example}:make"]) == 0
+    assert "3/3 sites fused, one GE graph" in capsys.readouterr().out
+
+
 def test_check_fails_with_reasons(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write(tmp_path, "odd.py", GOOD.format(d=20))  # head_dim 20: the NPU ops need a multiple of 16

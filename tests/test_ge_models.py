@@ -120,3 +120,21 @@ def test_torchair_alone_cannot_fuse_these_models(kind, attn, scenario, tmp_path)
                                 f"{result.summary()}"
     for node in result.unconverted:  # TorchAir's own reason is kept
         assert node.reason and node.node and node.graph == result.graphs[0].name
+
+
+def test_training_step_gives_forward_and_backward_ge_graphs_with_fusion_attention(tmp_path):
+    """With gradients, attention becomes npu_fusion_attention before AOT; both
+    the forward and the backward graph reach GE, as FlashAttentionScore and
+    FlashAttentionScoreGrad."""
+    model, (ids,), kwargs = scenario_call("bert", "sdpa", "prefill")
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # dropout > 0 is left alone in training graphs (the RNGs differ)
+    result = to_ge_graph(model, ids, out_dir=tmp_path, **kwargs)
+    assert [g.complete for g in result.graphs] == [True, True], result.summary()
+    forward, backward = (g.op_types for g in result.graphs)
+    assert forward["FlashAttentionScore"] == LAYERS and not PLAIN_ATTENTION_TYPES & set(forward)
+    assert backward["FlashAttentionScoreGrad"] == LAYERS and not PLAIN_ATTENTION_TYPES & set(backward)
+    assert {s.graph for s in result.report.sites} == {"training"}
+    assert all(s.fused_op == "npu_fusion_attention" for s in result.report.sites)
