@@ -20,6 +20,7 @@ npu_attn_graph.converters) and compiles and runs it on the NPU.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -156,9 +157,9 @@ def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    copy = torch.fx.Graph()
-    copy.output(copy.graph_copy(graph, {}))  # node meta (shapes, module stack) included
-    return copy
+    duplicate = torch.fx.Graph()
+    duplicate.output(duplicate.graph_copy(graph, {}))  # node meta (shapes, module stack) included
+    return duplicate
 
 
 def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:
@@ -180,8 +181,6 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
                           report: Report, torchair: TorchAir):
     """Hand the dynamo graph to TorchAir's npu backend, our passes at its
     post_grad_custom_pre_pass seam; returns what TorchAir's backend returns."""
-    import copy
-
     from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
 
     _rewrite_for_training(gm, example_inputs, opts, report)
