@@ -39,8 +39,10 @@ from .report import Report
 from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
 
 EXECUTORS = ("eager", "inductor", "torchair")
-# Passes whose rewrites Inductor cannot lower; with the Inductor executor the
-# KV-cache writes stay as index_put/index_copy, which Inductor makes in place.
+# Passes whose rewrites Inductor does not handle correctly: it compiles the
+# alias-returning scatter_update_ inserted after AOT, but the caches come out
+# wrong (measured on the tiny Llama). With the Inductor executor the KV-cache
+# writes stay as index_put/index_copy, which Inductor makes in place itself.
 INDUCTOR_UNSUPPORTED = ("static_cache_update",)
 OPTION_DOCS = {
     "passes": f"list of pass names to run, in order (default: all of {list(PASSES)} that the executor supports)",
@@ -85,7 +87,8 @@ class BackendOptions:
         if parsed.executor == "inductor" and set(parsed.passes) & set(INDUCTOR_UNSUPPORTED):
             raise ValueError(f"npu_attn backend: passes {sorted(set(parsed.passes) & set(INDUCTOR_UNSUPPORTED))} "
                              "cannot run with executor 'inductor': they write KV caches with in-place ops that "
-                             "return an alias of their input, which Inductor cannot lower (use executor 'eager')")
+                             "return an alias of their input, which Inductor compiles into wrong cache contents "
+                             "when they are inserted after AOT (use executor 'eager')")
         if parsed.fp32_attention not in FP32_ATTENTION:
             raise ValueError(f"npu_attn backend: option 'fp32_attention' must be one of {list(FP32_ATTENTION)}, "
                              f"got {parsed.fp32_attention!r}")
