@@ -181,9 +181,11 @@ def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:
 
 
 def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                          report: Report, torchair: TorchAir):
+                          report: Report, torchair: TorchAir, progress: Callable[[str], None] | None = None):
     """Hand the dynamo graph to TorchAir's npu backend, our passes at its
-    post_grad_custom_pre_pass seam; returns what TorchAir's backend returns."""
+    post_grad_custom_pre_pass seam; returns what TorchAir's backend returns.
+    progress gets a line before the passes and before GE conversion."""
+    say = progress or (lambda message: None)
     from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
 
     _rewrite_for_training(gm, example_inputs, opts, report)
@@ -195,10 +197,12 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
     def npu_attn_passes(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any], torchair_config: Any) -> None:
         is_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in aten_gm.graph.nodes)
         graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
+        say(f"npu_attn passes on the {graph_name} graph ({len(aten_gm.graph.nodes)} ATen nodes)")
         # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
         _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention))
         if user_pass is not None:
             user_pass(aten_gm, aten_inputs, torchair_config)
+        say(f"TorchAir: converting the {graph_name} graph into a GE graph")
 
     config.post_grad_custom_pre_pass = npu_attn_passes
     return torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)

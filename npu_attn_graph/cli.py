@@ -16,11 +16,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from .demos import DEMO_HELP
 from .targets import FORMS, TargetError, load_target
 
 PROG = "npu-attn-graph"
 TARGET_HELP = (f"what to compile: {FORMS}; the factory returns (model, example_args) or "
-               "(model, example_args, example_kwargs)")
+               "(model, example_args, example_kwargs); demos: "
+               + "; ".join(f"demo:{name} ({text})" for name, text in DEMO_HELP.items()))
 # What dump writes inside --out (all of it, nothing elsewhere).
 DUMP_ENTRIES = ("fx", "ge", "pictures", "report.txt", "report.json", "summary.txt")
 

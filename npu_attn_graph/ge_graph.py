@@ -230,10 +230,10 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     report = opts.report if isinstance(opts.report, Report) else Report()
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]):
-        say(f"graph {len(recorder.graphs) + 1}: AOT, passes and GE conversion ({len(gm.graph.nodes)} FX nodes)")
+        say(f"dynamo graph of {len(gm.graph.nodes)} FX nodes: AOT autograd through TorchAir")
         with recorder.recording():
             try:
-                compile_with_torchair(gm, example_inputs, opts, report, torchair)
+                compile_with_torchair(gm, example_inputs, opts, report, torchair, say)
             except Exception as error:  # recorded; the model still runs eagerly below
                 recorder.failures.append(" ".join(f"{type(error).__name__}: {error}".split())[:2000])
         return gm.forward  # run the FX graph as is: tracing goes on to the next graph
