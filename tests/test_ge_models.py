@@ -138,3 +138,20 @@ def test_training_step_gives_forward_and_backward_ge_graphs_with_fusion_attentio
     assert backward["FlashAttentionScoreGrad"] == LAYERS and not PLAIN_ATTENTION_TYPES & set(backward)
     assert {s.graph for s in result.report.sites} == {"training"}
     assert all(s.fused_op == "npu_fusion_attention" for s in result.report.sites)
+
+
+def test_paged_kv_writes_are_one_in_place_scatter_pa_kv_cache(tmp_path):
+    """vLLM-style slot-mapping writes of a key and a value cache: one
+    ScatterPaKvCache writing both cache inputs directly."""
+    from test_pass_paged_cache import _inputs, store_and_read
+
+    result = to_ge_graph(store_and_read, *_inputs(), out_dir=tmp_path)
+    assert result.single_graph, result.summary()
+    graph_def = result.graphs[0].graph_def
+    ops = producers(graph_def)
+    (scatter,) = [op for op in graph_def.op if op.type == "ScatterPaKvCache"]
+    caches = {input_op(ops, scatter, 1).name, input_op(ops, scatter, 4).name}  # key_cache, value_cache
+    assert len(caches) == 2 and all(ops[name].type == "Data" for name in caches)
+    assert not [op.name for op in graph_def.op if op.type in ("TensorMove", "Assign")
+                and {i.split(":")[0] for i in op.input} & caches]
+    assert not {"IndexPut", "ScatterNd", "ScatterNdUpdate"} & set(result.op_type_counts)

@@ -107,3 +107,20 @@ def test_float16_model_needs_no_casts():
         assert attention and all(s.rewritten and s.precision is None for s in attention)
         codes.append(report.graph_modules[0].code)
     assert codes[0] == codes[1]
+
+
+def test_functional_paged_kv_writes_match_eager():
+    from test_pass_paged_cache import _inputs, store_and_read
+
+    args = _inputs()
+    expected_args = [a.clone() for a in args]
+    expected = store_and_read(*expected_args)
+    report = Report()
+    actual = torch.compile(store_and_read, backend=ge_target_backend(report, "keep"), fullgraph=True)(*args)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    for mine, theirs in zip(args[2:4], expected_args[2:4]):  # the caches, written through the copy_ back
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert [s.fused_op for s in report.sites] == ["npu_scatter_pa_kv_cache_functional"] * 2
+    graph = report.graph_modules[0].graph
+    assert len(graph.find_nodes(op="call_function", target=npu_attn.npu_scatter_pa_kv_cache_functional.default)) == 1
+    assert len(graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)) == 2
