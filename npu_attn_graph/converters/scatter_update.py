@@ -1,6 +1,11 @@
 """GE converters for npu_attn::scatter_update and scatter_update_ -> GE ``Scatter`` (reduce "update").
 
 GE's Scatter is a ref op: output ``var`` is its input ``var`` updated in place.
+It writes ``updates`` at a per-batch start offset along ``axis``, which is
+scatter_update's semantics; GE's ScatterUpdate (whole slices at indices of the
+first axis) is not. torch_npu's own scatter_update reaches GE the same way
+(TorchAir's converter for torch.ops.npu.scatter_update builds Scatter, in
+torchair/_ge_concrete_graph/ge_converter/custom/scatter_update.py).
 """
 
 from __future__ import annotations
