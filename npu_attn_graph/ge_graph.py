@@ -28,7 +28,7 @@ import torch
 
 from ._logging import log
 from .report import Report
-from .torchair_bridge import TorchAir, load_torchair
+from .torchair_bridge import load_torchair
 
 
 @dataclass
@@ -124,8 +124,7 @@ class _ConversionAborted(Exception):
 class _Recorder:
     """Collects the GE graphs TorchAir builds while `recording()` is active."""
 
-    def __init__(self, torchair: TorchAir, out_dir: Path):
-        self.torchair = torchair
+    def __init__(self, out_dir: Path):
         self.out_dir = out_dir
         self.graphs: list[GeGraph] = []
         self.failures: list[str] = []
@@ -147,6 +146,9 @@ class _Recorder:
         self._pending.setdefault(id(concrete), []).append(
             UnconvertedNode(concrete.graph.name, node.name if node is not None else "-", _target_name(target),
                             reason))
+
+    def has_unconverted(self, concrete) -> bool:
+        return bool(self._pending.get(id(concrete)))
 
     def built(self, concrete, optimized: bool) -> None:
         from torchair._ge_concrete_graph.ge_ir_pb2 import GraphDef
@@ -192,7 +194,7 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
             try:
                 super().optimize_graph_without_runtime(*args, **kwargs)
             except Exception as error:
-                if recorder._pending.get(id(self)):  # placeholders can trip TorchAir's GE passes
+                if recorder.has_unconverted(self):  # placeholders can trip TorchAir's GE passes
                     recorder.built(self, optimized=False)
                     return
                 raise
@@ -226,7 +228,7 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     opts = BackendOptions.parse({**(options or {}), "executor": "torchair"})
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="npu_attn_ge_"))
     out.mkdir(parents=True, exist_ok=True)
-    recorder = _Recorder(torchair, out)
+    recorder = _Recorder(out)
     report = opts.report if isinstance(opts.report, Report) else Report()
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]):
