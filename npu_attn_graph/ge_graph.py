@@ -209,7 +209,8 @@ def _target_name(target) -> str:
 
 
 def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = None, out_dir: str | Path | None = None,
-                progress: Callable[[str], None] | None = None, **kwargs: Any) -> GeConversion:
+                progress: Callable[[str], None] | None = None, dynamic: bool | None = None,
+                **kwargs: Any) -> GeConversion:
     """Convert `model` (called on `args`/`kwargs` once) into GE graphs the way
     ``torch.compile(model, backend="npu_attn")`` does on an NPU host.
 
@@ -217,7 +218,8 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     ``{"passes": []}`` shows what TorchAir does alone. out_dir receives one
     ``<graph>.pbtxt`` (TorchAir's dump) and ``<graph>.ge.txt`` (the GE protobuf as
     text) per graph; default: a new temporary directory. progress gets one-line
-    messages about the slow steps.
+    messages about the slow steps. dynamic is torch.compile's (True: symbolic
+    shapes from the first call, as one serving graph for many lengths has).
     """
     from torch._dynamo.utils import counters
 
@@ -236,6 +238,8 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
         with recorder.recording():
             try:
                 compile_with_torchair(gm, example_inputs, opts, report, torchair, say)
+            except torch._dynamo.exc.RestartAnalysis:
+                raise  # dynamo's own control flow: it retraces and calls the backend again
             except Exception as error:  # recorded; the model still runs eagerly below
                 recorder.failures.append(" ".join(f"{type(error).__name__}: {error}".split())[:2000])
         return gm.forward  # run the FX graph as is: tracing goes on to the next graph
@@ -246,7 +250,7 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     # With gradients, AOT would build the backward graph only at the first
     # backward call; lowering it right away puts its GE graph in the result too.
     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-        torch.compile(model, backend=backend)(*args, **kwargs)
+        torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
     torch._dynamo.reset()
     return GeConversion(recorder.graphs, report.graph_breaks, report, torchair.describe(), torchair.offline, out,

@@ -16,7 +16,7 @@ from npu_attn_graph import to_ge_graph
 
 pytest.importorskip("transformers")
 
-from models import LAYERS, SCENARIOS, scenario_call  # noqa: E402
+from models import LAYERS, SCENARIOS, build, scenario_call  # noqa: E402
 
 ATTENTION_TYPES = {"PromptFlashAttention", "IncreFlashAttention", "FusedInferAttentionScore"}
 # GE op types of attention left as plain math (TorchAir's converters for bmm / softmax).
@@ -155,3 +155,23 @@ def test_paged_kv_writes_are_one_in_place_scatter_pa_kv_cache(tmp_path):
     assert not [op.name for op in graph_def.op if op.type in ("TensorMove", "Assign")
                 and {i.split(":")[0] for i in op.input} & caches]
     assert not {"IndexPut", "ScatterNd", "ScatterNdUpdate"} & set(result.op_type_counts)
+
+
+def test_dynamic_cache_decode_with_symbolic_shapes_is_one_ge_graph(tmp_path):
+    """A DynamicCache decode step compiled with dynamic=True (one graph for every
+    KV length): attention is one fused GE op per layer on symbolic KV. (SDPA
+    only: the eager-attention pattern does not match graphs traced with every
+    dimension symbolic; see the README.)"""
+    transformers = pytest.importorskip("transformers")
+    model = build("llama", "sdpa")
+    ids = torch.randint(1, 128, (1, 9))
+    with torch.no_grad():
+        cache = transformers.DynamicCache(config=model.config)
+        token = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        result = to_ge_graph(model, token, past_key_values=cache, use_cache=True, dynamic=True, out_dir=tmp_path)
+    assert result.single_graph, result.summary()
+    assert result.op_type_counts["IncreFlashAttention"] == LAYERS
+    assert not PLAIN_ATTENTION_TYPES & set(result.op_type_counts)
+    symbolic = [n for n in result.report.graphs_before[0].nodes if n.op == "placeholder"
+                and any(isinstance(d, torch.SymInt) for d in getattr(n.meta.get("val"), "shape", ()))]
+    assert symbolic, "the graph has symbolic shapes"

@@ -143,3 +143,35 @@ def test_layout_pass_reads_and_writes_bsnd_so_transposes_and_the_output_copy_van
     assert node.kwargs["input_layout"] == "BSND"
     assert not graph.find_nodes(op="call_function", target=torch.ops.aten.clone.default)
     assert not graph.find_nodes(op="call_function", target=torch.ops.aten.transpose.int)
+
+
+class ScaledAttention(torch.nn.Module):
+    """transformers-style: the scale is a Python float attribute."""
+
+    def __init__(self, scaling: float):
+        super().__init__()
+        self.scaling = scaling
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * self.scaling, dim=-1) @ v
+
+
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_dynamic_true_float_scale(specialize_float):
+    """dynamic=True turns the Python float scale into a graph input: the site is
+    reported with the way out; with specialize_float the scale is a constant again."""
+    q, k, v = _qkv()
+    for t in (q, k, v):
+        torch._dynamo.mark_static(t, 1)  # heads and head_dim stay static, as in models that
+        torch._dynamo.mark_static(t, 3)  # view(..., num_heads, head_dim)
+    module = ScaledAttention(0.125)
+    report = Report()
+    with torch._dynamo.config.patch(specialize_float=specialize_float):
+        out = torch.compile(module, backend="npu_attn", dynamic=True, options={"report": report})(q, k, v)
+    torch.testing.assert_close(out, module(q, k, v), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    if specialize_float:
+        assert site.rewritten, site.reason
+    else:
+        assert not site.rewritten and "the softmax scale is a runtime value" in site.reason
+        assert "specialize_float = True" in site.reason

@@ -60,6 +60,7 @@ class AttentionSite:
     output_index: int | None
     internal: tuple[torch.fx.Node, ...] = ()
     mask_is_npu: bool = False  # mask is already boolean with True = masked out
+    runtime_scale: torch.fx.Node | None = None  # the scale is a value known only when the graph runs
 
     @property
     def q_shape(self):
@@ -178,9 +179,17 @@ def _causal_expressible(site: AttentionSite) -> str | None:
     return f"is_causal with query length {sq} != key length {skv} and no static prompt shape"
 
 
+def _static_scale(site: AttentionSite) -> str | None:
+    if site.runtime_scale is None:
+        return None
+    return (f"the softmax scale is a runtime value ({site.runtime_scale.name}; torch.compile(dynamic=True) "
+            "turns Python floats into graph inputs) but the fused ops take it as a constant: compile without "
+            "dynamic=True, or set torch._dynamo.config.specialize_float = True")
+
+
 CONDITIONS: tuple[Callable[[AttentionSite], str | None], ...] = (
-    _no_dropout, _only_output_used, _supported_dtype, _four_dims, _head_dim_supported, _heads_supported,
-    _mask_supported, _causal_expressible,
+    _no_dropout, _only_output_used, _static_scale, _supported_dtype, _four_dims, _head_dim_supported,
+    _heads_supported, _mask_supported, _causal_expressible,
 )
 
 

@@ -106,14 +106,23 @@ def _strip_scale(x: object) -> object:
 
 
 def _split_scale(x: torch.fx.Node):
-    """(raw scores, scale, nodes consumed)."""
+    """(raw scores, scale, nodes consumed, runtime scale node or None)."""
     for pattern, divides in SCALE_PATTERNS:
         match = pattern.match(x)
         if is_match(match) and isinstance(match.kwargs["scores"], torch.fx.Node):
-            factor = _scalar_value(match.kwargs["factor"])
+            scores, factor_node = match.kwargs["scores"], match.kwargs["factor"]
+            factor = _scalar_value(factor_node)
             if factor is not None and factor != 0:
-                return match.kwargs["scores"], (1.0 / factor if divides else factor), (x,)
-    return x, 1.0, ()
+                return scores, (1.0 / factor if divides else factor), (x,), None
+            if _is_runtime_scalar(factor_node) and _from_bmm(scores):
+                return scores, 1.0, (x,), factor_node  # a site, left alone with the reason
+    return x, 1.0, (), None
+
+
+def _is_runtime_scalar(node: object) -> bool:
+    """A 0-d tensor computed at run time, such as a float that dynamic=True made a graph input."""
+    val = _val(node)
+    return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
 QK_SCORES = CallFunction((aten.view.default, aten._unsafe_view.default),
@@ -161,7 +170,7 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
         return None
     masked = _skip_cast(softmax.args[0])
     scaled, mask, mask_is_npu, mask_nodes = _split_mask(masked)
-    raw, scale, scale_nodes = _split_scale(scaled)
+    raw, scale, scale_nodes, runtime_scale = _split_scale(scaled)
     match = QK_SCORES.match(raw)
     if not is_match(match):
         return None
@@ -177,7 +186,7 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
         internal.append(softmax.args[0])
     return AttentionSite(node=out, query=query, key=key, value=value, mask=mask, dropout_p=0.0,
                          is_causal=False, scale=scale, output_index=None, internal=tuple(internal),
-                         mask_is_npu=mask_is_npu)
+                         mask_is_npu=mask_is_npu, runtime_scale=runtime_scale)
 
 
 def eager_attention_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
