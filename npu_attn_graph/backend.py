@@ -252,7 +252,8 @@ def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
 def explain(model: Callable, *args: Any, options: dict[str, Any] | None = None, **kwargs: Any) -> Report:
     """Compile `model` with the npu_attn backend, run it once on the arguments,
     and return the report: every attention site found, rewritten or not (and
-    why), plus graph breaks and recompiles."""
+    why), plus graph breaks and recompiles. It resets torch._dynamo first, so
+    functions compiled earlier in the process recompile on their next call."""
     from torch._dynamo.utils import counters
 
     report = Report()

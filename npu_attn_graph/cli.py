@@ -10,6 +10,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict
@@ -23,6 +24,9 @@ PROG = "npu-attn-graph"
 TARGET_HELP = (f"what to compile: {FORMS}; the factory returns (model, example_args) or "
                "(model, example_args, example_kwargs); demos: "
                + "; ".join(f"demo:{name} ({text})" for name, text in DEMO_HELP.items()))
+# Exit codes: 0 ok; 1 check found sites left alone / not one GE graph (or demo
+# differed from eager); 2 bad command line or TARGET; 3 anything else failed.
+EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 1, 2, 3
 # What dump writes inside --out (all of it, nothing elsewhere).
 DUMP_ENTRIES = ("fx", "ge", "pictures", "report.txt", "report.json", "summary.txt")
 
@@ -89,15 +93,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     say = _Steps()
     target = _load(args.target, say)
     say("tracing and rewriting with the npu_attn backend")
-    with torch.no_grad():
-        report = explain(target.model, *target.args, **target.kwargs)
+    with torch.no_grad():  # the eager executor: the report needs no GE graph, on any host
+        report = explain(target.model, *target.args, options={"executor": "eager"}, **target.kwargs)
     print(report.table())
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     say = _Steps()
-    result = _convert(_load(args.target, say), say)
+    target = _load(args.target, say)
+    with tempfile.TemporaryDirectory(prefix="npu_attn_check_") as scratch:  # the GE dumps are not kept
+        result = _convert(target, say, out_dir=Path(scratch))
     problems = _verdict(result)
     fused = len(result.report.fused())
     if problems:
@@ -105,7 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{result.graph_count} GE graph(s)")
         for problem in problems:
             print(f"  - {problem}")
-        return 1
+        return EXIT_FAILED
     print(f"OK {args.target}: {fused}/{len(result.report.sites)} sites fused, one GE graph "
           f"({sum(result.op_type_counts.values())} GE ops)")
     return 0
@@ -119,9 +125,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
     result = _convert(target, say, out_dir=out / "ge")
     report = result.report
     say("writing FX graphs, report and pictures")
+    notes: list[str] = []
     paths = _write_fx(out / "fx", report) + _write_report(out, result)
-    paths += _write_pictures(out / "pictures", report)
-    summary = _summary(args.target, result, paths)
+    paths += _write_pictures(out / "pictures", report, notes)
+    summary = _summary(args.target, result, paths, notes)
     (out / "summary.txt").write_text(summary + "\n")
     print(summary)
     return 0
@@ -151,7 +158,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report = Report()
         say("compiling with torch.compile(backend='npu_attn') and generating")
         eager_forward = model.forward
-        model.forward = torch.compile(model.forward, backend="npu_attn", options={"report": report})
+        # The model lives on the CPU: the eager executor runs the fused ops' reference kernels.
+        model.forward = torch.compile(model.forward, backend="npu_attn",
+                                      options={"report": report, "executor": "eager"})
         actual = model.generate(prompt, past_key_values=transformers.StaticCache(config=model.config,
                                                                                  max_cache_len=64), **generate)
         model.forward = eager_forward
@@ -159,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     same = bool(torch.equal(actual, expected))
     print(f"generated tokens {'identical to' if same else 'DIFFERENT from'} eager: {actual[0, 7:].tolist()}")
     print(f"Next: {PROG} dump demo:llama --out llama_dump   (FX graphs, GE graph, pictures)")
-    return 0 if same and all(s.rewritten for s in report.sites) else 1
+    return 0 if same and all(s.rewritten for s in report.sites) else EXIT_FAILED
 
 
 def _ops_demo(args: argparse.Namespace) -> int:
@@ -172,7 +181,7 @@ def _ops_demo(args: argparse.Namespace) -> int:
     worst = max(r.max_abs_err for r in results)
     ok = worst <= FP32_TOLERANCE
     print(f"worst error {worst:.2e} ({'within' if ok else 'OVER'} the fp32 tolerance {FP32_TOLERANCE:.0e})")
-    return 0 if ok else 1
+    return 0 if ok else EXIT_FAILED
 
 
 # ---------------------------------------------------------------- dump pieces
@@ -227,25 +236,28 @@ def _write_report(out: Path, result) -> list[Path]:
     return [out / "report.txt", out / "report.json", counts] + [g.pbtxt_path for g in result.graphs]
 
 
-def _write_pictures(pictures_dir: Path, report) -> list[Path]:
-    from .pictures import draw_attention_layer, pick_attention_layer
+def _write_pictures(pictures_dir: Path, report, notes: list[str]) -> list[Path]:
+    from .pictures import draw_report, pick_attention_layer
 
-    layer = pick_attention_layer(report)
-    if layer is None or not report.graphs_before:
+    if pick_attention_layer(report) is None:
+        notes.append("pictures: none (no attention site)")
         return []
     pictures_dir.mkdir()
-    index = next((i for i, g in enumerate(report.graphs_after)
-                  if any(str(n.target).startswith("npu_attn.") for n in g.nodes)), 0)
-    return draw_attention_layer(report.graphs_before[index], report.graphs_after[index], layer, pictures_dir)
+    try:
+        return draw_report(report, pictures_dir)
+    except (RuntimeError, ValueError) as error:  # e.g. Graphviz's dot missing: the rest of the dump stands
+        notes.append(f"pictures: not drawn: {' '.join(str(error).split())}")
+        return sorted(pictures_dir.iterdir())
 
 
-def _summary(spec: str, result, paths: list[Path]) -> str:
+def _summary(spec: str, result, paths: list[Path], notes: list[str]) -> str:
     report = result.report
     lines = [f"{spec}: {len(report.fused())}/{len(report.sites)} sites fused in {report.graphs} graph(s); "
              f"{result.graph_count} GE graph(s), {'one complete GE graph' if result.single_graph else 'NOT one complete GE graph'}"]
     top = ", ".join(f"{t} x{n}" for t, n in result.op_type_counts.most_common(8))
     lines.append(f"GE op types (top): {top}")
     lines.append(result.torchair)
+    lines += notes
     lines.append("files:")
     lines += [f"  {p}" for p in paths]
     return "\n".join(lines)
@@ -257,7 +269,8 @@ def _summary(spec: str, result, paths: list[Path]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Example: {PROG} check demo:llama\nRun '{PROG} COMMAND --help' for each command.")
+        epilog=f"Example: {PROG} check demo:llama\nRun '{PROG} COMMAND --help' for each command.\n"
+               "Exit codes: 0 ok, 1 check failed, 2 bad command line or TARGET, 3 error.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable, summary: str, example: str) -> argparse.ArgumentParser:
@@ -300,14 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as error:  # one line unless --verbose
         if args.verbose:
             traceback.print_exc()
         text = " ".join(str(error).split())
         print(f"{PROG} {args.command}: error: {type(error).__name__}: {text[:500]}"
               f"{'' if args.verbose else ' (--verbose shows the traceback)'}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -220,6 +220,8 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     text) per graph; default: a new temporary directory. progress gets one-line
     messages about the slow steps. dynamic is torch.compile's (True: symbolic
     shapes from the first call, as one serving graph for many lengths has).
+    It resets torch._dynamo before and after (so that the model is traced afresh):
+    functions compiled earlier in the process recompile on their next call.
     """
     from torch._dynamo.utils import counters
 

@@ -1,7 +1,7 @@
 """Pictures of one attention layer before and after the npu_attn rewrite.
 
 `draw_attention_layer` takes the ATen FX graph before the passes and the
-rewritten one (`Report.graphs_before[i]`, `Report.graph_modules[i].graph`) and
+rewritten one (`Report.graphs_before[i]`, `Report.graphs_after[i]`) and
 draws only the nodes whose module stack lies inside one layer (e.g.
 "model.layers.0.self_attn", its q/k/v/o projections included), rendered by
 Graphviz `dot` as SVG and PNG.  A whole model graph has hundreds of nodes and
@@ -164,7 +164,7 @@ def draw_report(report: Report, out_dir: Path, layer: str | None = None, stem: s
     layer = layer or pick_attention_layer(report)
     if layer is None:
         raise ValueError("the report has no attention site")
-    for before, gm in zip(report.graphs_before, report.graph_modules):
+    for before, after in zip(report.graphs_before, report.graphs_after):  # copies taken around the passes
         if any(_in_layer(n, _norm(layer)) for n in before.nodes):
-            return draw_attention_layer(before, gm.graph, layer, out_dir, stem)
+            return draw_attention_layer(before, after, layer, out_dir, stem)
     raise ValueError(f"no graph of the report holds layer {layer!r}")

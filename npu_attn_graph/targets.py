@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,27 +62,36 @@ def _factory(spec: str) -> Callable:
 
 
 def _import_file(location: str):
+    """Import a file as ``python path/to/file.py`` would see it: its folder on
+    sys.path (for its sibling imports, also when the factory runs later), and the
+    module registered in sys.modules while it executes (dataclasses need that)."""
     path = Path(location)
     if not path.is_file():
         raise TargetError(f"file not found: {location}")
     module_name = f"npu_attn_graph_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.resolve().parent))  # so the file's sibling imports work
+    _prepend_to_path(str(path.resolve().parent))
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as error:
+        del sys.modules[module_name]
         raise TargetError(f"importing {location} failed: {type(error).__name__}: {_one_line(error)}") from error
-    finally:
-        sys.path.remove(str(path.resolve().parent))
     return module
 
 
 def _import_module(location: str):
+    _prepend_to_path(os.getcwd())  # as python -m does; a console script does not
     try:
         return importlib.import_module(location)
     except Exception as error:
         raise TargetError(f"cannot import module {location!r}: {type(error).__name__}: {_one_line(error)}") from error
+
+
+def _prepend_to_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 
 def _unpack(spec: str, produced: Any) -> Target:

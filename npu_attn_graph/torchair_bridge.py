@@ -45,6 +45,9 @@ from ._torchair_offline_native import NATIVE_MODULES, GeRuntimeUnavailable, make
 WHEEL_ENV = "NPU_ATTN_GRAPH_TORCH_NPU_WHEEL"
 CACHE_ENV = "NPU_ATTN_GRAPH_CACHE"
 TORCHAIR_IN_WHEEL = "torch_npu/dynamo/torchair/"
+# Where this host's own platform has no torch-npu wheel (macOS, an unsupported Python).
+FALLBACK_WHEEL = ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", "--implementation", "cp",
+                  "--abi", "cp311"]
 
 
 class TorchAirUnavailable(RuntimeError):
@@ -143,10 +146,17 @@ def _find_or_fetch_wheel(progress: Callable[[str], None]) -> Path:
     given = os.environ.get(WHEEL_ENV)
     if given:
         path = Path(given)
-        wheels = sorted(path.glob("torch_npu-*.whl")) if path.is_dir() else [path]
-        if not wheels or not wheels[-1].is_file():
+        if path.is_dir():  # a folder of wheels: the one pairing with torch
+            wheels = sorted(path.glob(f"torch_npu-{version}*.whl"))
+            if not wheels:
+                raise TorchAirUnavailable(f"{WHEEL_ENV}={given!r}: no torch_npu-{version} wheel in that folder "
+                                          f"(torch {torch.__version__} pairs with torch-npu {version})")
+            return wheels[-1]
+        if not path.is_file():
             raise TorchAirUnavailable(f"{WHEEL_ENV}={given!r}: no torch_npu wheel file there")
-        return wheels[-1]
+        if not path.name.startswith(f"torch_npu-{version}"):
+            progress(f"warning: {path.name} is not torch-npu {version}, which pairs with torch {torch.__version__}")
+        return path
     wheels_dir = cache_dir() / "wheels"
     cached = sorted(wheels_dir.glob(f"torch_npu-{version}*.whl"))
     if cached:
@@ -158,6 +168,10 @@ def _find_or_fetch_wheel(progress: Callable[[str], None]) -> Path:
         command = [sys.executable, "-m", "pip", "download", f"torch-npu=={version}.*", "--no-deps",
                    "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            # torch-npu ships Linux wheels for some CPython versions only; TorchAir's
+            # Python files are the same in each, so any of them serves here.
+            result = subprocess.run(command + FALLBACK_WHEEL, capture_output=True, text=True)
         fetched = sorted(Path(tmp).glob("torch_npu-*.whl"))
         if result.returncode != 0 or not fetched:
             raise TorchAirUnavailable(
@@ -226,7 +240,8 @@ class _OfflineTorchAirFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader)
 
 
 def _import_offline(root: Path) -> ModuleType:
-    sys.meta_path.insert(0, _OfflineTorchAirFinder(root))
+    finder = _OfflineTorchAirFinder(root)
+    sys.meta_path.insert(0, finder)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # TorchAir's converters for torch_npu's own ops cannot register without
     # torch_npu, and it warns once per module (now or when it first converts a
@@ -236,6 +251,9 @@ def _import_offline(root: Path) -> ModuleType:
     try:
         import torchair
     except Exception as error:
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m == "torchair" or m.startswith("torchair.")]:
+            del sys.modules[name]
         raise TorchAirUnavailable(f"importing TorchAir offline from {root} failed: {error}") from error
     finally:
         # TorchAir installs SIGINT/SIGTERM handlers and an exit hook that shut

@@ -163,3 +163,41 @@ def test_torch_logs_shows_matches_and_misses(tmp_path):
     assert "fused attention" in result.stderr and "-> npu_prompt_flash_attention" in result.stderr
     assert "left alone attention" in result.stderr and "multiple of 16" in result.stderr
     assert "pass seconds" in result.stderr  # DEBUG level
+
+
+def test_file_targets_import_like_scripts(tmp_path, monkeypatch, capsys):
+    """A dataclass in the file (needs the module in sys.modules) and a sibling
+    import inside the factory (needs the folder on sys.path when it runs)."""
+    monkeypatch.chdir(tmp_path)
+    sub = tmp_path / "models"
+    sub.mkdir()
+    write(sub, "helper.py", GOOD.format(d=16))
+    write(sub, "entry.py", """
+        from __future__ import annotations
+        from dataclasses import dataclass
+
+        @dataclass
+        class Settings:
+            heads: int = 2
+
+        def make():
+            from helper import make as build
+            return build()
+    """)
+    assert main(["explain", "models/entry.py:make"]) == 0
+    assert "1/1 sites fused" in capsys.readouterr().out
+
+
+def test_module_targets_resolve_from_the_working_directory(tmp_path):
+    """The installed console script finds package.module targets in the current
+    directory, as python -m does."""
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    write(pkg, "models.py", GOOD.format(d=16))
+    script = Path(sys.executable).parent / "npu-attn-graph"
+    result = subprocess.run([str(script), "explain", "mypkg.models:make"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300,
+                            env={k: v for k, v in os.environ.items() if k != "TORCH_LOGS"})
+    assert result.returncode == 0, result.stderr
+    assert "1/1 sites fused" in result.stdout

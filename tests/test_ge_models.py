@@ -54,8 +54,12 @@ def test_model_becomes_one_ge_graph_with_fused_ops(kind, attn, scenario, tmp_pat
     kv_writes = 2 * LAYERS if scenario.startswith("static") else 0
     assert types.get("Scatter", 0) == kv_writes
     assert all(site.rewritten for site in result.report.sites), result.report.table()
-    # The float32 model's attention runs in float16 inside the fused op (the NPU ops take no float32).
-    assert all(site.precision == "float32 via float16" for site in result.report.sites if site.kind == "attention")
+    # The float32 model's attention runs in float16 inside the fused op (the NPU ops take no float32);
+    # reading a static cache, the cast covers the whole cache, which the report says.
+    for site in result.report.sites:
+        if site.kind == "attention":
+            assert site.precision.startswith("float32 via float16")
+            assert ("casts the whole KV cache" in site.precision) == scenario.startswith("static")
 
 
 @pytest.mark.parametrize("kind,attn,scenario", [s for s in SCENARIOS if s[2] == "static_decode"])
@@ -81,6 +85,37 @@ def test_kv_cache_writes_are_in_place_in_the_ge_graph(kind, attn, scenario, tmp_
     assert not cache_readers, f"read the cache before its write: {[op.name for op in cache_readers]}"
     netoutput = next(op for op in graph_def.op if op.type == "NetOutput")
     assert not {input_op(ops, netoutput, i).name for i in range(len(netoutput.input))} & {s.name for s in scatters}
+    # Attention reads the written caches: through the float16 cast of this float32 model
+    # (see test_float16_model_decode_reads_the_cache_without_any_copy for a float16 model).
+    for attention in (op for op in graph_def.op if op.type == "IncreFlashAttention"):
+        for index in (1, 2):  # key0, value0
+            cast = input_op(ops, attention, index)
+            assert cast.type == "Cast" and input_op(ops, cast, 0).type == "Scatter"
+
+
+def test_float16_model_decode_reads_the_cache_without_any_copy(tmp_path):
+    """A float16 Llama decode step: each IncreFlashAttention reads its key and
+    value straight from the in-place Scatter on the cache input: no cast, no
+    copy of the cache anywhere in the GE graph."""
+    transformers = pytest.importorskip("transformers")
+    model = build("llama", "sdpa").half()
+    ids = torch.randint(1, 128, (2, 7))
+    with torch.no_grad():
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        token = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(7)).logits[:, -1:]
+        result = to_ge_graph(model, token.argmax(-1), past_key_values=cache, use_cache=True,
+                             cache_position=torch.tensor([7]), out_dir=tmp_path)
+    assert result.single_graph, result.summary()
+    graph_def = result.graphs[0].graph_def
+    ops = producers(graph_def)
+    attentions = [op for op in graph_def.op if op.type == "IncreFlashAttention"]
+    assert len(attentions) == LAYERS
+    for attention in attentions:
+        for index in (1, 2):
+            scatter = input_op(ops, attention, index)
+            assert scatter.type == "Scatter" and input_op(ops, scatter, 0).type == "Data"
+    assert not {"TensorMove", "Assign"} & set(result.op_type_counts)
+    assert all(s.precision is None for s in result.report.sites)
 
 
 # What TorchAir 2.13.0 does with these models on its own (no npu_attn passes).

@@ -95,7 +95,7 @@ def test_titles_count_the_boxes(drawn):
 
 def test_only_the_chosen_layer_is_drawn(drawn):
     _, report, layer, files = drawn
-    before, after = report.graphs_before[0], report.graph_modules[0].graph
+    before, after = report.graphs_before[0], report.graphs_after[0]
     for graph, tag in ((before, "before"), (after, "after")):
         drawn_names = box_names(files[f"attention_{tag}.svg"])
         expected = {n.name for n in graph.nodes if _in_layer(n, layer.format(0)) and not _is_getitem(n)}
@@ -106,7 +106,7 @@ def test_only_the_chosen_layer_is_drawn(drawn):
 def test_removed_nodes_are_tinted(drawn):
     _, report, layer, files = drawn
     removed = {n.name for n in report.graphs_before[0].nodes if _in_layer(n, layer.format(0))} - \
-        {n.name for n in report.graph_modules[0].graph.nodes}
+        {n.name for n in report.graphs_after[0].nodes}
     assert removed
     root = ET.parse(files["attention_before.svg"]).getroot()
     for g in root.iter(f"{SVG}g"):
@@ -117,7 +117,7 @@ def test_removed_nodes_are_tinted(drawn):
 
 def test_unknown_layer_and_missing_dot(drawn, tmp_path, monkeypatch):
     _, report, layer, _ = drawn
-    before, after = report.graphs_before[0], report.graph_modules[0].graph
+    before, after = report.graphs_before[0], report.graphs_after[0]
     with pytest.raises(ValueError, match="no node"):
         draw_attention_layer(before, after, "model.nowhere", tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))

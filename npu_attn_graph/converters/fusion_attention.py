@@ -26,17 +26,17 @@ def convert_fusion_attention(
 
     GE op type: FlashAttentionScore, whose outputs are (softmax_max, softmax_sum,
     softmax_out, attention_out); the op returns attention_out first. pse feeds GE's
-    real_shift, dropout_mask its drop_mask. Dropout (keep_prob < 1) converts only
-    with an explicit dropout_mask: without one the NPU generates the mask from
-    (seed, offset) with a separate generator op this converter does not build.
+    real_shift. Dropout (keep_prob < 1) does not convert: on the NPU the mask comes
+    from (seed, offset) through a separate generator op, bit-packed, which this
+    converter does not build (and the op takes no dropout_mask with keep_prob < 1).
     seed and offset are echoed as in the reference; numels is the op's own value.
     """
     unsupported_fusion_arguments("npu_fusion_attention", softmax_layout, sink)
-    if keep_prob < 1.0 and dropout_mask is None:
-        raise NotImplementedError(f"npu_fusion_attention: keep_prob={keep_prob} without dropout_mask needs the "
-                                  "NPU's dropout-mask generator, which this converter does not build")
+    if keep_prob < 1.0:
+        raise NotImplementedError(f"npu_fusion_attention: keep_prob={keep_prob} needs the NPU's dropout-mask "
+                                  "generator (from seed and offset), which this converter does not build")
     softmax_max, softmax_sum, softmax_out, attention_out = ge.FlashAttentionScore(
-        query, key, value, real_shift=pse, drop_mask=dropout_mask if keep_prob < 1.0 else None,
+        query, key, value, real_shift=pse, drop_mask=None,
         padding_mask=padding_mask, atten_mask=atten_mask, prefix=int_list_input(prefix),
         actual_seq_qlen=int_list_input(actual_seq_qlen), actual_seq_kvlen=int_list_input(actual_seq_kvlen),
         q_start_idx=None, kv_start_idx=None, head_num=head_num, input_layout=input_layout, scale_value=scale,

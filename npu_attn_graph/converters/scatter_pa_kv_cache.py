@@ -13,6 +13,12 @@ from ._ge import Tensor, TensorSpec, dont_prune_me, ge, register_fx_node_ge_conv
 SCATTER_MODE, STRIDES, OFFSETS = "None", [1, 1], [0, 0]
 
 
+def _layout(cache_mode: str | None) -> str:
+    """torch_npu: cache_mode None means the ND ("Norm") layout, as does "Norm"; the
+    schema's default is "PA_NZ"."""
+    return "Norm" if cache_mode is None else cache_mode
+
+
 def _scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, compress_lens, compress_seq_offsets,
                          seq_lens, cache_mode):
     return ge.ScatterPaKvCache(
@@ -37,7 +43,7 @@ def convert_scatter_pa_kv_cache_functional(
     slot_mapping, value, value_cache (ScatterPaKvCache's IR).
     """
     return _scatter_pa_kv_cache(key, value, ge.TensorMove(key_cache), ge.TensorMove(value_cache), slot_mapping,
-                                compress_lens, compress_seq_offsets, seq_lens, cache_mode or "PA_NZ")
+                                compress_lens, compress_seq_offsets, seq_lens, _layout(cache_mode))
 
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_scatter_pa_kv_cache.default)
@@ -54,5 +60,5 @@ def convert_scatter_pa_kv_cache(
     reads its outputs.
     """
     op = _scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, compress_lens,
-                              compress_seq_offsets, seq_lens, cache_mode or "PA_NZ")
+                              compress_seq_offsets, seq_lens, _layout(cache_mode))
     dont_prune_me(op[0] if isinstance(op, (list, tuple)) else op)

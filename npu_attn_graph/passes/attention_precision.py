@@ -13,6 +13,8 @@ Rule = pattern + condition + replacement:
 - condition: its query is float32 and the context asks for a cast;
 - replacement: the same node on cast inputs, its attention output cast back.
 The softmax LSE output of fused_infer_attention_score is float32 already.
+Where key/value are a KV cache (decode), the cast copies the whole cache on
+every call; the site's precision note says so (deploy float16 models).
 Runs last, after the passes that reshape the fused op's inputs.
 """
 
@@ -44,6 +46,7 @@ def attention_precision(gm: torch.fx.GraphModule, report: Report, ctx: PassConte
             continue
         if node.args[0].meta["val"].dtype != torch.float32:
             continue
+        reads_cache = any(_is_kv_cache(a) for a in node.args[1:3])
         _cast_inputs(gm, node, low)
         outputs = [node] if node.target in SINGLE_OUTPUT else [
             u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
@@ -53,10 +56,31 @@ def attention_precision(gm: torch.fx.GraphModule, report: Report, ctx: PassConte
         site = node.meta.get("npu_attn_site")
         if site is not None:
             site.precision = f"float32 via {str(low).replace('torch.', '')}"
+            if reads_cache:
+                site.precision += " (casts the whole KV cache on every call: use a float16/bfloat16 model)"
         changed = True
     if changed:
         gm.graph.lint()
         gm.recompile()
+
+
+KV_WRITERS = (npu_attn.scatter_update.default, npu_attn.scatter_update_.default)
+
+
+VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor,
+         aten.alias.default, aten.expand.default, aten.permute.default, aten.transpose.int)
+
+
+def _is_kv_cache(node: object) -> bool:
+    """Key/value that is (a view of) a cache input or a cache writer's result."""
+    while isinstance(node, torch.fx.Node) and node.target in VIEWS:
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "placeholder" or node.target in KV_WRITERS:
+        return True
+    return (node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+            and node.args[0].target is npu_attn.npu_scatter_pa_kv_cache_functional.default)
 
 
 def _cast_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node, low: torch.dtype) -> None:
