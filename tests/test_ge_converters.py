@@ -256,6 +256,17 @@ def fusion_attention():
         outputs=["attention_out", "softmax_max", "softmax_sum", "softmax_out"])
 
 
+def fusion_attention_pse():
+    """BNSD with a positional bias: pse feeds FlashAttentionScore's real_shift."""
+    q, k, v = (randn(1, 2, 16, 16) for _ in range(3))
+    return Case(
+        lambda q, k, v, pse: OPS.npu_fusion_attention(q, k, v, 2, "BNSD", pse=pse, scale=0.25)[:1],
+        (q, k, v, randn(1, 2, 16, 16)), "FlashAttentionScore",
+        inputs=dict(query=Arg(0), key=Arg(1), value=Arg(2), real_shift=Arg(3)),
+        attrs=dict(head_num=2, input_layout="BNSD", scale_value=0.25, sparse_mode=0),
+        outputs=["attention_out"])
+
+
 def fusion_attention_grad():
     q, k, v = fusion_qkv()
     out, softmax_max, softmax_sum, *_ = OPS.npu_fusion_attention(q, k, v, 4, "TND", atten_mask=CAUSAL_2048,
@@ -442,6 +453,7 @@ CASES = [
     pytest.param(incre_flash_attention, id="incre_flash_attention"),
     pytest.param(fused_infer_attention_score, id="fused_infer_attention_score"),
     pytest.param(fusion_attention, id="fusion_attention"),
+    pytest.param(fusion_attention_pse, id="fusion_attention-pse"),
     pytest.param(fusion_attention_grad, id="fusion_attention_grad"),
     *[pytest.param(lambda op=op, form=form: scatter(op, form), id=name)
       for op in ("scatter_update", "npu_scatter_nd_update")
