@@ -115,7 +115,7 @@ def test_dump_writes_everything_inside_out_only(tmp_path, monkeypatch, capsys):
     printed = captured.out
     assert "6/6 sites fused" in printed and "one complete GE graph" in printed and str(out / "report.txt") in printed
     for step in ("loading demo:llama", "tracing the model with dynamo", "npu_attn passes on the inference graph",
-                 "converting the inference graph into a GE graph", "writing FX graphs, report and pictures"):
+                 "TorchAir: converting the inference graph into a GE graph", "writing FX graphs, report and pictures"):
         assert f"[npu-attn-graph] {step}" in captured.err  # progress, on stderr
     assert (out / "fx" / "graph_0_before.py").read_text().count("aten.index_copy.default(") == 4
     after = (out / "fx" / "graph_0_after.py").read_text()
