@@ -252,8 +252,9 @@ def _write_pictures(pictures_dir: Path, report, notes: list[str]) -> list[Path]:
 
 def _summary(spec: str, result, paths: list[Path], notes: list[str]) -> str:
     report = result.report
+    verdict = "one complete GE graph" if result.single_graph else "NOT one complete GE graph"
     lines = [f"{spec}: {len(report.fused())}/{len(report.sites)} sites fused in {report.graphs} graph(s); "
-             f"{result.graph_count} GE graph(s), {'one complete GE graph' if result.single_graph else 'NOT one complete GE graph'}"]
+             f"{result.graph_count} GE graph(s), {verdict}"]
     top = ", ".join(f"{t} x{n}" for t, n in result.op_type_counts.most_common(8))
     lines.append(f"GE op types (top): {top}")
     lines.append(result.torchair)
