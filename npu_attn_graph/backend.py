@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch._dynamo.backends.common import aot_autograd
@@ -254,14 +255,21 @@ def explain(model: Callable, *args: Any, options: dict[str, Any] | None = None, 
     and return the report: every attention site found, rewritten or not (and
     why), plus graph breaks and recompiles. It resets torch._dynamo first, so
     functions compiled earlier in the process recompile on their next call."""
+    report = Report()
+    with traced_afresh(report):
+        compiled = torch.compile(model, backend=npu_attn_backend, options={**(options or {}), "report": report})
+        compiled(*args, **kwargs)
+    return report
+
+
+@contextmanager
+def traced_afresh(report: Report) -> Iterator[None]:
+    """Reset dynamo, then record in `report` the graph breaks and recompiles of
+    what runs inside (explain and to_ge_graph)."""
     from torch._dynamo.utils import counters
 
-    report = Report()
     torch._dynamo.reset()
-    breaks_before = Counter(counters["graph_break"])
-    recompiles_before = Counter(counters["recompiles"])
-    compiled = torch.compile(model, backend=npu_attn_backend, options={**(options or {}), "report": report})
-    compiled(*args, **kwargs)
+    breaks_before, recompiles_before = Counter(counters["graph_break"]), Counter(counters["recompiles"])
+    yield
     report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
     report.recompiles = sorted((Counter(counters["recompiles"]) - recompiles_before).elements())
-    return report

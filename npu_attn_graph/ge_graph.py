@@ -223,9 +223,7 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     It resets torch._dynamo before and after (so that the model is traced afresh):
     functions compiled earlier in the process recompile on their next call.
     """
-    from torch._dynamo.utils import counters
-
-    from .backend import BackendOptions, compile_with_torchair
+    from .backend import BackendOptions, compile_with_torchair, traced_afresh
 
     say = progress or (lambda message: None)
     torchair = load_torchair(progress)
@@ -246,14 +244,11 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
                 recorder.failures.append(" ".join(f"{type(error).__name__}: {error}".split())[:2000])
         return gm.forward  # run the FX graph as is: tracing goes on to the next graph
 
-    torch._dynamo.reset()
-    breaks_before = Counter(counters["graph_break"])
     say("tracing the model with dynamo")
     # With gradients, AOT would build the backward graph only at the first
     # backward call; lowering it right away puts its GE graph in the result too.
-    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+    with traced_afresh(report), torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
         torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
-    report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
     torch._dynamo.reset()
     return GeConversion(recorder.graphs, report.graph_breaks, report, torchair.describe(), torchair.offline, out,
                         recorder.failures)

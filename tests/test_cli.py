@@ -42,9 +42,13 @@ def write(tmp_path: Path, name: str, source: str) -> Path:
     return path
 
 
+# Subprocesses start without TORCH_LOGS (torch rejects some values at import).
+QUIET_ENV = {k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}
+
+
 def cli(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "npu_attn_graph", *argv], capture_output=True, text=True,
-                          timeout=600, env={k: v for k, v in os.environ.items() if k != "TORCH_LOGS"})
+                          timeout=600, env=QUIET_ENV)
 
 
 @pytest.mark.parametrize("command", ["dump", "check", "explain", "demo"])
@@ -201,7 +205,6 @@ def test_module_targets_resolve_from_the_working_directory(tmp_path):
     write(pkg, "models.py", GOOD.format(d=16))
     script = Path(sys.executable).parent / "npu-attn-graph"
     result = subprocess.run([str(script), "explain", "mypkg.models:make"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=300,
-                            env={k: v for k, v in os.environ.items() if k != "TORCH_LOGS"})
+                            cwd=tmp_path, timeout=300, env=QUIET_ENV)
     assert result.returncode == 0, result.stderr
     assert "1/1 sites fused" in result.stdout

@@ -10,8 +10,7 @@ from torchair.ge import DataType, Tensor, TensorSpec, attr, custom_op
 from torchair.ge._ge_graph import dont_prune_me
 
 from .._torchair_offline_native import register_ir
-
-INT_MAX = 2147483647
+from ..kernels._library import INT_MAX
 
 
 def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.DT_INT64) -> Tensor | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.sparse_flash_attention import INT64_MAX
 from ._ge import Tensor, attr, custom_op, register_fx_node_ge_converter, register_ir
 
 OP_TYPE = "SparseFlashAttention"
@@ -26,7 +27,6 @@ ATTRS = [("scale_value", "Float"), ("sparse_block_size", "Int"), ("layout_query"
          ("layout_kv", "String"), ("sparse_mode", "Int"), ("pre_tokens", "Int"), ("next_tokens", "Int"),
          ("attention_mode", "Int"), ("return_softmax_lse", "Bool")]
 register_ir(OP_TYPE, INPUTS, [(name, "required") for name in OUTPUTS], ATTRS)
-INT64_MAX = 2**63 - 1
 
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_sparse_flash_attention.default)

@@ -28,6 +28,9 @@ SCORE_BLOCK_BYTES = 16 * 1024 * 1024
 # sparse modes 2/3/4 (and the training op's 6/7/8) read as a pattern.
 COMPRESSED_MASK_SIZE = 2048
 
+# torch_npu's "unbounded" default for pre_tokens/next_tokens (int32 max).
+INT_MAX = 2147483647
+
 
 def holds_once(tensor: torch.Tensor, predicate: Callable[[torch.Tensor], bool]) -> bool:
     """predicate(tensor), an expensive content check, evaluated only until this

@@ -97,7 +97,8 @@ import torch
 from . import _library
 from ._inference import int_list
 from ._layouts import pack_tnd, unpack_tnd
-from ._library import COMPRESSED_MASK_SIZE, LIB, check, define, fail, holds_once, register_npu, register_reference
+from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, LIB, check, define, fail, holds_once, register_npu,
+                       register_reference)
 
 __all__ = ["npu_fusion_attention"]
 
@@ -110,7 +111,6 @@ MAX_SEQ = 1_000_000
 MAX_VARLEN_BATCH = 2048
 MAX_PREFIX_BATCH = 32
 PREFIX_COMPRESSED_ROWS = 3072
-INT_MAX = 2147483647
 DROPOUT_TILE_ROWS = 16
 # Band bounds at or past this are "unbounded" (and keep int64 arithmetic safe).
 UNBOUNDED = 2**40

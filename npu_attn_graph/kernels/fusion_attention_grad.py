@@ -35,9 +35,8 @@ from typing import Sequence
 import torch
 
 from ._inference import int_list
-from ._library import LIB, check, define, register_npu, register_reference
+from ._library import INT_MAX, LIB, check, define, register_npu, register_reference
 from .fusion_attention import (
-    INT_MAX,
     FusionCall,
     Geometry,
     backward,

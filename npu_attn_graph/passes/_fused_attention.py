@@ -28,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
 from ..kernels._inference import COMPRESSED_MASK_SIZE, MAX_GQA_RATIO, MAX_HEAD_DIM, MAX_HEADS
+from ..kernels._library import INT_MAX
 from ..report import Report, Site, node_location
 from ._context import PassContext
 from ._fx import insert_call
@@ -35,7 +36,6 @@ from ._fx import insert_call
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
 
-INT_MAX = 2147483647
 CAUSAL_MASK_BUFFER = "npu_attn_compressed_causal_mask"
 CONSTANT = "npu_attn_constant"  # node meta flag: computed from constants only
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -358,13 +358,8 @@ def apply_to_sites(gm: torch.fx.GraphModule, sites: list[tuple[AttentionSite, st
     for site, pattern in sites:
         layer, source = node_location(site.node)
         record = Site(kind="attention", graph=ctx.graph_name, layer=layer, source=source, pattern=pattern)
-        for condition in CONDITIONS:
-            reason = condition(site)
-            if reason is not None:
-                record.reason = reason
-                break
-        else:
-            record.reason = float32_left_unfused(site, ctx)
+        reasons = (condition(site) for condition in CONDITIONS)  # the first that fails, in order
+        record.reason = next((r for r in reasons if r is not None), None) or float32_left_unfused(site, ctx)
         if record.reason is None:
             record.gqa_ratio = site.q_shape[1] // site.k_shape[1]
             record.fused_op, record.sparse_mode, record.layout, fused_node = rewrite_site(gm, site, ctx)

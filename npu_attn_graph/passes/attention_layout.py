@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from ._context import PassContext
 from ..report import Report
+from ._context import PassContext
 from ._fx import insert_call
 
 aten = torch.ops.aten

@@ -26,7 +26,7 @@ import torch
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import fake_mode_of, insert_call
+from ._fx import fake_result, insert_call
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -65,8 +65,6 @@ def attention_precision(gm: torch.fx.GraphModule, report: Report, ctx: PassConte
 
 
 KV_WRITERS = (npu_attn.scatter_update.default, npu_attn.scatter_update_.default)
-
-
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor,
          aten.alias.default, aten.expand.default, aten.permute.default, aten.transpose.int)
 
@@ -91,9 +89,7 @@ def _cast_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node, low: torch.dtype
 
     node.args = tuple(cast(a) for a in node.args[:3]) + tuple(node.args[3:])
     node.kwargs = {k: cast(v) if k in CAST_KWARGS else v for k, v in node.kwargs.items()}
-    vals = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-    with fake_mode_of(node.args[0]):
-        node.meta["val"] = node.target(*vals[0], **vals[1])
+    node.meta["val"] = fake_result(node.target, node.args, node.kwargs)
     for user in node.users:  # getitem fakes follow the new output
         if user.target is operator.getitem:
             user.meta["val"] = node.meta["val"][user.args[1]]

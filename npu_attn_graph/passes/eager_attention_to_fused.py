@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
 
-from ._context import PassContext
 from ..report import Report
+from ._context import PassContext
 from ._fused_attention import AttentionSite, _scalar_value, apply_to_sites
 
 aten = torch.ops.aten

@@ -19,8 +19,8 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
 
 from ..kernels._inference import MAX_GQA_RATIO
-from ._context import PassContext
 from ..report import Report
+from ._context import PassContext
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ._context import PassContext
 from ..report import Report, Site, node_location
+from ._context import PassContext
 from ._fx import insert_call
 
 aten = torch.ops.aten

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.fx.operator_schemas import normalize_function
 
-from ._context import PassContext
 from ..report import Report
+from ._context import PassContext
 from ._fused_attention import AttentionSite, apply_to_sites
 
 aten = torch.ops.aten

@@ -36,8 +36,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
-from ._context import PassContext
 from ..report import Report, Site, node_location
+from ._context import PassContext
 from ._fx import insert_call
 
 aten = torch.ops.aten
@@ -185,10 +185,10 @@ def static_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassConte
             continue
         cache, states, start = write.cache, write.states, write.start
         starts = _start_indices(gm, node, cache, start)
-        if ctx.functional_kv_writes:  # the copy_ back into the cache stays
-            written = insert_call(gm, npu_attn.scatter_update.default, (cache, starts, states, -2), before=node)
-        else:
-            written = insert_call(gm, npu_attn.scatter_update_.default, (cache, starts, states, -2), before=node)
+        # Functional writer for GE: the copy_ back into the cache stays.
+        writer = npu_attn.scatter_update.default if ctx.functional_kv_writes else npu_attn.scatter_update_.default
+        written = insert_call(gm, writer, (cache, starts, states, -2), before=node)
+        if not ctx.functional_kv_writes:
             for user in list(node.users):
                 if user.target is aten.copy_.default and user.args[0] is cache:
                     gm.graph.erase_node(user)  # the cache is already written in place
