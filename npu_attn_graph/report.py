@@ -23,6 +23,9 @@ class Site:
     gqa_ratio: int | None = None
     reason: str | None = None  # why it was left alone
     precision: str | None = None  # e.g. "float32 via float16": casts around the fused op
+    # What the rewrite costs or keeps that a better match would not (repeat_kv kept,
+    # an additive mask as pse_shift, the fully-masked-row fix-up, a copy kept, ...).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def rewritten(self) -> bool:
@@ -33,7 +36,7 @@ class Site:
 class Report:
     sites: list[Site] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
-    recompiles: list[str] = field(default_factory=list)
+    recompiles: list[str] = field(default_factory=list)  # one per recompile: function, file:line, failed guard
     graphs: int = 0
     # Readable code of each ATen graph before and after the passes, and the
     # rewritten graphs themselves.
@@ -45,6 +48,7 @@ class Report:
     graphs_before: list[torch.fx.Graph] = field(default_factory=list)
     graphs_after: list[torch.fx.Graph] = field(default_factory=list)
     pass_seconds: dict[str, float] = field(default_factory=dict)  # wall time spent in each pass
+    pass_rewrites: dict[str, int] = field(default_factory=dict)  # sites or nodes each pass rewrote
 
     def fused(self, kind: str | None = None) -> list[Site]:
         return [s for s in self.sites if s.rewritten and (kind is None or s.kind == kind)]
@@ -54,10 +58,11 @@ class Report:
 
     def table(self) -> str:
         headers = ["graph", "kind", "layer", "source", "pattern", "fused op", "layout", "sparse", "gqa",
-                   "precision", "reason"]
+                   "precision", "reason / notes"]
         rows = [[s.graph, s.kind, s.layer, s.source, s.pattern, s.fused_op or "-", s.layout or "-",
                  "-" if s.sparse_mode is None else str(s.sparse_mode),
-                 "-" if s.gqa_ratio is None else str(s.gqa_ratio), s.precision or "-", s.reason or ""]
+                 "-" if s.gqa_ratio is None else str(s.gqa_ratio), s.precision or "-",
+                 s.reason or "; ".join(s.notes)]
                 for s in self.sites]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
@@ -68,6 +73,8 @@ class Report:
                      f"{len(self.graph_breaks)} graph break(s), {len(self.recompiles)} recompile(s)")
         for b in self.graph_breaks:
             lines.append(f"graph break: {b}")
+        for r in self.recompiles:  # "function (file:line): the guard that failed"
+            lines.append(f"recompile: {r}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

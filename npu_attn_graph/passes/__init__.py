@@ -1,45 +1,107 @@
-"""FX graph passes of the npu_attn backend: one module per rewrite.
+"""The npu_attn backend's graph passes, in one fixed order.
 
-Each pass takes a post-AOT (functionalized ATen) GraphModule, rewrites it in
-place and records every site it looked at in the Report.
+PIPELINE is the order; the backend's ``passes`` option selects which run, it
+never reorders them. One pass runs before AOT autograd, on dynamo's graph
+(training_sdpa_to_fusion, only when gradients are needed); the others run on
+each post-AOT (functionalized ATen) graph, and after them the completeness
+check (unfused_sites) lists whatever attention-shaped softmax or cache write
+is left, so the report never misses a site. Each pass's time and rewrite count
+go into the Report.
+
+The attention and KV-cache rules (each a pattern, a check and a rewrite; see
+_rules) are, by pass:
+
+- sdpa_to_fused: SDPA_RULE (every ATen form of F.scaled_dot_product_attention);
+- eager_attention_to_fused: EAGER_RULE (bmm -> [scale, casts, masks, biases]
+  -> softmax -> [casts, eval dropout] -> bmm, in any spelling that reaches it);
+- static_cache_update: STATIC_WRITE_RULE (index_copy / index_put / slice
+  assignment of contiguous positions into a graph input or buffer);
+- sliding_window_cache_update: SLIDING_WINDOW_RULE (roll(-1) + write at the
+  last slot of a full sliding window cache);
+- paged_cache_update: PAGED_WRITE_RULE (key and value written through one
+  slot mapping into paged caches).
+gqa_repeat_kv, attention_layout and attention_precision refine fused ops the
+rules inserted, reading the fused-op registry (registry.py).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
 from ..report import Report
 from ._context import PassContext
+from ._rules import RuleStats
 from .attention_layout import attention_layout
 from .attention_precision import attention_precision
-from .eager_attention_to_fused import eager_attention_to_fused
+from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
-from .paged_cache_update import paged_cache_update
-from .sdpa_to_fused import sdpa_to_fused
-from .static_cache_update import static_cache_update
+from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
+from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
+from .sliding_window_cache_update import SLIDING_WINDOW_RULE, sliding_window_cache_update
+from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
+from .training_sdpa_to_fusion import training_sdpa_to_fusion
+from .unfused_sites import report_unfused_sites
 
-GraphPass = Callable[[torch.fx.GraphModule, Report, PassContext], None]
+GraphPass = Callable[[torch.fx.GraphModule, Report, PassContext], "int | RuleStats | None"]
 
-# In the order they run.
-PASSES: dict[str, GraphPass] = {
-    "sdpa_to_fused": sdpa_to_fused,
-    "eager_attention_to_fused": eager_attention_to_fused,
-    "gqa_repeat_kv": gqa_repeat_kv,
-    "static_cache_update": static_cache_update,
-    "paged_cache_update": paged_cache_update,
-    "attention_layout": attention_layout,
-    "attention_precision": attention_precision,
-}
+PRE_AOT, POST_AOT = "pre_aot", "post_aot"
 
 
-def run_passes(gm: torch.fx.GraphModule, names: list[str], report: Report, ctx: PassContext) -> None:
-    for name in names:
-        start = time.perf_counter()
-        PASSES[name](gm, report, ctx)
-        report.pass_seconds[name] = report.pass_seconds.get(name, 0.0) + time.perf_counter() - start
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    stage: str  # PRE_AOT: dynamo's graph, when gradients are needed; POST_AOT: each ATen graph
+    run: GraphPass
 
 
-__all__ = ["PASSES", "GraphPass", "PassContext", "run_passes"]
+# The fixed order.
+PIPELINE: tuple[Pass, ...] = (
+    Pass("training_sdpa_to_fusion", PRE_AOT, training_sdpa_to_fusion),
+    Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
+    Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
+    Pass("gqa_repeat_kv", POST_AOT, gqa_repeat_kv),
+    Pass("static_cache_update", POST_AOT, static_cache_update),
+    Pass("sliding_window_cache_update", POST_AOT, sliding_window_cache_update),
+    Pass("paged_cache_update", POST_AOT, paged_cache_update),
+    Pass("attention_layout", POST_AOT, attention_layout),
+    Pass("attention_precision", POST_AOT, attention_precision),
+)
+PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
+RULES = (SDPA_RULE, EAGER_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, PAGED_WRITE_RULE)
+
+
+def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
+    start = time.perf_counter()
+    result = p.run(gm, report, ctx)
+    report.pass_seconds[p.name] = report.pass_seconds.get(p.name, 0.0) + time.perf_counter() - start
+    rewritten = result.rewritten if isinstance(result, RuleStats) else int(result or 0)
+    report.pass_rewrites[p.name] = report.pass_rewrites.get(p.name, 0) + rewritten
+
+
+def run_passes(gm: torch.fx.GraphModule, selected: Iterable[str], report: Report, ctx: PassContext) -> None:
+    """The selected post-AOT passes in pipeline order, then the completeness check."""
+    chosen = set(selected)
+    for p in PIPELINE:
+        if p.stage == POST_AOT and p.name in chosen:
+            _run(p, gm, report, ctx)
+    start = time.perf_counter()
+    report_unfused_sites(gm, report, ctx, chosen)
+    report.pass_seconds["unfused_sites"] = report.pass_seconds.get("unfused_sites", 0.0) + \
+        time.perf_counter() - start
+
+
+def run_pre_aot_passes(gm: torch.fx.GraphModule, selected: Iterable[str], report: Report,
+                       ctx: PassContext) -> None:
+    """The selected pre-AOT passes (dynamo's graph of a training step) in pipeline order."""
+    chosen = set(selected)
+    for p in PIPELINE:
+        if p.stage == PRE_AOT and p.name in chosen:
+            _run(p, gm, report, ctx)
+
+
+__all__ = ["PASSES", "PIPELINE", "POST_AOT", "PRE_AOT", "GraphPass", "Pass", "PassContext", "RULES",
+           "run_passes", "run_pre_aot_passes"]

@@ -1,32 +1,160 @@
-"""Small FX helpers shared by the passes."""
+"""FX helpers shared by the passes: fake values, scalar constants, aliasing,
+and the Rewrite transaction every rule inserts its nodes through."""
 
 from __future__ import annotations
 
+import math
+import operator
+from typing import Any, Iterable
+
 import torch
+from torch.fx.experimental.symbolic_shapes import free_symbols, statically_known_true
+
+from ..kernels._library import NpuAttnArgumentError
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Node meta keys shared by the passes.
+SITE = "npu_attn_site"  # a fused node -> its report Site (later passes refine the record)
+CLAIMED = "npu_attn_claimed"  # a node a rule looked at and left alone -> its Site (not reported twice)
+CONSTANT = "npu_attn_constant"  # computed from constants only: executors may fold it
 
 
-def fake_mode_of(node: torch.fx.Node):
-    """The FakeTensorMode the graph's metadata (a tensor-valued node's) lives in."""
-    return node.meta["val"].fake_mode
+class RewriteRefused(Exception):
+    """A rule cannot rewrite a site; the message is the report's reason."""
 
 
-def insert_call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict | None = None, *,
-                before: torch.fx.Node | None = None, after: torch.fx.Node | None = None,
-                fake_from: torch.fx.Node | None = None) -> torch.fx.Node:
-    """Insert target(*args, **kwargs) before or after a node, with its fake value
-    as meta["val"] (target run on the arguments' fake values) and the source
-    location of that neighbour.
+def val(node: object) -> Any:
+    """The fake value (meta["val"]) of a node, or None for non-nodes and nodes without one."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
-    fake_from names a tensor node whose fake mode to use when no argument is one."""
-    kwargs = kwargs or {}
-    anchor = before if before is not None else after
-    with (gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)):
-        node = gm.graph.call_function(target, args, kwargs)
-    node.meta["val"] = fake_result(target, args, kwargs, fake_mode_of(fake_from) if fake_from is not None else None)
-    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
-        if key in anchor.meta:
-            node.meta[key] = anchor.meta[key]
+
+def is_call(node: object, targets: object) -> bool:
+    """node is a call_function of `targets` (one target or a tuple of them)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    return node.target in targets if isinstance(targets, (tuple, list, set, frozenset)) else node.target is targets
+
+
+def static_int(x: object) -> int | None:
+    """x as a Python int when it has no free symbols, else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt) and not free_symbols(x):
+        return int(x)
+    return None
+
+
+def same_size(a: object, b: object) -> bool:
+    return statically_known_true(a == b)
+
+
+def same_shape(a: Iterable, b: Iterable) -> bool:
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides wherever the size is not 1 (a size-1 dim's stride never matters)."""
+    if not same_shape(a.shape, b.shape):
+        return False
+    return all(same_size(n, 1) or same_size(sa, sb) for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+# ----------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------
+
+SCALAR_CONSTRUCTORS = (aten.scalar_tensor.default, aten.full.default, aten.zeros.default, aten.ones.default,
+                       aten.full_like.default, aten.zeros_like.default, aten.ones_like.default)
+
+
+def scalar_constant(node: object) -> float | None:
+    """The value of a Python number, or of a node that is a constant-filled tensor
+    (scalar_tensor / full / zeros / ones and their _like forms, through dtype casts
+    that keep the value), else None."""
+    if isinstance(node, bool):
+        return float(node)
+    if isinstance(node, (int, float)):
+        return float(node)
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target in (aten._to_copy.default, prims.convert_element_type.default, aten.lift_fresh_copy.default,
+                       aten.clone.default, aten.expand.default):
+        inner = scalar_constant(node.args[0])
+        if inner is None:
+            return None
+        dtype = getattr(val(node), "dtype", None)
+        if dtype is not None and dtype.is_floating_point and math.isfinite(inner):
+            cast = torch.tensor(inner, dtype=dtype).item()  # the value as that dtype holds it
+            return cast
+        return inner
+    target = node.target
+    if target is aten.scalar_tensor.default:
+        value = node.args[0]
+    elif target in (aten.full.default, aten.full_like.default):
+        value = node.args[1]
+    elif target in (aten.zeros.default, aten.zeros_like.default):
+        value = 0.0
+    elif target in (aten.ones.default, aten.ones_like.default):
+        value = 1.0
+    else:
+        return None
+    return float(value) if isinstance(value, (int, float, bool)) else None
+
+
+# ----------------------------------------------------------------------------
+# Aliasing: which nodes are views of which
+# ----------------------------------------------------------------------------
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """node's value aliases its first argument (a view op by its schema, or an
+    element of a view op's tuple result)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], torch.fx.Node) and is_view(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def returns_mutated_input(node: torch.fx.Node) -> bool:
+    """node mutates its first argument in place and returns it (scatter_update_)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and any(r.alias_info is not None and r.alias_info.is_write for r in schema.returns)
+
+
+def views_of(node: torch.fx.Node) -> set[torch.fx.Node]:
+    """node and every node that is (transitively) a view of it, or the result of
+    an in-place write into it."""
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            if user not in seen and (is_view(user) or returns_mutated_input(user)) and user.args \
+                    and user.args[0] in seen:
+                seen.add(user)
+                todo.append(user)
+    return seen
+
+
+def cache_root(node: object) -> object:
+    """The graph input an in-place writer's result aliases (node itself otherwise)."""
+    while isinstance(node, torch.fx.Node) and returns_mutated_input(node):
+        node = node.args[0]
     return node
+
+
+def graph_order(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+# ----------------------------------------------------------------------------
+# Rewrite: insert nodes with fake values, validate, then commit or roll back
+# ----------------------------------------------------------------------------
 
 
 def fake_result(target, args: tuple, kwargs: dict, fake_mode=None) -> object:
@@ -34,6 +162,133 @@ def fake_result(target, args: tuple, kwargs: dict, fake_mode=None) -> object:
     the mode of the first fake tensor among them)."""
     vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
     if fake_mode is None:
-        fake_mode = next(t.fake_mode for t in torch.utils._pytree.tree_leaves(vals) if hasattr(t, "fake_mode"))
+        fake_mode = next((t.fake_mode for t in torch.utils._pytree.tree_leaves(vals) if hasattr(t, "fake_mode")),
+                         None)
+    if fake_mode is None:
+        return target(*vals[0], **vals[1])
     with fake_mode:
         return target(*vals[0], **vals[1])
+
+
+def insert_call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict | None = None, *,
+                before: torch.fx.Node | None = None, after: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Insert target(*args, **kwargs) next to a node, with its fake value and the
+    neighbour's source location (for passes that edit existing fused nodes)."""
+    kwargs = kwargs or {}
+    anchor = before if before is not None else after
+    with (gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)):
+        node = gm.graph.call_function(target, args, kwargs)
+    node.meta["val"] = fake_result(target, args, kwargs)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in anchor.meta:
+            node.meta[key] = anchor.meta[key]
+    return node
+
+
+def _symbolic_leaves(tree: object) -> list:
+    return [x for x in torch.utils._pytree.tree_leaves(tree)
+            if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and free_symbols(x)]
+
+
+class Rewrite:
+    """One rewrite of a graph, as a transaction.
+
+    ``call`` inserts a node before the anchor and computes its fake value right
+    away, so an op's own validation (its fake implementation) runs on the site's
+    fake values: an NpuAttnArgumentError, or any other failure to build, raises
+    RewriteRefused with the reason. ``replace`` records a substitution that is
+    applied only by ``commit``; ``rollback`` erases every inserted node, leaving
+    the graph exactly as it was. Symbolic sizes are never written into the graph
+    as literals: ``size`` gives a static int or a sym_size node, and ``call``
+    refuses arguments that still hold a free symbol."""
+
+    def __init__(self, gm: torch.fx.GraphModule, anchor: torch.fx.Node) -> None:
+        self.gm, self.graph, self.anchor = gm, gm.graph, anchor
+        self.inserted: list[torch.fx.Node] = []
+        self.replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+        tensors = [v for n in gm.graph.nodes if isinstance(v := val(n), torch.Tensor) and hasattr(v, "fake_mode")]
+        self.fake_mode = tensors[0].fake_mode if tensors else None
+
+    # -- building -----------------------------------------------------------
+
+    def call(self, target, args: tuple, kwargs: dict | None = None, *, meta_from: torch.fx.Node | None = None
+             ) -> torch.fx.Node:
+        kwargs = dict(kwargs or {})
+        symbolic = _symbolic_leaves((args, kwargs))
+        if symbolic:
+            raise RewriteRefused(f"symbolic value {symbolic[0]} would be written into the graph as a literal "
+                                 f"(argument of {_name(target)})")
+        try:
+            value = fake_result(target, args, kwargs, self.fake_mode)
+        except NpuAttnArgumentError as error:
+            raise RewriteRefused(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - any failure to build leaves the site alone, with the reason
+            raise RewriteRefused(f"{_name(target)} rejects the site's values: {type(error).__name__}: "
+                                 f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta["val"] = value
+        source = meta_from if meta_from is not None else self.anchor
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in source.meta:
+                node.meta[key] = source.meta[key]
+        self.inserted.append(node)
+        return node
+
+    def size(self, tensor: torch.fx.Node, dim: int) -> int | torch.fx.Node:
+        """tensor.shape[dim] as an int, or as a sym_size node when it is symbolic."""
+        n = val(tensor).shape[dim]
+        static = static_int(n)
+        return static if static is not None else self.call(aten.sym_size.int, (tensor, dim))
+
+    def sizes(self, tensor: torch.fx.Node) -> list:
+        return [self.size(tensor, d) for d in range(val(tensor).dim())]
+
+    def checkpoint(self) -> tuple[int, int]:
+        return len(self.inserted), len(self.replacements)
+
+    def rollback(self, checkpoint: tuple[int, int] = (0, 0)) -> None:
+        """Undo what was built since `checkpoint` (everything by default)."""
+        nodes, replacements = checkpoint
+        del self.replacements[replacements:]
+        while len(self.inserted) > nodes:
+            self.graph.erase_node(self.inserted.pop())  # newest first: only later inserts use it
+
+    # -- finishing ----------------------------------------------------------
+
+    def replace(self, old: torch.fx.Node, new: torch.fx.Node) -> None:
+        """On commit, every use of `old` becomes a use of `new`."""
+        self.replacements.append((old, new))
+
+    def commit(self) -> None:
+        for old, new in self.replacements:
+            old.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+
+
+def _name(target: object) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[0] if isinstance(target, torch._ops.OpOverload) else name
+
+
+def erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node]) -> None:
+    """Erase the given nodes (a rule's replaced nodes) once unused, unless they
+    mutate something, and whatever of their inputs becomes unused and is pure (a
+    local eliminate_dead_code). A replaced node counts as pure even when torch
+    tags it nondeterministic (SDPA's kernels, for their dropout)."""
+    replaced = set(nodes)
+    todo = list(replaced)
+    while todo:
+        node = todo.pop()
+        if erased(node) or node.users or node.op in ("placeholder", "output"):
+            continue
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        mutates = schema is not None and schema.is_mutable
+        if mutates or (node not in replaced and node.is_impure()):
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        todo.extend(inputs)
+
+
+def erased(node: torch.fx.Node) -> bool:
+    return getattr(node, "_erased", False)

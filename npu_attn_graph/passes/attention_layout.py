@@ -19,21 +19,16 @@ exactly what it did before.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import insert_call
+from ._fx import SITE, fake_result, insert_call
+from .registry import ATTENTION_OPS, FusedAttentionOp
 
 aten = torch.ops.aten
-npu_attn = torch.ops.npu_attn
-
-# Fused op -> the BSND-in/BSND-out and BNSD-in/BSND-out layouts it accepts.
-OPS = {
-    npu_attn.npu_prompt_flash_attention.default: ("BSND", "BNSD_BSND"),
-    npu_attn.npu_fused_infer_attention_score.default: ("BSND", "BNSD_BSND"),
-    npu_attn.npu_incre_flash_attention.default: ("BSND", None),
-}
 SEQ_HEAD_SWAPS = ((1, 2), (2, 1), (-3, -2), (-2, -3))
 
 
@@ -46,32 +41,35 @@ def _swaps_seq_and_heads(node: object) -> bool:
     return node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]
 
 
-def _output(node: torch.fx.Node) -> torch.fx.Node:
+def _output(node: torch.fx.Node, op: FusedAttentionOp) -> torch.fx.Node | None:
     """The attention tensor of a fused node (FIA returns (out, lse))."""
-    if node.target is npu_attn.npu_fused_infer_attention_score.default:
-        (getitem,) = [u for u in node.users if u.args[1] == 0]
-        return getitem
-    return node
+    if op.output_index is None:
+        return node
+    outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == op.output_index]
+    return outs[0] if len(outs) == 1 else None
 
 
 def _fake(node: torch.fx.Node):
     return node.meta["val"]
 
 
-def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, layout: str) -> torch.fx.Node:
-    """Give the fused node new inputs/layout; return a BNSD view of its (now BSND) output."""
-    out = _output(node)
+def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, out: torch.fx.Node, args: tuple,
+              layout: str) -> torch.fx.Node | None:
+    """Give the fused node new inputs/layout; return a BNSD view of its (now BSND)
+    output, or None (and no change) when the op's validation rejects it."""
     users = list(out.users)
     writes_bsnd = node.kwargs.get("input_layout") == "BNSD_BSND"
-    node.args = args
-    node.kwargs = {**node.kwargs, "input_layout": layout}
+    kwargs = {**node.kwargs, "input_layout": layout}
+    try:
+        value = fake_result(node.target, args, kwargs)
+    except Exception:  # noqa: BLE001 - the op's own validation says no: keep the layout
+        return None
+    node.args, node.kwargs = args, kwargs
     if writes_bsnd:  # the output memory is unchanged; a permute already views it as BNSD
         return next(u for u in users if _swaps_seq_and_heads(u))
-    with _fake(node.args[0]).fake_mode:
-        node.meta["val"] = node.target(*torch.fx.node.map_arg(node.args, _fake),
-                                       **torch.fx.node.map_arg(node.kwargs, _fake))
-        if out is not node:
-            out.meta["val"] = node.meta["val"][0]
+    node.meta["val"] = value
+    if out is not node:
+        out.meta["val"] = value[out.args[1]]
     view = insert_call(gm, aten.permute.default, (out, [0, 2, 1, 3]), after=out)
     for user in users:
         user.replace_input_with(out, view)
@@ -79,8 +77,9 @@ def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple, layout
 
 
 def _single_token_view(gm: torch.fx.GraphModule, out: torch.fx.Node, copy: torch.fx.Node) -> None:
-    """S == 1: the contiguous copy of the BSND transpose has the op's memory order."""
-    view = insert_call(gm, aten.view.default, (out, list(_fake(copy).shape)), after=out)
+    """S == 1: the contiguous copy of the BSND transpose has the op's memory order,
+    so a permuted view of the output (no copy) serves instead."""
+    view = insert_call(gm, aten.permute.default, (out, [0, 2, 1, 3]), after=out)
     copy.replace_all_uses_with(view)
 
 
@@ -96,36 +95,49 @@ def _contiguous_copy_of_transpose(view: torch.fx.Node) -> list[tuple[torch.fx.No
     return pairs
 
 
-def attention_layout(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
-    changed = False
+def attention_layout(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> int:
+    """Returns how many fused ops changed layout."""
+    changed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in OPS or node.kwargs.get("block_table") is not None:
+        op = ATTENTION_OPS.get(node.target) if node.op == "call_function" else None
+        if op is None or node.kwargs.get("block_table") is not None:
             continue
-        bsnd_in, bnsd_in_bsnd_out = OPS[node.target]
+        out = _output(node, op)
+        if out is None:
+            continue
         layout = node.kwargs.get("input_layout")
-        query, key, value = node.args[:3]
+        query, key, value = (node.args[i] for i in (0, op.key_arg, op.value_arg))
+        # A BSND output is a different memory order: only when every reader swaps it
+        # back to BSND (whose result is then contiguous) can no later view break.
+        only_swapped = bool(out.users) and all(_swaps_seq_and_heads(u) for u in out.users)
         view = None
-        if layout in ("BNSD", "BNSD_BSND") and all(_swaps_seq_and_heads(t) for t in (query, key, value)):
-            view = _retarget(gm, node, (query.args[0], key.args[0], value.args[0], *node.args[3:]), bsnd_in)
+        if layout in ("BNSD", "BNSD_BSND") and "BSND" in op.layouts and \
+                all(_swaps_seq_and_heads(t) for t in (query, key, value)) and \
+                (only_swapped or layout == "BNSD_BSND"):
+            args = list(node.args)
+            for i in (0, op.key_arg, op.value_arg):
+                args[i] = args[i].args[0]
+            view = _retarget(gm, node, out, tuple(args), "BSND")
         elif layout == "BNSD_BSND":
-            view = next((u for u in _output(node).users if _swaps_seq_and_heads(u)), None)
+            view = next((u for u in out.users if _swaps_seq_and_heads(u)), None)
         elif layout == "BNSD":
-            pairs = _contiguous_copy_of_transpose(_output(node))
-            if pairs and bnsd_in_bsnd_out is not None:
-                view = _retarget(gm, node, node.args, bnsd_in_bsnd_out)
+            pairs = _contiguous_copy_of_transpose(out)
+            if pairs and only_swapped and "BNSD_BSND" in op.layouts:
+                view = _retarget(gm, node, out, node.args, "BNSD_BSND")
             elif pairs and _fake(query).shape[2] == 1:
                 for _, copy in pairs:
-                    _single_token_view(gm, _output(node), copy)
-                changed = True
+                    _single_token_view(gm, out, copy)
+                changed += 1
         if view is None:
             continue
         for _, copy in _contiguous_copy_of_transpose(view):
-            copy.replace_all_uses_with(_output(node))  # the op's fresh BSND output is that copy
-        site = node.meta.get("npu_attn_site")
+            copy.replace_all_uses_with(out)  # the op's fresh BSND output is that copy
+        site = node.meta.get(SITE)
         if site is not None:
             site.layout = node.kwargs["input_layout"]
-        changed = True
+        changed += 1
     if changed:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+    return changed

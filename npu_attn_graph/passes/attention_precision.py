@@ -26,45 +26,43 @@ import torch
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import fake_result, insert_call
+from ._fx import SITE, fake_result, insert_call
+from .registry import ATTENTION_OPS, WRITER_OPS, FusedAttentionOp
 
 aten = torch.ops.aten
-npu_attn = torch.ops.npu_attn
-
-SINGLE_OUTPUT = (npu_attn.npu_prompt_flash_attention.default, npu_attn.npu_incre_flash_attention.default)
-TUPLE_OUTPUT = (npu_attn.npu_fused_infer_attention_score.default,)
-CAST_KWARGS = ("pse_shift",)
 
 
-def attention_precision(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
+def attention_precision(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> int:
+    """Returns how many fused ops were given casts."""
     low = ctx.attention_cast_dtype
     if low is None:
-        return
-    changed = False
+        return 0
+    changed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SINGLE_OUTPUT + TUPLE_OUTPUT:
+        op = ATTENTION_OPS.get(node.target) if node.op == "call_function" else None
+        if op is None or node.args[0].meta["val"].dtype != torch.float32:
             continue
-        if node.args[0].meta["val"].dtype != torch.float32:
+        reads_cache = any(_is_kv_cache(node.args[i]) for i in (op.key_arg, op.value_arg))
+        if not _cast_inputs(gm, node, op, low):
             continue
-        reads_cache = any(_is_kv_cache(a) for a in node.args[1:3])
-        _cast_inputs(gm, node, low)
-        outputs = [node] if node.target in SINGLE_OUTPUT else [
-            u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        outputs = [node] if op.output_index is None else [
+            u for u in node.users if u.target is operator.getitem and u.args[1] == op.output_index]
         for out in outputs:
             restored = insert_call(gm, aten._to_copy.default, (out,), {"dtype": torch.float32}, after=out)
             out.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
-        site = node.meta.get("npu_attn_site")
+        site = node.meta.get(SITE)
         if site is not None:
             site.precision = f"float32 via {str(low).replace('torch.', '')}"
             if reads_cache:
                 site.precision += " (casts the whole KV cache on every call: use a float16/bfloat16 model)"
-        changed = True
+        changed += 1
     if changed:
+        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+    return changed
 
 
-KV_WRITERS = (npu_attn.scatter_update.default, npu_attn.scatter_update_.default)
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.slice.Tensor,
          aten.alias.default, aten.expand.default, aten.permute.default, aten.transpose.int)
 
@@ -75,21 +73,32 @@ def _is_kv_cache(node: object) -> bool:
         node = node.args[0]
     if not isinstance(node, torch.fx.Node):
         return False
-    if node.op == "placeholder" or node.target in KV_WRITERS:
+    if node.op == "placeholder" or node.target in WRITER_OPS:
         return True
     return (node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
-            and node.args[0].target is npu_attn.npu_scatter_pa_kv_cache_functional.default)
+            and node.args[0].target in WRITER_OPS)
 
 
-def _cast_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node, low: torch.dtype) -> None:
+def _cast_inputs(gm: torch.fx.GraphModule, node: torch.fx.Node, op: FusedAttentionOp, low: torch.dtype) -> bool:
+    """Cast the op's float32 inputs to `low`; False (nothing changed) if the op's
+    validation rejects the cast call."""
     def cast(arg):
         if isinstance(arg, torch.fx.Node) and arg.meta["val"].dtype == torch.float32:
             return insert_call(gm, aten._to_copy.default, (arg,), {"dtype": low}, before=node)
         return arg
 
-    node.args = tuple(cast(a) for a in node.args[:3]) + tuple(node.args[3:])
-    node.kwargs = {k: cast(v) if k in CAST_KWARGS else v for k, v in node.kwargs.items()}
-    node.meta["val"] = fake_result(node.target, node.args, node.kwargs)
+    args = tuple(cast(a) if i in op.cast_args else a for i, a in enumerate(node.args))
+    kwargs = {k: cast(v) if k in op.cast_kwargs else v for k, v in node.kwargs.items()}
+    try:
+        value = fake_result(node.target, args, kwargs)
+    except Exception:  # noqa: BLE001 - the op's own validation says no: keep float32
+        for new in {*args, *kwargs.values()} - {*node.args, *node.kwargs.values()}:
+            if isinstance(new, torch.fx.Node) and not new.users:
+                gm.graph.erase_node(new)
+        return False
+    node.args, node.kwargs = args, kwargs
+    node.meta["val"] = value
     for user in node.users:  # getitem fakes follow the new output
         if user.target is operator.getitem:
             user.meta["val"] = node.meta["val"][user.args[1]]
+    return True

@@ -1,199 +1,401 @@
-"""Rewrite hand-written (eager) attention into the NPU fused attention ops.
+"""Rule: hand-written attention (matmul, softmax, matmul) -> the NPU fused ops.
 
-The chain, as it appears after AOT (transformers' eager_attention_forward,
-GPT-2's and BERT's eager attention all reach this form)::
+After AOT every spelling of ``softmax(q @ k^T * scale + mask) @ v`` (torch.matmul
+on 4-D tensors, torch.bmm on reshaped ones, einsum, SDPA's math decomposition,
+transformers' eager_attention_forward, GPT-2's and BERT's eager attention)
+reaches one batched form, anchored at the softmax over the last dim::
 
-    scores  = bmm(flatten(q), flatten(k^T)).view(B, N, S, S_kv)
-    scores  = scores * scale | scores / c | scores          (scale on q also works)
-    scores  = scores + mask | where(keep, scores, min) | masked_fill(scores, masked, min) | scores
-    probs   = softmax(scores [upcast to fp32], -1) [cast back] [dropout in eval: clone]
-    out     = bmm(flatten(probs), flatten(v)).view(B, N, S, Dv)
+    scores = bmm(A, B)                      # (I, S_q, S_kv)
+    scores = reshape(scores, (X, Y, S_q, S_kv))     optional split of I = X * Y
+    scores = [scale] [casts] [terms]        # mul/div by a constant, add / fill (see _masks)
+    probs  = softmax(scores, -1) [casts] [eval dropout]
+    out    = bmm(reshape(probs, (I, S_q, S_kv)), V)   # (I, S_q, D_v)
 
-flatten() is the expand / clone / view / _unsafe_view that torch.matmul uses
-to batch 4-D operands. The pattern is anchored at the softmax: the core
-matching steps are small functions below, each returning None when the graph
-does not have that shape. A matched chain becomes an AttentionSite and goes
-through the same conditions and replacement as SDPA sites
-(_fused_attention), including the check that no intermediate (e.g. returned
-attention weights) is used outside the chain.
+Because the fused op works per (batch, head) pair exactly like bmm works per
+index of I, the site is read in those terms: the query is A split into
+(X, Y, S_q, D), the key is B^T split likewise, the value V likewise, and the
+terms broadcast against the (X, Y, S_q, S_kv) scores as torch broadcast them.
+Only reshapes that keep the row-major element order (views, size-1 dims moved)
+count as splits and merges; a view that relabels data (say a BSND operand
+flattened as if BNSD) is taken literally, so the result is what bmm computed.
+Where an operand is a plain 4-D tensor behind matmul's expand/view (or a
+transpose of one, for the key) that tensor is used directly; otherwise the
+bmm operand itself is reshaped. A constant factor on q or k (SDPA's math
+decomposition scales both by sqrt(scale)) folds into the scale.
+
+The replacement is the bmm's output (reshaped back to (I, S_q, D_v)), or the
+4-D view of it when the program splits it the same way, so every later use of
+the output sees the same values. Structure alone is matched here; the op's
+validation and the shape/dtype/stride check (_attention) decide the rest.
 """
 
 from __future__ import annotations
 
-import torch
-from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
+import operator
+from dataclasses import dataclass, field
 
-from ..report import Report
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..report import Report, Site
+from ._attention import AttentionSite, Operand, float32_left_unfused, rewrite_attention, structure_reason
 from ._context import PassContext
-from ._fused_attention import AttentionSite, _scalar_value, apply_to_sites
+from ._fx import Rewrite, is_call, same_shape, scalar_constant, val
+from ._masks import ScoreTerm
+from ._rules import Rule, RuleStats, apply_rules
+from .sdpa_to_fused import record_fused
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 
 SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
-FLATTENING = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default)
-SCALE_PATTERNS = (
-    (CallFunction(aten.mul.Tensor, KeywordArg("scores"), KeywordArg("factor")), False),
-    (CallFunction(aten.div.Tensor, KeywordArg("scores"), KeywordArg("factor")), True),
-)
+CASTS = (aten._to_copy.default, prims.convert_element_type.default)
+RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.permute.default, aten.transpose.int,
+            aten.expand.default, aten.clone.default, aten.alias.default)
 
 
-def _val(node: object):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+def _one(size: object) -> bool:
+    return statically_known_true(size == 1)
 
 
-def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
+# ----------------------------------------------------------------------------
+# Reshape chains that keep the row-major element order
+# ----------------------------------------------------------------------------
 
 
-def _is_noop_expand(node: torch.fx.Node) -> bool:
-    return node.target is aten.expand.default and tuple(_val(node.args[0]).shape) == tuple(_val(node).shape)
+def keeps_element_order(node: torch.fx.Node) -> bool:
+    """node only relabels its input's elements in row-major order: a view or
+    reshape, size-1 dims added, removed or moved, a same-shape expand, a clone."""
+    if not is_call(node, RESHAPES):
+        return False
+    source = val(node.args[0])
+    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
+                       aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.clone.default,
+                       aten.alias.default):
+        return True
+    if node.target is aten.expand.default:
+        return same_shape(source.shape, val(node).shape)
+    if node.target is aten.transpose.int:
+        a, b = (d % source.dim() for d in node.args[1:3])
+        return a == b or _one(source.shape[a]) or _one(source.shape[b])
+    dims = [d % source.dim() for d in node.args[1]]  # permute: non-size-1 dims keep their order
+    kept = [d for d in dims if not _one(source.shape[d])]
+    return kept == sorted(kept)
 
 
-def unflatten(operand: torch.fx.Node) -> torch.fx.Node | None:
-    """The 4-D (B, N, X, Y) tensor a 3-D bmm operand (B*N, X, Y) was batched from."""
-    node = operand
-    while True:
-        val = _val(node)
-        if val is None:
-            return None
-        if val.dim() == 4 and not (node.target is aten.clone.default or _is_noop_expand(node)):
-            return node
-        if node.target in FLATTENING or _is_noop_expand(node):
-            node = node.args[0]
-            continue
-        return None
+def order_keeping_root(node: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """Walk back from node through order-keeping reshapes: (the first node that
+    is not one, the reshapes walked through, outermost first)."""
+    chain = []
+    while isinstance(node, torch.fx.Node) and keeps_element_order(node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
 
 
-def untransposed(kt: torch.fx.Node) -> torch.fx.Node | None:
-    """k from k^T: transpose of the last two dims of a 4-D tensor."""
-    if kt.target is aten.transpose.int and {d % 4 for d in kt.args[1:3]} == {2, 3}:
-        return kt.args[0]
-    if kt.target is aten.permute.default and list(kt.args[1]) in ([0, 1, 3, 2], [0, 1, -1, -2]):
-        return kt.args[0]
+# ----------------------------------------------------------------------------
+# Operands
+# ----------------------------------------------------------------------------
+
+KEY_TRANSPOSES = ((2, 3), (3, 2), (-1, -2), (-2, -1), (2, -1), (-1, 2), (-2, 3), (3, -2))
+
+
+def _untransposed(node: torch.fx.Node) -> torch.fx.Node | None:
+    """K from K^T when node is K.transpose(-2, -1) of a 4-D K."""
+    if is_call(node, aten.transpose.int) and tuple(node.args[1:3]) in KEY_TRANSPOSES:
+        return node.args[0]
+    if is_call(node, aten.permute.default) and [d % 4 for d in node.args[1]] == [0, 1, 3, 2]:
+        return node.args[0]
     return None
 
 
-def _skip_cast(node: torch.fx.Node) -> torch.fx.Node:
-    """Look through a dtype cast (the fp32 softmax upcast)."""
-    if node.target in (aten._to_copy.default, aten.to.dtype) and _val(node.args[0]) is not None:
-        return node.args[0]
-    return node
+def _scale_factor(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
+    """(x, c) when node is x * c or x / c with a constant scalar c != 0."""
+    if not is_call(node, (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)):
+        return None
+    a, b = node.args[:2]
+    if node.target in (aten.div.Tensor, aten.div.Scalar) and "rounding_mode" in node.kwargs:
+        return None
+    for x, c in ((a, b), (b, a)) if node.target in (aten.mul.Tensor, aten.mul.Scalar) else ((a, b),):
+        factor = scalar_constant(c)
+        if isinstance(x, torch.fx.Node) and val(x) is not None and factor not in (None, 0.0):
+            if isinstance(c, torch.fx.Node) and val(c).dim() > 0:
+                continue  # a constant tensor of higher rank could broadcast the shape
+            if val(x).dtype != val(node).dtype:
+                return None  # the factor promotes the dtype: keep the product as it is
+            return x, (1.0 / factor if node.target in (aten.div.Tensor, aten.div.Scalar) else factor)
+    return None
 
 
-def _split_mask(x: torch.fx.Node):
-    """(scores, mask node or None, mask is in NPU convention, nodes consumed)."""
-    if x.target is aten.add.Tensor:
-        a, b = x.args[:2]
-        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
-            scores, mask = (a, b) if _from_bmm(_strip_scale(a)) else (b, a)
-            return scores, mask, False, (x,)
-    if x.target is aten.where.self:  # GPT-2 style: where(keep, scores, lowest)
-        keep, scores, filler = x.args
-        lowest = torch.finfo(_val(x).dtype).min
-        if _scalar_value(filler) in (lowest, float("-inf")) and _val(keep).dtype == torch.bool:
-            return scores, keep, False, (x,)
-    if x.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-        scores, masked, filler = x.args
-        lowest = torch.finfo(_val(x).dtype).min
-        if _scalar_value(filler) in (lowest, float("-inf")):
-            return scores, masked, True, (x,)
-    return x, None, False, ()
+def resolve_operand(flat: torch.fx.Node, split: tuple, transposed: bool) -> tuple[Operand, float]:
+    """The 4-D operand behind a 3-D bmm operand, and any constant factor on it.
+
+    flat is (I, S, D) (or (I, D, S) for the key, transposed=True). Walking back
+    through order-keeping reshapes and constant factors, the furthest node of
+    shape (X, Y, S, D) (resp. (X, Y, D, S)) is the operand; without one the
+    bmm operand itself is split."""
+    want = [*(val(x) if isinstance(x, torch.fx.Node) else (val(flat).shape[0] if x is None else x) for x in split),
+            *val(flat).shape[1:]]
+    factor, found, found_factor = 1.0, None, 1.0
+    node = flat
+    while isinstance(node, torch.fx.Node):
+        if val(node) is not None and val(node).dim() == 4 and same_shape(val(node).shape, want):
+            found, found_factor = node, factor
+        if keeps_element_order(node):
+            node = node.args[0]
+            continue
+        scaled = _scale_factor(node)
+        if scaled is None:
+            break
+        node, factor = scaled[0], factor * scaled[1]
+    if found is None:
+        return Operand(flat, transposed=transposed, unflatten=split), 1.0
+    if transposed:
+        key = _untransposed(found)
+        if key is not None:
+            return Operand(key), found_factor
+        return Operand(found, transposed=True), found_factor
+    return Operand(found), found_factor
 
 
-def _strip_scale(x: object) -> object:
-    return _split_scale(x)[0] if isinstance(x, torch.fx.Node) else x
+# ----------------------------------------------------------------------------
+# The scores chain (backward from the softmax) and the probs chain (forward)
+# ----------------------------------------------------------------------------
 
 
-def _split_scale(x: torch.fx.Node):
-    """(raw scores, scale, nodes consumed, runtime scale node or None)."""
-    for pattern, divides in SCALE_PATTERNS:
-        match = pattern.match(x)
-        if is_match(match) and isinstance(match.kwargs["scores"], torch.fx.Node):
-            scores, factor_node = match.kwargs["scores"], match.kwargs["factor"]
-            factor = _scalar_value(factor_node)
-            if factor is not None and factor != 0:
-                return scores, (1.0 / factor if divides else factor), (x,), None
-            if _is_runtime_scalar(factor_node) and _from_bmm(scores):
-                return scores, 1.0, (x,), factor_node  # a site, left alone with the reason
-    return x, 1.0, (), None
+@dataclass
+class _Scores:
+    bmm: torch.fx.Node
+    split: tuple | None  # (X, Y) sizes of the 4-D scores, as ints or SymInt nodes; None: 3-D scores
+    scale: float = 1.0
+    terms: list[ScoreTerm] = field(default_factory=list)
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+    runtime_scale: torch.fx.Node | None = None
+    form_reason: str | None = None
 
 
-def _is_runtime_scalar(node: object) -> bool:
-    """A 0-d tensor computed at run time, such as a float that dynamic=True made a graph input."""
-    val = _val(node)
-    return isinstance(val, torch.Tensor) and val.dim() == 0
+def _split_sizes(view: torch.fx.Node, chain: list[torch.fx.Node], bmm: torch.fx.Node) -> tuple | None:
+    """(X, Y) of 4-D scores (X, Y, S_q, S_kv) made from bmm's (X*Y, S_q, S_kv) output."""
+    shape, flat = val(view).shape, val(bmm).shape
+    if len(shape) != 4 or not same_shape(shape[2:], flat[1:]) or not statically_known_true(
+            shape[0] * shape[1] == flat[0]):
+        return None
+    sizes = []
+    for i in (0, 1):
+        if isinstance(shape[i], int) or not hasattr(shape[i], "node"):
+            sizes.append(int(shape[i]))
+            continue
+        # A symbolic size: take it from the view's own size argument.
+        last = chain[0]
+        if last.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default) and \
+                isinstance(last.args[1][i], torch.fx.Node):
+            sizes.append(last.args[1][i])
+        else:
+            return None
+    return tuple(sizes)
 
 
-QK_SCORES = CallFunction((aten.view.default, aten._unsafe_view.default),
-                         CallFunction(aten.bmm.default, KeywordArg("q_flat"), KeywordArg("kt_flat")), Ignored())
+def _runtime_scalar(node: object) -> bool:
+    v = val(node)
+    return isinstance(v, torch.Tensor) and v.dim() == 0
 
 
-def _from_bmm(node: object) -> bool:
-    return isinstance(node, torch.fx.Node) and is_match(QK_SCORES.match(node))
+def walk_scores(x: torch.fx.Node) -> _Scores | None:
+    """From the softmax input back to the QK bmm, reading each step. One reshape
+    may split the bmm's (I, S_q, S_kv) scores into 4-D; terms apply after it."""
+    steps: list[tuple[str, object, torch.fx.Node]] = []  # outermost first
+    nodes, split_view, split_chain = [], None, []
+    node = x
+    while not (is_call(node, aten.bmm.default) and val(node).dim() == 3):
+        if keeps_element_order(node) and not same_shape(val(node).shape, val(node.args[0]).shape):
+            if split_view is not None:
+                return None  # a second reshape of the scores
+            node, split_chain = order_keeping_root(node)
+            split_view = split_chain[0]
+            nodes.extend(split_chain)
+            continue
+        step = _score_step(node)
+        if step is None:
+            return None
+        kind, inner, payload = step
+        if kind == "term" and split_view is not None:
+            return None  # a term on the scores before they are split
+        steps.append((kind, payload, node))
+        nodes.append(node)
+        node = inner
+    split = None
+    if split_view is not None:
+        split = _split_sizes(split_view, split_chain, node)
+        if split is None:
+            return None
+    scores = _Scores(node, split, nodes=[*nodes, node])
+    seen_term = False
+    for kind, payload, step_node in reversed(steps):  # from the bmm outwards
+        if kind == "scale":
+            if seen_term:
+                scores.form_reason = f"the scores are scaled ({step_node.name}) after a mask or bias term"
+            scores.scale *= payload
+        elif kind == "runtime_scale":
+            scores.runtime_scale = payload
+        elif kind == "term":
+            seen_term = True
+            scores.terms.append(payload)
+    return scores
 
 
-def _continues_chain(node: torch.fx.Node, user: torch.fx.Node) -> bool:
-    if user.target is aten.bmm.default:
-        return user.args[0] is node
-    return user.target in (aten._to_copy.default, aten.clone.default, aten.view.default,
-                           aten._unsafe_view.default) or _is_noop_expand(user)
+def _score_step(node: torch.fx.Node):
+    """(kind, the scores operand, payload) for one step between bmm and softmax, or None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    dtype = val(node).dtype if isinstance(val(node), torch.Tensor) else None
+    if dtype is None or not dtype.is_floating_point:
+        return None
+    if is_call(node, CASTS) and val(node.args[0]).dtype.is_floating_point:
+        return "same", node.args[0], None
+    if keeps_element_order(node) and same_shape(val(node).shape, val(node.args[0]).shape):
+        return "same", node.args[0], None
+    scaled = _scale_factor(node)
+    if scaled is not None:
+        return "scale", scaled[0], scaled[1]
+    if is_call(node, (aten.mul.Tensor, aten.div.Tensor)):
+        a, b = node.args[:2]
+        for x, c in ((a, b), (b, a)) if node.target is aten.mul.Tensor else ((a, b),):
+            if isinstance(x, torch.fx.Node) and _runtime_scalar(c) and not _runtime_scalar(x):
+                return "runtime_scale", x, c
+        return None
+    if is_call(node, (aten.add.Tensor, aten.sub.Tensor)):
+        a, b = node.args[:2]
+        alpha = node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1)
+        if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+            return None  # a constant shift
+        if node.target is aten.sub.Tensor:
+            return ("term", a, ScoreTerm(b, dtype, alpha=-float(alpha))) if _leads_to_bmm(a) else None
+        if _leads_to_bmm(a):
+            return "term", a, ScoreTerm(b, dtype, alpha=float(alpha))
+        if _leads_to_bmm(b) and alpha == 1:
+            return "term", b, ScoreTerm(a, dtype)
+        return None
+    if is_call(node, aten.where.self):
+        cond, a, b = node.args
+        if val(cond).dtype != torch.bool:
+            return None
+        if isinstance(a, torch.fx.Node) and _leads_to_bmm(a) and scalar_constant(b) is not None:
+            return "term", a, ScoreTerm(cond, dtype, fill=scalar_constant(b), fill_where=False)
+        if isinstance(b, torch.fx.Node) and _leads_to_bmm(b) and scalar_constant(a) is not None:
+            return "term", b, ScoreTerm(cond, dtype, fill=scalar_constant(a), fill_where=True)
+        return None
+    if is_call(node, (aten.masked_fill.Scalar, aten.masked_fill.Tensor)):
+        x, masked, fill = node.args[:3]
+        if scalar_constant(fill) is None or val(masked).dtype != torch.bool:
+            return None
+        return "term", x, ScoreTerm(masked, dtype, fill=scalar_constant(fill), fill_where=True)
+    return None
 
 
-def _probs_times_value(probs: torch.fx.Node):
-    """Follow the softmax output to out = bmm(flatten(probs), flatten(v)).view(...)."""
+def _leads_to_bmm(node: object, depth: int = 12) -> bool:
+    """node's value comes from a bmm through single-scores steps (which operand of
+    an add is the scores)."""
+    while depth > 0 and isinstance(node, torch.fx.Node):
+        if is_call(node, aten.bmm.default):
+            return True
+        if keeps_element_order(node):
+            node = node.args[0]
+            depth -= 1
+            continue
+        step = _score_step(node)
+        if step is None:
+            return False
+        node = step[1]
+        depth -= 1
+    return False
+
+
+PROB_STEPS = CASTS + RESHAPES
+
+
+def walk_probs(softmax: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """From the softmax forward to out = bmm(probs, V): (that bmm, the nodes between)."""
     chain = []
-    node = probs
+    node = softmax
     while True:
-        # Other users (say, returned attention weights) do not hide the chain;
-        # the site's conditions report them.
-        steps = [u for u in node.users if _continues_chain(node, u)]
+        steps = [u for u in node.users
+                 if (is_call(u, aten.bmm.default) and u.args[0] is node)
+                 or (is_call(u, PROB_STEPS) and keeps_element_order(u))
+                 or (is_call(u, CASTS) and val(u).dtype.is_floating_point)]
         if len(steps) != 1:
             return None
         user = steps[0]
-        if user.target is aten.bmm.default:
-            break
+        if is_call(user, aten.bmm.default):
+            return user, chain
         chain.append(user)
         node = user
-    bmm = user
-    out = _only_user(bmm)
-    if out is None or out.target not in (aten.view.default, aten._unsafe_view.default) or _val(out).dim() != 4:
-        return None
-    value = unflatten(bmm.args[1])
-    return (out, value, (*chain, bmm)) if value is not None else None
+
+
+def _output(bmm: torch.fx.Node, split: tuple | None) -> tuple[torch.fx.Node, bool, list[torch.fx.Node]]:
+    """The node to replace: the 4-D split of the bmm output when the program makes
+    one (then the nodes between are internal), else the bmm output itself."""
+    if split is not None and len(bmm.users) == 1:
+        node, chain = bmm, []
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if not keeps_element_order(user):
+                break
+            chain.append(user)
+            node = user
+            if val(node).dim() == 4:
+                x, y = (val(s) if isinstance(s, torch.fx.Node) else s for s in split)
+                if same_shape(val(node).shape, [x, y, *val(bmm).shape[1:]]):
+                    return node, False, [bmm, *chain[:-1]]
+                break
+    return bmm, True, []
 
 
 def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
-    if softmax.op != "call_function" or softmax.target not in SOFTMAXES:
+    rank = val(softmax).dim()
+    if softmax.args[1] not in (-1, rank - 1) or rank not in (3, 4):
         return None
-    if softmax.args[1] not in (-1, 3):
+    scores = walk_scores(softmax.args[0])
+    tail = walk_probs(softmax)
+    if scores is None or tail is None:
         return None
-    masked = _skip_cast(softmax.args[0])
-    scaled, mask, mask_is_npu, mask_nodes = _split_mask(masked)
-    raw, scale, scale_nodes, runtime_scale = _split_scale(scaled)
-    match = QK_SCORES.match(raw)
-    if not is_match(match):
+    bmm2, prob_chain = tail
+    split = scores.split if scores.split is not None else (None, 1)
+    q, q_factor = resolve_operand(scores.bmm.args[0], split, transposed=False)
+    k, k_factor = resolve_operand(scores.bmm.args[1], split, transposed=True)
+    v, v_factor = resolve_operand(bmm2.args[1], split, transposed=False)
+    if v_factor != 1.0:
+        v = Operand(bmm2.args[1], unflatten=split)
+    output, flat, output_chain = _output(bmm2, scores.split)
+    # The probs must be merged back exactly as the scores were split.
+    if scores.split is not None and not same_shape(val(bmm2.args[0]).shape, val(scores.bmm).shape):
         return None
-    query = unflatten(match.kwargs["q_flat"])
-    kt = unflatten(match.kwargs["kt_flat"])
-    key = untransposed(kt) if kt is not None else None
-    tail = _probs_times_value(softmax)
-    if query is None or key is None or tail is None:
-        return None
-    out, value, tail_nodes = tail
-    internal = [softmax, *mask_nodes, *scale_nodes, raw, raw.args[0], *tail_nodes]
-    if masked is not softmax.args[0]:
-        internal.append(softmax.args[0])
-    return AttentionSite(node=out, query=query, key=key, value=value, mask=mask, dropout_p=0.0,
-                         is_causal=False, scale=scale, output_index=None, internal=tuple(internal),
-                         mask_is_npu=mask_is_npu, runtime_scale=runtime_scale)
+    site = AttentionSite(
+        pattern="eager:matmul-softmax-matmul", anchor=softmax, query=q, key=k, value=v, output=output,
+        flat_output=flat, scale=scores.scale * q_factor * k_factor, terms=tuple(scores.terms),
+        score_rank=4 if scores.split is not None else 3,
+        internal=tuple([*scores.nodes, softmax, *prob_chain, *output_chain]),
+        runtime_scale=scores.runtime_scale)
+    if scores.form_reason:
+        site.unused_outputs_reason = scores.form_reason
+    return site
 
 
-def eager_attention_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
-    """Rewrite every hand-written attention chain of `gm` that the fused ops can take."""
-    sites = []
-    for node in list(gm.graph.nodes):
-        site = match_eager_attention(node)
-        if site is not None:
-            sites.append((site, "eager:matmul-softmax-matmul"))
-    apply_to_sites(gm, sites, report, ctx)
+def check_site(site: AttentionSite, ctx: PassContext) -> str | None:
+    return structure_reason(site) or float32_left_unfused(site, ctx)
+
+
+def rewrite_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
+    fused = rewrite_attention(rw, site, ctx)
+    record_fused(record, fused)
+    return [site.output, *site.internal]
+
+
+EAGER_RULE = Rule(
+    name="eager:matmul-softmax-matmul", kind="attention", anchors=SOFTMAXES, match=match_eager_attention,
+    check=check_site, rewrite=rewrite_site, anchor_of=lambda site: site.output, claims=lambda site: [site.anchor])
+
+
+def eager_attention_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
+    """Rewrite every hand-written attention of `gm` that a fused op takes."""
+    return apply_rules(gm, (EAGER_RULE,), report, ctx)

@@ -7,9 +7,10 @@ num_key_value_heads instead, so the repeated K/V is never materialised.
 
 Rule = pattern + condition + replacement:
 - pattern: a fused op's key and value are each a repeat of a tensor along
-  the head axis (REPEAT_KV_PATTERNS);
-- condition: both repeat the same factor, and the op's GQA limits hold
-  (num_heads divisible by the KV heads, ratio <= 64);
+  the head axis (REPEAT_KV_PATTERNS, with the shapes of a head repeat);
+- condition: the op's own validation accepts the un-repeated tensors with
+  num_key_value_heads (GQA ratio, divisibility, value heads); otherwise the
+  repeat stays and the site's row says why;
 - replacement: feed the un-repeated tensors and set num_key_value_heads.
 """
 
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..kernels._inference import MAX_GQA_RATIO
 from ..report import Report
 from ._context import PassContext
+from ._fx import SITE, fake_result, same_shape, val
+from .registry import ATTENTION_OPS
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -36,20 +39,24 @@ REPEAT_KV_PATTERNS = (
     CallFunction(aten.repeat_interleave.self_int, KeywordArg("kv"), Ignored(), 1),
 )
 
-# Fused ops that take BNSD key/value as their second and third arguments.
-FUSED_ATTENTION = (
-    npu_attn.npu_prompt_flash_attention.default,
-    npu_attn.npu_incre_flash_attention.default,
-    npu_attn.npu_fused_infer_attention_score.default,
-)
-
-
 def unrepeated(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The tensor `node` repeats along the head axis, if it is such a repeat."""
+    """The tensor `node` repeats along the head axis (head h = source head h // G),
+    if it is such a repeat: the pattern, and shapes (B, N, S, D) -> (B, N * G, S, D)."""
     for pattern in REPEAT_KV_PATTERNS:
         match = pattern.match(node)
-        if is_match(match):
-            return match.kwargs["kv"]
+        if not is_match(match):
+            continue
+        source = match.kwargs["kv"]
+        src, out = val(source).shape, val(node).shape
+        if len(src) != 4 or len(out) != 4 or not same_shape((src[0], src[2], src[3]), (out[0], out[2], out[3])):
+            return None
+        if node.target is aten.repeat_interleave.self_int:
+            return source if node.args[2] == 1 else None
+        expand = next(n for n in match.nodes if n.target is aten.expand.default)
+        groups = val(expand).shape
+        if len(groups) == 5 and same_shape((groups[0], groups[1], groups[3], groups[4]), src) and \
+                statically_known_true(groups[1] * groups[2] == out[1]):
+            return source
     return None
 
 
@@ -57,31 +64,39 @@ def _heads(node: torch.fx.Node) -> int:
     return node.meta["val"].shape[1]
 
 
-def gqa_repeat_kv(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
-    changed = False
+def gqa_repeat_kv(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> int:
+    """Returns how many fused ops now read un-repeated K/V."""
+    rewritten = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in FUSED_ATTENTION:
+        op = ATTENTION_OPS.get(node.target) if node.op == "call_function" else None
+        if op is None or node.kwargs.get("input_layout", "BSH").split("_")[0] != "BNSD" \
+                or node.kwargs.get("block_table") is not None:
             continue
-        if node.kwargs.get("input_layout", "BSH").split("_")[0] != "BNSD" or node.kwargs.get("block_table"):
-            continue
-        query, key, value = node.args[:3]
+        key, value = node.args[op.key_arg], node.args[op.value_arg]
         source_k, source_v = unrepeated(key), unrepeated(value)
+        site = node.meta.get(SITE)
         if source_k is None or source_v is None:
             continue
-        heads, kv_heads = _heads(query), _heads(source_k)
-        site = node.meta.get("npu_attn_site")
-        if _heads(source_v) != kv_heads or heads % kv_heads or heads // kv_heads > MAX_GQA_RATIO:
-            if site is not None:
-                site.reason = (f"repeat_kv kept: key/value heads {kv_heads}/{_heads(source_v)} "
-                               f"do not fit num_heads={heads} (ratio <= {MAX_GQA_RATIO})")
-            continue
-        node.args = (query, source_k, source_v, *node.args[3:])
+        heads, kv_heads = _heads(node.args[0]), _heads(source_k)
+        old_args, old_kwargs = node.args, node.kwargs
+        args = list(node.args)
+        args[op.key_arg], args[op.value_arg] = source_k, source_v
+        node.args = tuple(args)
         node.kwargs = {**node.kwargs, "num_key_value_heads": 0 if kv_heads == heads else kv_heads}
+        try:  # the op's own validation decides (GQA ratio, divisibility, value heads)
+            new_val = fake_result(node.target, node.args, node.kwargs)
+        except Exception as error:  # noqa: BLE001 - any rejection keeps the repeat
+            node.args, node.kwargs = old_args, old_kwargs
+            if site is not None:
+                site.notes.append(f"repeat_kv kept: {str(error).strip().splitlines()[0]}")
+            continue
+        node.meta["val"] = new_val
         if site is not None:
             site.gqa_ratio = heads // kv_heads
             site.pattern += "+repeat_kv"
-        changed = True
-    if changed:
+        rewritten += 1
+    if rewritten:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
+    return rewritten

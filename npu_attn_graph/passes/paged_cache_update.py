@@ -1,4 +1,4 @@
-"""Rewrite paged KV-cache writes through a slot mapping into npu_scatter_pa_kv_cache.
+"""Rule: paged KV-cache writes through a slot mapping -> npu_scatter_pa_kv_cache.
 
 vLLM-style code stores the new tokens' keys and values into paged caches of
 shape (num_blocks, block_size, num_kv_heads, head_dim) with
@@ -7,23 +7,22 @@ shape (num_blocks, block_size, num_kv_heads, head_dim) with
     value_cache.view(-1, N, D).index_copy_(0, slot_mapping, value)
 
 After AOT functionalization each write is view -> index_put/index_copy ->
-view back, plus a copy_ of the whole result into the cache input. A key write
-and a value write with the same slot mapping are one in-place
+view back, plus a copy_ of the result into the cache input when the program
+wrote in place.
 
-    npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, cache_mode="Norm")
+Pattern: a key write and a value write into two graph inputs (or buffers)
+with the same slot-mapping node. Check: the caches are 4-D, the tokens are
+(T, N, D) matching them. Rewrite at the later write:
 
-after which readers read the caches themselves and both full-cache copies
-disappear.
+- both written in place, and neither cache is read between the writes (its
+  new value) or after them (its old value): the in-place writer; readers read
+  the caches, both copies disappear. For GE graphs the functional writer,
+  with the copies kept (TorchAir turns the pair into in-place writes);
+- both written out of place: the functional writer.
 
-Conditions: both caches are graph inputs in the ND ("Norm") paged layout,
-key/value are (T, N, D) matching them, both writes use the same slot
-mapping, and nothing reads a cache between its write and the fused write.
-For GE graphs (PassContext.target == "ge") the writer is
-npu_scatter_pa_kv_cache_functional and the copy_ nodes back stay: TorchAir
-turns writer + copy_ into one in-place write of each cache input.
-One difference is documented rather than provable: a negative slot (vLLM's
-padding id -1) is skipped by the fused op, while an eager index_put would
-write it from the end of the cache.
+index_put wraps negative slots (-1 writes the last slot) while the fused op
+skips them, so index_put's slots are normalised to what eager writes; index_copy
+rejects negative slots, as eager does.
 """
 
 from __future__ import annotations
@@ -32,14 +31,14 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..report import Report, Site, node_location
+from ..report import Report, Site
 from ._context import PassContext
-from ._fx import insert_call
+from ._fx import CLAIMED, Rewrite, RewriteRefused, cache_root, graph_order, is_call, same_size, static_int, val, views_of
+from ._rules import Rule, RuleStats, apply_rules
+from .registry import SCATTER_PA_KV_CACHE
 
 aten = torch.ops.aten
-npu_attn = torch.ops.npu_attn
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
@@ -48,136 +47,148 @@ class SlotWrite:
     """cache.view(-1, N, D)[slots] = tokens, in functional form."""
 
     write: torch.fx.Node  # index_put / index_copy on the flat view
-    back: torch.fx.Node  # the written flat view, viewed back to the cache shape
+    back: torch.fx.Node | None  # the written flat view, viewed back to the cache shape
     cache: torch.fx.Node
     slots: torch.fx.Node
     tokens: torch.fx.Node
     pattern: str
+    wraps: bool  # index_put: negative slots count from the end
+    copy_back: torch.fx.Node | None = None
 
 
-def match_slot_write(node: torch.fx.Node) -> SlotWrite | None:
-    if node.op != "call_function":
-        return None
-    if node.target is aten.index_put.default:
+@dataclass
+class SlotWritePair:
+    key: SlotWrite
+    value: SlotWrite | None  # None: no partner write with the same slots
+
+    @property
+    def writes(self) -> list[SlotWrite]:
+        return [w for w in (self.key, self.value) if w is not None]
+
+
+def slot_write(node: torch.fx.Node) -> SlotWrite | None:
+    if is_call(node, aten.index_put.default):
         flat, indices, tokens = node.args[:3]
         accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
         if accumulate or len(indices) != 1 or indices[0] is None:
             return None
-        slots, pattern = indices[0], "index_put(slot_mapping)"
-    elif node.target is aten.index_copy.default:
+        slots, pattern, wraps = indices[0], "index_put(slot_mapping)", True
+    elif is_call(node, aten.index_copy.default):
         flat, dim, slots, tokens = node.args[:4]
         if dim != 0:
             return None
-        pattern = "index_copy(slot_mapping)"
+        pattern, wraps = "index_copy(slot_mapping)", False
     else:
         return None
-    if flat.target not in VIEWS or _val(flat).dim() != 3 or _val(slots).dim() != 1:
+    if not is_call(flat, VIEWS) or val(flat).dim() != 3 or val(slots).dim() != 1 or \
+            val(slots).dtype in (torch.bool, torch.uint8):
         return None
-    cache = flat.args[0]
-    if cache.op != "placeholder" or _val(cache).dim() != 4:
+    cache = cache_root(flat.args[0])
+    if not isinstance(cache, torch.fx.Node) or cache.op != "placeholder" or val(cache).dim() != 4:
         return None
-    backs = [u for u in node.users if u.target in VIEWS and tuple(_val(u).shape) == tuple(_val(cache).shape)]
-    if len(backs) != 1 or len(node.users) != 1:
+    backs = [u for u in node.users if is_call(u, VIEWS) and tuple(val(u).shape) == tuple(val(cache).shape)]
+    back = backs[0] if len(backs) == 1 and len(node.users) == 1 else None
+    copy_back = None
+    if back is not None:
+        copy_back = next((u for u in cache.users if is_call(u, aten.copy_.default) and u.args[0] is cache
+                          and u.args[1] is back), None)
+    return SlotWrite(node, back, cache, slots, tokens, pattern, wraps, copy_back)
+
+
+def match_pair(node: torch.fx.Node) -> SlotWritePair | None:
+    first = slot_write(node)
+    if first is None:
         return None
-    return SlotWrite(node, backs[0], cache, slots, tokens, pattern)
+    order = graph_order(node.graph)
+    partners = [w for u in first.slots.users if u is not node and order[u] > order[node] and CLAIMED not in u.meta
+                and (w := slot_write(u)) is not None and w.cache is not first.cache]
+    return SlotWritePair(first, partners[0] if len(partners) == 1 else None)
 
 
-def _val(node: torch.fx.Node):
-    return node.meta["val"]
-
-
-def _layout_reason(w: SlotWrite) -> str | None:
-    nb, bs, n, d = _val(w.cache).shape
-    t = _val(w.tokens).shape
-    if len(t) != 3 or not (statically_known_true(t[1] == n) and statically_known_true(t[2] == d)):
-        return f"tokens of shape {tuple(t)} do not match the (blocks, block_size, {n}, {d}) cache"
+def check_pair(pair: SlotWritePair, ctx: PassContext) -> str | None:
+    if pair.value is None:
+        return "no second cache write with the same slot mapping (needs one key and one value write)"
+    for w in pair.writes:
+        nb, bs, n, d = val(w.cache).shape
+        t = val(w.tokens).shape
+        if len(t) != 3 or not (same_size(t[1], n) and same_size(t[2], d)):
+            return f"tokens of shape {tuple(t)} do not match the (blocks, block_size, {n}, {d}) cache"
+        if w.back is None:
+            return f"the written cache {w.write.name} is not only viewed back to the cache shape"
+    if (pair.key.copy_back is None) != (pair.value.copy_back is None):
+        return "one cache is written in place and the other out of place"
     return None
 
 
-def _readers_between(w: SlotWrite, until: torch.fx.Node, order: dict) -> list[torch.fx.Node]:
-    """Readers of the written cache (other than the final copy_) before `until`."""
-    readers = [u for u in w.back.users if not _is_copy_back(u, w) and order[u] <= order[until]]
-    readers += [u for u in w.cache.users if u is not w.write.args[0] and not _is_copy_back(u, w)
-                and order[w.write] < order[u]]
-    return readers
+def _in_place_reason(pair: SlotWritePair) -> str | None:
+    order = graph_order(pair.key.write.graph)
+    last = max(order[w.write] for w in pair.writes)
+    for w in pair.writes:
+        for user in w.back.users:
+            if user is not w.copy_back and order[user] <= last:
+                return f"a cache is read between the writes by {user.name}"
+        for alias in views_of(w.cache):
+            for user in alias.users:
+                if user in (w.copy_back,) or user is w.write.args[0] or user in views_of(w.cache):
+                    continue
+                if order[user] > last:
+                    return f"a cache's old value is read after the writes by {user.name}"
+    return None
 
 
-def _is_copy_back(user: torch.fx.Node, w: SlotWrite) -> bool:
-    return user.target is aten.copy_.default and user.args[0] is w.cache and user.args[1] is w.back
-
-
-def paged_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
-    writes = [w for w in map(match_slot_write, list(gm.graph.nodes)) if w is not None]
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    by_slots: dict[torch.fx.Node, list[SlotWrite]] = {}
-    for w in writes:
-        by_slots.setdefault(w.slots, []).append(w)
-    changed = False
-    for slots, group in by_slots.items():
-        sites = []
-        for w in group:
-            layer, source = node_location(w.write)
-            sites.append(Site(kind="kv_update", graph=ctx.graph_name, layer=layer, source=source, pattern=w.pattern))
-        report.sites.extend(sites)
-        reason = None
-        if len(group) != 2:
-            reason = f"{len(group)} cache write(s) share this slot mapping (needs one key and one value write)"
-        else:
-            key_w, value_w = sorted(group, key=lambda w: order[w.write])
-            reason = _layout_reason(key_w) or _layout_reason(value_w)
-            last = value_w.write
-            if reason is None:
-                readers = _readers_between(key_w, last, order) + _readers_between(value_w, last, order)
-                if readers:
-                    reason = f"a cache is read between the writes or after them by {readers[0].name}"
+def rewrite_pair(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    key, value = pair.key, pair.value
+    in_place = key.copy_back is not None and not ctx.functional_kv_writes
+    if in_place:
+        reason = _in_place_reason(pair)
         if reason is not None:
-            for site in sites:
-                site.reason = reason
-            continue
-        args = (key_w.tokens, value_w.tokens, key_w.cache, value_w.cache, slots)
-        if ctx.functional_kv_writes:
-            _write_functional(gm, key_w, value_w, args, last)
-        else:
-            _write_in_place(gm, key_w, value_w, args, last)
-        for site in sites:
-            site.fused_op = ("npu_scatter_pa_kv_cache_functional" if ctx.functional_kv_writes
-                             else "npu_scatter_pa_kv_cache")
-            site.layout = "PA(Norm)"
-        changed = True
-    if changed:
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
+            raise RewriteRefused(f"{reason} (the in-place fused writer would change what it reads)")
+    slots = key.slots
+    if key.wraps or value.wraps:  # what eager's index_put writes for a negative slot
+        slots = rw.call(aten.remainder.Scalar, (slots, _slot_count(rw, key)))
+    args = (key.tokens, value.tokens, key.cache, value.cache, slots)
+    dead = []
+    if in_place:
+        rw.call(SCATTER_PA_KV_CACHE.in_place, args, SCATTER_PA_KV_CACHE.extra_kwargs)
+        for w in pair.writes:
+            rw.replace(w.back, w.cache)  # readers after the write read the cache, updated in place
+            w.copy_back.meta["npu_attn_drop"] = True
+    else:
+        both = rw.call(SCATTER_PA_KV_CACHE.functional, args, SCATTER_PA_KV_CACHE.extra_kwargs)
+        for index, w in enumerate(pair.writes):
+            rw.replace(w.back, rw.call(operator.getitem, (both, index)))
+    for w in pair.writes:
+        dead += [w.back, w.write]
+        if w.copy_back is not None:
+            w.copy_back.meta[CLAIMED] = site
+        w.write.meta[CLAIMED] = site
+    site.fused_op = SCATTER_PA_KV_CACHE.in_place.__name__.split(".")[0] if in_place \
+        else SCATTER_PA_KV_CACHE.functional.__name__.split(".")[0]
+    site.layout = SCATTER_PA_KV_CACHE.layout
+    return dead
 
 
-def _write_in_place(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite, args: tuple,
-                    last: torch.fx.Node) -> None:
-    with gm.graph.inserting_after(last):
-        fused = gm.graph.call_function(npu_attn.npu_scatter_pa_kv_cache.default, args, {"cache_mode": "Norm"})
-    fused.meta["val"] = None
-    for w in (key_w, value_w):
-        for user in list(w.back.users):
-            if _is_copy_back(user, w):
-                gm.graph.erase_node(user)
-        # Readers after the fused write read the cache itself, now updated in place.
-        w.back.replace_all_uses_with(w.cache)
-    _erase_writes(gm, key_w, value_w)
+def _slot_count(rw: Rewrite, write: SlotWrite) -> object:
+    """blocks * block_size of the cache (a static int, or a node for symbolic sizes)."""
+    shape = val(write.cache).shape
+    total = shape[0] * shape[1]
+    static = static_int(total)
+    if static is not None:
+        return static
+    return rw.call(operator.mul, (rw.size(write.cache, 0), rw.size(write.cache, 1)))
 
 
-def _write_functional(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite, args: tuple,
-                      last: torch.fx.Node) -> None:
-    """The functional writer returns both new caches; the copy_ nodes back into
-    the cache inputs stay, and TorchAir makes writer + copy_ one in-place write."""
-    both = insert_call(gm, npu_attn.npu_scatter_pa_kv_cache_functional.default, args, {"cache_mode": "Norm"},
-                       after=last)
-    anchor = both
-    for index, w in enumerate((key_w, value_w)):
-        anchor = insert_call(gm, operator.getitem, (both, index), after=anchor)
-        w.back.replace_all_uses_with(anchor)
-    _erase_writes(gm, key_w, value_w)
+PAGED_WRITE_RULE = Rule(
+    name="paged-cache-write", kind="kv_update", anchors=(aten.index_put.default, aten.index_copy.default),
+    match=match_pair, check=check_pair, rewrite=rewrite_pair, anchor_of=lambda p: p.writes[-1].write,
+    claims=lambda p: [n for w in p.writes for n in (w.write, w.copy_back) if n is not None],
+    rows_of=lambda p: [(w.write, w.pattern) for w in p.writes])
 
 
-def _erase_writes(gm: torch.fx.GraphModule, key_w: SlotWrite, value_w: SlotWrite) -> None:
-    for w in (key_w, value_w):
-        gm.graph.erase_node(w.back)
-        gm.graph.erase_node(w.write)
+def paged_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
+    stats = apply_rules(gm, (PAGED_WRITE_RULE,), report, ctx)
+    for node in list(gm.graph.nodes):
+        if node.meta.pop("npu_attn_drop", False):
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return stats

@@ -1,31 +1,34 @@
-"""Rewrite static KV-cache updates into the fused writer scatter_update(_).
+"""Rules: static KV-cache writes -> the fused writer scatter_update(_).
 
 transformers' StaticCache writes new keys/values with
 ``cache.index_copy_(2, positions, states)`` where positions = arange(S) + a
 position counter; other code writes ``cache[:, :, positions] = states``
-(index_put_) or ``cache[:, :, p:p + S] = states`` (a slice assignment), and
-Inductor's decompositions turn index_copy into index_put. After AOT
-functionalization each is an out-of-place op (index_copy, index_put,
-slice_scatter) whose result later code reads, plus (for a cache that is a graph
-input) a ``copy_`` of the whole result back into the cache at the end of the
-graph. Both together are one in-place write of S contiguous positions:
+(index_put) or ``cache[:, :, p:p + S] = states`` (a slice assignment). After
+AOT functionalization each is an out-of-place op (index_copy, index_put,
+slice_scatter) whose result later code reads, plus, when the program mutated
+a graph input or buffer, a ``copy_`` of the final value back into it.
 
-    scatter_update_(cache, start.expand(B), states, -2)
+Pattern: one of those writes into a graph input or buffer (the cache) along a
+dim other than the batch dim 0, with states matching the cache elsewhere.
 
-after which every reader of the index_copy reads the cache itself and the
-full-cache copy_ disappears.
+Check: the written positions are provably S contiguous ascending positions
+from one start: ``arange(S) + offset`` (offset a scalar; ``torch.add``'s
+alpha honoured), ``arange(a, b)``, a slice start (negative starts
+normalised), or a single position. index_put wraps negative positions, so its
+start is normalised at run time (positions that straddle the end, some
+negative and some not, make the fused writer raise instead of writing both
+ends); index_copy rejects them, as the writer does.
 
-Rule = pattern + conditions + replacement:
-- pattern: a write of `states` into sequence positions of a 4-D BNSD cache
-  (SEQUENCE_WRITES);
-- conditions: positions are provably contiguous and ascending (an arange
-  plus an offset, or a single position); nothing reads the cache after the
-  write except the final copy_ back into it; states has the cache's batch,
-  heads and head dim;
-- replacement: scatter_update_ at the same place; the copy_ is dropped.
-  For GE graphs (PassContext.target == "ge") the functional
-  scatter_update replaces the write and the copy_ stays: TorchAir turns the
-  pair into one in-place GE Scatter on the cache input.
+Rewrite, by what the program did:
+- it wrote in place (the write's result reaches the copy_ back into the
+  cache) and no alias of the old cache is read after the write:
+  ``scatter_update_`` at the write, its readers read the cache, the copy_ is
+  dropped. For GE graphs the functional ``scatter_update`` replaces the write
+  and the copy_ stays: TorchAir turns the pair into one in-place GE Scatter;
+- it wrote in place but the old cache is still read afterwards: the
+  functional writer, the copy_ kept (noted in the report);
+- it wrote out of place (``cache.index_copy(...)``): the functional writer,
+  so the caller's tensor is never touched.
 """
 
 from __future__ import annotations
@@ -36,167 +39,309 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
-from ..report import Report, Site, node_location
+from ..report import Report, Site
 from ._context import PassContext
-from ._fx import insert_call
+from ._fx import CLAIMED, Rewrite, cache_root, graph_order, is_call, is_view, static_int, val, views_of
+from ._rules import Rule, RuleStats, apply_rules
+from .registry import SCATTER_UPDATE
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-npu_attn = torch.ops.npu_attn
 
 ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step, prims.iota.default)
+WRITES = (aten.index_copy.default, aten.index_put.default, aten.slice_scatter.default)
+# A cache the graph allocates itself (transformers' StaticCache initialises lazily,
+# inside the first compiled call): nobody outside the graph sees it before the write.
+ALLOCATIONS = (aten.zeros.default, aten.empty.memory_format, aten.full.default, aten.new_zeros.default,
+               aten.new_empty.default, aten.new_full.default, aten.zeros_like.default, aten.empty_like.default,
+               aten.full_like.default, aten.empty_strided.default)
 
 
-def _contiguous_start(positions: torch.fx.Node) -> torch.fx.Node | int | None:
-    """The first position when `positions` is start + [0, 1, ..., S-1]."""
-    val = positions.meta["val"]
-    if val.dim() != 1:
-        return None
-    if statically_known_true(val.shape[0] == 1):
-        return positions  # one position: trivially contiguous
-    node, offset = positions, None
-    if node.target is aten.add.Tensor and len(node.args) == 2:
-        a, b = node.args
-        node, offset = (a, b) if _is_unit_range(a) else (b, a) if _is_unit_range(b) else (None, None)
-    if node is None or not _is_unit_range(node):
-        return None
-    base = _range_start(node)
-    if offset is None:
-        return base
-    if base != 0:
-        return None
-    return offset
+@dataclass(frozen=True)
+class Start:
+    """The first written position: base + alpha * offset (offset a scalar tensor
+    node, an int or a SymInt node, or None)."""
 
-
-def _is_unit_range(node: object) -> bool:
-    if not isinstance(node, torch.fx.Node) or node.target not in ARANGES:
-        return False
-    if node.target is aten.arange.start_step:
-        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)) == 1
-    if node.target is prims.iota.default:
-        return node.kwargs.get("step", 1) == 1
-    return True
-
-
-def _range_start(node: torch.fx.Node) -> int:
-    if node.target is aten.arange.default:
-        return 0
-    if node.target is prims.iota.default:
-        return node.kwargs.get("start", 0)
-    return node.args[0]
-
-
-def _later_readers(cache: torch.fx.Node, write: torch.fx.Node) -> list[torch.fx.Node]:
-    """Users of `cache` after `write`, other than a copy_ of the write's result into it."""
-    order = {n: i for i, n in enumerate(cache.graph.nodes)}
-    readers = []
-    for user in cache.users:
-        if user is write or order[user] < order[write]:
-            continue
-        if user.target is aten.copy_.default and user.args[0] is cache and user.args[1] is write:
-            continue
-        readers.append(user)
-    return readers
+    base: int | torch.fx.Node = 0
+    offset: object = None
+    alpha: int = 1
+    wraps: bool = False  # negative positions count from the end (index_put)
 
 
 @dataclass
 class SequenceWrite:
+    node: torch.fx.Node
     cache: torch.fx.Node
-    dim: object
+    dim: int
     states: torch.fx.Node
-    start: torch.fx.Node | int | None  # first written position, None if not provably contiguous
+    start: Start | None
+    start_reason: str | None
     pattern: str
+    copy_back: torch.fx.Node | None = None  # copy_(cache, final value), if the program wrote in place
+    fresh: bool = False  # the cache is allocated in the graph: writing it in place is invisible outside
+    broadcast_states: bool = False  # states broadcast to the written block (index_put's values)
 
 
-def _index_copy(node: torch.fx.Node) -> SequenceWrite:
-    cache, dim, positions, states = node.args[:4]
-    return SequenceWrite(cache, dim, states, _contiguous_start(positions), "index_copy")
+# ----------------------------------------------------------------------------
+# Positions
+# ----------------------------------------------------------------------------
 
 
-def _index_put(node: torch.fx.Node) -> SequenceWrite | None:
-    cache, indices, states = node.args[:3]
-    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
-    if accumulate or len(indices) != 3 or indices[0] is not None or indices[1] is not None:
-        return None  # not cache[:, :, positions] = states
-    return SequenceWrite(cache, 2, states, _contiguous_start(indices[2]), "index_put")
-
-
-def _slice_scatter(node: torch.fx.Node) -> SequenceWrite | None:
-    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    kw = normalized.kwargs
-    if kw.get("step", 1) != 1 or kw.get("start") is None:
+def _range_start(node: object) -> int | torch.fx.Node | None:
+    """The start of a unit-step arange / iota node, else None."""
+    if not is_call(node, ARANGES):
         return None
-    return SequenceWrite(kw["input"], kw.get("dim", 0), kw["src"], kw["start"], "slice_scatter")
+    if node.target is aten.arange.default:
+        return 0
+    if node.target is prims.iota.default:
+        return node.kwargs.get("start", 0) if node.kwargs.get("step", 1) == 1 else None
+    step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+    return node.args[0] if step == 1 else None
 
 
-SEQUENCE_WRITES = {
-    aten.index_copy.default: _index_copy,
-    aten.index_put.default: _index_put,
-    aten.slice_scatter.default: _slice_scatter,
-}
+def _scalar_offset(node: object) -> bool:
+    """A scalar offset: a Python/Sym int, or a tensor of one element."""
+    if isinstance(node, int):
+        return True
+    v = val(node)
+    if isinstance(v, torch.SymInt):
+        return True
+    return isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and (
+        v.dim() == 0 or (v.dim() == 1 and statically_known_true(v.shape[0] == 1)))
 
 
-def _check(node: torch.fx.Node, write: SequenceWrite) -> str | None:
-    cache, states = write.cache, write.states
-    shape = cache.meta["val"].shape
-    if len(shape) != 4:
-        return f"cache rank {len(shape)} (needs a 4-D BNSD cache)"
-    if write.dim not in (2, -2):
-        return f"{write.pattern} along dim {write.dim} (needs the sequence dim 2)"
-    new = states.meta["val"].shape
-    if len(new) != 4 or not all(statically_known_true(new[i] == shape[i]) for i in (0, 1, 3)):
-        return f"states shape {tuple(new)} does not match cache {tuple(shape)} outside dim 2"
-    if write.start is None:
-        return "positions are not provably contiguous (arange + offset)"
-    readers = _later_readers(cache, node)
-    if readers:
-        return f"the cache is read after the write by {readers[0].name}"
+def contiguous_start(positions: torch.fx.Node, wraps: bool) -> tuple[Start | None, str | None]:
+    """(Start, None) when positions are start + [0, 1, ..., S-1], else (None, reason)."""
+    v = val(positions)
+    if v.dim() != 1:
+        return None, f"positions of rank {v.dim()} (needs 1-D)"
+    if statically_known_true(v.shape[0] == 1):
+        return Start(offset=positions, wraps=wraps), None  # one position
+    base = _range_start(positions)
+    if base is not None:
+        return Start(base=base, wraps=wraps), None
+    if is_call(positions, (aten.add.Tensor, aten.add.Scalar)):
+        a, b = positions.args[:2]
+        alpha = positions.kwargs.get("alpha", positions.args[2] if len(positions.args) > 2 else 1)
+        for ranged, offset, offset_alpha in ((a, b, alpha), (b, a, None)):
+            start = _range_start(ranged)
+            if start is None:
+                continue
+            if offset_alpha is None and alpha != 1:
+                return None, f"positions {positions.name}: alpha={alpha} scales the arange itself"
+            if not _scalar_offset(offset):
+                return None, (f"positions {positions.name} = arange + {getattr(offset, 'name', offset)} of shape "
+                              f"{tuple(val(offset).shape) if val(offset) is not None else ()} (needs a scalar offset)")
+            if not isinstance(offset_alpha if offset_alpha is not None else 1, int):
+                return None, f"positions {positions.name}: non-integer alpha {alpha}"
+            return Start(base=start, offset=offset, alpha=offset_alpha if offset_alpha is not None else 1,
+                         wraps=wraps), None
+    return None, f"positions {positions.name} ({getattr(positions.target, '__name__', positions.op)}) are not " \
+                 "provably contiguous (arange + a scalar offset)"
+
+
+def _slice_start(start: object, end: object, size: object, width: object) -> tuple[Start | None, str | None]:
+    """Python slice semantics for a step-1 slice_scatter start."""
+    if start is None:
+        start = 0
+    if isinstance(start, torch.fx.Node):
+        start_val = val(start)
+    else:
+        start_val = start
+    if statically_known_true(start_val >= 0):
+        return Start(base=start), None
+    if statically_known_true(start_val < 0) and isinstance(start, int):
+        normalized = start + size
+        if isinstance(normalized, int) or static_int(normalized) is not None:
+            return Start(base=max(0, int(normalized))), None
+        return None, f"slice start {start} of a symbolic cache length {size}"
+    return None, f"slice start {start_val} may be negative"
+
+
+# ----------------------------------------------------------------------------
+# Pattern
+# ----------------------------------------------------------------------------
+
+
+def _copy_back(cache: torch.fx.Node, write: torch.fx.Node) -> torch.fx.Node | None:
+    """copy_(cache, X) where X is the write's result, or a later same-shape update of it."""
+    for user in cache.users:
+        if not (is_call(user, aten.copy_.default) and user.args[0] is cache):
+            continue
+        node = user.args[1]
+        while isinstance(node, torch.fx.Node):
+            if node is write:
+                return user
+            if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node) or \
+                    val(node) is None or tuple(val(node).shape) != tuple(val(write).shape):
+                break
+            node = node.args[0]
     return None
 
 
-def _start_indices(gm: torch.fx.GraphModule, node: torch.fx.Node, cache: torch.fx.Node,
-                   start: torch.fx.Node | int) -> torch.fx.Node:
-    """scatter_update_'s per-batch start offsets: the first position, int64, (B,)."""
-    batch, device = cache.meta["val"].shape[0], cache.meta["val"].device
-    start_val = start.meta["val"] if isinstance(start, torch.fx.Node) else start
-    if isinstance(start_val, torch.Tensor):  # a position tensor of one element
-        flat = insert_call(gm, aten.view.default, (start, [1]), before=node)
-        if start_val.dtype != torch.int64:
-            flat = insert_call(gm, aten._to_copy.default, (flat,), {"dtype": torch.int64}, before=node)
-    else:  # an int or SymInt position
-        flat = insert_call(gm, aten.full.default, ([1], start), {"dtype": torch.int64, "device": device},
-                           before=node, fake_from=cache)
-    return insert_call(gm, aten.expand.default, (flat, [batch]), before=node)
+def match_write(node: torch.fx.Node) -> SequenceWrite | None:
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    kw = normalized.kwargs
+    cache = cache_root(kw.get("input", kw.get("self")))
+    if not isinstance(cache, torch.fx.Node) or not isinstance(val(cache), torch.Tensor):
+        return None
+    fresh = is_call(cache, ALLOCATIONS)
+    if cache.op != "placeholder" and not (fresh and val(cache).dtype.is_floating_point and val(cache).dim() >= 3):
+        return None  # cache writes go into graph inputs, buffers, or caches the graph allocates
+    rank = val(cache).dim()
+    broadcast_states = False
+    if node.target is aten.index_copy.default:
+        dim, states = kw["dim"] % rank, kw["source"]
+        start, reason = contiguous_start(kw["index"], wraps=False)
+        pattern = "index_copy"
+    elif node.target is aten.index_put.default:
+        indices, states = list(kw["indices"]), kw["values"]
+        if kw.get("accumulate", False):
+            return None
+        given = [i for i, x in enumerate(indices) if x is not None]
+        if len(given) != 1 or given[0] == 0 or val(indices[given[0]]).dtype in (torch.bool, torch.uint8):
+            return None  # not cache[:, ..., positions] = states
+        dim = given[0]
+        start, reason = contiguous_start(indices[dim], wraps=True)
+        pattern = "index_put"
+        broadcast_states = True  # index_put's values only broadcast to the indexed shape
+    else:
+        if kw.get("step", 1) != 1:
+            return None
+        dim, states = kw.get("dim", 0) % rank, kw["src"]
+        start, reason = _slice_start(kw.get("start"), kw.get("end"), val(cache).shape[dim], val(states).shape[dim])
+        pattern = "slice_scatter"
+    if dim == 0:
+        return None  # along the batch dim: not a sequence write
+    copy_back = _copy_back(cache, node) if not fresh else None
+    if fresh:
+        pattern += " (cache allocated in the graph)"
+    elif copy_back is None:
+        pattern += " (out of place)"
+    return SequenceWrite(node, cache, dim, states, start, reason, pattern, copy_back, fresh, broadcast_states)
 
 
-def static_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
-    changed = False
+# ----------------------------------------------------------------------------
+# Check
+# ----------------------------------------------------------------------------
+
+
+def check_write(write: SequenceWrite, ctx: PassContext) -> str | None:
+    cache_shape, states_shape = val(write.cache).shape, val(write.states).shape
+    if len(states_shape) != len(cache_shape) and not write.broadcast_states:
+        return f"states of shape {tuple(states_shape)} do not match the cache {tuple(cache_shape)}"
+    return write.start_reason
+
+
+def _old_cache_read_after(write: SequenceWrite) -> str | None:
+    """Why the cache cannot be written in place at `write`: something reads its
+    old value (directly or through a view) later, or reads the written value after
+    the next change of the cache."""
+    order = graph_order(write.node.graph)
+    at = order[write.node]
+    aliases = views_of(write.cache) - {write.copy_back}
+    for alias in aliases:
+        if alias is not write.cache and order[alias] > at:
+            return f"{alias.name} views the cache after the write"
+        for user in alias.users:
+            if user is write.node or user is write.copy_back or user in aliases:
+                continue
+            if order[user] > at:
+                return f"{user.name} reads the cache's old value after the write"
+    if write.copy_back is not None and write.copy_back.args[1] is not write.node:
+        nxt = [u for u in write.node.users if u.op == "call_function" and u.args and u.args[0] is write.node
+               and val(u) is not None and tuple(val(u).shape) == tuple(val(write.node).shape)]
+        limit = min((order[u] for u in nxt), default=order[write.copy_back])
+        for alias in views_of(write.node):
+            for user in alias.users:
+                if user not in nxt and not is_view(user) and order[user] > limit:
+                    return f"{user.name} reads the written cache after it changes again"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Rewrite
+# ----------------------------------------------------------------------------
+
+
+def _starts(rw: Rewrite, write: SequenceWrite) -> torch.fx.Node:
+    """scatter_update's per-batch start offsets: int64 (B,), all the same."""
+    start = write.start
+    cache = write.cache
+    device = val(cache).device
+    parts = []
+    if start.offset is not None:
+        offset = start.offset
+        if isinstance(offset, torch.fx.Node) and isinstance(val(offset), torch.Tensor):
+            offset = rw.call(aten.reshape.default, (offset, [1]))
+            if val(offset).dtype != torch.int64:
+                offset = rw.call(aten._to_copy.default, (offset,), {"dtype": torch.int64})
+        else:
+            offset = rw.call(aten.full.default, ([1], offset), {"dtype": torch.int64, "device": device})
+        if start.alpha != 1:
+            offset = rw.call(aten.mul.Tensor, (offset, start.alpha))
+        parts.append(offset)
+    if not (isinstance(start.base, int) and start.base == 0):
+        base = rw.call(aten.full.default, ([1], start.base), {"dtype": torch.int64, "device": device})
+        parts.append(base)
+    if not parts:
+        first = rw.call(aten.zeros.default, ([1],), {"dtype": torch.int64, "device": device})
+    elif len(parts) == 1:
+        first = parts[0]
+    else:
+        first = rw.call(aten.add.Tensor, tuple(parts))
+    if start.wraps:  # index_put: a negative position counts from the end
+        first = rw.call(aten.remainder.Scalar, (first, rw.size(cache, write.dim)))
+    return rw.call(aten.expand.default, (first, [rw.size(cache, 0)]))
+
+
+def rewrite_write(rw: Rewrite, write: SequenceWrite, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    in_place_reason = None
+    if write.copy_back is None and not write.fresh:
+        in_place = False  # out of place: the caller's tensor must not change
+    elif ctx.functional_kv_writes:
+        in_place = False  # GE: TorchAir makes the functional writer + copy_ one in-place write
+    else:
+        in_place_reason = _old_cache_read_after(write)
+        in_place = in_place_reason is None
+    starts = _starts(rw, write)
+    states = write.states
+    if write.broadcast_states:  # the block index_put writes: the cache's shape, positions along dim
+        block = rw.sizes(write.cache)
+        block[write.dim] = rw.size(write.node.args[1][write.dim], 0)
+        states = rw.call(aten.expand.default, (states, block))
+    writer = SCATTER_UPDATE.in_place if in_place else SCATTER_UPDATE.functional
+    written = rw.call(writer, (write.cache, starts, states, write.dim - val(write.cache).dim()))
+    rw.replace(write.node, written)
+    dead = [write.node]
+    if in_place and write.copy_back is not None:
+        if write.copy_back.args[1] is write.node:
+            dead.append(write.copy_back)  # the cache is already written in place
+            write.copy_back.meta["npu_attn_drop"] = True
+    if write.copy_back is not None:
+        write.copy_back.meta[CLAIMED] = site
+    if in_place_reason is not None:
+        site.notes.append(f"functional writer, the copy back into the cache kept: {in_place_reason}")
+    site.fused_op = written.target.__name__.split(".")[0]
+    site.layout = "BNSD" if val(write.cache).dim() == 4 and write.dim == 2 else f"axis {write.dim}"
+    return dead
+
+
+def _erase_dropped_copies(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SEQUENCE_WRITES:
-            continue
-        write = SEQUENCE_WRITES[node.target](node)
-        if write is None or write.cache.meta["val"].dim() != 4:
-            continue  # not a (B, N, S, D) cache write; paged slot writes have their own pass
-        layer, source = node_location(node)
-        site = Site(kind="kv_update", graph=ctx.graph_name, layer=layer, source=source, pattern=write.pattern)
-        report.sites.append(site)
-        site.reason = _check(node, write)
-        if site.reason is not None:
-            continue
-        cache, states, start = write.cache, write.states, write.start
-        starts = _start_indices(gm, node, cache, start)
-        # Functional writer for GE: the copy_ back into the cache stays.
-        writer = npu_attn.scatter_update.default if ctx.functional_kv_writes else npu_attn.scatter_update_.default
-        written = insert_call(gm, writer, (cache, starts, states, -2), before=node)
-        if not ctx.functional_kv_writes:
-            for user in list(node.users):
-                if user.target is aten.copy_.default and user.args[0] is cache:
-                    gm.graph.erase_node(user)  # the cache is already written in place
-        node.replace_all_uses_with(written)
-        gm.graph.erase_node(node)
-        site.fused_op = written.target.__name__.split(".")[0]
-        site.layout = "BNSD"
-        changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
+        if node.meta.pop("npu_attn_drop", False):
+            gm.graph.erase_node(node)
+
+
+STATIC_WRITE_RULE = Rule(
+    name="static-cache-write", kind="kv_update", anchors=WRITES, match=match_write, check=check_write,
+    rewrite=rewrite_write, anchor_of=lambda w: w.node,
+    claims=lambda w: [w.node, *([w.copy_back] if w.copy_back is not None else [])],
+    pattern_of=lambda w: w.pattern)
+
+
+def static_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
+    stats = apply_rules(gm, (STATIC_WRITE_RULE,), report, ctx)
+    _erase_dropped_copies(gm)
+    gm.recompile()
+    return stats

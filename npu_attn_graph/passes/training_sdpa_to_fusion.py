@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
+from ._context import PassContext
 
 SDPA_SIGNATURE = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
@@ -66,8 +67,10 @@ def _reason_and_mode(args: dict) -> tuple[str | None, int]:
     return None, 0
 
 
-def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, graph_name: str = "training") -> None:
-    changed = False
+def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> int:
+    """Returns how many SDPA calls became npu_fusion_attention."""
+    graph_name = ctx.graph_name
+    changed = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
@@ -92,7 +95,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, graph_name
         site.fused_op, site.layout = "npu_fusion_attention", "BNSD"
         site.sparse_mode = sparse_mode
         site.gqa_ratio = q.shape[1] // _example(args["key"]).shape[1]
-        changed = True
+        changed += 1
     if changed:
         gm.graph.lint()
         gm.recompile()

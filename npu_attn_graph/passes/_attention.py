@@ -1,0 +1,253 @@
+"""An attention site in SDPA terms, and its rewrite into a fused NPU op.
+
+The attention rules (sdpa_to_fused, eager_attention_to_fused) only match
+graph structure and describe what they found as an AttentionSite. This
+module holds the rest, shared by every rule:
+
+- structure_reason: the graph-structure checks (dropout, intermediates used
+  outside the site, a scale known only at run time, ranks);
+- rewrite_attention: builds the fused call through a Rewrite, so that the
+  op's own validation (its fake implementation) decides whether the site's
+  values are acceptable. Candidate ops come from the registry (incremental
+  for one query token, prompt for a static prompt, fused_infer for a
+  symbolic length) and each candidate is tried in the layouts it offers. A
+  candidate is taken only if its result has exactly the replaced node's
+  shape, dtype and strides (later views in the graph rely on them);
+  otherwise the reasons of every candidate become the site's reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..kernels._library import COMPRESSED_MASK_SIZE
+from ._context import PassContext
+from ._fx import CONSTANT, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
+from ._masks import ScoreTerm, fully_masked_fixup, plan_mask
+from .registry import AttentionCall, FusedAttentionOp, attention_op_candidates
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+CAUSAL_MASK = "npu_attn_compressed_causal_mask"  # node meta: the shared compressed causal mask
+
+
+@dataclass(frozen=True)
+class Operand:
+    """A q/k/v tensor as the fused op reads it (BNSD), built from a graph node:
+    ``transposed`` swaps its last two dims back, ``unflatten`` = (B, N) splits a
+    (B*N, S, D) batch dim (each an int or a SymInt node of the graph; None: the
+    node's own dim 0)."""
+
+    node: torch.fx.Node
+    transposed: bool = False
+    unflatten: tuple | None = None
+
+    def shape(self) -> tuple:
+        shape = list(val(self.node).shape)
+        if self.transposed:
+            shape[-1], shape[-2] = shape[-2], shape[-1]
+        if self.unflatten is not None:
+            shape = [*(val(x) if isinstance(x, torch.fx.Node) else shape[0] if x is None else x
+                       for x in self.unflatten), *shape[1:]]
+        return tuple(shape)
+
+    def build(self, rw: Rewrite) -> torch.fx.Node:
+        node = self.node
+        if self.transposed:
+            node = rw.call(aten.transpose.int, (node, -2, -1))
+        if self.unflatten is not None:
+            split = [rw.size(node, 0) if x is None else x for x in self.unflatten]
+            node = rw.call(aten.reshape.default, (node, [*split, rw.size(node, 1), rw.size(node, 2)]))
+        return node
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation, in SDPA terms:
+    out = softmax(scale * q @ k^T [terms applied]) @ v, per (batch, head)."""
+
+    pattern: str
+    anchor: torch.fx.Node  # the softmax or SDPA node (claimed when the site is left alone)
+    query: Operand
+    key: Operand
+    value: Operand
+    output: torch.fx.Node  # every use of it gets the fused result
+    flat_output: bool = False  # output is (B*N, S_q, D_v) rather than (B, N, S_q, D_v)
+    scale: float | None = None  # None: 1/sqrt(D)
+    terms: tuple[ScoreTerm, ...] = ()
+    score_rank: int = 4  # rank of the scores the terms broadcast against
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    internal: tuple[torch.fx.Node, ...] = ()  # must have no users outside the site
+    runtime_scale: torch.fx.Node | None = None
+    unused_outputs_reason: str | None = None  # SDPA: auxiliary outputs in use
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------
+# Graph-structure checks (everything about values is the op's to decide)
+# ----------------------------------------------------------------------------
+
+
+def structure_reason(site: AttentionSite) -> str | None:
+    if site.dropout_p != 0.0:
+        return f"dropout_p={site.dropout_p} (the inference ops have no dropout)"
+    if site.unused_outputs_reason:
+        return site.unused_outputs_reason
+    chain = set(site.internal) | {site.output}
+    for inner in site.internal:
+        outside = [u for u in inner.users if u not in chain]
+        if outside:
+            return f"intermediate {inner.name} is also used by {outside[0].name} (e.g. returned attention weights)"
+    if site.runtime_scale is not None:
+        return (f"the softmax scale is a runtime value ({site.runtime_scale.name}; torch.compile(dynamic=True) "
+                "turns Python floats into graph inputs) but the fused ops take it as a constant: compile without "
+                "dynamic=True, or set torch._dynamo.config.specialize_float = True")
+    ranks = tuple(len(o.shape()) for o in (site.query, site.key, site.value))
+    if ranks != (4, 4, 4):
+        return f"q/k/v ranks {ranks} (needs 4-D BNSD)"
+    if site.is_causal and site.terms:
+        return "both attn_mask and is_causal given"
+    return None
+
+
+def float32_left_unfused(site: AttentionSite, ctx: PassContext) -> str | None:
+    if ctx.fp32_attention == "unfused" and val(site.query.node).dtype == torch.float32:
+        return "float32 attention left as plain math (fp32_attention='unfused'; the NPU ops take float16/bfloat16)"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# The rewrite
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class FusedSite:
+    op: FusedAttentionOp
+    node: torch.fx.Node  # the fused op node
+    layout: str
+    sparse_mode: int | None
+    gqa_ratio: int
+    notes: list[str]
+
+
+def _scale(site: AttentionSite, q: torch.fx.Node) -> float:
+    if site.scale is not None:
+        return float(site.scale)
+    d = static_int(val(q).shape[-1])
+    if d is None:
+        raise RewriteRefused(f"SDPA's default scale 1/sqrt(D) needs a static head dim, got D={val(q).shape[-1]}")
+    return 1.0 / math.sqrt(d)
+
+
+def _causal(site: AttentionSite, q: torch.fx.Node, k: torch.fx.Node) -> int:
+    """SDPA's is_causal (top-left aligned) as a sparse mode, or RewriteRefused."""
+    sq, skv = val(q).shape[2], val(k).shape[2]
+    if statically_known_true(sq == skv):
+        return 3  # the two alignments coincide
+    sq_static = static_int(sq)
+    if sq_static is not None and sq_static > 1:
+        return 2  # leftUpCausal: SDPA's top-left causal
+    # A single query token makes the ops ignore sparse modes, so a causal
+    # structure needs S_q > 1 to be known.
+    raise RewriteRefused(f"is_causal with query length {sq} != key length {skv} (sparse modes need S_q > 1)")
+
+
+def causal_mask_node(rw: Rewrite, like: torch.fx.Node, ctx: PassContext) -> torch.fx.Node:
+    """The compressed causal mask triu(ones(2048, 2048), 1), built once per graph
+    (at its top, from constants only, so every executor can fold it)."""
+    device = val(like).device
+    for node in rw.graph.find_nodes(op="call_function", target=aten.lt.Tensor):
+        if node.meta.get(CAUSAL_MASK) == device:
+            return node
+    first = next(n for n in rw.graph.nodes if n.op != "placeholder")
+    top = Rewrite(rw.gm, first)
+    top.fake_mode = rw.fake_mode
+    # prims.iota for Inductor (which lowers graphs decomposed to prims), aten.arange for
+    # TorchAir (which has no iota converter).
+    if ctx.target == "ge":
+        positions = top.call(aten.arange.start, (0, COMPRESSED_MASK_SIZE), dict(dtype=torch.int64, device=device))
+    else:
+        positions = top.call(prims.iota.default, (COMPRESSED_MASK_SIZE,),
+                             dict(start=0, step=1, dtype=torch.int64, device=device, requires_grad=False))
+    rows = top.call(aten.unsqueeze.default, (positions, 1))
+    cols = top.call(aten.unsqueeze.default, (positions, 0))
+    mask = top.call(aten.lt.Tensor, (rows, cols))  # key after query: masked out
+    mask.meta[CAUSAL_MASK] = device
+    for node in top.inserted:
+        node.meta[CONSTANT] = True
+        node.meta.pop("nn_module_stack", None)
+    rw.inserted[:0] = top.inserted  # rolled back with the site if it is refused
+    return mask
+
+
+def _output_value(site: AttentionSite) -> torch.Tensor:
+    return val(site.output)
+
+
+def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
+    """Build the fused op for `site` (raises RewriteRefused with every candidate's reason)."""
+    q, k, v = (site.query.build(rw), site.key.build(rw), site.value.build(rw))
+    heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
+    if heads is None or kv_heads is None:
+        raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
+    scale = _scale(site, q)
+    sparse_mode, atten_mask = 0, None
+    plan = plan_mask(rw, site.terms, site.score_rank, q, k)
+    if plan.atten_mask is not None:
+        atten_mask, sparse_mode = plan.atten_mask, 1  # allMask: exactly the given mask, no band
+    elif site.is_causal:
+        sparse_mode = _causal(site, q, k)
+        atten_mask = causal_mask_node(rw, q, ctx)
+    wanted = _output_value(site)
+    reasons = []
+    q_len = static_int(val(q).shape[2])
+    for op in attention_op_candidates(q_len if q_len is not None else val(q).shape[2], sparse_mode in (2, 3, 4)):
+        for layout in ("BNSD", "BNSD_BSND"):
+            if layout not in op.layouts:
+                continue
+            checkpoint = rw.checkpoint()
+            call = AttentionCall(q, k, v, heads, 0 if heads == kv_heads else kv_heads, scale, layout,
+                                 atten_mask, plan.pse_shift, sparse_mode)
+            try:
+                fused = rw.call(op.overload, (q, k, v), op.kwargs(call))
+                out = fused if op.output_index is None else rw.call(operator.getitem, (fused, op.output_index))
+                if op.output_memory(layout) == "BSND":
+                    out = rw.call(aten.permute.default, (out, [0, 2, 1, 3]))
+                if plan.fully_masked_fixup:
+                    out = fully_masked_fixup(rw, out, plan.atten_mask, v, heads)
+                if site.flat_output:
+                    out = rw.call(aten.reshape.default, (out, [-1, rw.size(out, 2), rw.size(out, 3)]))
+                _check_same_value(op, layout, val(out), wanted)
+            except RewriteRefused as refused:
+                rw.rollback(checkpoint)
+                if str(refused) not in reasons:
+                    reasons.append(str(refused))
+                continue
+            rw.replace(site.output, out)
+            return FusedSite(op, fused, layout, sparse_mode if op.sparse_modes else None, heads // kv_heads,
+                             plan.notes + site.notes)
+    raise RewriteRefused("; ".join(reasons) if reasons else "no fused op takes this query length")
+
+
+def _check_same_value(op: FusedAttentionOp, layout: str, got: torch.Tensor, wanted: torch.Tensor) -> None:
+    if got.dtype != wanted.dtype:
+        raise RewriteRefused(f"{op.name} would return {str(got.dtype).replace('torch.', '')} where the site "
+                             f"returns {str(wanted.dtype).replace('torch.', '')}")
+    if not same_shape(got.shape, wanted.shape):
+        raise RewriteRefused(f"{op.name} would return shape {tuple(got.shape)} where the site returns "
+                             f"{tuple(wanted.shape)}")
+    if not same_strides(got, wanted):
+        raise RewriteRefused(f"{op.name} ({layout}) would return strides {got.stride()} where the site's "
+                             f"later views need {wanted.stride()}")
+
+
+def is_attention_output_getitem(node: torch.fx.Node, index: int) -> bool:
+    return is_call(node, operator.getitem) and node.args[1] == index

@@ -1,0 +1,272 @@
+"""What the scores of an attention site meet between the QK product and the
+softmax, decided by the values, and how the fused ops express it.
+
+Each ScoreTerm is one thing the program does to the scaled scores: adds a
+tensor (``scores + t``, ``add(scores, t, alpha=a)``), or fills masked
+positions with a constant (``masked_fill``, ``where(keep, scores, c)``).
+plan_mask turns the terms into the fused op's arguments:
+
+- a filled or added constant of -inf masks exactly: it becomes the NPU mask
+  (bool, True = masked out). A row with every key masked gives NaN in eager
+  softmax and 0 in SDPA and the fused ops;
+- torch.finfo(dtype).min masks the same way where a row keeps a key. A row
+  with no key left gets equal scores, so eager returns the mean of V there
+  while the fused ops return 0: the rewrite adds that mean back for such rows
+  (the "fully-masked-row fix-up", noted in the report). An *added* min only
+  equalises the scores when it absorbs them, which float32 and bfloat16
+  guarantee (their min is ~1e38 and its spacing ~1e31) and float16 does not
+  (spacing 32): there the term is kept additive (pse_shift) instead;
+- other fill values are not masks (refused, with the value);
+- any other added tensor is a bias: pse_shift, which the ops add to the
+  scaled scores exactly as the program does. A *boolean* tensor added to
+  scores is promoted to 0.0/1.0 and is therefore a bias of +1, not a mask.
+
+Shapes follow torch broadcasting: a term is right-aligned with the scores
+(a 3-D mask (X, S_q, S_kv) lines up X with the heads of 4-D scores), then
+expanded to what the op reads: masks to (B or 1, 1, S_q, S_kv) (a mask that
+differs per head cannot be an NPU mask), biases to (B or 1, N, S_q, S_kv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ._fx import Rewrite, RewriteRefused, is_call, scalar_constant, val
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Shape-only ops that may sit between a mask and its use (transformers slices
+# the cache-length mask to the keys in use): replayed on the boolean.
+MASK_RESHAPES = (aten.slice.Tensor, aten.expand.default, aten.view.default, aten.unsqueeze.default,
+                 aten._unsafe_view.default, aten.reshape.default, aten.alias.default)
+CASTS = (aten._to_copy.default, prims.convert_element_type.default)
+
+
+@dataclass(frozen=True)
+class ScoreTerm:
+    """One thing applied to the scaled scores before the softmax."""
+
+    node: torch.fx.Node
+    dtype: torch.dtype  # dtype of the scores where the term applies
+    fill: float | None = None  # None: node is added (times alpha); else masked positions become fill
+    fill_where: bool = True  # fill: positions where node is True are filled (masked_fill); False: where it is False
+    alpha: float = 1.0
+
+    def describe(self) -> str:
+        if self.fill is None:
+            return f"+ {self.node.name}" + (f" * {self.alpha:g}" if self.alpha != 1 else "")
+        return f"fill {self.fill:g} where {'' if self.fill_where else 'not '}{self.node.name}"
+
+
+@dataclass
+class MaskPlan:
+    """The fused op's view of a site's terms."""
+
+    atten_mask: torch.fx.Node | None = None  # bool (B or 1, 1, S_q, S_kv), True = masked out
+    pse_shift: torch.fx.Node | None = None  # (B or 1, N, S_q, S_kv), the query's dtype
+    fully_masked_fixup: bool = False  # add the mean of V back to rows with no key
+    notes: list[str] = field(default_factory=list)
+
+
+def _absorbs(fill: float, dtype: torch.dtype) -> bool:
+    """An added `fill` turns any realistic score into the same value in `dtype`."""
+    return dtype in (torch.float32, torch.bfloat16, torch.float64) and fill <= torch.finfo(dtype).min
+
+
+def _is_min(fill: float, dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and fill == torch.finfo(dtype).min
+
+
+@dataclass(frozen=True)
+class _Mask:
+    masked: torch.fx.Node  # bool node (possibly to be negated)
+    negate: bool  # the node holds "keep" (True = kept)
+    reshapes: tuple[torch.fx.Node, ...]  # shape-only ops to replay on it
+    needs_fixup: bool
+
+
+def _classify(term: ScoreTerm) -> _Mask | str | None:
+    """A mask, a reason the term cannot be taken, or None for a bias."""
+    if term.fill is not None:
+        if term.fill == -math.inf:
+            return _Mask(term.node, not term.fill_where, (), False)
+        if _is_min(term.fill, term.dtype):  # replaced, not added: rows with no key become exactly uniform
+            return _Mask(term.node, not term.fill_where, (), True)
+        return (f"masked scores are set to {term.fill:g}, which is not a mask value "
+                f"(use -inf or torch.finfo({str(term.dtype).replace('torch.', '')}).min)")
+    if val(term.node).dtype == torch.bool or term.alpha != 1:
+        return None  # a boolean added is +0.0/+1.0: a bias
+    node, reshapes = term.node, []
+    while is_call(node, MASK_RESHAPES + CASTS) and not is_call(node, aten.where.self):
+        if is_call(node, CASTS) and not val(node.args[0]).dtype.is_floating_point:
+            break
+        reshapes.append(node)
+        node = node.args[0]
+    if not is_call(node, aten.where.self):
+        return None
+    cond, if_true, if_false = node.args
+    a, b = scalar_constant(if_true), scalar_constant(if_false)
+    if a is None or b is None:
+        return None
+    if reshapes and any(is_call(r, CASTS) for r in reshapes):
+        return None  # a cast can turn min into -inf or change it: keep the values as they are
+    for keep_value, masked_value, negate in ((a, b, True), (b, a, False)):
+        if keep_value != 0.0:
+            continue
+        if masked_value == -math.inf:
+            return _Mask(cond, negate, tuple(reversed(reshapes)), False)
+        if masked_value > -math.inf and _absorbs(masked_value, term.dtype):
+            return _Mask(cond, negate, tuple(reversed(reshapes)), True)
+    return None
+
+
+def _aligned(rw: Rewrite, node: torch.fx.Node, score_rank: int) -> torch.fx.Node:
+    """node right-aligned with scores of rank score_rank, as a 4-D (B', N', S_q', S_kv') tensor."""
+    rank = val(node).dim()
+    if rank > score_rank:
+        raise RewriteRefused(f"term {node.name} of rank {rank} broadcasts the scores to a higher rank")
+    for _ in range(score_rank - rank):
+        node = rw.call(aten.unsqueeze.default, (node, 0))
+    if score_rank == 3:  # (B*N, S_q, S_kv) scores: heads are 1
+        node = rw.call(aten.unsqueeze.default, (node, 1))
+    return node
+
+
+def _expanded(rw: Rewrite, node: torch.fx.Node, target: list, what: str) -> torch.fx.Node:
+    """node (4-D) expanded to target, where target[0] may also stay 1."""
+    shape = val(node).shape
+    sizes = []
+    for i, (have, want) in enumerate(zip(shape, target)):
+        if i == 0 and _is_one(have):
+            sizes.append(1)
+            continue
+        if not (_is_one(have) or _known_equal(have, want)):
+            raise RewriteRefused(f"{what} of shape {tuple(shape)} does not broadcast to {tuple(_plain(target))}")
+        sizes.append(want)
+    if all(_known_equal(h, s) if not isinstance(s, torch.fx.Node) else _known_equal(h, val(s))
+           for h, s in zip(shape, sizes)):
+        return node
+    return rw.call(aten.expand.default, (node, sizes))
+
+
+def _is_one(size: object) -> bool:
+    return statically_known_true(size == 1)
+
+
+def _known_equal(a: object, b: object) -> bool:
+    if isinstance(b, torch.fx.Node):
+        b = val(b)
+    return statically_known_true(a == b)
+
+
+def _plain(sizes: list) -> list:
+    return [val(s) if isinstance(s, torch.fx.Node) else s for s in sizes]
+
+
+def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query: torch.fx.Node,
+              key: torch.fx.Node) -> MaskPlan:
+    """Build the NPU mask / pse_shift nodes for `terms` (raises RewriteRefused)."""
+    plan = MaskPlan()
+    if not terms:
+        return plan
+    q_dtype = val(query).dtype
+    batch, heads, q_len, kv_len = (rw.size(query, 0), rw.size(query, 1), rw.size(query, 2), rw.size(key, 2))
+    masks, biases = [], []
+    for term in terms:
+        kind = _classify(term)
+        if isinstance(kind, str):
+            raise RewriteRefused(kind)
+        if kind is None:
+            biases.append(term)
+        else:
+            masks.append(kind)
+    for m in masks:
+        node = m.masked
+        for op in m.reshapes:  # the same slicing/broadcasting, on the boolean
+            node = rw.call(op.target, (node, *op.args[1:]), dict(op.kwargs))
+        if val(node).dtype != torch.bool:
+            node = rw.call(aten.ne.Scalar, (node, 0))
+        if m.negate:
+            node = rw.call(aten.logical_not.default, (node,))
+        node = _aligned(rw, node, score_rank)
+        if not _is_one(val(node).shape[1]):
+            raise RewriteRefused(f"per-head mask of shape {tuple(val(node).shape)} (as broadcast against the 4-D "
+                                 "scores; the NPU mask is shared by all heads)")
+        node = _expanded(rw, node, [batch, 1, q_len, kv_len], "mask")
+        plan.atten_mask = node if plan.atten_mask is None else rw.call(aten.logical_or.default,
+                                                                       (plan.atten_mask, node))
+        plan.fully_masked_fixup |= m.needs_fixup
+    for term in biases:
+        node = term.node
+        dtype = val(node).dtype
+        if dtype != torch.bool and dtype != q_dtype:
+            raise RewriteRefused(f"additive term {node.name} is {str(dtype).replace('torch.', '')} while the query "
+                                 f"is {str(q_dtype).replace('torch.', '')} (pse_shift takes the query's dtype)")
+        if dtype == torch.bool:
+            node = rw.call(aten._to_copy.default, (node,), {"dtype": q_dtype})
+        if term.alpha != 1:
+            node = rw.call(aten.mul.Tensor, (node, term.alpha))
+        node = _aligned(rw, node, score_rank)
+        plan.pse_shift = node if plan.pse_shift is None else rw.call(aten.add.Tensor, (plan.pse_shift, node))
+    if plan.atten_mask is not None and any(_from_positions(m.masked) for m in masks):
+        plan.notes.append("full mask (sparse_mode 1) computed from positions: a causal or band structure that "
+                          "is_causal or sparse_mode 2-4 would give without materialising it")
+    if plan.pse_shift is not None:
+        plan.pse_shift = _expanded(rw, plan.pse_shift, [batch, heads, q_len, kv_len], "additive term")
+        plan.notes.append("additive term as pse_shift")
+    if plan.fully_masked_fixup:
+        plan.notes.append("fully-masked-row fix-up (finfo.min mask: rows with no key get the mean of V, as in eager)")
+    return plan
+
+
+COMPARISONS = (aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.le.Scalar, aten.lt.Scalar,
+               aten.ge.Scalar, aten.gt.Scalar, aten.tril.default, aten.triu.default)
+
+
+def _from_positions(mask: torch.fx.Node, limit: int = 64) -> bool:
+    """The mask is computed in the graph from positions only (aranges, integer
+    inputs such as cache_position, comparisons): a causal/band pattern, not data."""
+    seen, todo, compared = set(), [mask], False
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return False
+        v = val(node)
+        if node.op == "placeholder":
+            if not (isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool):
+                if not isinstance(v, (int, torch.SymInt)):
+                    return False  # a float or boolean input: data, not positions
+            continue
+        if node.op == "get_attr":
+            return False
+        compared |= is_call(node, COMPARISONS)
+        todo.extend(node.all_input_nodes)
+    return compared
+
+
+def fully_masked_fixup(rw: Rewrite, out: torch.fx.Node, atten_mask: torch.fx.Node, value: torch.fx.Node,
+                       heads: int) -> torch.fx.Node:
+    """out (B, N, S_q, D_v) with rows whose every key is masked replaced by the
+    mean of V over the keys: what softmax over equal scores gives."""
+    # all(-1) as not(any(not)): TorchAir converts any.dim (ReduceAny), not all.dim.
+    kept = rw.call(aten.logical_not.default, (atten_mask,))
+    empty = rw.call(aten.logical_not.default, (rw.call(aten.any.dim, (kept, -1, True)),))  # (B or 1, 1, S_q, 1)
+    v = val(value)
+    mean = rw.call(aten.mean.dim, (value, [2], True), {"dtype": torch.float32 if v.dtype != torch.float64
+                                                       else torch.float64})  # (B, N_kv, 1, D_v)
+    kv_heads = v.shape[1]
+    if kv_heads != heads:  # GQA: query head h reads kv head h // group
+        group = heads // kv_heads
+        mean = rw.call(aten.unsqueeze.default, (mean, 2))
+        mean = rw.call(aten.expand.default, (mean, [-1, -1, group, -1, -1]))
+        mean = rw.call(aten.reshape.default, (mean, [rw.size(value, 0), heads, 1, rw.size(value, 3)]))
+    mean = rw.call(aten._to_copy.default, (mean,), {"dtype": val(out).dtype})
+    return rw.call(aten.where.self, (empty, mean, out))

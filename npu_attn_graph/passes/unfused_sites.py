@@ -1,0 +1,177 @@
+"""The report's completeness: every attention-shaped softmax and every write into
+a cache-shaped graph input is listed, whether a rule matched it or not.
+
+Runs after every rewrite pass (and also when passes are deselected), on what
+is left in the graph:
+
+- attention: a softmax over the last dim whose input comes from a batched
+  matmul (bmm) and whose output flows into the first operand of a bmm, through
+  at most a few element-wise, view, cast, concatenation or slicing steps. A
+  rule that matched and refused such a softmax has listed it already (it is
+  claimed); every other one is listed here with the ops that kept every rule
+  from matching it (e.g. tanh: a logit softcap; cat: a sink column). Linear
+  layers are 2-D matmuls (mm/addmm), so routers and classifiers are not
+  attention-shaped.
+- KV caches: a graph input or buffer of floating dtype and rank >= 3 that the
+  graph writes (the copy_ into it that AOT functionalization leaves) and that
+  no rule has claimed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..report import Report, Site, node_location
+from ._context import PassContext
+from ._fx import CLAIMED, is_call, val
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
+MATMULS = (aten.bmm.default, aten.baddbmm.default)
+# How far a softmax may be from its matmuls and still be attention: enough for
+# scale, casts, masks, softcap, sinks and dropout, not enough to reach another layer.
+MAX_STEPS = 12
+# Steps the attention rules read; the rest are named as what stopped them.
+KNOWN = {"view", "_unsafe_view", "reshape", "expand", "clone", "_to_copy", "convert_element_type", "mul", "div",
+         "add", "sub", "where", "masked_fill", "permute", "transpose", "unsqueeze", "squeeze", "alias", "getitem"}
+HINTS = {"tanh": "tanh (a logit softcap)", "cat": "cat (e.g. a sink logit column)",
+         "slice": "slice (e.g. dropping a sink column)", "native_dropout": "dropout in training mode",
+         "bernoulli": "random dropout"}
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def _path_back(start: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """Nodes from `start` back to a bmm through tensor inputs (breadth first), or None."""
+    parents = {start: None}
+    frontier = [start]
+    for _ in range(MAX_STEPS):
+        nxt = []
+        for node in frontier:
+            if is_call(node, MATMULS):
+                path = []
+                while node is not None:
+                    path.append(node)
+                    node = parents[node]
+                return path
+            if node.op != "call_function" or is_call(node, SOFTMAXES):
+                continue
+            for arg in node.all_input_nodes:
+                if arg not in parents and isinstance(val(arg), torch.Tensor):
+                    parents[arg] = node
+                    nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
+    """Nodes from the softmax to a bmm that reads it as its first operand, or None."""
+    parents = {softmax: None}
+    frontier = [softmax]
+    for _ in range(MAX_STEPS):
+        nxt = []
+        for node in frontier:
+            for user in node.users:
+                if user in parents:
+                    continue
+                if is_call(user, MATMULS) and user.args[0 if user.target is aten.bmm.default else 1] is node:
+                    path = [node]
+                    while parents[path[-1]] is not None:
+                        path.append(parents[path[-1]])
+                    return path[::-1]
+                if user.op == "call_function" and isinstance(val(user), torch.Tensor) and \
+                        not is_call(user, SOFTMAXES + MATMULS):
+                    parents[user] = node
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def attention_shaped(softmax: torch.fx.Node) -> tuple[list[torch.fx.Node], list[torch.fx.Node]] | None:
+    """(scores path, probs path) when the softmax is attention-shaped."""
+    if not is_call(softmax, SOFTMAXES):
+        return None
+    rank = val(softmax).dim()
+    if rank < 3 or softmax.args[1] not in (-1, rank - 1):
+        return None
+    back = _path_back(softmax.args[0])
+    if back is None:
+        return None
+    forward = _path_forward(softmax)
+    if forward is None:
+        return None
+    return back, forward
+
+
+def _unknown_steps(nodes: list[torch.fx.Node]) -> list[str]:
+    names = []
+    for node in nodes:
+        if node.op != "call_function" or is_call(node, MATMULS + SOFTMAXES):
+            continue
+        name = _op_name(node)
+        if name not in KNOWN and HINTS.get(name, name) not in names:
+            names.append(HINTS.get(name, name))
+    return names
+
+
+def _attention_reason(softmax: torch.fx.Node, ctx_passes: set[str], back, forward) -> str:
+    if not ({"sdpa_to_fused", "eager_attention_to_fused"} & ctx_passes):
+        return "the attention passes were not selected"
+    unknown = _unknown_steps(back) + [s for s in _unknown_steps(forward) if s not in _unknown_steps(back)]
+    if unknown:
+        return f"no rule matches this attention form: the scores pass through {', '.join(unknown)}"
+    return ("no rule matches this attention form (the matmul operands or the reshapes between them are not "
+            "read as (batch, head) pairs)")
+
+
+def _cache_shaped(node: torch.fx.Node) -> bool:
+    v = val(node)
+    return node.op == "placeholder" and isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3
+
+
+def _write_description(copy: torch.fx.Node) -> str:
+    ops, node = [], copy.args[1]
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and len(ops) < 4:
+        ops.append(_op_name(node))
+        node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+    return " <- ".join(ops) if ops else copy.args[1].name if isinstance(copy.args[1], torch.fx.Node) else "?"
+
+
+def report_unfused_sites(gm: torch.fx.GraphModule, report: Report, ctx: PassContext,
+                         selected: set[str]) -> int:
+    """List what no rule has listed; returns how many sites were added."""
+    added = 0
+    for node in gm.graph.nodes:
+        if CLAIMED in node.meta:
+            continue
+        if is_call(node, SOFTMAXES):
+            paths = attention_shaped(node)
+            if paths is None:
+                continue
+            reason = _attention_reason(node, selected, *paths)
+            kind, pattern = "attention", "attention-shaped softmax"
+        elif is_call(node, aten.copy_.default) and _cache_shaped(node.args[0]):
+            kind, pattern = "kv_update", "write into a graph input"
+            if not ({"static_cache_update", "paged_cache_update", "sliding_window_cache_update"} & selected):
+                reason = "the KV-cache passes were not selected"
+            else:
+                reason = (f"no rule matches this write into {node.args[0].name} (shape "
+                          f"{tuple(val(node.args[0]).shape)}): its new value is {_write_description(node)}")
+        else:
+            continue
+        layer, source = node_location(node)
+        site = Site(kind=kind, graph=ctx.graph_name, layer=layer, source=source, pattern=pattern, reason=reason)
+        node.meta[CLAIMED] = site
+        report.sites.append(site)
+        added += 1
+    return added
