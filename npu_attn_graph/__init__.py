@@ -1,11 +1,11 @@
 """npu_attn_graph: fused Ascend NPU attention ops and the graph rewrites that target them."""
 
 from . import kernels
-from .backend import explain, npu_attn_backend
+from .backend import NpuAttnBackend, explain, npu_attn_backend
 from .ge_graph import GeConversion, to_ge_graph
 from .kernels import NpuAttnArgumentError
 from .report import Report, Site
 
-__all__ = ["kernels", "GeConversion", "NpuAttnArgumentError", "Report", "Site", "explain", "npu_attn_backend",
-           "to_ge_graph"]
+__all__ = ["kernels", "GeConversion", "NpuAttnArgumentError", "NpuAttnBackend", "Report", "Site", "explain",
+           "npu_attn_backend", "to_ge_graph"]
 __version__ = "0.1.0"

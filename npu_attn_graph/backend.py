@@ -21,6 +21,8 @@ npu_attn_graph.converters) and compiles and runs it on the NPU.
 from __future__ import annotations
 
 import copy
+import re
+import reprlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,10 +34,9 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from ._logging import graphs_log, log
-from .passes import PASSES, PassContext, run_passes
+from .passes import PASSES, PassContext, run_passes, run_pre_aot_passes
 from .passes._context import FP32_ATTENTION
-from .passes.training_sdpa_to_fusion import training_sdpa_to_fusion
-from .passes._fused_attention import CONSTANT
+from .passes._fx import CONSTANT
 from .report import Report
 from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
 
@@ -46,7 +47,8 @@ EXECUTORS = ("eager", "inductor", "torchair")
 # writes stay as index_put/index_copy, which Inductor makes in place itself.
 INDUCTOR_UNSUPPORTED = ("static_cache_update",)
 OPTION_DOCS = {
-    "passes": f"list of pass names to run, in order (default: all of {list(PASSES)} that the executor supports)",
+    "passes": f"list of pass names to run; they always run in the fixed order {list(PASSES)} (default: all "
+              "that the executor supports)",
     "executor": f"one of {list(EXECUTORS)} (default: 'torchair' where torch_npu imports, else 'eager')",
     "report": "a Report to fill, or a callable receiving the Report after each graph",
     "torchair_config": "TorchAir CompilerConfig for executor 'torchair' (copied; our passes run before "
@@ -68,10 +70,12 @@ class BackendOptions:
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
         options = dict(options or {})
-        unknown = sorted(set(options) - set(OPTION_DOCS))
+        unknown = sorted(set(options) - set(OPTION_DOCS), key=str)
         if unknown:
             valid = "; ".join(f"{k}: {v}" for k, v in OPTION_DOCS.items())
-            raise ValueError(f"npu_attn backend: unknown option(s) {unknown}; valid options are {valid}")
+            given = ", ".join(f"{k}={reprlib.repr(options[k])}" for k in unknown)
+            raise ValueError(f"npu_attn backend: unknown option(s) {unknown} (given {given}); valid options are "
+                             f"{valid}")
         parsed = cls(**options)
         if parsed.executor is None:
             parsed.executor = "torchair" if torch_npu_available() else "eager"
@@ -79,7 +83,7 @@ class BackendOptions:
             parsed.fp32_attention = "float16" if parsed.executor == "torchair" else "keep"
         if parsed.passes is None:
             parsed.passes = [p for p in PASSES if p not in INDUCTOR_UNSUPPORTED or parsed.executor != "inductor"]
-        if isinstance(parsed.passes, str) or not all(p in PASSES for p in parsed.passes):
+        if not isinstance(parsed.passes, (list, tuple)) or not all(p in PASSES for p in parsed.passes):
             raise ValueError(f"npu_attn backend: option 'passes' must be a list of names from {list(PASSES)}, "
                              f"got {parsed.passes!r}")
         if parsed.executor not in EXECUTORS:
@@ -102,7 +106,7 @@ class BackendOptions:
                              f"got executor {parsed.executor!r}")
         if parsed.report is not None and not (isinstance(parsed.report, Report) or callable(parsed.report)):
             raise ValueError(f"npu_attn backend: option 'report' must be a Report or a callable, "
-                             f"got {type(parsed.report).__name__}")
+                             f"got {reprlib.repr(parsed.report)} ({type(parsed.report).__name__})")
         return parsed
 
 
@@ -138,12 +142,54 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
     )(gm, example_inputs)
 
 
+class NpuAttnBackend:
+    """The npu_attn backend with its options checked when it is built:
+
+        torch.compile(model, backend=NpuAttnBackend(executor="eager", report=report))
+
+    A bad option (unknown key, bad value, bad combination) raises ValueError here,
+    before torch.compile is called. With the string form
+    ``torch.compile(model, backend="npu_attn", options={...})`` it cannot, in
+    torch 2.13: torch.compile resolves "npu_attn" through the entry point to
+    npu_attn_backend (lookup_backend) and keeps the options dict in its own
+    torch._TorchCompileWrapper (``kwargs``), which passes it to the backend only
+    in its ``__call__``, when dynamo compiles the first graph. What torch does
+    at torch.compile time never involves the registered function or the
+    options: eval_frame._optimize wraps that wrapper in WrapBackendDebug and
+    looks up ``backend_ctx_ctor`` and ``get_compiler_config`` on it, which a
+    _TorchCompileWrapper does not have (only the inductor wrapper does). So the
+    string form's options are checked at the first call, and dynamo reports our
+    ValueError as BackendCompilerFailed. (Patching torch to change that is ruled out.)
+
+    Options also given to torch.compile(options=...) reach the backend only at
+    the first compile (torch's design): they are merged over these and checked then.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        BackendOptions.parse(options)  # raises ValueError naming the option, the rule and the value
+        self.options: dict[str, Any] = dict(options)
+        # torch names a backend by __name__ (errors, logs) and treats the name
+        # "npu_attn" as the registered backend: this is the same backend.
+        self.__name__ = "npu_attn"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any],
+                 options: dict[str, Any] | None = None):
+        # Parsed again (cheap): the checked options give the same result.
+        return npu_attn_backend(gm, example_inputs, {**self.options, **(options or {})})
+
+    def __repr__(self) -> str:
+        # torch names the backend by this in its logs: short values only (a Report would be huge).
+        shown = ", ".join(f"{k}={v!r}" if isinstance(v, (str, list, tuple)) else f"{k}=<{type(v).__name__}>"
+                          for k, v in self.options.items())
+        return f"NpuAttnBackend({shown})"
+
+
 def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
                           report: Report) -> None:
-    if _needs_gradients(example_inputs) and "sdpa_to_fused" in opts.passes:
+    if _needs_gradients(example_inputs):
         # Inference ops cannot carry gradients: attention goes to the training
         # op before AOT, whose autograd formula AOT then differentiates.
-        training_sdpa_to_fusion(gm, report)
+        run_pre_aot_passes(gm, opts.passes, report, PassContext("training", "torch", opts.fp32_attention or "keep"))
 
 
 def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
@@ -256,20 +302,64 @@ def explain(model: Callable, *args: Any, options: dict[str, Any] | None = None, 
     why), plus graph breaks and recompiles. It resets torch._dynamo first, so
     functions compiled earlier in the process recompile on their next call."""
     report = Report()
+    # A bad option: ValueError before anything is traced (a bad 'report' too, though explain fills its own).
+    BackendOptions.parse(options)
+    backend = NpuAttnBackend(**{**(options or {}), "report": report})
     with traced_afresh(report):
-        compiled = torch.compile(model, backend=npu_attn_backend, options={**(options or {}), "report": report})
-        compiled(*args, **kwargs)
+        torch.compile(model, backend=backend)(*args, **kwargs)
     return report
 
 
 @contextmanager
 def traced_afresh(report: Report) -> Iterator[None]:
     """Reset dynamo, then record in `report` the graph breaks and recompiles of
-    what runs inside (explain and to_ge_graph)."""
-    from torch._dynamo.utils import counters
+    what runs inside (explain and to_ge_graph).
+
+    Recompiles come from dynamo's compilation metrics: every frame compile
+    leaves one CompilationMetrics, whose recompile_reason is set (the first
+    failed guard, as TORCH_LOGS=recompiles prints it) when the frame had
+    compiled code already. (torch 2.13 never increments
+    counters["recompiles"], so that counter always read 0.)"""
+    from torch._dynamo import utils
 
     torch._dynamo.reset()
-    breaks_before, recompiles_before = Counter(counters["graph_break"]), Counter(counters["recompiles"])
-    yield
-    report.graph_breaks = sorted((Counter(counters["graph_break"]) - breaks_before).elements())
-    report.recompiles = sorted((Counter(counters["recompiles"]) - recompiles_before).elements())
+    breaks_before = Counter(utils.counters["graph_break"])
+    earlier = utils.get_compilation_metrics()  # kept alive while inside, so that their ids stay theirs
+    metrics_before = {id(m) for m in earlier}
+    # torch keeps only the last 64 compiles' metrics: room for every compile inside.
+    limit = getattr(getattr(utils, "_compilation_metrics", None), "maxlen", None) or \
+        utils.DEFAULT_COMPILATION_METRICS_LIMIT
+    utils.set_compilation_metrics_limit(max(limit, 1_000_000))
+    try:
+        yield
+        report.graph_breaks = sorted((Counter(utils.counters["graph_break"]) - breaks_before).elements())
+        report.recompiles = _recompiles([m for m in utils.get_compilation_metrics() if id(m) not in metrics_before])
+    finally:
+        utils.set_compilation_metrics_limit(limit)
+
+
+def _recompiles(metrics: list[Any]) -> list[str]:
+    """One line per recompile: the function, where it is, and the failed guard."""
+    # A compile refused by the recompile limit carries no code name: take it
+    # from another compile of the same frame (compile ids are frame/count).
+    names = {str(m.compile_id).rsplit("/", 1)[0]: m for m in metrics if m.co_name}
+    lines = []
+    for m in metrics:
+        if m.recompile_reason is None:
+            continue
+        code = m if m.co_name else names.get(str(m.compile_id).rsplit("/", 1)[0])
+        where = "?" if code is None else _function_name(code.co_name, code.co_filename, code.co_firstlineno)
+        reason = re.sub(r"^\[?[0-9/_!]+\]?: ", "", m.recompile_reason.strip())  # "0/1: " names the cache entry
+        line = f"{where}: {' '.join(reason.split())}"
+        if "recompile limit" in (m.fail_reason or ""):
+            line += " (recompile limit reached: runs without compiling from now on)"
+        lines.append(line)
+    return lines
+
+
+def _function_name(co_name: str, filename: str | None, lineno: int | None) -> str:
+    file = (filename or "?").rsplit("/", 1)[-1]
+    resumed = re.fullmatch(r"torch_dynamo_resume_in_(.+)_at_(\d+)", co_name)
+    if resumed:  # the rest of a function after a graph break is a code object of its own
+        return f"{resumed[1]} (after the graph break at {file}:{resumed[2]})"
+    return f"{co_name} ({file}:{lineno})"

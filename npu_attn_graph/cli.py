@@ -7,13 +7,15 @@ site table), demo (the built-in tiny Llama, compiled and generating).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,8 +29,17 @@ TARGET_HELP = (f"what to compile: {FORMS}; the factory returns (model, example_a
 # Exit codes: 0 ok; 1 check found sites left alone / not one GE graph (or demo
 # differed from eager); 2 bad command line or TARGET; 3 anything else failed.
 EXIT_FAILED, EXIT_USAGE, EXIT_ERROR = 1, 2, 3
-# What dump writes inside --out (all of it, nothing elsewhere).
-DUMP_ENTRIES = ("fx", "ge", "pictures", "report.txt", "report.json", "summary.txt")
+# What dump writes inside --out (all of it, nothing elsewhere): these files at
+# the top, files directly inside these folders, and the manifest, which lists
+# every file one dump wrote with its SHA-256. --force replaces or removes only
+# files listed there that are still as dump wrote them; any other file is the
+# user's and is never deleted or overwritten.
+DUMP_FILES = ("report.txt", "report.json", "summary.txt")
+DUMP_FOLDERS = ("fx", "ge", "pictures")
+MANIFEST = "npu-attn-graph-dump.json"
+MANIFEST_OWNER = f"{PROG} dump"
+# Written by every dump whatever the model: checked before the slow conversion.
+ALWAYS_WRITTEN = DUMP_FILES + ("ge/op_types.txt",)
 
 
 class UsageError(Exception):
@@ -76,6 +87,8 @@ def _verdict(result) -> list[str]:
         problems.append(f"{s.kind} site left alone at {s.layer} ({s.source}), pattern {s.pattern}: {s.reason}")
     problems += [f"unconverted GE node {n}" for n in result.unconverted]
     problems += [f"graph break: {b}" for b in result.graph_breaks]
+    # A recompile in the single run means a second graph for the same code.
+    problems += [f"recompile: {r}" for r in report.recompiles]
     problems += [f"TorchAir failed: {f}" for f in result.failures]
     if result.graph_count != 1:
         problems.append(f"{result.graph_count} GE graphs instead of one")
@@ -119,17 +132,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    _prepare_out(out, args.force)
+    manifest = _prepare_out(out, args.force)
     say = _Steps()
     target = _load(args.target, say)
-    result = _convert(target, say, out_dir=out / "ge")
-    report = result.report
-    say("writing FX graphs, report and pictures")
-    notes: list[str] = []
-    paths = _write_fx(out / "fx", report) + _write_report(out, result)
-    paths += _write_pictures(out / "pictures", report, notes)
-    summary = _summary(args.target, result, paths, notes)
-    (out / "summary.txt").write_text(summary + "\n")
+    # Everything is written into a fresh folder inside --out first, and moved
+    # into place only once it is known that no file of the user's is in the way.
+    stage = Path(tempfile.mkdtemp(prefix=".npu-attn-graph-dump-", dir=out))
+    try:
+        result = _convert(target, say, out_dir=stage / "ge")
+        for graph in result.graphs:  # report and summary name the files where they end up
+            if graph.pbtxt_path is not None:
+                graph.pbtxt_path = out / "ge" / graph.pbtxt_path.name
+        report = result.report
+        say("writing FX graphs, report and pictures")
+        notes: list[str] = []
+        paths = _write_fx(stage / "fx", report) + _write_report(stage, result)
+        paths += _write_pictures(stage / "pictures", report, notes)
+        paths = [out / p.relative_to(stage) if p.is_relative_to(stage) else p for p in paths]
+        notes = [note.replace(str(stage), str(out)) for note in notes]
+        summary = _summary(args.target, result, paths + [out / MANIFEST], notes)
+        (stage / "summary.txt").write_text(summary + "\n")
+        _install(stage, out, manifest, say)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # our own scratch folder, created above
     print(summary)
     return 0
 
@@ -187,19 +212,133 @@ def _ops_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- dump pieces
 
 
-def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
+@dataclass
+class _Manifest:
+    """What an earlier dump into --out wrote (empty: no earlier dump)."""
+
+    files: dict[str, str] = field(default_factory=dict)  # path relative to --out ("fx/x.py") -> SHA-256
+    folders: list[str] = field(default_factory=list)  # the DUMP_FOLDERS that dump created
+
+
+def _prepare_out(out: Path, force: bool) -> _Manifest:
+    """Check --out before the slow work, create it, and return the earlier dump's manifest."""
+    if os.path.lexists(out) and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(f"--out {out} is not empty; pass --force to overwrite what {PROG} dump writes there")
-        for name in DUMP_ENTRIES:  # only our own entries: nothing else in the directory is touched
-            entry = out / name
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            elif entry.exists():
-                entry.unlink()
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(f"--out {out} is not empty; pass --force to write there anyway ({PROG} dump then "
+                         "replaces only the files an earlier dump wrote and never touches any other file)")
+    manifest = _read_manifest(out)
+    _refuse_conflicts(out, _conflicts(out, list(ALWAYS_WRITTEN), manifest))
     out.mkdir(parents=True, exist_ok=True)
+    return manifest
+
+
+def _read_manifest(out: Path) -> _Manifest:
+    path = out / MANIFEST
+    if not os.path.lexists(path):
+        return _Manifest()
+    problem = None
+    if path.is_symlink() or not path.is_file():
+        problem = "not a regular file"
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"unreadable: {error}"
+        else:
+            files, folders = (data.get("files"), data.get("folders")) if isinstance(data, dict) else (None, None)
+            if not isinstance(data, dict) or data.get("written_by") != MANIFEST_OWNER:
+                problem = f"its 'written_by' is not {MANIFEST_OWNER!r}"
+            elif not (isinstance(files, dict) and all(isinstance(d, str) and _dump_path(r) for r, d in files.items())):
+                problem = "its 'files' is not a map from paths dump writes to SHA-256 digests"
+            elif not (isinstance(folders, list) and all(f in DUMP_FOLDERS for f in folders)):
+                problem = f"its 'folders' is not a list of names from {list(DUMP_FOLDERS)}"
+            else:
+                return _Manifest(dict(files), list(folders))
+    raise UsageError(f"--out {out}: {path} is not a manifest written by {PROG} dump ({problem}); "
+                     "move it away or choose another --out")
+
+
+def _dump_path(rel: str) -> bool:
+    """A path dump itself may write: a top-level report file, or a plain name in one of its folders.
+    (Checked on every manifest entry, so that no manifest can name a file elsewhere.)"""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if len(parts) == 1:
+        return parts[0] in DUMP_FILES
+    return (len(parts) == 2 and parts[0] in DUMP_FOLDERS and parts[1] not in ("", ".", "..")
+            and "\\" not in parts[1])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _still_ours(out: Path, rel: str, manifest: _Manifest) -> bool:
+    """rel is listed in the manifest and is still the very file dump wrote: a regular file, reached without
+    a symbolic link, with the recorded SHA-256 (a file the user changed since is the user's now)."""
+    if rel not in manifest.files:
+        return False
+    path, folder = out / rel, out / rel.split("/")[0]
+    if folder.is_symlink() or path.is_symlink() or not path.is_file():
+        return False
+    return _sha256(path) == manifest.files[rel]
+
+
+def _conflicts(out: Path, new: list[str], manifest: _Manifest) -> list[str]:
+    """Paths in --out that writing `new` would overwrite and that are not dump's own unchanged files."""
+    if not out.is_dir():
+        return []
+    in_the_way = []
+    for folder in sorted({rel.split("/")[0] for rel in new if "/" in rel}):
+        path = out / folder
+        if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+            in_the_way.append(f"{path} (not a folder)")
+    for rel in new:
+        path = out / rel
+        if os.path.lexists(path) and not _still_ours(out, rel, manifest):
+            in_the_way.append(str(path))
+    return in_the_way
+
+
+def _refuse_conflicts(out: Path, conflicts: list[str]) -> None:
+    if conflicts:
+        raise UsageError(f"--out {out}: {PROG} dump would overwrite {len(conflicts)} file(s) it did not write "
+                         f"(or that changed since it wrote them): {', '.join(conflicts)}; move them away or choose "
+                         "another --out (--force replaces only what an earlier dump wrote)")
+
+
+def _install(stage: Path, out: Path, manifest: _Manifest, say: Callable[[str], None]) -> None:
+    """Move the files written under `stage` into `out`, replacing the earlier dump's own files; remove the
+    earlier dump's files this one does not write again; write the new manifest. Refuses (before changing
+    anything) when a file dump did not write, or one changed since, is in the way."""
+    new = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    if not all(_dump_path(rel) for rel in new):  # a later dump could not recognise such a file as its own
+        raise RuntimeError(f"{PROG} dump wrote files outside its layout: {[r for r in new if not _dump_path(r)]}")
+    _refuse_conflicts(out, _conflicts(out, new, manifest))
+    stale = [rel for rel in manifest.files if rel not in new and _still_ours(out, rel, manifest)]
+    kept = [rel for rel in manifest.files if rel not in new and rel not in stale and os.path.lexists(out / rel)]
+    digests = {rel: _sha256(stage / rel) for rel in new}
+    for rel in stale:
+        (out / rel).unlink()
+    folders = [f for f in manifest.folders if (out / f).is_dir() and not (out / f).is_symlink()]
+    new_folders = sorted({rel.split("/")[0] for rel in new if "/" in rel})
+    for folder in new_folders:
+        if not (out / folder).exists():
+            (out / folder).mkdir()
+            folders.append(folder)
+    for rel in new:
+        os.replace(stage / rel, out / rel)
+    for folder in [f for f in folders if f not in new_folders]:
+        if not any((out / folder).iterdir()):  # a folder dump made, now empty: remove it again
+            (out / folder).rmdir()
+            folders.remove(folder)
+    record = {"written_by": MANIFEST_OWNER, "files": digests, "folders": sorted(folders)}
+    (stage / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    if stale:
+        say(f"removed {len(stale)} file(s) of the earlier dump that this one does not write")
+    for rel in kept:
+        say(f"kept {out / rel}: changed since the earlier dump wrote it, so it is yours now")
 
 
 def _write_fx(fx_dir: Path, report) -> list[Path]:
@@ -224,6 +363,7 @@ def _write_report(out: Path, result) -> list[Path]:
     data = {
         "sites": [asdict(s) for s in report.sites],
         "graph_breaks": result.graph_breaks,
+        "recompiles": report.recompiles,
         "ge_graphs": [{"name": g.name, "complete": g.complete, "pbtxt": str(g.pbtxt_path),
                        "op_types": dict(sorted(g.op_types.items())),
                        "unconverted": [asdict(n) for n in g.unconverted]} for g in result.graphs],
@@ -286,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{PROG} dump demo:llama --out llama_dump")
     dump.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     dump.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if missing)")
-    dump.add_argument("--force", action="store_true", help="write into a non-empty --out, replacing earlier dumps")
+    dump.add_argument("--force", action="store_true",
+                      help=f"write into a non-empty --out: replace or remove only the files an earlier dump wrote "
+                           f"(listed in {MANIFEST} and unchanged since); refuse if any other file is in the way")
 
     check = command("check", cmd_check, "Exit 0 only if every attention and KV-cache site is fused and the model "
                     "becomes exactly one GE graph; otherwise print why and exit 1 (a CI gate).",
