@@ -16,8 +16,9 @@ _rules) are, by pass:
   -> softmax -> [casts, eval dropout] -> bmm, in any spelling that reaches it);
 - static_cache_update: STATIC_WRITE_RULE (index_copy / index_put / slice
   assignment of contiguous positions into a graph input or buffer);
-- sliding_window_cache_update: SLIDING_WINDOW_RULE (roll(-1) + write at the
-  last slot of a full sliding window cache);
+- sliding_window_cache_update: SLIDING_WINDOW_RULE (roll(-1) + a write into
+  the shifted window, copied back: a full sliding-window cache step) and
+  WINDOW_FILL_RULE (the window copied from the last W positions of new states);
 - paged_cache_update: PAGED_WRITE_RULE (key and value written through one
   slot mapping into paged caches).
 gqa_repeat_kv, attention_layout and attention_precision refine fused ops the
@@ -41,7 +42,7 @@ from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
-from .sliding_window_cache_update import SLIDING_WINDOW_RULE, sliding_window_cache_update
+from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
 from .training_sdpa_to_fusion import training_sdpa_to_fusion
 from .unfused_sites import report_unfused_sites
@@ -71,7 +72,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("attention_precision", POST_AOT, attention_precision),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
-RULES = (SDPA_RULE, EAGER_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, PAGED_WRITE_RULE)
+RULES = (SDPA_RULE, EAGER_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:

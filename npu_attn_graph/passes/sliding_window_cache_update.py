@@ -1,27 +1,169 @@
-"""Rule: sliding-window KV-cache writes (roll + write at the last slot) -> scatter_update.
+"""Rule: a full sliding-window cache step (roll by one, write the last slot) ->
+a shift GE can convert plus the fused writer.
 
-(Work in progress: matches and reports the form.)
+transformers' StaticSlidingWindowLayer, once its W slots are full, writes a
+decode token with::
+
+    new = cache.roll(-1, dims=-2)
+    new[:, :, index] = states          # index = tensor([-1]): the last slot
+    cache.copy_(new)
+
+After AOT: roll -> index_put -> (functional copy) -> copy_ back into the cache.
+
+Pattern: roll(cache, -1) along one non-batch dim of a graph input or buffer,
+whose only reader is a write of states at one or more positions of that
+dim, and whose written value is copied back into the cache.
+
+Rewrite: the roll becomes cat(cache[1:], cache[:1]) along that dim (exactly
+what roll(-1) is, in ops TorchAir converts: aten.roll has no GE converter),
+and the write becomes scatter_update_ into that fresh tensor (torch) or the
+functional scatter_update (GE); the copy back stays.
+
+What this does not do: the cache keeps eager's order, so every full step
+still moves the window by one slot, a copy of the cache. A ring buffer
+(slot = position mod W) would avoid the move, but it leaves the cache
+tensors in another order than eager's, which the next call, other graphs and
+the caller all read, and transformers' layer does not put the token position
+into the graph to derive the slot from. The report's note says so.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..report import Report
+from ..report import Report, Site
 from ._context import PassContext
+from ._fx import CLAIMED, Rewrite, cache_root, is_call, val
 from ._rules import Rule, RuleStats, apply_rules
+from .registry import SCATTER_UPDATE
+from .static_cache_update import SequenceWrite, _copy_back, fused_write, parse_write
 
 aten = torch.ops.aten
 
+SHIFT_NOTE = ("sliding window: each full step shifts the window by one slot (a copy of the cache; the cache keeps "
+              "eager's order, as later calls and the caller read it)")
 
-def match_roll(node: torch.fx.Node):
-    return None
+
+@dataclass
+class WindowStep:
+    roll: torch.fx.Node
+    cache: torch.fx.Node
+    dim: int
+    write: SequenceWrite
+    copy_back: torch.fx.Node | None
+    reason: str | None = None
+
+
+def _single(x: object) -> object:
+    if isinstance(x, (list, tuple)):
+        return x[0] if len(x) == 1 else None
+    return x
+
+
+def match_roll(node: torch.fx.Node) -> WindowStep | None:
+    cache = cache_root(node.args[0])
+    shifts = _single(node.args[1])
+    dims = _single(node.args[2] if len(node.args) > 2 else node.kwargs.get("dims", ()))
+    if shifts != -1 or dims is None or not isinstance(cache, torch.fx.Node) or cache.op != "placeholder":
+        return None
+    rank = val(cache).dim()
+    dim = dims % rank
+    if dim == 0 or not val(cache).dtype.is_floating_point or len(node.users) != 1:
+        return None
+    write = parse_write(next(iter(node.users)))
+    if write is None or write.cache is not node or write.dim != dim:
+        return None
+    step = WindowStep(node, cache, dim, write, _copy_back(cache, write.node))
+    if step.copy_back is None:
+        step.reason = "the shifted window is not copied back into the cache (not a sliding-window cache step)"
+    return step
+
+
+def check_step(step: WindowStep, ctx: PassContext) -> str | None:
+    return step.reason or step.write.start_reason
+
+
+def rewrite_step(rw: Rewrite, step: WindowStep, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    length = rw.size(step.cache, step.dim)
+    tail = rw.call(aten.slice.Tensor, (step.cache, step.dim, 1, length))
+    head = rw.call(aten.slice.Tensor, (step.cache, step.dim, 0, 1))
+    shifted = rw.call(aten.cat.default, ([tail, head], step.dim))
+    # The shifted tensor is new: the write can go into it in place (functional for GE).
+    written = fused_write(rw, step.write, shifted, in_place=not ctx.functional_kv_writes)
+    rw.replace(step.write.node, written)
+    step.copy_back.meta[CLAIMED] = site
+    site.fused_op = written.target.__name__.split(".")[0]
+    site.layout = "BNSD" if val(step.cache).dim() == 4 and step.dim == 2 else f"axis {step.dim}"
+    site.notes.append(SHIFT_NOTE)
+    return [step.write.node, step.roll]
 
 
 SLIDING_WINDOW_RULE = Rule(
     name="sliding-window-cache-write", kind="kv_update", anchors=(aten.roll.default,), match=match_roll,
-    check=lambda m, ctx: None, rewrite=lambda rw, m, ctx, site: [], anchor_of=lambda m: m, claims=lambda m: [m])
+    check=check_step, rewrite=rewrite_step, anchor_of=lambda step: step.write.node,
+    claims=lambda step: [step.roll, step.write.node, *([step.copy_back] if step.copy_back is not None else [])],
+    pattern_of=lambda step: f"roll(-1) + {step.write.pattern} (sliding window)")
+
+
+@dataclass
+class WindowFill:
+    """cache.copy_(states[:, :, -W:]): the window takes the last W positions of
+    new states (a prefill longer than the window, or several tokens once full)."""
+
+    copy: torch.fx.Node  # copy_(cache, value)
+    cache: torch.fx.Node
+    value: torch.fx.Node  # the slice, cache-shaped
+    dim: int
+
+
+def match_fill(node: torch.fx.Node) -> WindowFill | None:
+    cache, value = node.args[:2]
+    if not (isinstance(cache, torch.fx.Node) and cache.op == "placeholder" and isinstance(value, torch.fx.Node)):
+        return None
+    v = val(cache)
+    if not (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3):
+        return None
+    source = value.args[1] if is_call(value, aten.copy.default) else value  # functional self.copy_(x)
+    if not is_call(source, aten.slice.Tensor) or tuple(val(source).shape) != tuple(v.shape):
+        return None
+    dim = source.args[1] % v.dim()
+    if dim == 0:
+        return None
+    return WindowFill(node, cache, source, dim)
+
+
+def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    value = fill.value
+    if val(value).dtype != val(fill.cache).dtype:
+        value = rw.call(aten._to_copy.default, (value,), {"dtype": val(fill.cache).dtype})
+    device = val(fill.cache).device
+    zero = rw.call(aten.zeros.default, ([1],), {"dtype": torch.int64, "device": device})
+    starts = rw.call(aten.expand.default, (zero, [rw.size(fill.cache, 0)]))
+    axis = fill.dim - val(fill.cache).dim()
+    if ctx.functional_kv_writes:  # GE: the functional writer, copied back (TorchAir writes in place)
+        written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
+        rw.replace(fill.value, written)
+        site.fused_op = "scatter_update"
+        return [fill.value]
+    rw.call(SCATTER_UPDATE.in_place, (fill.cache, starts, value, axis))
+    fill.copy.meta["npu_attn_drop"] = True
+    site.fused_op = "scatter_update_"
+    site.layout = "BNSD" if val(fill.cache).dim() == 4 and fill.dim == 2 else f"axis {fill.dim}"
+    return []
+
+
+WINDOW_FILL_RULE = Rule(
+    name="sliding-window-fill", kind="kv_update", anchors=(aten.copy_.default,), match=match_fill,
+    check=lambda fill, ctx: None, rewrite=rewrite_fill, anchor_of=lambda fill: fill.copy,
+    claims=lambda fill: [fill.copy], pattern_of=lambda fill: "copy of the last W positions (sliding window fill)")
 
 
 def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
-    return apply_rules(gm, (SLIDING_WINDOW_RULE,), report, ctx)
+    stats = apply_rules(gm, (SLIDING_WINDOW_RULE, WINDOW_FILL_RULE), report, ctx)
+    for node in list(gm.graph.nodes):
+        if node.meta.pop("npu_attn_drop", False):
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return stats

@@ -172,6 +172,9 @@ def _copy_back(cache: torch.fx.Node, write: torch.fx.Node) -> torch.fx.Node | No
         while isinstance(node, torch.fx.Node):
             if node is write:
                 return user
+            if is_call(node, aten.copy.default):  # functional self.copy_(new): its value is the source
+                node = node.args[1]
+                continue
             if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node) or \
                     val(node) is None or tuple(val(node).shape) != tuple(val(write).shape):
                 break
@@ -179,15 +182,14 @@ def _copy_back(cache: torch.fx.Node, write: torch.fx.Node) -> torch.fx.Node | No
     return None
 
 
-def match_write(node: torch.fx.Node) -> SequenceWrite | None:
+def parse_write(node: torch.fx.Node) -> SequenceWrite | None:
+    """The write `node` makes into its first argument (whatever that is), or None
+    when it is not a write of states at positions along one non-batch dim."""
     normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     kw = normalized.kwargs
     cache = cache_root(kw.get("input", kw.get("self")))
     if not isinstance(cache, torch.fx.Node) or not isinstance(val(cache), torch.Tensor):
         return None
-    fresh = is_call(cache, ALLOCATIONS)
-    if cache.op != "placeholder" and not (fresh and val(cache).dtype.is_floating_point and val(cache).dim() >= 3):
-        return None  # cache writes go into graph inputs, buffers, or caches the graph allocates
     rank = val(cache).dim()
     broadcast_states = False
     if node.target is aten.index_copy.default:
@@ -213,12 +215,25 @@ def match_write(node: torch.fx.Node) -> SequenceWrite | None:
         pattern = "slice_scatter"
     if dim == 0:
         return None  # along the batch dim: not a sequence write
-    copy_back = _copy_back(cache, node) if not fresh else None
-    if fresh:
-        pattern += " (cache allocated in the graph)"
-    elif copy_back is None:
-        pattern += " (out of place)"
-    return SequenceWrite(node, cache, dim, states, start, reason, pattern, copy_back, fresh, broadcast_states)
+    return SequenceWrite(node, cache, dim, states, start, reason, pattern, broadcast_states=broadcast_states)
+
+
+def match_write(node: torch.fx.Node) -> SequenceWrite | None:
+    """A write into a graph input or buffer, or into a cache the graph allocates."""
+    write = parse_write(node)
+    if write is None:
+        return None
+    cache = write.cache
+    write.fresh = is_call(cache, ALLOCATIONS)
+    if cache.op != "placeholder" and not (write.fresh and val(cache).dtype.is_floating_point and val(cache).dim() >= 3):
+        return None
+    if write.fresh:
+        write.pattern += " (cache allocated in the graph)"
+    else:
+        write.copy_back = _copy_back(cache, node)
+        if write.copy_back is None:
+            write.pattern += " (out of place)"
+    return write
 
 
 # ----------------------------------------------------------------------------
@@ -295,6 +310,18 @@ def _starts(rw: Rewrite, write: SequenceWrite) -> torch.fx.Node:
     return rw.call(aten.expand.default, (first, [rw.size(cache, 0)]))
 
 
+def fused_write(rw: Rewrite, write: SequenceWrite, cache: torch.fx.Node, in_place: bool) -> torch.fx.Node:
+    """scatter_update(_) of the write's states into `cache` at the write's start."""
+    starts = _starts(rw, write)
+    states = write.states
+    if write.broadcast_states:  # the block index_put writes: the cache's shape, positions along dim
+        block = rw.sizes(cache)
+        block[write.dim] = rw.size(write.node.args[1][write.dim], 0)
+        states = rw.call(aten.expand.default, (states, block))
+    writer = SCATTER_UPDATE.in_place if in_place else SCATTER_UPDATE.functional
+    return rw.call(writer, (cache, starts, states, write.dim - val(cache).dim()))
+
+
 def rewrite_write(rw: Rewrite, write: SequenceWrite, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
     in_place_reason = None
     if write.copy_back is None and not write.fresh:
@@ -304,14 +331,7 @@ def rewrite_write(rw: Rewrite, write: SequenceWrite, ctx: PassContext, site: Sit
     else:
         in_place_reason = _old_cache_read_after(write)
         in_place = in_place_reason is None
-    starts = _starts(rw, write)
-    states = write.states
-    if write.broadcast_states:  # the block index_put writes: the cache's shape, positions along dim
-        block = rw.sizes(write.cache)
-        block[write.dim] = rw.size(write.node.args[1][write.dim], 0)
-        states = rw.call(aten.expand.default, (states, block))
-    writer = SCATTER_UPDATE.in_place if in_place else SCATTER_UPDATE.functional
-    written = rw.call(writer, (write.cache, starts, states, write.dim - val(write.cache).dim()))
+    written = fused_write(rw, write, write.cache, in_place)
     rw.replace(write.node, written)
     dead = [write.node]
     if in_place and write.copy_back is not None:
