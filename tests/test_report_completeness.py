@@ -133,3 +133,19 @@ def test_check_fails_and_names_an_unmatched_attention(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "attention site left alone" in run.stdout and "tanh (a logit softcap)" in run.stdout
+
+
+def test_a_fused_site_notes_a_mask_computed_from_positions():
+    """A causal mask built in the graph from aranges is fused as a full mask; the
+    row says a causal/band mode would not need it materialised."""
+    def fn(q, k, v, offset):
+        rows = torch.arange(q.shape[2]).unsqueeze(-1) + offset
+        keep = torch.arange(k.shape[2]) <= rows
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 2, 4, 16, generator=g), torch.randn(1, 2, 6, 16, generator=g), \
+        torch.randn(1, 2, 6, 16, generator=g)
+    report = explain(fn, q, k, v, torch.tensor(2))
+    (site,) = report.sites
+    assert site.rewritten and any("computed from positions" in n for n in site.notes), report.table()

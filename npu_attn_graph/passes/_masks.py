@@ -214,8 +214,8 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         node = _aligned(rw, node, score_rank)
         plan.pse_shift = node if plan.pse_shift is None else rw.call(aten.add.Tensor, (plan.pse_shift, node))
     if plan.atten_mask is not None and any(_from_positions(m.masked) for m in masks):
-        plan.notes.append("full mask (sparse_mode 1) computed from positions: a causal or band structure that "
-                          "is_causal or sparse_mode 2-4 would give without materialising it")
+        plan.notes.append("full mask computed from positions: a causal/band structure that sparse modes (or, "
+                          "for decode, actual_seq_lengths) express without materialising it")
     if plan.pse_shift is not None:
         plan.pse_shift = _expanded(rw, plan.pse_shift, [batch, heads, q_len, kv_len], "additive term")
         plan.notes.append("additive term as pse_shift")
