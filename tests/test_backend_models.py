@@ -22,13 +22,6 @@ def output_of(result) -> torch.Tensor:
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def attention_sites(report: Report) -> list:
     return [s for s in report.sites if s.kind == "attention"]
 

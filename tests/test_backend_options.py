@@ -14,13 +14,6 @@ from npu_attn_graph.backend import PASSES
 sdpa = torch.nn.functional.scaled_dot_product_attention
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 class NotAConfig:
     pass
 

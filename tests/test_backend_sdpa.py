@@ -35,13 +35,6 @@ def _qwen2():
     return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_backend_is_registered_through_the_entry_point():
     code = ("import torch; f = torch.compile(lambda x: x * 2, backend='npu_attn'); "
             "assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0)); "

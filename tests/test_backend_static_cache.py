@@ -26,13 +26,6 @@ def _model(kind: str):
     return cls(cfg).eval()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _generate(model, ids, cache):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
                           past_key_values=cache, pad_token_id=0)

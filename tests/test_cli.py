@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from npu_attn_graph.cli import main
 
@@ -27,13 +26,6 @@ def make():
     q = torch.randn(1, 2, 8, {d}, dtype=torch.float16)
     return Attention(), (q, q, q)
 """
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def write(tmp_path: Path, name: str, source: str) -> Path:

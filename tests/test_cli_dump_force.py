@@ -16,7 +16,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from npu_attn_graph.cli import MANIFEST, main
 
@@ -65,13 +64,6 @@ FOREIGN = {
     "pictures/logo.png": b"\x89PNG\r\n\x1a\nnot really",
     "other/data.csv": b"a,b\n1,2\n",
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture

@@ -31,13 +31,6 @@ def ge_target_backend(report: Report, fp32_attention: str):
     return aot_autograd(fw_compiler=compiler, inference_compiler=compiler, keep_inference_input_mutations=True)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("gpt2", "eager"), ("qwen2", "sdpa")])
 def test_functional_kv_writes_match_eager_over_decode_steps(kind, attn):
     model = build(kind, attn)

@@ -10,13 +10,6 @@ import torch
 from npu_attn_graph import Report
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _run(fn, *args):
     report = Report()
     out = torch.compile(fn, backend="npu_attn", fullgraph=True, options={"report": report})(*args)

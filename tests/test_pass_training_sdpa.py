@@ -9,13 +9,6 @@ import torch.nn.functional as F
 from npu_attn_graph import Report
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _leaves(sq=6, skv=6, n=4, nkv=2):
     g = torch.Generator().manual_seed(6)
     return [torch.randn(2, h, s, 32, generator=g).requires_grad_() for h, s in ((n, sq), (nkv, skv), (nkv, skv))]

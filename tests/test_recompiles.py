@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import textwrap
 
-import pytest
 import torch
 
 import npu_attn_graph
@@ -15,13 +14,6 @@ from npu_attn_graph.cli import main
 from npu_attn_graph.report import Report
 
 sdpa = torch.nn.functional.scaled_dot_product_attention
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def square(x):

@@ -19,13 +19,6 @@ import transformers as T
 from npu_attn_graph import Report, explain
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _ids(length=10):
     return torch.randint(1, 128, (2, length), generator=torch.Generator().manual_seed(0))
 

@@ -20,13 +20,6 @@ RTOL, ATOL = 1e-5, 1e-6
 npu = torch.ops.npu_attn
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def compile_and_compare(fn, *args, dynamic=False, options=None):
     """Run fn eagerly and compiled on clones of args; compare outputs and every
     argument after the call (in-place writes). Returns (report, compiled args)."""

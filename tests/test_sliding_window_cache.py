@@ -32,13 +32,6 @@ def _model(name: str):
     return model_cls(cfg).eval()
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", ["mistral", "gemma3", "gemma2-eager", "gpt-oss-eager"])
 def test_generate_past_the_window_equals_eager_with_every_write_fused(name):
     model = _model(name)

@@ -31,7 +31,6 @@ validation and the shape/dtype/stride check (_attention) decide the rest.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
