@@ -363,3 +363,98 @@ def test_fia_incremental_accepts_sparse_modes_without_mask(mode):
     """Query S == 1 ignores sparse_mode and pre/next tokens: no mask needed, no band checks."""
     out, _ = FIA(*bsh(s=1), num_heads=4, sparse_mode=mode, pre_tokens=-1, next_tokens=-2)
     assert out.shape == (2, 1, 64)
+
+
+# --- block_table values (every op with a paged cache) ----------------------------
+# Value rules: only the reference kernels see the table's contents (a fake kernel
+# cannot), so these run eagerly and the fake kernels accept the same calls.
+
+def _sfa_paged(table):
+    d, dr = 512, 64
+    return (torch.ops.npu_attn.npu_sparse_flash_attention.default,
+            (r(3, 2, d), r(4, 16, 1, d), None, torch.zeros(3, 1, 3, dtype=torch.int32), 0.1),
+            dict(query_rope=r(3, 2, dr), key_rope=r(4, 16, 1, dr), attention_mode=2, layout_query="TND",
+                 layout_kv="PA_BSND", block_table=table,
+                 actual_seq_lengths_query=torch.tensor([1, 3], dtype=torch.int32),
+                 actual_seq_lengths_kv=torch.tensor([20, 5], dtype=torch.int32)))
+
+
+def _nsa(table):
+    # 4 blocks of 16 compressed tokens; lens 20 and 5 use 2 and 1 blocks.
+    return (torch.ops.npu_attn.npu_nsa_compress_attention_infer.default,
+            (r(2, 4, 32), r(4, 16, 64), r(4, 16, 32), 0.3, 4, 2, 16, 1, 16, 16, 16),
+            dict(block_table=table, actual_cmp_seq_kvlen=[20, 5]))
+
+
+# Each builder: block_table (2, 2), 4 cache blocks, batch 0 uses 2 blocks (20 tokens), batch 1 one (5).
+PAGED_OPS = {
+    "ifa-3d": lambda t: (IFA, (r(2, 1, 64),) + paged(3), dict(num_heads=4, block_table=t, block_size=16,
+                                                             actual_seq_lengths=[20, 5])),
+    "ifa-4d": lambda t: (IFA, (r(2, 4, 1, 16),) + paged(4), dict(num_heads=4, input_layout="BNSD", block_table=t,
+                                                                block_size=16, actual_seq_lengths=[20, 5])),
+    "fia-3d": lambda t: (FIA, (r(2, 1, 64),) + paged(3), dict(num_heads=4, block_table=t, block_size=16,
+                                                             actual_seq_lengths_kv=[20, 5])),
+    "fia-tnd-4d": lambda t: (FIA, (r(3, 4, 16),) + paged(4), dict(num_heads=4, input_layout="TND", block_table=t,
+                                                                 block_size=16, actual_seq_lengths=[1, 3],
+                                                                 actual_seq_lengths_kv=[20, 5])),
+    "nsa": _nsa,
+    "sfa-pa_bsnd": _sfa_paged,
+}
+
+
+@pytest.mark.parametrize("bad", [4, 99, -1])
+@pytest.mark.parametrize("name", sorted(PAGED_OPS))
+def test_block_table_entry_out_of_range(name, bad):
+    """A used entry outside [0, num_blocks): the message names block_table, the
+    range and the entry (batch 0 uses both of its entries, so [0][1] is read)."""
+    op, args, kwargs = PAGED_OPS[name](torch.tensor([[0, bad], [2, 3]], dtype=torch.int32))
+    with pytest.raises(NpuAttnArgumentError) as info:
+        op(*args, **kwargs)
+    msg = str(info.value)
+    assert re.match(r"^npu_\w+: block_table ", msg), msg
+    assert "[0, num_blocks) = [0, 4)" in msg, msg
+    assert msg.endswith(f"got block_table[0][1] = {bad}"), msg
+
+
+@pytest.mark.parametrize("name", sorted(PAGED_OPS))
+def test_block_table_entries_past_need_may_hold_anything(name):
+    """Entries past what a batch needs (vLLM pads with -1 or 0) are never read."""
+    for pad in (-1, 0, 99):
+        op, args, kwargs = PAGED_OPS[name](torch.tensor([[0, 1], [2, pad]], dtype=torch.int32))
+        op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(PAGED_OPS))
+def test_block_table_values_are_not_seen_by_the_fake_kernel(name):
+    op, args, kwargs = PAGED_OPS[name](torch.tensor([[0, 99], [2, 3]], dtype=torch.int32))
+    with FakeTensorMode() as mode:
+        fake = lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        op(*[fake(a) for a in args], **{k: fake(v) for k, v in kwargs.items()})
+
+
+def test_block_table_error_message():
+    op, args, kwargs = PAGED_OPS["ifa-3d"](torch.tensor([[0, 99], [2, 3]], dtype=torch.int32))
+    with pytest.raises(NpuAttnArgumentError) as info:
+        op(*args, **kwargs)
+    assert str(info.value) == (
+        "npu_incre_flash_attention: block_table entries a batch uses (the first ceil(actual_seq_lengths[b] / "
+        "block_size) of row b) must be block ids in [0, num_blocks) = [0, 4), got block_table[0][1] = 99")
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_scatter_pa_kv_cache_slot_beyond_the_cache(functional):
+    """slot_mapping entries >= num_blocks * block_size raise (naming the range and the
+    entry); negative slots stay skipped."""
+    name = "npu_scatter_pa_kv_cache_functional" if functional else "npu_scatter_pa_kv_cache"
+    op = getattr(torch.ops.npu_attn, name)
+    key, value = r(3, 2, 16, dtype=F16), r(3, 2, 16, dtype=F16)
+    key_cache, value_cache = torch.zeros(2, 16, 2, 16, dtype=F16), torch.zeros(2, 16, 2, 16, dtype=F16)
+    with pytest.raises(NpuAttnArgumentError) as info:
+        op(key, value, key_cache, value_cache, torch.tensor([0, 32, -1], dtype=torch.int32), cache_mode="Norm")
+    msg = str(info.value)
+    assert msg.startswith(f"{name}: slot_mapping "), msg
+    assert "[0, num_blocks * block_size) = [0, 32)" in msg and msg.endswith("got slot_mapping[1] = 32"), msg
+    result = op(key, value, key_cache, value_cache, torch.tensor([0, -1, 31], dtype=torch.int32), cache_mode="Norm")
+    written = result[0] if functional else key_cache
+    assert torch.equal(written.view(-1, 2, 16)[[0, 31]], key[[0, 2]])
+    assert written.view(-1, 2, 16)[1:31].abs().sum() == 0

@@ -11,10 +11,19 @@ Conventions (those of the NPU ops, not of torch SDPA):
   valid rows) produces zeros, not NaN; its log-sum-exp is +inf. (The NPU does
   the same with row-invalid correction; without it, hardware output for such
   rows is unspecified.)
+- Keys outside a batch's ``kv_ranges`` entry (past its actual length, KV left
+  padding, unused slots of a paged cache) are never read by the NPU, so they
+  may hold anything, NaN and inf included (torch.empty caches, freed blocks).
+  Masking alone does not keep them out (0 * NaN in P @ V; NaN + -inf in SDPA's
+  additive mask), so where a chunk's keys reach past the range of a batch with
+  rows to compute, P @ V (and SDPA) run one batch at a time over only that
+  batch's valid keys: nothing is copied, and chunks every such range covers
+  (and the dense no-lengths path) run exactly as before.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
@@ -22,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _library
+from ._library import fail
 
 INF_TOKENS = 2**63 - 1
 # Query chunks with at least this many rows use torch's fused SDPA kernel.
@@ -174,9 +184,15 @@ def attention(
         if needs_structure:
             structural = geometry.mask(r0, r1, lo, hi, band)
             masked = structural if masked is None else (masked | structural)
+        # Keys outside a computed batch's valid range may be garbage (NaN/inf): such
+        # chunks read each batch's own keys only.
+        windows = geometry.read_windows(r0, r1, lo, hi) if needs_structure else None
         if use_fused and rows >= FUSED_MIN_ROWS:
-            out[:, :, r0:r1] = _fused_chunk(q[:, :, r0:r1].to(dtype), source, lo, hi, dtype, problem.scale,
-                                            bias, masked, group)
+            qf = q[:, :, r0:r1].to(dtype)
+            if windows is None:
+                out[:, :, r0:r1] = _fused_chunk(qf, source, lo, hi, dtype, problem.scale, bias, masked, group)
+            else:
+                _fused_per_batch(out[:, :, r0:r1], qf, source, lo, windows, dtype, problem.scale, bias, masked, group)
             continue
         qc = q[:, :, r0:r1].to(dtype) * problem.scale
         # GQA: each kv head serves `group` consecutive query heads; fold the
@@ -207,11 +223,18 @@ def attention(
         probs = scores.view(batch, kv_heads, group * rows, hi - lo)
         oc = None
         for a, b, vc in source.value_chunks(lo, hi, dtype):
-            part = torch.matmul(probs[..., a - lo : b - lo], vc)
+            # P is 0 outside a batch's range, but 0 * NaN is not 0.
+            sub = None if windows is None else geometry.read_windows(r0, r1, a, b)
+            part = (torch.matmul(probs[..., a - lo : b - lo], vc) if sub is None
+                    else _product_within(probs[..., a - lo : b - lo], vc, a, sub))
             oc = part if oc is None else oc.add_(part)
         oc = oc.view(batch, heads, rows, -1)
         if problem.prob_quant_scale is None:
             oc.div_(safe_sum)
+        if masked is not None:
+            # Rows with nothing to attend to output 0, even when their batch's
+            # keys hold garbage (read_windows() ignores batches without valid rows).
+            oc.masked_fill_(empty, 0)
         out[:, :, r0:r1] = oc
         if lse is not None:
             chunk_lse = torch.where(empty, float("inf"), row_max + torch.log(row_sum))
@@ -259,6 +282,47 @@ def _fused_chunk(
     return out
 
 
+def _fused_per_batch(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    source: DenseKeyValues,
+    lo: int,
+    windows: Sequence[tuple[int, int]],
+    dtype: torch.dtype,
+    scale: float,
+    bias: torch.Tensor | None,
+    masked: torch.Tensor | None,
+    group: int,
+) -> None:
+    """_fused_chunk one batch at a time over its window of keys only, into out
+    (B, N, rows, Dv), which holds zeros: SDPA adds its mask to the scores, so a
+    masked NaN key would still give NaN."""
+    for i, (s, e) in enumerate(windows):
+        if e > s:  # else nothing to read: the batch's rows stay 0
+            one = DenseKeyValues(source.key[i : i + 1], source.value[i : i + 1])
+            out[i : i + 1] = _fused_chunk(q[i : i + 1], one, s, e, dtype, scale, _batch_keys(bias, i, s - lo, e - lo),
+                                          _batch_keys(masked, i, s - lo, e - lo), group)
+
+
+def _batch_keys(t: torch.Tensor | None, i: int, a: int, b: int) -> torch.Tensor | None:
+    """Batch i (or the broadcast batch) and key columns [a, b) of a (B|1, N|1, rows, keys) tensor."""
+    if t is None:
+        return None
+    return (t[i : i + 1] if t.shape[0] > 1 else t)[..., a:b]
+
+
+def _product_within(
+    probs: torch.Tensor, values: torch.Tensor, a: int, windows: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """probs (B, Nkv, R, n) @ values (B, Nkv, n, Dv) over keys [a, a + n), batch i
+    summing over its window only: keys outside it are never read."""
+    out = probs.new_zeros(*probs.shape[:-1], values.shape[-1])
+    for i, (s, e) in enumerate(windows):
+        if e > s:
+            torch.matmul(probs[i, :, :, s - a : e - a], values[i, :, s - a : e - a], out=out[i])
+    return out
+
+
 def _key_window(
     r0: int,
     r1: int,
@@ -297,6 +361,7 @@ class _Geometry:
         def column(values: Sequence[int]) -> torch.Tensor:
             return torch.tensor(list(values), device=device).view(-1, 1, 1, 1)
 
+        self.q_ranges, self.kv_ranges = list(q_ranges), list(kv_ranges)
         self.q_start = column([s for s, _ in q_ranges])
         self.q_end = column([e for _, e in q_ranges])
         self.kv_start = column([s for s, _ in kv_ranges])
@@ -314,3 +379,49 @@ class _Geometry:
             masked |= diagonal > band.next_tokens
             masked |= -diagonal > band.pre_tokens
         return masked
+
+    def read_windows(self, r0: int, r1: int, lo: int, hi: int) -> list[tuple[int, int]] | None:
+        """Per batch, the keys of [lo, hi) that rows [r0, r1) may read: its valid
+        range clipped to [lo, hi), or an empty window when it has no valid row
+        there (its rows output 0). None when every batch with a valid row may
+        read all of [lo, hi): nothing needs excluding (the common case)."""
+        windows, partial = [], False
+        for (qs, qe), (ks, ke) in zip(self.q_ranges, self.kv_ranges):
+            if not (qs < r1 and r0 < qe):
+                windows.append((lo, lo))
+                continue
+            s, e = max(ks, lo), min(ke, hi)
+            partial = partial or (s, e) != (lo, hi)
+            windows.append((s, max(s, e)))
+        return windows if partial else None
+
+
+def paged_block_ids(
+    op: str,
+    block_table: torch.Tensor,
+    kv_lens: Sequence[int],
+    block_size: int,
+    num_blocks: int,
+    lens_name: str,
+) -> torch.Tensor:
+    """(B, nb) int64 block ids of a paged cache, nb = max_b ceil(kv_lens[b] / block_size) (at least 1).
+
+    The first ceil(kv_lens[b] / block_size) entries of row b are the blocks the
+    NPU reads: each must be a cache block in [0, num_blocks), else
+    NpuAttnArgumentError naming the first bad entry. (A value rule: only the
+    reference kernel can check it, the fake kernels never see the table's
+    contents.) Entries past a batch's need may hold anything (vLLM pads with -1
+    or 0): they become block 0, and the positions they cover lie outside the
+    batch's valid range, which the kernels neither attend to nor let leak."""
+    needed = [math.ceil(int(n) / block_size) for n in kv_lens]
+    width = max(1, max(needed, default=1))
+    table = block_table[:, :width].long()
+    in_use = torch.arange(width, device=table.device).view(1, -1) < torch.tensor(
+        needed, device=table.device).view(-1, 1)
+    bad = in_use & ((table < 0) | (table >= num_blocks))
+    if bool(bad.any()):
+        b, j = (int(x) for x in bad.nonzero()[0])
+        fail(op, "block_table",
+             f"entries a batch uses (the first ceil({lens_name}[b] / block_size) of row b) must be block ids in "
+             f"[0, num_blocks) = [0, {num_blocks})", f"block_table[{b}][{j}] = {int(table[b, j])}")
+    return torch.where(in_use, table, torch.zeros((), dtype=table.dtype, device=table.device))

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._attention_core import INF_TOKENS, AttentionProblem, Band, attention
+from ._attention_core import INF_TOKENS, AttentionProblem, Band, attention, paged_block_ids
 from ._layouts import (
     Layout,
     batch_and_seq,
@@ -581,7 +581,9 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     source = None
     if call.block_table is not None:
         kv_lens = _broadcast(call.kv_lens, g.batch)
-        source = PagedKeyValues(call, g, _sanitised_block_table(call, kv_lens))
+        table = paged_block_ids(call.op, call.block_table, kv_lens, call.block_size, call.key.shape[0],
+                                call.kv_lens_name)
+        source = PagedKeyValues(call, g, table)
         k = v = None
         kv_ranges = [(0, n) for n in kv_lens]
     elif tnd:
@@ -668,18 +670,6 @@ def _left_padded_ranges(
         start, end = seq - pad - n, seq - pad
         ranges.append((start, end) if start >= 0 and end >= 0 else (0, 0))
     return ranges
-
-
-def _sanitised_block_table(call: InferenceCall, kv_lens: list[int]) -> torch.Tensor:
-    """(B, nb) int64 block ids covering the longest sequence. Entries past a
-    batch's need may be garbage (e.g. -1): they point at block 0 and the
-    positions they hold are masked out through kv_ranges."""
-    bs = call.block_size
-    nb = max(1, max((math.ceil(n / bs) for n in kv_lens), default=1))
-    table = call.block_table[:, :nb].long()
-    needed = torch.tensor([math.ceil(n / bs) for n in kv_lens], device=table.device).view(-1, 1)
-    in_use = torch.arange(nb, device=table.device).view(1, -1) < needed
-    return torch.where(in_use, table, torch.zeros_like(table))
 
 
 class PagedKeyValues:

@@ -32,6 +32,10 @@ npu_prompt_flash_attention). Beyond those two ops it adds:
   before every batch's keys; query_rope/key_rope concatenated to the head dim.
 inner_precise 0-3 is accepted; the reference computes in fp32 and always
 zeroes rows with nothing to attend to (the NPU's row-invalid correction).
+block_table entries and unread positions follow npu_incre_flash_attention:
+used entries must be in [0, blocknum), and K/V (or per-token antiquant
+scales, rope keys, shared prefix positions) the NPU does not read may hold
+NaN/inf without reaching the outputs.
 """
 
 from __future__ import annotations

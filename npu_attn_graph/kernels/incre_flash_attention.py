@@ -17,6 +17,12 @@ out = softmax(scale_value * q K^T + pse_shift, masked) V with:
 - atten_mask (B, KV_S) / (B, 1, KV_S) / (B, 1, 1, KV_S), True/1 = masked out;
 - paged KV: block_table (B, max_blocks) int32 + block_size, caches
   (blocknum, blocksize, H) or (blocknum, numKvHeads, blocksize, D) (BNSD query);
+  the first ceil(actual_seq_lengths[b] / block_size) entries of row b must be
+  in [0, blocknum) (checked by the reference kernel), later ones may hold
+  anything (-1, 0);
+- positions the NPU does not read (past a batch's length or outside its left
+  padded range, unused paged slots and blocks) may hold anything, NaN and inf
+  included: they never reach the output;
 - int8 KV: antiquant_scale/antiquant_offset (2, ...) with key at index 0 and
   value at index 1, dequantised as (x + offset) * scale, per-channel
   ((2, N, 1, D) BNSD, (2, N, D) BSND, (2, H) BSH) or per-tensor (2,);

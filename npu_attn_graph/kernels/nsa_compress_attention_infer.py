@@ -75,7 +75,10 @@ compress_block_size, select_block_size a multiple of compress_stride; each
 actual_cmp_seq_kvlen in [1, 8192] and covered by the block table; per batch
 NoCmpKvSeqlenCeil / select_block_size <= 4096 and select_block_count <= that ratio
 (real division); select_block_count >= 1. The reference kernel also checks that the
-block ids it reads lie in [0, block_num). The NPU kernel requires contiguous inputs; the
+block ids it reads (the first ceil(actual_cmp_seq_kvlen[b] / page_block_size) of row b)
+lie in [0, block_num); later entries may hold anything (e.g. -1). Cache slots the op
+does not read (past a batch's length, blocks it does not use) may hold anything too,
+NaN included: they never reach the outputs. The NPU kernel requires contiguous inputs; the
 reference kernel accepts any strides.
 """
 
@@ -87,8 +90,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _library
+from ._attention_core import paged_block_ids
 from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES, int_list
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, register_npu, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer"]
 
@@ -231,15 +235,6 @@ def _overlap_weights(select_block_size: int, compress_block_size: int, compress_
     return weights
 
 
-def _check_block_ids(block_table: torch.Tensor, lens: Sequence[int], page_block_size: int, num_blocks: int) -> None:
-    needed = torch.tensor([math.ceil(n / page_block_size) for n in lens], device=block_table.device)
-    used = torch.arange(block_table.shape[1], device=block_table.device).unsqueeze(0) < needed.unsqueeze(1)
-    bad = used & ((block_table < 0) | (block_table >= num_blocks))
-    if bool(bad.any()):
-        fail(OP, "block_table", f"entries used by actual_cmp_seq_kvlen must be block ids in [0, {num_blocks})",
-             block_table[bad].tolist())
-
-
 def _importance(p: torch.Tensor, lens: torch.Tensor, n_select: torch.Tensor, max_select: int,
                 weights: list[int], ratio: int) -> torch.Tensor:
     """Group-summed Eq. 9 scores (b, N_kv, max_select) from p_cmp (b, N_kv, G, L); fixed blocks
@@ -265,7 +260,8 @@ def _reference(query, key, value, scale_value, head_num, key_value_head_num, sel
     plan = _validate(query, key, value, head_num, key_value_head_num, select_block_size, select_block_count,
                      page_block_size, compress_block_size, compress_stride, layout, atten_mask, block_table,
                      topk_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
-    _check_block_ids(block_table, plan.cmp_lens, page_block_size, key.shape[0])
+    # Raises on a used entry outside [0, block_num); unused entries (e.g. -1) become block 0.
+    block_ids = paged_block_ids(OP, block_table, plan.cmp_lens, page_block_size, key.shape[0], "actual_cmp_seq_kvlen")
     device = query.device
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     kv, g, dk, dv = plan.kv_heads, plan.group, plan.qk_dim, plan.v_dim
@@ -283,15 +279,18 @@ def _reference(query, key, value, scale_value, head_num, key_value_head_num, sel
         lens = torch.tensor(plan.cmp_lens[b0:b1], device=device)
         length = int(lens.max())
         n_blocks = math.ceil(length / page_block_size)
-        table = block_table[b0:b1, :n_blocks].long()
-        in_use = torch.arange(n_blocks, device=device) < torch.ceil(lens / page_block_size).long().unsqueeze(1)
-        table = torch.where(in_use, table, torch.zeros_like(table))  # unused entries may be garbage
+        table = block_ids[b0:b1, :n_blocks]
         nb = b1 - b0
         keys = key.index_select(0, table.reshape(-1)).reshape(nb, n_blocks * page_block_size, kv, dk)[:, :length]
         values = value.index_select(0, table.reshape(-1)).reshape(nb, n_blocks * page_block_size, kv, dv)[:, :length]
+        valid = torch.arange(length, device=device) < lens.unsqueeze(1)  # (nb, L)
+        if min(plan.cmp_lens[b0:b1]) < length:
+            # Slots past a shorter batch's length (and the block-0 stand-ins for its
+            # unused table entries) may hold garbage (NaN, inf): their scores are
+            # masked, but p @ V would give 0 * NaN. index_select made a copy: zero in place.
+            values.masked_fill_(~valid.view(nb, length, 1, 1), 0)
         q = query[b0:b1].to(dtype).reshape(nb, kv, g, dk)
         scores = torch.einsum("bkgd,blkd->bkgl", q, keys.to(dtype)) * scale_value
-        valid = torch.arange(length, device=device) < lens.unsqueeze(1)  # (nb, L)
         scores = scores.masked_fill(~valid.view(nb, 1, 1, length), -math.inf)
         p = torch.softmax(scores, dim=-1)
         out[b0:b1] = torch.einsum("bkgl,blkd->bkgd", p, values.to(dtype)).reshape(nb, plan.heads, dv).to(out.dtype)

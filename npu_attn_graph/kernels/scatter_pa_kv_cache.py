@@ -211,9 +211,10 @@ def _validate_compressed(op, key, value, key_cache, value_cache, slot_mapping, c
 def _write_plain(op: str, plan: _Plan, key, value, key_cache, value_cache, slot_mapping) -> None:
     slots = slot_mapping.to(torch.int64)
     bad = slots >= plan.num_slots
-    if bool(bad.any()):
-        fail(op, "slot_mapping", f"must be < num_blocks * block_size ({plan.num_slots}); negative slots are skipped",
-             slots[bad].tolist())
+    if bool(bad.any()):  # a value rule: the fake kernel cannot see slot_mapping's contents
+        t = int(bad.nonzero()[0, 0])
+        fail(op, "slot_mapping", f"entries must be slots in [0, num_blocks * block_size) = [0, {plan.num_slots}) "
+             "(negative slots are skipped)", f"slot_mapping[{t}] = {int(slots[t])}")
     tokens = torch.nonzero(slots >= 0).squeeze(1)
     slots = slots[tokens]
     blocks, offsets = slots // plan.block_size, slots % plan.block_size

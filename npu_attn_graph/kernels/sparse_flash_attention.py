@@ -83,12 +83,12 @@ Choices where the docs are silent or device-specific:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from . import _library
+from ._attention_core import paged_block_ids
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["npu_sparse_flash_attention"]
@@ -353,7 +353,9 @@ def _reference(query, key, value, sparse_indices, scale_value, *, block_table=No
         kv_lens = _per_batch_lengths("actual_seq_lengths_kv", actual_seq_lengths_kv, batch, int(plan.kv_seq),
                                      "block_table.shape[1] * block_size =")
         kv_starts = [0] * batch
-        _check_block_ids(block_table, kv_lens, int(plan.page_block_size), key.shape[0])
+        # Raises on a used entry outside [0, block_num); unused entries (e.g. -1) become block 0.
+        block_table = paged_block_ids(OP, block_table, kv_lens, int(plan.page_block_size), key.shape[0],
+                                      "actual_seq_lengths_kv")
     if bool((sparse_indices < -1).any()):
         fail(OP, "sparse_indices", "entries must be block indices >= 0 or -1 (padding)",
              sorted(set(sparse_indices[sparse_indices < -1].tolist()))[:8])
@@ -414,7 +416,7 @@ def _reference(query, key, value, sparse_indices, scale_value, *, block_table=No
         ok = ok.view(rows, kv_heads, span)
         if layout_kv == "PA_BSND":
             bs = int(plan.page_block_size)
-            table = block_table[row_batch[r0:r1]].to(torch.long)  # (rows, max_blocks)
+            table = block_table[row_batch[r0:r1]]  # (rows, blocks used by the longest batch)
             blocks = torch.gather(table, 1, (pos // bs).view(rows, -1)).view_as(pos)
             flat = torch.where(ok, blocks * bs + pos % bs, 0)
         else:
@@ -422,6 +424,12 @@ def _reference(query, key, value, sparse_indices, scale_value, *, block_table=No
         k = key_rows[flat, kv_head_index].to(dtype)  # (rows, N2, span, D)
         kr = key_rope_rows[flat, kv_head_index].to(dtype)
         v = k if value_rows is None else value_rows[flat, kv_head_index].to(dtype)
+        if not bool(ok.all()):
+            # Positions not read (-1 padding, past kv_len or the causal limit, unused
+            # paged slots) were gathered from token 0 / block 0, which may hold
+            # garbage (NaN, inf). Their scores are masked below, but P @ V would
+            # still give 0 * NaN: zero the (freshly gathered) values in place.
+            v.masked_fill_(~ok[..., None], 0)
         scores = torch.matmul(q_rows[r0:r1].to(dtype), k.transpose(-1, -2))
         scores += torch.matmul(qr_rows[r0:r1].to(dtype), kr.transpose(-1, -2))
         scores *= scale_value
@@ -450,16 +458,6 @@ def _reference(query, key, value, sparse_indices, scale_value, *, block_table=No
     else:
         to_layout = lambda t: t.transpose(0, 1).contiguous()  # noqa: E731
     return attention_out, to_layout(softmax_max), to_layout(softmax_sum)
-
-
-def _check_block_ids(block_table: torch.Tensor, kv_lens: list[int], block_size: int, block_num: int) -> None:
-    """The blocks covering each batch's actual KV length must be cache blocks."""
-    for b, length in enumerate(kv_lens):
-        used = block_table[b, : math.ceil(length / block_size)]
-        bad = (used < 0) | (used >= block_num)
-        if bool(bad.any()):
-            fail(OP, "block_table", f"entries covering actual_seq_lengths_kv must be block ids in [0, {block_num})",
-                 f"batch {b}: {used[bad].tolist()}")
 
 
 def _npu(query, key, value, sparse_indices, scale_value, **kwargs):
