@@ -22,6 +22,7 @@ from __future__ import annotations
 import operator
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report, Site, node_location
 from ._context import PassContext
@@ -75,7 +76,9 @@ def _path_back(start: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 
 def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
-    """Nodes from the softmax to a bmm that reads it as its first operand, or None."""
+    """Nodes from the softmax to a bmm that reads it as its first operand, or None.
+    Over a single key the product with V is a broadcast multiply (einsum makes one)."""
+    single_key = statically_known_true(val(softmax).shape[-1] == 1)
     parents = {softmax: None}
     frontier = [softmax]
     for _ in range(MAX_STEPS):
@@ -84,7 +87,8 @@ def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
             for user in node.users:
                 if user in parents:
                     continue
-                if is_call(user, MATMULS) and user.args[0 if user.target is aten.bmm.default else 1] is node:
+                if (is_call(user, MATMULS) and user.args[0 if user.target is aten.bmm.default else 1] is node) or \
+                        (single_key and is_call(user, aten.mul.Tensor)):
                     path = [node]
                     while parents[path[-1]] is not None:
                         path.append(parents[path[-1]])
