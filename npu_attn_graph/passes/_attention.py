@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ._context import PassContext
-from ._fx import CONSTANT, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
+from ._fx import CONSTANT, Rewrite, RewriteRefused, same_shape, same_strides, static_int, val
 from ._masks import ScoreTerm, fully_masked_fixup, plan_mask
 from .registry import AttentionCall, FusedAttentionOp, attention_op_candidates
 
@@ -86,7 +86,7 @@ class AttentionSite:
     dropout_p: float = 0.0
     internal: tuple[torch.fx.Node, ...] = ()  # must have no users outside the site
     runtime_scale: torch.fx.Node | None = None
-    unused_outputs_reason: str | None = None  # SDPA: auxiliary outputs in use
+    form_reason: str | None = None  # found while matching: auxiliary outputs in use, scale after a term
     notes: list[str] = field(default_factory=list)
 
 
@@ -98,8 +98,8 @@ class AttentionSite:
 def structure_reason(site: AttentionSite) -> str | None:
     if site.dropout_p != 0.0:
         return f"dropout_p={site.dropout_p} (the inference ops have no dropout)"
-    if site.unused_outputs_reason:
-        return site.unused_outputs_reason
+    if site.form_reason:
+        return site.form_reason
     chain = set(site.internal) | {site.output}
     for inner in site.internal:
         outside = [u for u in inner.users if u not in chain]
@@ -188,10 +188,6 @@ def causal_mask_node(rw: Rewrite, like: torch.fx.Node, ctx: PassContext) -> torc
     return mask
 
 
-def _output_value(site: AttentionSite) -> torch.Tensor:
-    return val(site.output)
-
-
 def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
     """Build the fused op for `site` (raises RewriteRefused with every candidate's reason)."""
     q, k, v = (site.query.build(rw), site.key.build(rw), site.value.build(rw))
@@ -206,7 +202,7 @@ def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fus
     elif site.is_causal:
         sparse_mode = _causal(site, q, k)
         atten_mask = causal_mask_node(rw, q, ctx)
-    wanted = _output_value(site)
+    wanted = val(site.output)
     reasons = []
     q_len = static_int(val(q).shape[2])
     for op in attention_op_candidates(q_len if q_len is not None else val(q).shape[2], sparse_mode in (2, 3, 4)):
@@ -247,7 +243,3 @@ def _check_same_value(op: FusedAttentionOp, layout: str, got: torch.Tensor, want
     if not same_strides(got, wanted):
         raise RewriteRefused(f"{op.name} ({layout}) would return strides {got.stride()} where the site's "
                              f"later views need {wanted.stride()}")
-
-
-def is_attention_output_getitem(node: torch.fx.Node, index: int) -> bool:
-    return is_call(node, operator.getitem) and node.args[1] == index

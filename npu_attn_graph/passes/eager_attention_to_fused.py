@@ -374,9 +374,7 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
         flat_output=flat, scale=scores.scale * q_factor * k_factor, terms=tuple(scores.terms),
         score_rank=4 if scores.split is not None else 3,
         internal=tuple([*scores.nodes, softmax, *prob_chain, *output_chain]),
-        runtime_scale=scores.runtime_scale)
-    if scores.form_reason:
-        site.unused_outputs_reason = scores.form_reason
+        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason)
     return site
 
 

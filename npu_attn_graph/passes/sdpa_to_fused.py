@@ -65,7 +65,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
         query=Operand(query), key=Operand(key), value=Operand(kw["value"]), output=output,
         scale=kw.get("scale"), terms=terms, score_rank=max(val(query).dim(), val(key).dim()),
         is_causal=bool(kw.get("is_causal", False)), dropout_p=float(kw.get("dropout_p", 0.0)),
-        unused_outputs_reason=unused_reason)
+        form_reason=unused_reason)
 
 
 def check_site(site: AttentionSite, ctx: PassContext) -> str | None:
