@@ -68,3 +68,24 @@ def test_full_window_decode_step_is_one_ge_graph_with_fused_writes(tmp_path):
     assert result.op_type_counts.get("IncreFlashAttention") == 2, result.summary()
     assert result.op_type_counts.get("Scatter", 0) == 4, result.summary()  # key and value per layer
     assert all(s.rewritten for s in result.report.sites), result.report.table()
+
+
+def test_a_full_window_step_copies_the_cache_no_more_than_eager():
+    """Eager's step is roll (a copy) + copy back (a copy). The rewrite keeps eager's
+    cache order, so it makes the same two: the shift (cat) and the copy back."""
+    model = _model("mistral")
+    ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = T.StaticCache(config=model.config, max_cache_len=32)
+        logits = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(9)).logits
+        report = Report()
+        step = torch.compile(model, backend="npu_attn", options={"report": report})
+        step(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True, cache_position=torch.tensor([9]))
+    (graph,) = [gm.graph for gm in report.graph_modules]
+    window = tuple(cache.layers[0].keys.shape)
+    full_copies = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                   and tuple(n.meta["val"].shape) == window
+                   and n.target in (torch.ops.aten.cat.default, torch.ops.aten.copy.default,
+                                    torch.ops.aten.copy_.default, torch.ops.aten.roll.default)]
+    kinds = sorted(str(n.target).split(".")[1] for n in full_copies)
+    assert kinds == ["cat"] * 4 + ["copy_"] * 4, kinds  # key and value caches of two layers

@@ -206,8 +206,8 @@ class Rewrite:
         self.gm, self.graph, self.anchor = gm, gm.graph, anchor
         self.inserted: list[torch.fx.Node] = []
         self.replacements: list[tuple[torch.fx.Node, torch.fx.Node]] = []
-        tensors = [v for n in gm.graph.nodes if isinstance(v := val(n), torch.Tensor) and hasattr(v, "fake_mode")]
-        self.fake_mode = tensors[0].fake_mode if tensors else None
+        self.fake_mode = next((v.fake_mode for n in gm.graph.nodes
+                               if isinstance(v := val(n), torch.Tensor) and hasattr(v, "fake_mode")), None)
 
     # -- building -----------------------------------------------------------
 

@@ -42,8 +42,8 @@ from .static_cache_update import SequenceWrite, _copy_back, fused_write, parse_w
 
 aten = torch.ops.aten
 
-SHIFT_NOTE = ("sliding window: each full step shifts the window by one slot (a copy of the cache; the cache keeps "
-              "eager's order, as later calls and the caller read it)")
+SHIFT_NOTE = ("sliding window: each full step shifts the window by one slot (the shift and the copy back are two "
+              "copies of the cache, as in eager; the cache keeps eager's order, which later calls and the caller read)")
 
 
 @dataclass
@@ -93,11 +93,19 @@ def rewrite_step(rw: Rewrite, step: WindowStep, ctx: PassContext, site: Site) ->
     # The shifted tensor is new: the write can go into it in place (functional for GE).
     written = fused_write(rw, step.write, shifted, in_place=not ctx.functional_kv_writes)
     rw.replace(step.write.node, written)
+    dead = [step.write.node, step.roll]
+    for user in step.write.node.users:
+        # self.copy_(new) functionalizes into copy(self, new): a second full copy of a value
+        # that is already a fresh tensor of the cache's shape and dtype.
+        if is_call(user, aten.copy.default) and user.args[1] is step.write.node and \
+                tuple(val(user).shape) == tuple(val(written).shape) and val(user).dtype == val(written).dtype:
+            rw.replace(user, written)
+            dead.append(user)
     step.copy_back.meta[CLAIMED] = site
     site.fused_op = written.target.__name__.split(".")[0]
     site.layout = "BNSD" if val(step.cache).dim() == 4 and step.dim == 2 else f"axis {step.dim}"
     site.notes.append(SHIFT_NOTE)
-    return [step.write.node, step.roll]
+    return dead
 
 
 SLIDING_WINDOW_RULE = Rule(
