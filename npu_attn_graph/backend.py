@@ -45,7 +45,7 @@ EXECUTORS = ("eager", "inductor", "torchair")
 # alias-returning scatter_update_ inserted after AOT, but the caches come out
 # wrong (measured on the tiny Llama). With the Inductor executor the KV-cache
 # writes stay as index_put/index_copy, which Inductor makes in place itself.
-INDUCTOR_UNSUPPORTED = ("static_cache_update",)
+INDUCTOR_UNSUPPORTED = ("static_cache_update", "sliding_window_cache_update")
 OPTION_DOCS = {
     "passes": f"list of pass names to run; they always run in the fixed order {list(PASSES)} (default: all "
               "that the executor supports)",

@@ -39,6 +39,7 @@ MAX_STEPS = 12
 # Steps the attention rules read; the rest are named as what stopped them.
 KNOWN = {"view", "_unsafe_view", "reshape", "expand", "clone", "_to_copy", "convert_element_type", "mul", "div",
          "add", "sub", "where", "masked_fill", "permute", "transpose", "unsqueeze", "squeeze", "alias", "getitem"}
+KV_PASSES = ("static_cache_update", "sliding_window_cache_update", "paged_cache_update")
 HINTS = {"tanh": "tanh (a logit softcap)", "cat": "cat (e.g. a sink logit column)",
          "slice": "slice (e.g. dropping a sink column)", "native_dropout": "dropout in training mode",
          "bernoulli": "random dropout"}
@@ -166,11 +167,11 @@ def report_unfused_sites(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
             kind, pattern = "attention", "attention-shaped softmax"
         elif is_call(node, aten.copy_.default) and _cache_shaped(node.args[0]):
             kind, pattern = "kv_update", "write into a graph input"
-            if not ({"static_cache_update", "paged_cache_update", "sliding_window_cache_update"} & selected):
-                reason = "the KV-cache passes were not selected"
-            else:
-                reason = (f"no rule matches this write into {node.args[0].name} (shape "
-                          f"{tuple(val(node.args[0]).shape)}): its new value is {_write_description(node)}")
+            reason = (f"no rule matches this write into {node.args[0].name} (shape "
+                      f"{tuple(val(node.args[0]).shape)}): its new value is {_write_description(node)}")
+            unselected = [p for p in KV_PASSES if p not in selected]
+            if unselected:
+                reason += f" (not run: {', '.join(unselected)})"
         else:
             continue
         layer, source = node_location(node)
