@@ -425,3 +425,29 @@ def test_caches_in_buffers_written_over_several_steps():
             torch.testing.assert_close(compiled.kc, eager.kc, rtol=0, atol=0)
             torch.testing.assert_close(compiled.vc, eager.vc, rtol=0, atol=0)
     assert fused_ops(report, "scatter_update_")
+
+
+def test_a_min_mask_among_other_terms():
+    """Row 0 is masked by the causal fill everywhere; the padding mask adds -inf or min
+    on top. Eager gives that row the mean of V over the keys masked least (min + min
+    overflows to -inf): only the exact sum of added terms may be fused."""
+    q, k, v = qkv(sq=8, skv=7)
+    low = torch.finfo(torch.float32).min
+    causal = torch.ones(8, 7, dtype=torch.bool).tril(-1)  # row 0 keeps no key
+    pad = torch.rand(2, 1, 1, 7, generator=torch.Generator().manual_seed(13)) > 0.4
+    pad[..., 0] = True
+
+    def fill_then_add(q, k, v, pad):
+        s = (q @ k.transpose(-1, -2) * 0.2).masked_fill(~causal, low)
+        return (s + torch.where(pad, 0.0, float("-inf"))).softmax(-1) @ v
+
+    def add_then_add(q, k, v, pad):
+        s = q @ k.transpose(-1, -2) * 0.2 + torch.where(causal, 0.0, low)
+        return (s + torch.where(pad, 0.0, low)).softmax(-1) @ v
+
+    report, _ = compile_and_compare(fill_then_add, q, k, v, pad)
+    assert "combined with other mask or bias terms" in report.sites[0].reason
+    torch._dynamo.reset()
+    report, _ = compile_and_compare(add_then_add, q, k, v, pad)
+    (node,) = fused_ops(report, "npu_prompt_flash_attention")
+    assert node.kwargs["pse_shift"] is not None and node.kwargs["atten_mask"] is None

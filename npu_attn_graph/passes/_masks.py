@@ -15,7 +15,11 @@ plan_mask turns the terms into the fused op's arguments:
   (the "fully-masked-row fix-up", noted in the report). An *added* min only
   equalises the scores when it absorbs them, which float32 and bfloat16
   guarantee (their min is ~1e38 and its spacing ~1e31) and float16 does not
-  (spacing 32): there the term is kept additive (pse_shift) instead;
+  (spacing 32): there the term is kept additive (pse_shift) instead. The
+  fix-up holds for a min mask alone; with other terms, added ones all go in
+  as one pse_shift (their sum is what the program adds), and a fill among
+  them leaves the site alone (min + min overflows to -inf, a fill resets a
+  key: what an empty row gets is eager's combination of the terms);
 - other fill values are not masks (refused, with the value);
 - any other added tensor is a bias: pse_shift, which the ops add to the
   scaled scores exactly as the program does. A *boolean* tensor added to
@@ -185,6 +189,15 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
             biases.append(term)
         else:
             masks.append(kind)
+    if any(m.needs_fixup for m in masks) and len(terms) > 1:
+        # With a finite min among several terms, what a row with no key left gets in eager
+        # depends on how the terms combine (min + min overflows to -inf, a fill resets a key):
+        # the mean-of-V fix-up would be wrong. Added terms, summed, are exactly what the
+        # program adds; a fill among them cannot be replayed as a sum.
+        if any(t.fill is not None for t in terms):
+            raise RewriteRefused("a torch.finfo(dtype).min mask combined with other mask or bias terms by a fill: "
+                                 "rows with no key left would need eager's combination of the terms")
+        masks, biases = [], list(terms)
     for m in masks:
         node = m.masked
         for op in m.reshapes:  # the same slicing/broadcasting, on the boolean
