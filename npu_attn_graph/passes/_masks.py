@@ -12,10 +12,12 @@ plan_mask turns the terms into the fused op's arguments:
 - torch.finfo(dtype).min masks the same way where a row keeps a key. A row
   with no key left gets equal scores, so eager returns the mean of V there
   while the fused ops return 0: the rewrite adds that mean back for such rows
-  (the "fully-masked-row fix-up", noted in the report). An *added* min only
-  equalises the scores when it absorbs them, which float32 and bfloat16
-  guarantee (their min is ~1e38 and its spacing ~1e31) and float16 does not
-  (spacing 32): there the term is kept additive (pse_shift) instead. The
+  (the "fully-masked-row fix-up", noted in the report). An *added* min
+  equalises the scores by absorbing them: always in float32 and bfloat16
+  (their min is ~1e38 and its spacing ~1e31), in float16 for scaled scores
+  within +-16 (spacing 32); beyond that eager's float16 rounding of s + min
+  decides, and the fix-up gives the mean of V, what the program computes in
+  higher precision (a float32 pse_shift would give softmax(s) instead). The
   fix-up holds for a min mask alone; with other terms, added ones all go in
   as one pse_shift (their sum is what the program adds), and a fill among
   them leaves the site alone (min + min overflows to -inf, a fill resets a
@@ -78,8 +80,12 @@ class MaskPlan:
 
 
 def _absorbs(fill: float, dtype: torch.dtype) -> bool:
-    """An added `fill` turns any realistic score into the same value in `dtype`."""
-    return dtype in (torch.float32, torch.bfloat16, torch.float64) and fill <= torch.finfo(dtype).min
+    """An added `fill` (the dtype's min or below) makes every score of a row with no
+    key left the same: exactly, in float32/bfloat16 (spacing ~1e31 at their min), and
+    in float16 for scaled scores within +-16 (spacing 32 at -65504); beyond that eager's
+    float16 sum rounds to a few neighbouring values, and the mean of V the fix-up gives
+    is what the program computes in any higher precision."""
+    return dtype.is_floating_point and fill <= torch.finfo(dtype).min
 
 
 def _is_min(fill: float, dtype: torch.dtype) -> bool:
