@@ -453,3 +453,18 @@ def test_a_min_mask_among_other_terms():
     report, _ = compile_and_compare(add_then_add, q, k, v, pad)
     (node,) = fused_ops(report, "npu_prompt_flash_attention")
     assert node.kwargs["pse_shift"] is not None and node.kwargs["atten_mask"] is None
+
+
+def test_float16_min_masks_among_other_added_terms_stay():
+    q, k, v = qkv(sq=1, dtype=torch.float16)
+    pad = torch.rand(2, 1, 1, 7, generator=torch.Generator().manual_seed(14)) > 0.5
+    low = torch.finfo(torch.float16).min
+
+    def fn(q, k, v, pad):
+        s = q @ k.transpose(-1, -2) * 0.2 + torch.where(pad, 0.0, low).to(q.dtype)
+        return (s + torch.where(pad.flip(-1), 0.0, low).to(q.dtype)).softmax(-1) @ v
+
+    with torch.no_grad():
+        report = Report()
+        torch.compile(fn, backend="npu_attn", options={"report": report})(q, k, v, pad)
+    assert "float16 torch.finfo(dtype).min mask combined" in report.sites[0].reason

@@ -115,7 +115,8 @@ def _classify(term: ScoreTerm) -> _Mask | str | None:
     while is_call(node, MASK_RESHAPES + CASTS) and not is_call(node, aten.where.self):
         if is_call(node, CASTS) and not val(node.args[0]).dtype.is_floating_point:
             break
-        reshapes.append(node)
+        if not is_call(node, CASTS):  # casts are not replayed on the boolean; their effect on values is below
+            reshapes.append(node)
         node = node.args[0]
     if not is_call(node, aten.where.self):
         return None
@@ -123,8 +124,9 @@ def _classify(term: ScoreTerm) -> _Mask | str | None:
     a, b = scalar_constant(if_true), scalar_constant(if_false)
     if a is None or b is None:
         return None
-    if reshapes and any(is_call(r, CASTS) for r in reshapes):
-        return None  # a cast can turn min into -inf or change it: keep the values as they are
+    # The values as the term holds them: in the where's dtype, then through any casts
+    # (a float32 min cast to float16 is -inf; a float16 min cast to float32 is -65504).
+    a, b = (_as(_as(x, val(node).dtype), val(term.node).dtype) for x in (a, b))
     for keep_value, masked_value, negate in ((a, b, True), (b, a, False)):
         if keep_value != 0.0:
             continue
@@ -133,6 +135,11 @@ def _classify(term: ScoreTerm) -> _Mask | str | None:
         if masked_value > -math.inf and _absorbs(masked_value, term.dtype):
             return _Mask(cond, negate, tuple(reversed(reshapes)), True)
     return None
+
+
+def _as(value: float, dtype: torch.dtype) -> float:
+    """value as a tensor of dtype holds it."""
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
 
 
 def _aligned(rw: Rewrite, node: torch.fx.Node, score_rank: int) -> torch.fx.Node:
@@ -203,6 +210,11 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         if any(t.fill is not None for t in terms):
             raise RewriteRefused("a torch.finfo(dtype).min mask combined with other mask or bias terms by a fill: "
                                  "rows with no key left would need eager's combination of the terms")
+        if any(t.dtype == torch.float16 for t in terms):
+            # The summed terms would be added in float32 by the op, where float16's min
+            # (-65504) no longer absorbs the scores of a row with no key left.
+            raise RewriteRefused("a float16 torch.finfo(dtype).min mask combined with other added terms: rows "
+                                 "with no key left depend on float16 absorbing the scores")
         masks, biases = [], list(terms)
     for m in masks:
         node = m.masked
