@@ -468,3 +468,30 @@ def test_float16_min_masks_among_other_added_terms_stay():
         report = Report()
         torch.compile(fn, backend="npu_attn", options={"report": report})(q, k, v, pad)
     assert "float16 torch.finfo(dtype).min mask combined" in report.sites[0].reason
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill on zeros", "scaled complement", "cast then scaled"])
+def test_a_mask_is_read_from_its_values_whatever_the_spelling(spelling):
+    """A term that is an element-wise function of one boolean is evaluated on True and
+    False with the program's own ops: each spelling here is (0 where kept, min where not)."""
+    q, k, v = qkv(sq=1, dtype=torch.float16)
+    keep = torch.rand(2, 1, 1, 7, generator=torch.Generator().manual_seed(15)) > 0.4
+    keep[0] = False  # batch 0: no key at all -> eager's mean of V
+
+    def fn(q, k, v, keep):
+        low = torch.finfo(q.dtype).min
+        if spelling == "masked_fill on zeros":
+            bias = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep, low)
+        elif spelling == "scaled complement":
+            bias = ((1.0 - keep.to(q.dtype)) * low).to(q.dtype)
+        else:
+            bias = (~keep).to(q.dtype) * low
+        return (q @ k.transpose(-1, -2) * 0.125 + bias).softmax(-1) @ v
+
+    with torch.no_grad():
+        expected = fn(q.double(), k.double(), v.double(), keep)
+        report = Report()
+        actual = torch.compile(fn, backend="npu_attn", options={"report": report})(q, k, v, keep)
+    torch.testing.assert_close(actual.double(), expected, rtol=2e-3, atol=2e-3)  # float16: 2 ulp of fp64
+    (site,) = report.sites
+    assert site.rewritten and any("fully-masked-row fix-up" in n for n in site.notes), report.table()

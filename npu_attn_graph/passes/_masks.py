@@ -111,35 +111,65 @@ def _classify(term: ScoreTerm) -> _Mask | str | None:
                 f"(use -inf or torch.finfo({str(term.dtype).replace('torch.', '')}).min)")
     if val(term.node).dtype == torch.bool or term.alpha != 1:
         return None  # a boolean added is +0.0/+1.0: a bias
-    node, reshapes = term.node, []
-    while is_call(node, MASK_RESHAPES + CASTS) and not is_call(node, aten.where.self):
-        if is_call(node, CASTS) and not val(node.args[0]).dtype.is_floating_point:
-            break
-        if not is_call(node, CASTS):  # casts are not replayed on the boolean; their effect on values is below
-            reshapes.append(node)
-        node = node.args[0]
-    if not is_call(node, aten.where.self):
+    found = two_valued(term.node)
+    if found is None:
         return None
-    cond, if_true, if_false = node.args
-    a, b = scalar_constant(if_true), scalar_constant(if_false)
-    if a is None or b is None:
-        return None
-    # The values as the term holds them: in the where's dtype, then through any casts
-    # (a float32 min cast to float16 is -inf; a float16 min cast to float32 is -65504).
-    a, b = (_as(_as(x, val(node).dtype), val(term.node).dtype) for x in (a, b))
-    for keep_value, masked_value, negate in ((a, b, True), (b, a, False)):
+    cond, if_true, if_false, reshapes = found
+    for keep_value, masked_value, negate in ((if_true, if_false, True), (if_false, if_true, False)):
         if keep_value != 0.0:
             continue
         if masked_value == -math.inf:
-            return _Mask(cond, negate, tuple(reversed(reshapes)), False)
+            return _Mask(cond, negate, reshapes, False)
         if masked_value > -math.inf and _absorbs(masked_value, term.dtype):
-            return _Mask(cond, negate, tuple(reversed(reshapes)), True)
+            return _Mask(cond, negate, reshapes, True)
     return None
 
 
-def _as(value: float, dtype: torch.dtype) -> float:
-    """value as a tensor of dtype holds it."""
-    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+def two_valued(term: torch.fx.Node, limit: int = 16) -> tuple | None:
+    """(cond, value where cond is True, value where False, shape-only ops to replay on
+    cond) when `term` is an element-wise function of one boolean tensor and constants:
+    where(keep, 0, min), zeros.masked_fill(m, -inf), (1 - keep.float()) * -1e4,
+    keep.to(dtype) ... The two values are computed by running the program's own ops
+    on a True and a False, so casts and roundings are exactly the program's."""
+    path, reshapes, node = [], [], term
+    while True:
+        v = val(node)
+        if not isinstance(v, torch.Tensor) or len(path) + len(reshapes) > limit:
+            return None
+        if v.dtype == torch.bool and node is not term:
+            break
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            return None
+        if is_call(node, MASK_RESHAPES):
+            reshapes.append(node)
+            node = node.args[0]
+            continue
+        pointwise = is_call(node, CASTS) or torch.Tag.pointwise in getattr(node.target, "tags", ())
+        inputs = [a for a in node.all_input_nodes if scalar_constant(a) is None]
+        if not pointwise or len(inputs) != 1:
+            return None
+        path.append(node)
+        node = inputs[0]
+    cond = node
+    values = []
+    for flag in (True, False):
+        x = torch.tensor(flag)
+        for op in reversed(path):
+            def concrete(arg, x=x):
+                if arg is cond or (isinstance(arg, torch.fx.Node) and scalar_constant(arg) is None):
+                    return x
+                return torch.tensor(scalar_constant(arg), dtype=val(arg).dtype)
+
+            args, kwargs = torch.fx.node.map_arg((op.args, op.kwargs), concrete)
+            kwargs = {k: (torch.device("cpu") if k == "device" else w) for k, w in kwargs.items()}
+            try:
+                x = op.target(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - not evaluable on a scalar: not a two-valued term
+                return None
+        if not isinstance(x, torch.Tensor) or x.numel() != 1:
+            return None
+        values.append(float(x.reshape(())))
+    return cond, values[0], values[1], tuple(reversed(reshapes))
 
 
 def _aligned(rw: Rewrite, node: torch.fx.Node, score_rank: int) -> torch.fx.Node:
