@@ -45,7 +45,10 @@ def _t5():
     return T.T5ForConditionalGeneration(cfg).eval()
 
 
-@pytest.mark.parametrize("make,hint", [(_gemma2, "tanh (a logit softcap)"), (_gptoss, "cat (e.g. a sink")])
+@pytest.mark.parametrize("make,hint", [
+    (_gemma2, "logit softcap tanh(scores / 50) * 50 (transformers' config field attn_logit_softcapping): no NPU "
+              "inference attention op applies a softcap"),
+    (_gptoss, "cat (e.g. a sink")])
 def test_attention_no_rule_covers_is_listed_with_what_stopped_the_rules(make, hint):
     model = make()
     with torch.no_grad():
@@ -125,7 +128,7 @@ def test_check_fails_and_names_an_unmatched_attention(tmp_path):
     run = subprocess.run([sys.executable, "-m", "npu_attn_graph", "check", f"{target}:make"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "attention site left alone" in run.stdout and "tanh (a logit softcap)" in run.stdout
+    assert "attention site left alone" in run.stdout and "logit softcap tanh(scores / 30) * 30" in run.stdout
 
 
 def test_a_fused_site_notes_a_mask_computed_from_positions():
@@ -142,3 +145,18 @@ def test_a_fused_site_notes_a_mask_computed_from_positions():
     report = explain(fn, q, k, v, torch.tensor(2))
     (site,) = report.sites
     assert site.rewritten and any("computed from positions" in n for n in site.notes), report.table()
+
+
+def test_a_softcapped_model_stays_one_complete_ge_graph(tmp_path):
+    """Gemma2's softcapped attention stays as written (no NPU op takes a softcap),
+    and the model around it is still one complete GE graph."""
+    from npu_attn_graph import to_ge_graph
+
+    with torch.no_grad():
+        result = to_ge_graph(_gemma2(), _ids(), use_cache=False, out_dir=tmp_path)
+    assert result.single_graph and result.graph_count == 1, result.summary()
+    types = result.op_type_counts
+    assert not [t for t in types if t.startswith(("aten.", "prims."))], result.summary()
+    assert types.get("SoftmaxV2") == 2 and types.get("Tanh", 0) >= 2, result.summary()
+    attention = [s for s in result.report.sites if s.kind == "attention"]
+    assert len(attention) == 2 and all("attn_logit_softcapping" in s.reason for s in attention)

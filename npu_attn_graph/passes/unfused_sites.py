@@ -129,9 +129,44 @@ def _unknown_steps(nodes: list[torch.fx.Node]) -> list[str]:
     return names
 
 
+def _constant_factor(node: torch.fx.Node) -> float | None:
+    """c when node is x * c or x / c (c a Python number), else None."""
+    if is_call(node, (aten.mul.Tensor, aten.mul.Scalar)) and isinstance(node.args[1], (int, float)):
+        return float(node.args[1])
+    if is_call(node, (aten.div.Tensor, aten.div.Scalar)) and isinstance(node.args[1], (int, float)):
+        return 1.0 / float(node.args[1])
+    return None
+
+
+def softcap_reason(back: list[torch.fx.Node]) -> str | None:
+    """The reason for a logit softcap, cap * tanh(scores / cap), on the scores path, or None.
+
+    No NPU inference attention op (prompt, incremental, fused infer v1/v2)
+    applies a function between the scores and the softmax, so such a site stays
+    unfused. Gemma2 spells it with the config field attn_logit_softcapping.
+    """
+    for node in back:
+        if not is_call(node, aten.tanh.default):
+            continue
+        inner = node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+        outer = next(iter(node.users), None) if len(node.users) == 1 else None
+        inv_cap = _constant_factor(inner) if inner is not None else None
+        cap = _constant_factor(outer) if outer is not None else None
+        if inv_cap is not None and cap is not None and abs(inv_cap * cap - 1.0) < 1e-6:
+            spelled = f"tanh(scores / {cap:g}) * {cap:g}"
+        else:
+            spelled = "tanh on the scores"
+        return (f"logit softcap {spelled} (transformers' config field attn_logit_softcapping): no NPU inference "
+                f"attention op applies a softcap to the scores before the softmax, so the site stays as written")
+    return None
+
+
 def _attention_reason(softmax: torch.fx.Node, ctx_passes: set[str], back, forward) -> str:
     if not ({"sdpa_to_fused", "eager_attention_to_fused"} & ctx_passes):
         return "the attention passes were not selected"
+    softcap = softcap_reason(back)
+    if softcap is not None:
+        return softcap
     unknown = _unknown_steps(back) + [s for s in _unknown_steps(forward) if s not in _unknown_steps(back)]
     if unknown:
         return f"no rule matches this attention form: the scores pass through {', '.join(unknown)}"
