@@ -23,6 +23,11 @@ Semantics implemented (per batch b, query head h, kv head g = h // (N // Nkv)):
       (query S == 1 -- the incremental path -- ignores sparse_mode/pre/next)
 * out_i = softmax over kept j of scores[i, j], times v_j; lse_i = logsumexp
   over kept scores; rows with nothing kept output 0 and lse +inf.
+* learnable_sink (N,): the row's softmax runs over [kept scores..., sink[h]]
+  and the sink column is dropped before P @ V (torch_npu's own v2 golden does
+  exactly this); a row with nothing kept still outputs 0. lse stays the
+  logsumexp of the kept scores alone: the CANN kernel writes softmax_lse
+  before it adds the sink term.
 * int8 output: round_half_even(out * scale2 + offset2) clamped to [-128, 127].
 * int8 KV antiquant: (x + offset) * scale.
 * Paged KV: token t of batch b lives in block block_table[b, t // bs] at
@@ -199,7 +204,7 @@ def kept_positions(sq: int, skv: int, q_range, kv_range, mask_b, sparse_mode: in
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-           pse_b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+           pse_b: torch.Tensor | None, sink: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (N, Sq, D), k (Nkv, Skv, D), v (Nkv, Skv, Dv) fp64 -> out (N, Sq, Dv), lse (N, Sq)."""
     heads, sq, _ = q.shape
     kv_heads = k.shape[0]
@@ -213,11 +218,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor
             scores = scores + pse_b[h, :sq, : k.shape[1]].to(F64)
         for i in range(sq):
             idx = keep[i].nonzero().flatten()
+            s = scores[i, idx]
+            if sink is not None:
+                # Concatenate the sink column, softmax, drop it.
+                p = torch.softmax(torch.cat([s, sink[h].to(F64).reshape(1)]), dim=0)[:-1]
+                out[h, i] = p @ v[g, idx]
             if idx.numel() == 0:
                 continue
-            s = scores[i, idx]
-            p = torch.softmax(s, dim=0)
-            out[h, i] = p @ v[g, idx]
+            if sink is None:
+                out[h, i] = torch.softmax(s, dim=0) @ v[g, idx]
             lse[h, i] = torch.logsumexp(s, dim=0)
     return out, lse
 
@@ -249,7 +258,7 @@ def fia_oracle(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq
                actual_shared_prefix_len=None, query_rope=None, key_rope=None, num_heads=1, scale=1.0,
                pre_tokens=INT_MAX, next_tokens=INT_MAX, input_layout="BSH", num_key_value_heads=0,
                sparse_mode=0, block_size=0, antiquant_mode=0, key_antiquant_mode=0, value_antiquant_mode=0,
-               softmax_lse_flag=False, **ignored):
+               softmax_lse_flag=False, learnable_sink=None, **ignored):
     """Returns (attention_out, softmax_lse): out fp64 (int8 with quant_scale2) in the output layout;
     lse fp64 (B, N, Sq, 1) / (T, N, 1), or zeros [1] when softmax_lse_flag is False."""
     in_layout, out_layout = split_layout(input_layout)
@@ -378,7 +387,7 @@ def fia_oracle(query, key, value, *, pse_shift=None, atten_mask=None, actual_seq
         keep = kept_positions(q.shape[1], k.shape[1], q_ranges[b], kv_ranges[b], mask_b, sparse_mode,
                               pre_tokens, next_tokens, incremental, band_for_mode0)
         pse_b = None if pse_shift is None else pse_shift[b if pse_shift.shape[0] > 1 else 0]
-        out, lse = attend(q, k, v, keep, scale, pse_b)
+        out, lse = attend(q, k, v, keep, scale, pse_b, learnable_sink)
         if quant_scale2 is not None:
             out = quantise_int8(out, quant_scale2, quant_offset2, heads)
         outs.append(out)
@@ -421,3 +430,25 @@ def ifa_oracle(query, key, value, *, atten_mask=None, pse_shift=None, actual_seq
                         scale=scale_value, input_layout=input_layout, num_key_value_heads=num_key_value_heads,
                         block_size=block_size)
     return out
+
+
+def fia_v2_oracle(query, key, value, *, query_rope=None, key_rope=None, pse_shift=None, atten_mask=None,
+                  actual_seq_qlen=None, actual_seq_kvlen=None, block_table=None, dequant_scale_key=None,
+                  dequant_offset_key=None, dequant_scale_value=None, dequant_offset_value=None,
+                  quant_scale_out=None, quant_offset_out=None, learnable_sink=None, num_query_heads=1,
+                  num_key_value_heads=0, softmax_scale=1.0, pre_tokens=INT_MAX, next_tokens=INT_MAX,
+                  input_layout="BSH", sparse_mode=0, block_size=0, key_quant_mode=0, value_quant_mode=0,
+                  return_softmax_lse=False, **ignored):
+    """npu_fused_infer_attention_score_v2: the v1 computation under the v2 names (the
+    mapping TorchAir's converter uses to feed GE FusedInferAttentionScore), plus the sink."""
+    return fia_oracle(query, key, value, query_rope=query_rope, key_rope=key_rope, pse_shift=pse_shift,
+                      atten_mask=atten_mask, actual_seq_lengths=actual_seq_qlen,
+                      actual_seq_lengths_kv=actual_seq_kvlen, block_table=block_table,
+                      key_antiquant_scale=dequant_scale_key, key_antiquant_offset=dequant_offset_key,
+                      value_antiquant_scale=dequant_scale_value, value_antiquant_offset=dequant_offset_value,
+                      quant_scale2=quant_scale_out, quant_offset2=quant_offset_out, num_heads=num_query_heads,
+                      scale=softmax_scale, pre_tokens=pre_tokens, next_tokens=next_tokens,
+                      input_layout=input_layout, num_key_value_heads=num_key_value_heads,
+                      sparse_mode=sparse_mode, block_size=block_size, key_antiquant_mode=key_quant_mode,
+                      value_antiquant_mode=value_quant_mode, softmax_lse_flag=return_softmax_lse,
+                      learnable_sink=learnable_sink)

@@ -458,3 +458,75 @@ def test_scatter_pa_kv_cache_slot_beyond_the_cache(functional):
     written = result[0] if functional else key_cache
     assert torch.equal(written.view(-1, 2, 16)[[0, 31]], key[[0, 2]])
     assert written.view(-1, 2, 16)[1:31].abs().sum() == 0
+
+
+# --- sparse_mode 2/3/4 without atten_mask: refused where torch_npu refuses, naming the mask --------
+# torch_npu refuses these calls for the prompt path of both inference ops (CANN's
+# PromptFlashAttention tiling: "attenMask should not be null when sparse_mode is %d";
+# the FusedInferAttentionScore docs: "不传入attenMask ... 报错"), so we do too, and
+# the message carries the exact mask to pass. npu_fusion_attention is not refused:
+# CANN's FlashAttentionScore computes everything when atten_mask is None.
+
+REMEDY = "torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)"
+OP_NAMES = {PFA: "npu_prompt_flash_attention", FIA: "npu_fused_infer_attention_score"}
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "fake"])
+@pytest.mark.parametrize("mode", [2, 3, 4])
+@pytest.mark.parametrize("op", [PFA, FIA], ids=["pfa", "fia"])
+def test_compressed_sparse_mode_without_mask_names_the_mask_to_pass(op, mode, fake):
+    qkv = bsh()
+    if fake:
+        fake_mode = FakeTensorMode()
+        qkv = [fake_mode.from_tensor(t) for t in qkv]
+        with fake_mode, pytest.raises(NpuAttnArgumentError) as info:
+            op(*qkv, num_heads=4, sparse_mode=mode)
+    else:
+        with pytest.raises(NpuAttnArgumentError) as info:
+            op(*qkv, num_heads=4, sparse_mode=mode)
+    msg = str(info.value)
+    assert msg.startswith(f"{OP_NAMES[op]}: atten_mask is required for sparse_mode {mode}"), msg
+    assert f"atten_mask={REMEDY}" in msg, msg
+    assert msg.endswith("got None"), msg
+
+
+@pytest.mark.parametrize("mode", [2, 3, 4])
+@pytest.mark.parametrize("op", [PFA, FIA], ids=["pfa", "fia"])
+def test_the_named_mask_is_the_remedy(op, mode):
+    """The mask the message names, evaluated as written, makes the same call run."""
+    qkv = bsh()
+    with pytest.raises(NpuAttnArgumentError) as info:
+        op(*qkv, num_heads=4, sparse_mode=mode)
+    expression = str(info.value).split("atten_mask=", 1)[1].split(" (", 1)[0]
+    assert expression == REMEDY
+    out = op(*qkv, num_heads=4, sparse_mode=mode, atten_mask=eval(expression, {"torch": torch}))
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == qkv[0].shape and torch.isfinite(out).all()
+
+
+def test_seed_002_prefill_call_names_the_mask():
+    """Seed 002's prefill call (sparse_mode=3, pre_tokens=65535, next_tokens=0, no mask),
+    with BNSD-shaped tensors for its input_layout="BNSD"; the mask it is told to pass
+    gives causal attention."""
+    import math
+
+    q, k, v = (torch.randn(1, 8, 64, 128) for _ in range(3))
+    kwargs = dict(num_heads=8, scale_value=1.0 / math.sqrt(128), input_layout="BNSD", sparse_mode=3,
+                  pre_tokens=65535, next_tokens=0)
+    with pytest.raises(NpuAttnArgumentError, match=re.escape(REMEDY)):
+        PFA(q, k, v, **kwargs)
+    out = PFA(q, k, v, atten_mask=torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1), **kwargs)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [2, 3, 4])
+def test_fusion_attention_without_mask_computes_everything(mode):
+    """Not refused: FlashAttentionScore ignores sparse_mode (and pre/next tokens) when
+    atten_mask is None ("当attenMaskOptional输入为None时，sparseMode、preTokens、nextTokens
+    参数不生效，固定为全计算"), so the result equals sparse_mode 0's."""
+    q, k, v = bnsd()
+    fa = torch.ops.npu_attn.npu_fusion_attention.default
+    got = fa(q, k, v, 4, "BNSD", scale=0.25, sparse_mode=mode, pre_tockens=0, next_tockens=0)[0]
+    full = fa(q, k, v, 4, "BNSD", scale=0.25)[0]
+    torch.testing.assert_close(got, full, rtol=0, atol=0)

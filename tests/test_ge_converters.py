@@ -234,6 +234,48 @@ def fused_infer_attention_score():
         outputs=["attention_out", "softmax_lse"])
 
 
+def fused_infer_attention_score_v2_sink():
+    """TND + GQA + rightDownCausal with learnable_sink (bfloat16 (N,)) and softmax_lse."""
+    return Case(
+        lambda q, k, v, mask, sink: OPS.npu_fused_infer_attention_score_v2(
+            q, k, v, atten_mask=mask, actual_seq_qlen=[4, 9], actual_seq_kvlen=[5, 12], learnable_sink=sink,
+            num_query_heads=4, num_key_value_heads=2, softmax_scale=0.375, pre_tokens=1000, next_tokens=0,
+            input_layout="TND", sparse_mode=3, inner_precise=2, return_softmax_lse=True),
+        (randn(9, 4, 64), randn(12, 2, 64), randn(12, 2, 64), CAUSAL_2048, randn(4, dtype=torch.bfloat16)),
+        "FusedInferAttentionScore",
+        inputs=dict(query=Arg(0), key0=Arg(1), value0=Arg(2), atten_mask=Arg(3), learnable_sink=Arg(4),
+                    actual_seq_lengths=Const([4, 9]), actual_seq_lengths_kv=Const([5, 12])),
+        attrs=dict(num_heads=4, scale=0.375, pre_tokens=1000, next_tokens=0, input_layout="TND",
+                   num_key_value_heads=2, sparse_mode=3, inner_precise=2, softmax_lse_flag=True,
+                   antiquant_mode=0, key_antiquant_mode=0, value_antiquant_mode=0, query_quant_mode=0, pse_type=0,
+                   out_dtype=DEFAULT),
+        outputs=["attention_out", "softmax_lse"])
+
+
+def fused_infer_attention_score_v2_renamed():
+    """The renamed quantisation inputs: int8 KV with per-token dequant scales/offsets
+    (dequant_* -> key/value_antiquant_*, key/value_quant_mode -> key/value_antiquant_mode)
+    and an int8 output (quant_scale_out/quant_offset_out -> quant_scale2/quant_offset2)."""
+    kv = lambda: torch.randint(-128, 128, (2, 2, 8, 32), dtype=torch.int8)  # noqa: E731
+    per_token = lambda: torch.rand(2, 8)  # noqa: E731
+    return Case(
+        lambda q, k, v, ks, ko, vs, vo, qs, qo, pse: OPS.npu_fused_infer_attention_score_v2(
+            q, k, v, dequant_scale_key=ks, dequant_offset_key=ko, dequant_scale_value=vs, dequant_offset_value=vo,
+            quant_scale_out=qs, quant_offset_out=qo, pse_shift=pse, actual_seq_kvlen=[8, 5], num_query_heads=4,
+            num_key_value_heads=2, softmax_scale=0.25, input_layout="BNSD", key_quant_mode=1,
+            value_quant_mode=1, inner_precise=1),
+        (randn(2, 4, 1, 32), kv(), kv(), per_token(), per_token(), per_token(), per_token(),
+         torch.tensor([20.0]), torch.tensor([1.0]), randn(2, 4, 1, 8)),
+        "FusedInferAttentionScore",
+        inputs=dict(query=Arg(0), key0=Arg(1), value0=Arg(2), key_antiquant_scale=Arg(3),
+                    key_antiquant_offset=Arg(4), value_antiquant_scale=Arg(5), value_antiquant_offset=Arg(6),
+                    quant_scale2=Arg(7), quant_offset2=Arg(8), pse_shift=Arg(9), actual_seq_lengths_kv=Const([8, 5])),
+        attrs=dict(num_heads=4, scale=0.25, input_layout="BNSD", num_key_value_heads=2, inner_precise=1,
+                   softmax_lse_flag=False, antiquant_mode=0, key_antiquant_mode=1, value_antiquant_mode=1,
+                   query_quant_mode=0, pse_type=0, out_dtype=DEFAULT),
+        outputs=["attention_out", "softmax_lse"])
+
+
 FUSION_KW = dict(pre_tockens=65536, next_tockens=0, inner_precise=2, actual_seq_qlen=[4, 9],
                  actual_seq_kvlen=[5, 12], sparse_mode=3)  # TND, rightDownCausal
 FUSION_ATTRS = dict(head_num=4, input_layout="TND", scale_value=0.375, keep_prob=1.0, pre_tockens=65536,
@@ -448,10 +490,48 @@ def sparse_flash_attention():
         outputs=["attention_out", "softmax_max", "softmax_sum"])
 
 
+def _sfa_bsnd_inputs():
+    return (randn(2, 3, 4, 512), randn(2, 8, 1, 512), torch.tensor([[[[0, 1, -1]]] * 3] * 2, dtype=I32),
+            randn(2, 3, 4, 64), randn(2, 8, 1, 64))
+
+
+def sparse_flash_attention_default_mode():
+    """The 2.13 schema's default attention_mode=0 (with rope parts: MLA-absorb): written as 2,
+    the only mode CANN's SparseFlashAttention runs."""
+    return Case(
+        lambda q, k, idx, q_rope, k_rope: OPS.npu_sparse_flash_attention(
+            q, k, None, idx, 0.0625, query_rope=q_rope, key_rope=k_rope),
+        _sfa_bsnd_inputs(),
+        "SparseFlashAttention",
+        inputs=dict(query=Arg(0), key=Arg(1), value=Arg(1), sparse_indices=Arg(2), query_rope=Arg(3),
+                    key_rope=Arg(4)),
+        attrs=dict(scale_value=0.0625, sparse_block_size=1, layout_query="BSND", layout_kv="BSND", sparse_mode=3,
+                   pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=2, return_softmax_lse=False),
+        outputs=["attention_out", "softmax_max", "softmax_sum"])
+
+
+def custom_sparse_flash_attention():
+    """Seed 004's custom form: the same GE op (attention_mode 2), its one output read."""
+    from npu_attn_graph.ops import custom
+
+    return Case(
+        lambda q, k, idx, q_rope, k_rope: custom.npu_sparse_flash_attention(
+            q, k, k, idx, 0.0625, 2, query_rope=q_rope, key_rope=k_rope, sparse_mode=0),
+        _sfa_bsnd_inputs(),
+        "SparseFlashAttention",
+        inputs=dict(query=Arg(0), key=Arg(1), value=Arg(1), sparse_indices=Arg(2), query_rope=Arg(3),
+                    key_rope=Arg(4)),
+        attrs=dict(scale_value=0.0625, sparse_block_size=2, layout_query="BSND", layout_kv="BSND", sparse_mode=0,
+                   attention_mode=2, return_softmax_lse=False),
+        outputs=["attention_out"])
+
+
 CASES = [
     pytest.param(prompt_flash_attention, id="prompt_flash_attention"),
     pytest.param(incre_flash_attention, id="incre_flash_attention"),
     pytest.param(fused_infer_attention_score, id="fused_infer_attention_score"),
+    pytest.param(fused_infer_attention_score_v2_sink, id="fused_infer_attention_score_v2-sink"),
+    pytest.param(fused_infer_attention_score_v2_renamed, id="fused_infer_attention_score_v2-renamed_quant"),
     pytest.param(fusion_attention, id="fusion_attention"),
     pytest.param(fusion_attention_pse, id="fusion_attention-pse"),
     pytest.param(fusion_attention_grad, id="fusion_attention_grad"),
@@ -466,6 +546,8 @@ CASES = [
     pytest.param(lambda: advance_step_flashattn(True), id="npu_advance_step_flashattn-speculative"),
     pytest.param(nsa_compress_attention_infer, id="npu_nsa_compress_attention_infer"),
     pytest.param(sparse_flash_attention, id="npu_sparse_flash_attention"),
+    pytest.param(sparse_flash_attention_default_mode, id="npu_sparse_flash_attention-attention_mode_0"),
+    pytest.param(custom_sparse_flash_attention, id="custom.npu_sparse_flash_attention"),
 ]
 
 

@@ -14,6 +14,11 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" 
 # The reference file ships beside the repository; a copy is kept in tests/data
 # so the test also runs from an sdist or a clone without shared/.
 LOCAL_COPY = Path(__file__).with_name("data") / "torch_npu_2.13.0_schemas.txt"
+# Schemas of ops beyond the shared reference list, extracted from the torch_npu
+# 2.13.0 wheel's torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml (the
+# functional "- func:" line of each op, the "- func: " prefix dropped).
+WHEEL_EXTRACTS = [Path(__file__).with_name("data") / "torch_npu_2.13.0_v2_schemas.txt"]
+WHEEL_YAML = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 
 # Ops of this issue; later op-library work extends the list.
 IMPLEMENTED = sorted(ops.__all__)
@@ -22,10 +27,11 @@ IMPLEMENTED = sorted(ops.__all__)
 def _reference_schemas() -> dict[str, str]:
     path = REFERENCE if REFERENCE.exists() else LOCAL_COPY
     schemas = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            schemas[line.split("(", 1)[0]] = line
+    for source in (path, *WHEEL_EXTRACTS):
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if line:
+                schemas[line.split("(", 1)[0]] = line
     return schemas
 
 
@@ -36,6 +42,40 @@ def _normalised(schema_text: str) -> str:
 def test_reference_copy_matches_shared_file():
     if REFERENCE.exists():
         assert LOCAL_COPY.read_text() == REFERENCE.read_text()
+
+
+def _cached_wheel() -> Path | None:
+    """The torch_npu 2.13.0 wheel torchair_bridge caches (None when absent: the check is skipped)."""
+    import os
+
+    from npu_attn_graph.torchair_bridge import WHEEL_ENV, cache_dir
+
+    places = [cache_dir() / "wheels"]
+    if os.environ.get(WHEEL_ENV):
+        given = Path(os.environ[WHEEL_ENV])
+        places.insert(0, given if given.is_dir() else given.parent)
+    for place in places:
+        found = sorted(place.glob("torch_npu-2.13.0-*.whl"))
+        if found:
+            return found[-1]
+    return None
+
+
+@pytest.mark.parametrize("extract", WHEEL_EXTRACTS, ids=lambda p: p.name)
+def test_wheel_extracts_match_the_cached_wheel(extract):
+    """Each extracted line is, verbatim, a functional "- func:" line of the wheel's yaml."""
+    import zipfile
+
+    wheel = _cached_wheel()
+    if wheel is None:
+        pytest.skip("no cached torch_npu 2.13.0 wheel")
+    with zipfile.ZipFile(wheel) as archive:
+        yaml_text = archive.read(WHEEL_YAML).decode()
+    funcs = {line[len("- func: "):].strip() for line in yaml_text.splitlines() if line.startswith("- func: ")}
+    lines = [line.strip() for line in extract.read_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert line in funcs, f"{line.split('(', 1)[0]}: not a '- func:' line of {wheel.name}'s {WHEEL_YAML}"
 
 
 @pytest.mark.parametrize("name", IMPLEMENTED)

@@ -385,7 +385,11 @@ SHAPE_RULES = {
     "layout_kv_unknown": (base(layout_kv="BNSD"), "layout_kv"),
     "layout_kv_differs_from_query": (tnd(layout_kv="BSND", key=_t(2, 8, 1, D), key_rope=_t(2, 8, 1, DR)),
                                      "layout_kv"),
-    "attention_mode_default_0": (base(attention_mode=0), "attention_mode"),
+    # The schema default 0 is accepted (read as 2) only with both rope parts: alone it
+    # is CANN's MHA/GQA mode, which SparseFlashAttention does not compute.
+    "attention_mode_default_0_without_rope": (base(attention_mode=0, query_rope=None, key_rope=None),
+                                              "attention_mode"),
+    "attention_mode_default_0_without_key_rope": (base(attention_mode=0, key_rope=None), "attention_mode"),
     "attention_mode_1": (base(attention_mode=1), "attention_mode"),
     "sparse_mode_1": (base(sparse_mode=1), "sparse_mode"),
     "sparse_mode_4": (base(sparse_mode=4), "sparse_mode"),
@@ -492,3 +496,290 @@ def test_valid_baselines_do_not_raise():
     for call in (base(), paged(), tnd()):
         out, smax, ssum = _call(call)
         assert out.shape == call["query"].shape and smax.shape == ssum.shape == (0,)
+
+
+# ----------------------------------------------------------------------------
+# attention_mode 0 (the torch_npu 2.13 schema's default)
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bsnd_causal_lengths", "bsnd_value_and_sinks", "tnd_paged_causal",
+                                  "tnd_all_block2_sinks"])
+def test_default_attention_mode_0_with_rope_is_mla_absorb(name):
+    """0 with query_rope and key_rope is read as 2: the same three outputs, and the
+    2.13 form called without attention_mode at all (its default) works."""
+    args, kwargs, _ = build(**MODES[name])
+    mode2 = SFA(*args, **kwargs)
+    mode0 = SFA(*args, **{**kwargs, "attention_mode": 0})
+    kwargs.pop("attention_mode")
+    default = npu_sparse_flash_attention(*args, **kwargs)
+    for a, b, c in zip(mode2, mode0, default):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_attention_mode_0_is_the_schema_default():
+    import inspect
+
+    schema = {a.name: a for a in SFA._schema.arguments}
+    assert schema["attention_mode"].default_value == 0
+    assert inspect.signature(npu_sparse_flash_attention).parameters["attention_mode"].default == 0
+
+
+@pytest.mark.parametrize("mode", [1, 3, -1])
+def test_attention_modes_other_than_0_and_2_are_refused(mode):
+    with pytest.raises(NpuAttnArgumentError, match=r"^npu_sparse_flash_attention: attention_mode must be 2"):
+        _call(base(attention_mode=mode))
+
+
+def test_attention_mode_0_without_rope_names_the_remedy():
+    with pytest.raises(NpuAttnArgumentError) as info:
+        _call(base(attention_mode=0, query_rope=None, key_rope=None))
+    msg = str(info.value)
+    assert msg.startswith("npu_sparse_flash_attention: attention_mode 0 without query_rope/key_rope is CANN's "
+                          "MHA/GQA mode"), msg
+    assert "pass query_rope and key_rope" in msg and msg.endswith("got 0"), msg
+
+
+@pytest.mark.parametrize("ropes,handed", [(True, 2), (False, 0)])
+def test_npu_kernel_hands_torch_npu_mode_2_for_the_default(monkeypatch, ropes, handed):
+    """On an Ascend host the kernel calls torch_npu, whose CANN op refuses every mode but
+    2: the default 0 with rope parts goes there as 2; without rope parts it goes as 0
+    (and CANN refuses it, as the reference does)."""
+    import sys
+    import types
+
+    from npu_attn_graph.kernels import sparse_flash_attention as module
+
+    seen = {}
+    fake = types.ModuleType("torch_npu")
+    fake.npu_sparse_flash_attention = lambda *args, **kwargs: seen.update(kwargs) or "ran"
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    call = base(attention_mode=0) if ropes else base(attention_mode=0, query_rope=None, key_rope=None)
+    args = [call.pop(name) for name in ("query", "key", "value", "sparse_indices", "scale_value")]
+    assert module._npu(*args, **call) == "ran"
+    assert seen["attention_mode"] == handed
+
+
+# ----------------------------------------------------------------------------
+# The seeds' form: custom.npu_sparse_flash_attention (seed 004)
+# ----------------------------------------------------------------------------
+
+SEED_004_PROTOTYPE = (
+    "custom.npu_sparse_flash_attention(Tensor query, Tensor key, Tensor value, Tensor sparse_indices, "
+    "float scale_value, int sparse_block_size, *, Tensor? block_table=None, Tensor? actual_seq_lengths_query=None, "
+    "Tensor? actual_seq_lengths_kv=None, Tensor? query_rope=None, Tensor? key_rope=None, str layout_query='BSND', "
+    "str layout_kv='BSND', int sparse_mode=3) -> Tensor")
+
+
+def _custom():
+    from npu_attn_graph import ops
+
+    return ops.custom.npu_sparse_flash_attention
+
+
+def test_seed_004_prototype_is_quoted_from_the_seed():
+    from pathlib import Path
+
+    seeds = sorted((Path(__file__).resolve().parents[1].parent / "shared" / "seeds").glob("004_*.txt"))
+    if not seeds:
+        pytest.skip("shared/seeds is not beside this checkout")
+    assert SEED_004_PROTOTYPE in seeds[0].read_text()
+
+
+def test_custom_form_has_the_seed_signature():
+    """Names, order, positional/keyword-only split and defaults exactly as seed 004 lists them."""
+    import inspect
+
+    schema = torch._C.parse_schema(SEED_004_PROTOTYPE.replace("custom.", "custom::", 1))
+    assert len(schema.returns) == 1
+    params = list(inspect.signature(_custom()).parameters.values())
+    assert [p.name for p in params] == [a.name for a in schema.arguments]
+    for p, a in zip(params, schema.arguments):
+        assert (p.kind == inspect.Parameter.KEYWORD_ONLY) == a.kwarg_only, p.name
+        if a.has_default_value():
+            assert p.default == a.default_value, p.name
+        else:
+            assert p.default is inspect.Parameter.empty, p.name
+
+
+def _seed_example_inputs():
+    """Seed 004's example (its "调用示例" links to cann-recipes-infer
+    ops/ascendc/examples/test_npu_sparse_flash_attention.py, test_sfa_eager/test_sfa_graph):
+    these shapes, dtypes, value ranges and arguments, drawn with torch instead of numpy."""
+    g = torch.Generator().manual_seed(21)
+    uniform = lambda low, high, *shape: torch.empty(shape, dtype=F64).uniform_(low, high, generator=g)  # noqa: E731
+    query = uniform(-10, 10, 4, 1, 128, 512).to(torch.float16)
+    key = uniform(-5, 10, 4, 8192, 1, 512).to(torch.float16)
+    value = key.clone()
+    sparse_indices = uniform(0, 16, 4, 1, 1, 2048).to(torch.int32)
+    query_rope = uniform(-10, 10, 4, 1, 128, 64).to(torch.float16)
+    key_rope = uniform(-10, 10, 4, 8192, 1, 64).to(torch.float16)
+    act_seq_q = torch.tensor([1] * 4).to(torch.int32)
+    act_seq_kv = torch.tensor([4096] * 4).to(torch.int32)
+    return query, key, value, sparse_indices, query_rope, key_rope, act_seq_q, act_seq_kv
+
+
+def _seed_example_golden(query, key, value, sparse_indices, scale_value, query_rope, key_rope):
+    """The example's CPU golden for its inputs (one query token per batch, every index
+    below the causal limit 4096, no -1): concatenate the rope parts, gather the
+    indexed tokens (duplicates included), softmax(scale * q.k) @ v, in fp32."""
+    out = torch.zeros(query.shape, dtype=torch.float32)
+    for b in range(query.shape[0]):
+        idx = sparse_indices[b, 0, 0].long()
+        q = torch.cat([query[b, 0], query_rope[b, 0]], -1).float()  # (N1, 576)
+        k = torch.cat([key[b, idx, 0], key_rope[b, idx, 0]], -1).float()  # (K, 576)
+        out[b, 0] = torch.softmax(q @ k.T * scale_value, -1) @ value[b, idx, 0].float()
+    return out
+
+
+def _example_precision_holds(got, golden):
+    # The example's own criterion: np.isclose(rtol=0.005, atol=0.0001) on > 99% of the values.
+    return torch.isclose(got.float(), golden, rtol=0.005, atol=0.0001).float().mean().item() > 0.99
+
+
+def test_seed_004_example_eager():
+    query, key, value, sparse_indices, query_rope, key_rope, act_seq_q, act_seq_kv = _seed_example_inputs()
+    scale_value = 0.041666666666666664
+    sparse_block_size = 1
+    npu_out = _custom()(
+        query, key, value, sparse_indices, scale_value, sparse_block_size,
+        actual_seq_lengths_query=act_seq_q, actual_seq_lengths_kv=act_seq_kv,
+        query_rope=query_rope, key_rope=key_rope,
+        layout_query='BSND', layout_kv='BSND', sparse_mode=3, block_table=None)
+    assert isinstance(npu_out, torch.Tensor)
+    assert npu_out.shape == query.shape and npu_out.dtype == torch.float16
+    golden = _seed_example_golden(query, key, value, sparse_indices, scale_value, query_rope, key_rope)
+    assert _example_precision_holds(npu_out, golden)
+    # The same call in the 2.13 form: its first output, bit for bit.
+    first, smax, ssum = npu_sparse_flash_attention(
+        query, key, value, sparse_indices, scale_value, actual_seq_lengths_query=act_seq_q,
+        actual_seq_lengths_kv=act_seq_kv, query_rope=query_rope, key_rope=key_rope,
+        sparse_block_size=sparse_block_size, layout_query="BSND", layout_kv="BSND", sparse_mode=3)
+    assert torch.equal(npu_out, first) and smax.shape == ssum.shape == (0,)
+
+
+def test_seed_004_example_graph_fullgraph():
+    """The example's graph test: a module whose forward makes the call, compiled with
+    fullgraph=True (on CPU, aot_eager: the reference kernel runs), one op in the graph."""
+    import torch.nn as nn
+
+    query, key, value, sparse_indices, query_rope, key_rope, act_seq_q, act_seq_kv = _seed_example_inputs()
+    custom = _custom()
+
+    class Network(nn.Module):
+        def forward(self, query, key, value, sparse_indices, scale_value, sparse_block_size,
+                    actual_seq_lengths_query, actual_seq_lengths_kv,
+                    query_rope, key_rope, layout_query, layout_kv,
+                    sparse_mode, block_table):
+            out1 = custom(query, key, value,
+                          sparse_indices, scale_value, sparse_block_size,
+                          actual_seq_lengths_query=actual_seq_lengths_query,
+                          actual_seq_lengths_kv=actual_seq_lengths_kv,
+                          query_rope=query_rope, key_rope=key_rope,
+                          layout_query=layout_query, layout_kv=layout_kv, sparse_mode=sparse_mode,
+                          block_table=block_table)
+            return out1
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    mod = torch.compile(Network(), backend=backend, fullgraph=True)
+    npu_out = mod(query, key, value, sparse_indices, 0.041666666666666664, 1,
+                  actual_seq_lengths_query=act_seq_q, actual_seq_lengths_kv=act_seq_kv,
+                  query_rope=query_rope, key_rope=key_rope,
+                  layout_query='BSND', layout_kv='BSND', sparse_mode=3, block_table=None)
+    golden = _seed_example_golden(query, key, value, sparse_indices, 0.041666666666666664, query_rope, key_rope)
+    assert _example_precision_holds(npu_out, golden)
+    assert len(graphs) == 1
+    calls = [n for n in graphs[0].graph.nodes if n.op == "call_function"
+             and "npu_sparse_flash_attention" in str(n.target)]
+    assert len(calls) == 1, graphs[0].graph
+    assert calls[0].kwargs.get("attention_mode") == 2
+
+
+@pytest.mark.parametrize("name", ["bsnd_causal_lengths", "bsnd_all_no_lengths", "tnd_all_block2_sinks",
+                                  "tnd_paged_causal", "bsnd_paged_block8_value"])
+def test_custom_form_equals_the_2_13_forms_first_output(name):
+    args, kwargs, _ = build(**{**MODES[name], "with_value": True, "with_sinks": False})
+    query, key, value, sparse_indices, scale = args
+    custom = _custom()(
+        query, key, value, sparse_indices, scale, kwargs["sparse_block_size"], block_table=kwargs["block_table"],
+        actual_seq_lengths_query=kwargs["actual_seq_lengths_query"],
+        actual_seq_lengths_kv=kwargs["actual_seq_lengths_kv"], query_rope=kwargs["query_rope"],
+        key_rope=kwargs["key_rope"], layout_query=kwargs["layout_query"], layout_kv=kwargs["layout_kv"],
+        sparse_mode=kwargs["sparse_mode"])
+    first = SFA(*args, **{**kwargs, "sinks": None})[0]
+    assert isinstance(custom, torch.Tensor)
+    torch.testing.assert_close(custom, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_custom_form_under_torch_compile_fullgraph(dynamic):
+    args, kwargs, _ = build(**{**MODES["tnd_paged_causal"], "with_value": True})
+    query, key, value, sparse_indices, scale = args
+    custom = _custom()
+
+    def fn(query, key, value, sparse_indices, block_table, q_lens, kv_lens, query_rope, key_rope):
+        return custom(query, key, value, sparse_indices, scale, 1, block_table=block_table,
+                      actual_seq_lengths_query=q_lens, actual_seq_lengths_kv=kv_lens, query_rope=query_rope,
+                      key_rope=key_rope, layout_query="TND", layout_kv="PA_BSND", sparse_mode=3)
+
+    inputs = (query, key, value, sparse_indices, kwargs["block_table"], kwargs["actual_seq_lengths_query"],
+              kwargs["actual_seq_lengths_kv"], kwargs["query_rope"], kwargs["key_rope"])
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    torch.testing.assert_close(compiled(*inputs), fn(*inputs), rtol=0, atol=0)
+
+
+def _custom_call(**over):
+    call = dict(query=_t(2, 2, 2, D), key=_t(2, 8, 1, D), value=_t(2, 8, 1, D),
+                sparse_indices=torch.zeros(2, 2, 1, 3, dtype=I32), scale_value=0.1, sparse_block_size=1,
+                query_rope=_t(2, 2, 2, DR), key_rope=_t(2, 8, 1, DR))
+    call.update(over)
+    args = [call.pop(name) for name in ("query", "key", "value", "sparse_indices", "scale_value",
+                                        "sparse_block_size")]
+    return args, call
+
+
+# id -> (overrides, message start after the op name)
+CUSTOM_RULES = {
+    "query_not_a_tensor": (dict(query=[0.0]), "custom.npu_sparse_flash_attention: query must be a Tensor"),
+    "value_none": (dict(value=None), "custom.npu_sparse_flash_attention: value is a required Tensor"),
+    "sparse_block_size_float": (dict(sparse_block_size=1.0), "custom.npu_sparse_flash_attention: "
+                                "sparse_block_size must be an int"),
+    "sparse_block_size_bool": (dict(sparse_block_size=True), "custom.npu_sparse_flash_attention: "
+                               "sparse_block_size must be an int"),
+    "query_rope_missing": (dict(query_rope=None), "custom.npu_sparse_flash_attention: query_rope is required"),
+    "key_rope_missing": (dict(key_rope=None), "custom.npu_sparse_flash_attention: key_rope is required"),
+    # The op's own rules, raised by the kernel the form maps onto.
+    "sparse_mode_1": (dict(sparse_mode=1), "npu_sparse_flash_attention: sparse_mode must be 0"),
+    "sparse_block_size_3": (dict(sparse_block_size=3), "npu_sparse_flash_attention: sparse_block_size must be"),
+    "layout_query": (dict(layout_query="BNSD"), "npu_sparse_flash_attention: layout_query must be one of"),
+    "head_dim": (dict(query=_t(2, 2, 2, 128)), "npu_sparse_flash_attention: query head dim D must be 512"),
+}
+
+
+@pytest.mark.parametrize("name", list(CUSTOM_RULES))
+@pytest.mark.parametrize("fake", [False, True])
+def test_custom_form_constraints(name, fake):
+    over, start = CUSTOM_RULES[name]
+    args, kwargs = _custom_call(**over)
+    if fake:
+        mode = FakeTensorMode()
+        to_fake = lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        args, kwargs = [to_fake(a) for a in args], {k: to_fake(v) for k, v in kwargs.items()}
+        with mode, pytest.raises(NpuAttnArgumentError) as info:
+            _custom()(*args, **kwargs)
+    else:
+        with pytest.raises(NpuAttnArgumentError) as info:
+            _custom()(*args, **kwargs)
+    msg = str(info.value)
+    assert msg.startswith(start), msg
+    assert ", got " in msg, msg  # argument, rule and value

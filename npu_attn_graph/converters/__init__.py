@@ -9,6 +9,7 @@ npu_attn_graph imports it, so the package works without TorchAir.
 from . import (  # noqa: F401  (imported for their registrations)
     advance_step_flashattn,
     fused_infer_attention_score,
+    fused_infer_attention_score_v2,
     fusion_attention,
     fusion_attention_grad,
     incre_flash_attention,

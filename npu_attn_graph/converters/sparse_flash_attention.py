@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.sparse_flash_attention import INT64_MAX
+from ..kernels.sparse_flash_attention import INT64_MAX, resolved_attention_mode
 from ._ge import Tensor, attr, custom_op, register_fx_node_ge_converter, register_ir
 
 OP_TYPE = "SparseFlashAttention"
@@ -46,7 +46,11 @@ def convert_sparse_flash_attention(
     bool return_softmax_lse=False, Tensor? sinks=None) -> (Tensor, Tensor, Tensor)
 
     GE op type: SparseFlashAttention. value=None means value = key (MLA's shared
-    latent cache), so key feeds both GE inputs.
+    latent cache), so key feeds both GE inputs. attention_mode 0 (the schema
+    default, accepted by the op's fake only with query_rope/key_rope) is written
+    as 2: CANN's tiling refuses every mode but 2 (see the kernel module's
+    docstring). The seed's custom form (custom_npu_sparse_flash_attention) is
+    this op with attention_mode=2, so it converts here too.
     """
     inputs = {
         "query": query, "key": key, "value": key if value is None else value, "sparse_indices": sparse_indices,
@@ -58,7 +62,7 @@ def convert_sparse_flash_attention(
         "scale_value": attr.Float(scale_value), "sparse_block_size": attr.Int(sparse_block_size),
         "layout_query": attr.Str(layout_query), "layout_kv": attr.Str(layout_kv),
         "sparse_mode": attr.Int(sparse_mode), "pre_tokens": attr.Int(pre_tokens),
-        "next_tokens": attr.Int(next_tokens), "attention_mode": attr.Int(attention_mode),
+        "next_tokens": attr.Int(next_tokens), "attention_mode": attr.Int(resolved_attention_mode(attention_mode)),
         "return_softmax_lse": attr.Bool(return_softmax_lse),
     }
     attention_out, softmax_max, softmax_sum = custom_op(OP_TYPE, inputs=inputs, outputs=OUTPUTS, attrs=attrs)

@@ -6,6 +6,7 @@ Importing this package registers every op under ``torch.ops.npu_attn``.
 from . import (  # noqa: F401  (imported for their registrations)
     advance_step_flashattn,
     fused_infer_attention_score,
+    fused_infer_attention_score_v2,
     fusion_attention,
     fusion_attention_grad,
     incre_flash_attention,

@@ -93,6 +93,12 @@ class AttentionProblem:
     kv_ranges[b] = (start, end): the valid keys of batch b.
     prob_quant_scale: full-int8 quantisation of the softmax probabilities before
     the second matmul (P_int8 = saturate(round(P * prob_quant_scale))).
+    sink: (N,) per-query-head sink logits (learnable_sink, gpt-oss's "sinks"):
+    each row's softmax runs over its kept scores plus one extra column holding
+    sink[h], which has no value and is dropped: out = sum_j e^(s_j - m) v_j /
+    (sum_j e^(s_j - m) + e^(sink_h - m)). A row with no kept key outputs 0. The
+    log-sum-exp stays that of the kept scores alone (the NPU kernel computes
+    softmax_lse before it adds the sink term), +inf for such a row.
     """
 
     query: torch.Tensor
@@ -106,6 +112,7 @@ class AttentionProblem:
     band: Band | None = None
     prob_quant_scale: float | None = None
     source: KeyValueSource | None = None
+    sink: torch.Tensor | None = None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -157,7 +164,10 @@ def attention(
     # Chunks of many rows over dense keys go through torch's fused SDPA kernel
     # (same math, faster GEMMs); decode-sized chunks, paged keys, softmax_lse
     # and quantised probabilities take the explicit path below.
-    use_fused = isinstance(source, DenseKeyValues) and lse is None and problem.prob_quant_scale is None
+    use_fused = (isinstance(source, DenseKeyValues) and lse is None and problem.prob_quant_scale is None
+                 and problem.sink is None)
+    # The sink column's logit per query head, broadcast over batch and rows.
+    sink = None if problem.sink is None else problem.sink.to(dtype).view(1, heads, 1, 1)
     if use_fused and q_len >= FUSED_MIN_ROWS and problem.mask is None and problem.bias is None:
         # No per-row data to bound: SDPA's own kernel is already O(S) in memory,
         # so hand it the whole problem when its causal flag (or none) matches.
@@ -217,7 +227,13 @@ def attention(
         scores.sub_(row_max).exp_()
         row_sum = scores.sum(dim=-1, keepdim=True)
         empty = row_sum == 0
-        safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
+        if sink is None:
+            safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
+        else:
+            # The sink joins the denominator only (row_max is the kept scores' max,
+            # 0 for an empty row, as on the NPU); the sum is then > 0 for every row.
+            safe_sum = row_sum + torch.exp(sink - row_max)
+            safe_sum = torch.where(safe_sum == 0, torch.ones_like(safe_sum), safe_sum)  # a -inf sink
         if problem.prob_quant_scale is not None:
             scores.div_(safe_sum).mul_(problem.prob_quant_scale).round_().clamp_(-128, 127)
         probs = scores.view(batch, kv_heads, group * rows, hi - lo)

@@ -29,7 +29,8 @@ from ._layouts import (
     unpack_tnd,
 )
 from . import _library
-from ._library import COMPRESSED_MASK_SIZE, LIB, check, fail, holds_once, register_npu, register_reference
+from ._library import (COMPRESSED_MASK_EXPRESSION, COMPRESSED_MASK_SIZE, LIB, check, fail, holds_once, register_npu,
+                       register_reference)
 
 MAX_HEAD_DIM = 512
 MAX_HEADS = 256
@@ -89,13 +90,20 @@ class InferenceCall:
     dequant_scale2: torch.Tensor | None = None
     dequant_scale2_name: str = "dequant_scale2"
     quant_scale2: torch.Tensor | None = None
+    quant_scale2_name: str = "quant_scale2"
     quant_offset2: torch.Tensor | None = None
+    quant_offset2_name: str = "quant_offset2"
+    num_heads_name: str = "num_heads"
     key_shared_prefix: torch.Tensor | None = None
     value_shared_prefix: torch.Tensor | None = None
     shared_prefix_len: Sequence[int] | None = None
     query_rope: torch.Tensor | None = None
     key_rope: torch.Tensor | None = None
     softmax_lse: bool = False
+    # Per-query-head sink logits (N,) joining each row's softmax denominator
+    # (see _attention_core.AttentionProblem.sink); the op's argument name.
+    learnable_sink: torch.Tensor | None = None
+    learnable_sink_name: str = "learnable_sink"
     # The incremental op takes S == 1 queries only and no sparse modes.
     incremental_only: bool = False
 
@@ -124,18 +132,19 @@ class Geometry:
 
 def validate(call: InferenceCall) -> Geometry:
     op, q, k, v, layout = call.op, call.query, call.key, call.value, call.layout
-    check(call.num_heads > 0, op, "num_heads", "must be positive", call.num_heads)
+    heads_name = call.num_heads_name
+    check(call.num_heads > 0, op, heads_name, "must be positive", call.num_heads)
     heads = call.num_heads
     kv_heads = call.num_key_value_heads or heads
     check(call.num_key_value_heads >= 0, op, "num_key_value_heads", "must be >= 0", call.num_key_value_heads)
-    check(heads % kv_heads == 0, op, "num_heads",
+    check(heads % kv_heads == 0, op, heads_name,
           f"must be divisible by num_key_value_heads={kv_heads}", heads)
-    check(heads // kv_heads <= MAX_GQA_RATIO, op, "num_heads / num_key_value_heads",
+    check(heads // kv_heads <= MAX_GQA_RATIO, op, f"{heads_name} / num_key_value_heads",
           f"must be <= {MAX_GQA_RATIO}", heads // kv_heads)
-    check(heads <= MAX_HEADS, op, "num_heads", f"must be <= {MAX_HEADS}", heads)
+    check(heads <= MAX_HEADS, op, heads_name, f"must be <= {MAX_HEADS}", heads)
 
     q_n, head_dim = heads_and_dim(op, "query", q.shape, layout.inputs, heads)
-    check(q_n == heads, op, "num_heads", f"must equal the query head count {q_n}", heads)
+    check(q_n == heads, op, heads_name, f"must equal the query head count {q_n}", heads)
     _check_dtypes(call)
 
     paged = call.block_table is not None
@@ -192,6 +201,7 @@ def validate(call: InferenceCall) -> Geometry:
         if aq is not None:
             _validate_antiquant(call, aq, batch, kv_heads, head_dim if aq is call.key_antiquant else value_dim, kv_seq)
     _validate_padding(call)
+    _validate_sink(call, heads, value_dim)
 
     out_dtype = _output_dtype(call)
     out_shape = output_shape(q.shape, layout, heads, value_dim)
@@ -323,8 +333,18 @@ def _validate_paged(call: InferenceCall, batch: object, kv_heads: int, head_dim:
 def _validate_sparse(call: InferenceCall, q_seq: object) -> None:
     op, mode = call.op, call.sparse_mode
     check(mode in (0, 1, 2, 3, 4), op, "sparse_mode", "must be one of 0, 1, 2, 3, 4", mode)
-    if mode in (1, 2, 3, 4) and q_seq != 1:
-        check(call.atten_mask is not None, op, "atten_mask", f"is required for sparse_mode {mode}", None)
+    # torch_npu refuses these calls too: the CANN PromptFlashAttention tiling
+    # ("attenMask should not be null when sparse_mode is %d", modes 1-4), which
+    # also serves fused_infer_attention_score's S > 1 path, and the
+    # FusedInferAttentionScore docs ("不传入attenMask ... 报错" for modes 2/3/4).
+    # The message names the mask to pass.
+    if mode == 1 and q_seq != 1:
+        check(call.atten_mask is not None, op, "atten_mask",
+              "is required for sparse_mode 1 (allMask: the full bool mask, True = masked out)", None)
+    if mode in (2, 3, 4) and q_seq != 1:
+        check(call.atten_mask is not None, op, "atten_mask",
+              f"is required for sparse_mode {mode}: pass the compressed causal mask "
+              f"atten_mask={COMPRESSED_MASK_EXPRESSION} (moved to the query's device)", None)
     if mode == 4 and q_seq != 1:  # query S == 1 ignores sparse_mode and pre/next tokens
         check(not (call.pre_tokens < 0 and call.next_tokens < 0), op, "pre_tokens/next_tokens",
               "must not both be negative for sparse_mode 4",
@@ -360,8 +380,8 @@ def _validate_mask(call: InferenceCall, batch: object, q_seq: object, kv_seq: ob
     shape = tuple(mask.shape)
     if _mask_uses_compressed_form(call, q_seq):
         check(shape in COMPRESSED_MASK_SHAPES, op, "atten_mask",
-              f"must have shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048) for sparse_mode {call.sparse_mode}",
-              shape)
+              f"must have shape (2048, 2048), (1, 2048, 2048) or (1, 1, 2048, 2048) for sparse_mode {call.sparse_mode}"
+              f" (pass {COMPRESSED_MASK_EXPRESSION})", shape)
         return
     check(call.layout.inputs != "TND", op, "atten_mask",
           "with input_layout TND is only supported as the compressed mask of sparse_mode 3", shape)
@@ -398,21 +418,22 @@ def _validate_pse(call: InferenceCall, batch: object, heads: int, q_seq: object,
 
 def _validate_quant(call: InferenceCall, heads: int, value_dim: object) -> None:
     op, scale2, offset2 = call.op, call.quant_scale2, call.quant_offset2
+    scale_name, offset_name = call.quant_scale2_name, call.quant_offset2_name
     if scale2 is None:
-        check(offset2 is None, op, "quant_offset2", "requires quant_scale2", "a tensor")
+        check(offset2 is None, op, offset_name, f"requires {scale_name}", "a tensor")
         return
     allowed = (torch.float32, torch.bfloat16) if call.query.dtype == torch.bfloat16 else (torch.float32,)
     if call.query.device.type != "npu" and call.query.dtype in (torch.float32, torch.float64):
         allowed = (torch.float32, call.query.dtype)
-    check(scale2.dtype in allowed, op, "quant_scale2.dtype", f"must be one of {list(allowed)}", scale2.dtype)
+    check(scale2.dtype in allowed, op, f"{scale_name}.dtype", f"must be one of {list(allowed)}", scale2.dtype)
     channels = heads * value_dim
-    check(scale2.numel() in (1, channels), op, "quant_scale2",
+    check(scale2.numel() in (1, channels), op, scale_name,
           f"must have 1 element (per-tensor) or N*D={channels} elements (per-channel)", tuple(scale2.shape))
     if offset2 is not None:
-        check(offset2.shape == scale2.shape, op, "quant_offset2.shape",
-              f"must equal quant_scale2.shape {tuple(scale2.shape)}", tuple(offset2.shape))
-        check(offset2.dtype == scale2.dtype, op, "quant_offset2.dtype",
-              f"must equal quant_scale2.dtype {scale2.dtype}", offset2.dtype)
+        check(offset2.shape == scale2.shape, op, f"{offset_name}.shape",
+              f"must equal {scale_name}.shape {tuple(scale2.shape)}", tuple(offset2.shape))
+        check(offset2.dtype == scale2.dtype, op, f"{offset_name}.dtype",
+              f"must equal {scale_name}.dtype {scale2.dtype}", offset2.dtype)
     for name, t in ((call.dequant_scale1_name, call.dequant_scale1), (call.dequant_scale2_name, call.dequant_scale2)):
         if t is not None:
             check(t.numel() == 1, op, name, "must be per-tensor (one element)", tuple(t.shape))
@@ -520,6 +541,39 @@ def _validate_prefix_and_rope(call: InferenceCall) -> None:
               tuple(call.query_rope.shape))
 
 
+def on_npu_device(t: torch.Tensor) -> bool:
+    """True where the NPU-only rules apply: a tensor on the Ascend device, or a
+    graph being built for it (_library.npu_rules)."""
+    return _library.npu_rules_apply(t)
+
+
+# learnable_sink on the NPU (CANN ops-transformer FusedInferAttentionScore:
+# op_host/fused_infer_attention_score_def.cpp declares it DT_BF16 only; the
+# tiling refuses it unless input_layout is TND/NTD_TND and the value head dim
+# is 64 or 128).
+SINK_NPU_LAYOUTS = ("TND",)
+SINK_NPU_VALUE_DIMS = (64, 128)
+
+
+def _validate_sink(call: InferenceCall, heads: int, value_dim: object) -> None:
+    sink, op, name = call.learnable_sink, call.op, call.learnable_sink_name
+    if sink is None:
+        return
+    check(tuple(sink.shape) == (heads,), op, f"{name}.shape", f"must be (num_query_heads,) = ({heads},)",
+          tuple(sink.shape))
+    if on_npu_device(call.query):
+        check(sink.dtype == torch.bfloat16, op, f"{name}.dtype", "must be torch.bfloat16 on the NPU", sink.dtype)
+        layout = call.layout.inputs if call.layout.inputs == call.layout.output else \
+            f"{call.layout.inputs}_{call.layout.output}"
+        check(layout in SINK_NPU_LAYOUTS, op, name,
+              f"is only supported with input_layout {' or '.join(SINK_NPU_LAYOUTS)} on the NPU", layout)
+        check(value_dim in SINK_NPU_VALUE_DIMS, op, name,
+              f"requires a value head dim in {list(SINK_NPU_VALUE_DIMS)} on the NPU", value_dim)
+    else:
+        check(sink.dtype in REFERENCE_FLOAT_DTYPES, op, f"{name}.dtype",
+              f"must be one of {list(REFERENCE_FLOAT_DTYPES)}", sink.dtype)
+
+
 def _output_dtype(call: InferenceCall) -> torch.dtype:
     if call.quant_scale2 is not None:
         return torch.int8
@@ -620,6 +674,7 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     problem = AttentionProblem(
         query=q, key=k, value=v, scale=scale, mask=mask, bias=bias,
         q_ranges=q_ranges, kv_ranges=kv_ranges, band=band, prob_quant_scale=prob_quant, source=source,
+        sink=call.learnable_sink,
     )
     out, lse = attention(problem, want_lse=call.softmax_lse)
 
@@ -798,8 +853,8 @@ def _is_causal_pattern(mask: torch.Tensor) -> bool:
 def _check_compressed_mask(call: InferenceCall, mask: torch.Tensor) -> None:
     """Modes 2/3/4 read the 2048x2048 mask as a pattern; it must be triu(1)."""
     if not holds_once(mask, _is_causal_pattern):
-        fail(call.op, "atten_mask", f"must be torch.triu(ones(2048, 2048), diagonal=1) for sparse_mode "
-             f"{call.sparse_mode}", "a different pattern")
+        fail(call.op, "atten_mask", f"must be {COMPRESSED_MASK_EXPRESSION} for sparse_mode {call.sparse_mode}",
+             "a different pattern")
 
 
 def _prepend_prefix(call: InferenceCall, g: Geometry, k, v, kv_ranges, mask, bias):

@@ -6,9 +6,11 @@ lowering to real torch_npu is a namespace swap (``npu_attn`` -> ``npu``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,6 +29,11 @@ SCORE_BLOCK_BYTES = 16 * 1024 * 1024
 # Side of the compressed causal mask (triu(ones(2048, 2048), 1)) that
 # sparse modes 2/3/4 (and the training op's 6/7/8) read as a pattern.
 COMPRESSED_MASK_SIZE = 2048
+
+# The compressed causal mask as a user writes it: the remedy quoted in every
+# error that asks for it (sparse_mode 2/3/4 without, or with a wrong, atten_mask).
+COMPRESSED_MASK_EXPRESSION = (f"torch.triu(torch.ones({COMPRESSED_MASK_SIZE}, {COMPRESSED_MASK_SIZE}, "
+                              f"dtype=torch.bool), diagonal=1)")
 
 # torch_npu's "unbounded" default for pre_tokens/next_tokens (int32 max).
 INT_MAX = 2147483647
@@ -57,6 +64,26 @@ class NpuAttnArgumentError(ValueError):
 
     The message always names the op, the argument, the rule and the value.
     """
+
+
+_NPU_RULES = contextvars.ContextVar("npu_attn_npu_rules", default=False)
+
+
+@contextlib.contextmanager
+def npu_rules(enabled: bool = True) -> Iterator[None]:
+    """Validate as on the NPU, whatever device the tensors are on: the graph
+    passes use it when they build a graph for the NPU (the GE target) from
+    CPU fake tensors, so rules that only the device enforces refuse there too."""
+    token = _NPU_RULES.set(enabled)
+    try:
+        yield
+    finally:
+        _NPU_RULES.reset(token)
+
+
+def npu_rules_apply(t: torch.Tensor) -> bool:
+    """True for a tensor on the Ascend device, or inside npu_rules()."""
+    return t.device.type == "npu" or _NPU_RULES.get()
 
 
 def fail(op: str, argument: str, rule: str, value: object) -> None:

@@ -12,6 +12,58 @@ Schema (torch_npu 2.13.0, namespace npu_attn)::
 
 Returns (attention_out, softmax_max, softmax_sum).
 
+The seeds' form (seed 004, CANN custom-op packages)::
+
+    custom.npu_sparse_flash_attention(Tensor query, Tensor key, Tensor value, Tensor sparse_indices,
+        float scale_value, int sparse_block_size, *, Tensor? block_table=None,
+        Tensor? actual_seq_lengths_query=None, Tensor? actual_seq_lengths_kv=None,
+        Tensor? query_rope=None, Tensor? key_rope=None, str layout_query='BSND',
+        str layout_kv='BSND', int sparse_mode=3) -> Tensor
+
+is :func:`custom_npu_sparse_flash_attention` here (``npu_attn_graph.ops.custom``):
+``sparse_block_size`` positional, no attention_mode / pre_tokens / next_tokens /
+return_softmax_lse / sinks, one Tensor returned. It is a Python wrapper over
+this op (attention_mode=2, return_softmax_lse=False, output 0), not a second
+torch.library op: the computation is the same kernel, so torch.compile, export
+and the GE converter all see ``npu_attn::npu_sparse_flash_attention`` (whose
+two softmax outputs are then empty (0,) placeholders that nothing reads), every
+pass, report and converter written for that op covers the custom form, and no
+second schema, fake, converter and ONNX translation can drift from the first.
+A separate ``custom`` namespace op would also clash on an NPU host with the real
+``torch.ops.custom`` library that CANN's custom-op package registers.
+
+attention_mode (what the CANN sources say, and what we do with the default 0):
+
+* torch_npu passes attention_mode unchanged to aclnnSparseFlashAttention(V2)
+  (Ascend/op-plugin op_plugin/ops/opapi/SparseFlashAttentionKernelNpuOpApi.cpp).
+* CANN's tiling check refuses every mode but 2 (hicann/ops-transformer
+  attention/sparse_flash_attention/op_host/sparse_flash_attention_tiling.cpp,
+  SFATilingCheck::CheckRopeExistence: "Attention_mode only supports 2"), and
+  names what 0 would mean: "In MHA/GQA situation(attentionMode=0), query_rope
+  and key_rope should be empty tensor". So 0 is MHA/GQA without rope parts
+  (third-party callers annotate 0: GQA/MHA, 1: MLA-naive, 2: MLA-absorb),
+  a mode no CANN build of SparseFlashAttention computes; the torch API doc
+  (attention/sparse_flash_attention/docs/torchapi_sparse_flash_attention.md)
+  says "仅支持传入 2 ... 默认值为 0". The older ops-transformer tree whose
+  README is seed 004 (mirror repo-mirror-test/ops-transformer) has the same
+  two checks. On the NPU the 2.13 schema's own default therefore fails.
+* The seed's custom op (hicann/cann-recipes-infer
+  ops/ascendc/src/sparse_flash_attention, op_host/sparse_flash_attention_def.cpp)
+  has no attention_mode attribute and one output; its only kernel is the MLA
+  one (op_kernel/sparse_flash_attention_kernel_mla.h) and its example (the
+  seed's 调用示例, ops/ascendc/examples/test_npu_sparse_flash_attention.py)
+  passes query_rope/key_rope and checks against an MLA-absorb golden: every
+  seed-form call is MLA-absorb.
+
+Decision: attention_mode=0 is accepted where the inputs make the mode
+unambiguous, i.e. with query_rope and key_rope both given: only MLA-absorb
+takes rope parts, so the call is read as attention_mode=2 -- by the reference
+kernel, by the NPU kernel (which hands torch_npu attention_mode=2, so the call
+runs there instead of failing) and by the GE converter (which writes the attr
+as 2). attention_mode=0 without rope parts (the MHA/GQA mode CANN names but
+does not compute) and any mode other than 0 and 2 raise NpuAttnArgumentError
+naming attention_mode.
+
 Semantics (torch_npu / ops-transformer SparseFlashAttention docs and the
 ops-transformer golden; B batch, S1/S2 query/KV lengths, N1 query heads, N2 KV
 heads, G = N1 / N2, D = 512, Dr = 64 rope dim, K = sparse_indices.shape[-1]):
@@ -59,15 +111,15 @@ heads, G = N1 / N2, D = 512, Dr = 64 rope dim, K = sparse_indices.shape[-1]):
 
 Constraints (NpuAttnArgumentError naming the argument, from the fake and the
 reference kernel alike): D = 512, Dr = 64, N2 = 1, N1 in {1, 2, 4, ..., 128},
-attention_mode = 2 with query_rope and key_rope given, sparse_mode in {0, 3},
+attention_mode = 2 (or the default 0, read as 2) with query_rope and key_rope given, sparse_mode in {0, 3},
 pre_tokens = next_tokens = 2**63 - 1, sparse_block_size a power of two in
 [1, 128] that divides block_size, block_size a multiple of 16 up to 1024,
 return_softmax_lse not with PA_BSND, dtypes fp16/bf16 (q, k, v, ropes alike),
 int32 indices/lengths/block_table, float32 sinks.
 
 Choices where the docs are silent or device-specific:
-* D = 512, Dr = 64, N2 = 1 and attention_mode = 2 are enforced on every
-  device: each product's docs list them identically (they define this
+* D = 512, Dr = 64, N2 = 1 and MLA-absorb (attention_mode 2, or 0 with rope
+  parts, as above) are enforced on every device: each product's docs list them identically (they define this
   MLA-absorb op, not one chip), and D = 512 tensors are cheap on a CPU. The
   only relaxation off the NPU is the dtype: float32/float64 are accepted too,
   so models can be checked exactly against eager.
@@ -91,7 +143,7 @@ from . import _library
 from ._attention_core import paged_block_ids
 from ._library import check, define, fail, register_npu, register_reference
 
-__all__ = ["npu_sparse_flash_attention"]
+__all__ = ["custom_npu_sparse_flash_attention", "npu_sparse_flash_attention", "resolved_attention_mode"]
 
 OP = "npu_sparse_flash_attention"
 INT64_MAX = 2**63 - 1
@@ -103,6 +155,8 @@ MAX_SPARSE_BLOCK_SIZE = 128
 MAX_PAGE_BLOCK_SIZE = 1024
 PAGE_BLOCK_ALIGNMENT = 16
 MLA_ABSORB = 2
+# The 2.13 schema's default; CANN names it MHA/GQA (no rope parts) but computes only MLA_ABSORB.
+SCHEMA_DEFAULT_MODE = 0
 SPARSE_MODES = (0, 3)
 QUERY_LAYOUTS = ("BSND", "TND")
 KV_LAYOUTS = ("BSND", "TND", "PA_BSND")
@@ -150,8 +204,14 @@ def _validate(query, key, value, sparse_indices, *, block_table=None, actual_seq
     check(layout_kv in KV_LAYOUTS, OP, "layout_kv", f"must be one of {list(KV_LAYOUTS)}", repr(layout_kv))
     check(layout_kv in ("PA_BSND", layout_query), OP, "layout_kv",
           f"must equal layout_query ({layout_query}) unless it is PA_BSND", repr(layout_kv))
-    check(attention_mode == MLA_ABSORB, OP, "attention_mode", "must be 2 (MLA-absorb, the only supported mode)",
-          attention_mode)
+    check(attention_mode in (SCHEMA_DEFAULT_MODE, MLA_ABSORB), OP, "attention_mode",
+          "must be 2 (MLA-absorb, the only mode CANN's SparseFlashAttention computes) or the schema default 0 "
+          "with query_rope and key_rope given (read as 2)", attention_mode)
+    if attention_mode == SCHEMA_DEFAULT_MODE:
+        check(query_rope is not None and key_rope is not None, OP, "attention_mode",
+              "0 without query_rope/key_rope is CANN's MHA/GQA mode, which SparseFlashAttention does not compute "
+              "(CANN refuses every attention_mode but 2); pass query_rope and key_rope for MLA-absorb "
+              "(attention_mode 0 is then read as 2)", attention_mode)
     check(sparse_mode in SPARSE_MODES, OP, "sparse_mode", "must be 0 (all) or 3 (rightDownCausal)", sparse_mode)
     check(pre_tokens == INT64_MAX, OP, "pre_tokens", f"only supports the default {INT64_MAX}", pre_tokens)
     check(next_tokens == INT64_MAX, OP, "next_tokens", f"only supports the default {INT64_MAX}", next_tokens)
@@ -460,9 +520,19 @@ def _reference(query, key, value, sparse_indices, scale_value, *, block_table=No
     return attention_out, to_layout(softmax_max), to_layout(softmax_sum)
 
 
+def resolved_attention_mode(attention_mode: int) -> int:
+    """The attention_mode handed to torch_npu / GE: the default 0 (accepted only
+    with rope parts, see the module docstring) becomes 2, the one mode CANN runs."""
+    return MLA_ABSORB if attention_mode == SCHEMA_DEFAULT_MODE else attention_mode
+
+
 def _npu(query, key, value, sparse_indices, scale_value, **kwargs):
     import torch_npu
 
+    # The default 0 with rope parts is MLA-absorb: hand torch_npu the 2 CANN requires.
+    # (Without rope parts 0 goes through unchanged, and CANN refuses it, as we do.)
+    if kwargs.get("query_rope") is not None and kwargs.get("key_rope") is not None:
+        kwargs["attention_mode"] = resolved_attention_mode(kwargs.get("attention_mode", SCHEMA_DEFAULT_MODE))
     return torch_npu.npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, **kwargs)
 
 
@@ -495,7 +565,9 @@ def npu_sparse_flash_attention(
     """torch_npu.npu_sparse_flash_attention, runnable on any device (see module docstring).
 
     Returns (attention_out, softmax_max, softmax_sum); the last two are empty
-    (0,) float32 tensors unless return_softmax_lse is True.
+    (0,) float32 tensors unless return_softmax_lse is True. The default
+    attention_mode=0 is read as 2 (MLA-absorb) when query_rope and key_rope are
+    given and refused otherwise.
     """
     return torch.ops.npu_attn.npu_sparse_flash_attention(
         query, key, value, sparse_indices, scale_value, block_table=block_table,
@@ -504,3 +576,54 @@ def npu_sparse_flash_attention(
         layout_kv=layout_kv, sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens,
         attention_mode=attention_mode, return_softmax_lse=return_softmax_lse, sinks=sinks,
     )
+
+
+CUSTOM_OP = "custom.npu_sparse_flash_attention"
+
+
+def custom_npu_sparse_flash_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sparse_indices: torch.Tensor,
+    scale_value: float,
+    sparse_block_size: int,
+    *,
+    block_table: torch.Tensor | None = None,
+    actual_seq_lengths_query: torch.Tensor | None = None,
+    actual_seq_lengths_kv: torch.Tensor | None = None,
+    query_rope: torch.Tensor | None = None,
+    key_rope: torch.Tensor | None = None,
+    layout_query: str = "BSND",
+    layout_kv: str = "BSND",
+    sparse_mode: int = 3,
+) -> torch.Tensor:
+    """custom.npu_sparse_flash_attention as seed 004 documents it: one Tensor, the
+    MLA-absorb attention output (the same kernel as the 2.13 form's first output;
+    see the module docstring for why this is a wrapper and not a separate op).
+
+    Beyond the op's own rules: value is a required Tensor (pass key itself for
+    MLA's shared latent cache), sparse_block_size a positional int, and
+    query_rope/key_rope are required (this form has no attention_mode: it always
+    computes MLA-absorb).
+    """
+    # Checked in parameter order (so a traced call also reads its inputs in that order).
+    for name, tensor in (("query", query), ("key", key)):
+        check(isinstance(tensor, torch.Tensor), CUSTOM_OP, name, "must be a Tensor", type(tensor).__name__)
+    check(value is not None, CUSTOM_OP, "value",
+          "is a required Tensor in the custom form (pass key itself for MLA's shared latent cache)", None)
+    check(isinstance(value, torch.Tensor), CUSTOM_OP, "value", "must be a Tensor", type(value).__name__)
+    check(isinstance(sparse_indices, torch.Tensor), CUSTOM_OP, "sparse_indices", "must be a Tensor",
+          type(sparse_indices).__name__)
+    check(isinstance(sparse_block_size, int) and not isinstance(sparse_block_size, bool), CUSTOM_OP,
+          "sparse_block_size", "must be an int (the sixth positional argument)", repr(sparse_block_size))
+    for name, rope in (("query_rope", query_rope), ("key_rope", key_rope)):
+        check(rope is not None, CUSTOM_OP, name,
+              "is required (the custom form computes MLA-absorb: query/key hold the nope part, "
+              "query_rope/key_rope the 64-wide rope part)", None)
+    return torch.ops.npu_attn.npu_sparse_flash_attention(
+        query, key, value, sparse_indices, scale_value, block_table=block_table,
+        actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
+        query_rope=query_rope, key_rope=key_rope, sparse_block_size=sparse_block_size, layout_query=layout_query,
+        layout_kv=layout_kv, sparse_mode=sparse_mode, attention_mode=MLA_ABSORB, return_softmax_lse=False,
+    )[0]
