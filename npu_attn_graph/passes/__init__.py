@@ -14,6 +14,9 @@ _rules) are, by pass:
 - sdpa_to_fused: SDPA_RULE (every ATen form of F.scaled_dot_product_attention);
 - eager_attention_to_fused: EAGER_RULE (bmm -> [scale, casts, masks, biases]
   -> softmax -> [casts, eval dropout] -> bmm, in any spelling that reaches it);
+- attention_sinks_to_fused: SINK_RULE (the same, with a per-head sink logit
+  concatenated before the softmax and dropped after it -> FIA v2's
+  learnable_sink);
 - static_cache_update: STATIC_WRITE_RULE (index_copy / index_put / slice
   assignment of contiguous positions into a graph input or buffer);
 - sliding_window_cache_update: SLIDING_WINDOW_RULE (roll(-1) + a write into
@@ -38,6 +41,7 @@ from ._context import PassContext
 from ._rules import RuleStats
 from .attention_layout import attention_layout
 from .attention_precision import attention_precision
+from .attention_sinks_to_fused import SINK_RULE, attention_sinks_to_fused
 from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
@@ -64,6 +68,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("training_sdpa_to_fusion", PRE_AOT, training_sdpa_to_fusion),
     Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
     Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
+    Pass("attention_sinks_to_fused", POST_AOT, attention_sinks_to_fused),
     Pass("gqa_repeat_kv", POST_AOT, gqa_repeat_kv),
     Pass("static_cache_update", POST_AOT, static_cache_update),
     Pass("sliding_window_cache_update", POST_AOT, sliding_window_cache_update),
@@ -72,7 +77,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("attention_precision", POST_AOT, attention_precision),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
-RULES = (SDPA_RULE, EAGER_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE)
+RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:

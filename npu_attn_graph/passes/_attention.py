@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..kernels._library import COMPRESSED_MASK_SIZE
+from ..kernels._library import COMPRESSED_MASK_SIZE, npu_rules
 from ._context import PassContext
 from ._fx import CONSTANT, Rewrite, RewriteRefused, same_shape, same_strides, static_int, val
 from ._masks import ScoreTerm, fully_masked_fixup, plan_mask
@@ -88,6 +88,9 @@ class AttentionSite:
     runtime_scale: torch.fx.Node | None = None
     form_reason: str | None = None  # found while matching: auxiliary outputs in use, scale after a term
     notes: list[str] = field(default_factory=list)
+    # A per-head sink logit joining the softmax and dropped after it: a (1, N, 1, 1)
+    # node (gpt-oss's sinks). Only FIA v2 takes one (learnable_sink).
+    sink: torch.fx.Node | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -189,29 +192,40 @@ def causal_mask_node(rw: Rewrite, like: torch.fx.Node, ctx: PassContext) -> torc
 
 
 def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
-    """Build the fused op for `site` (raises RewriteRefused with every candidate's reason)."""
+    """Build the fused op for `site` (raises RewriteRefused with every candidate's reason).
+    For the GE target the ops validate as on the NPU (npu_rules), whatever
+    device the fake values are on."""
+    with npu_rules(ctx.target == "ge"):
+        return _rewrite_attention(rw, site, ctx)
+
+
+def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
     q, k, v = (site.query.build(rw), site.key.build(rw), site.value.build(rw))
     heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
     if heads is None or kv_heads is None:
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
     scale = _scale(site, q)
     sparse_mode, atten_mask = 0, None
-    plan = plan_mask(rw, site.terms, site.score_rank, q, k)
+    plan = plan_mask(rw, site.terms, site.score_rank, q, k, with_sink=site.sink is not None)
     if plan.atten_mask is not None:
         atten_mask, sparse_mode = plan.atten_mask, 1  # allMask: exactly the given mask, no band
     elif site.is_causal:
         sparse_mode = _causal(site, q, k)
         atten_mask = causal_mask_node(rw, q, ctx)
+    sink = None
+    if site.sink is not None:
+        sink = rw.call(aten.reshape.default, (site.sink, [heads]))
     wanted = val(site.output)
     reasons = []
     q_len = static_int(val(q).shape[2])
-    for op in attention_op_candidates(q_len if q_len is not None else val(q).shape[2], sparse_mode in (2, 3, 4)):
+    for op in attention_op_candidates(q_len if q_len is not None else val(q).shape[2], sparse_mode in (2, 3, 4),
+                                      needs_sink=sink is not None):
         for layout in ("BNSD", "BNSD_BSND"):
             if layout not in op.layouts:
                 continue
             checkpoint = rw.checkpoint()
             call = AttentionCall(q, k, v, heads, 0 if heads == kv_heads else kv_heads, scale, layout,
-                                 atten_mask, plan.pse_shift, sparse_mode)
+                                 atten_mask, plan.pse_shift, sparse_mode, learnable_sink=sink)
             try:
                 fused = rw.call(op.overload, (q, k, v), op.kwargs(call))
                 out = fused if op.output_index is None else rw.call(operator.getitem, (fused, op.output_index))

@@ -216,8 +216,12 @@ def _plain(sizes: list) -> list:
 
 
 def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query: torch.fx.Node,
-              key: torch.fx.Node) -> MaskPlan:
-    """Build the NPU mask / pse_shift nodes for `terms` (raises RewriteRefused)."""
+              key: torch.fx.Node, with_sink: bool = False) -> MaskPlan:
+    """Build the NPU mask / pse_shift nodes for `terms` (raises RewriteRefused).
+
+    with_sink: a finite sink logit joins every row's softmax, so a masked key adds
+    exactly 0 however the terms combine, and a row with no key gives 0 in eager
+    as in the op: min masks are plain masks, no fix-up."""
     plan = MaskPlan()
     if not terms:
         return plan
@@ -231,7 +235,7 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         if kind is None:
             biases.append(term)
         else:
-            masks.append(kind)
+            masks.append(kind if not with_sink else _Mask(kind.masked, kind.negate, kind.reshapes, False))
     if any(m.needs_fixup for m in masks) and len(terms) > 1:
         # With a finite min among several terms, what a row with no key left gets in eager
         # depends on how the terms combine (min + min overflows to -inf, a fill resets a key):

@@ -358,7 +358,14 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
     tail = walk_probs(softmax)
     if scores is None or tail is None:
         return None
-    bmm2, prob_chain = tail
+    return site_from_chains("eager:matmul-softmax-matmul", softmax, scores, *tail, around_softmax=(softmax,))
+
+
+def site_from_chains(pattern: str, softmax: torch.fx.Node, scores: _Scores, bmm2: torch.fx.Node,
+                     prob_chain: list[torch.fx.Node], around_softmax: tuple[torch.fx.Node, ...],
+                     sink: torch.fx.Node | None = None) -> AttentionSite | None:
+    """The site read from its scores chain (back to the QK bmm) and its probs chain
+    (forward to the PV bmm); around_softmax are the nodes between the two chains."""
     split = scores.split if scores.split is not None else (None, 1)
     q, q_factor = resolve_operand(scores.bmm.args[0], split, transposed=False)
     k, k_factor = resolve_operand(scores.bmm.args[1], split, transposed=True)
@@ -369,13 +376,12 @@ def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
     # The probs must be merged back exactly as the scores were split.
     if scores.split is not None and not same_shape(val(bmm2.args[0]).shape, val(scores.bmm).shape):
         return None
-    site = AttentionSite(
-        pattern="eager:matmul-softmax-matmul", anchor=softmax, query=q, key=k, value=v, output=output,
+    return AttentionSite(
+        pattern=pattern, anchor=softmax, query=q, key=k, value=v, output=output,
         flat_output=flat, scale=scores.scale * q_factor * k_factor, terms=tuple(scores.terms),
         score_rank=4 if scores.split is not None else 3,
-        internal=tuple([*scores.nodes, softmax, *prob_chain, *output_chain]),
-        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason)
-    return site
+        internal=tuple([*scores.nodes, *around_softmax, *prob_chain, *output_chain]),
+        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason, sink=sink)
 
 
 def check_site(site: AttentionSite, ctx: PassContext) -> str | None:

@@ -34,6 +34,7 @@ class AttentionCall:
     atten_mask: torch.fx.Node | None = None  # bool, True = masked out
     pse_shift: torch.fx.Node | None = None
     sparse_mode: int = 0
+    learnable_sink: torch.fx.Node | None = None  # (N,) per query head
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,16 @@ class FusedAttentionOp:
     # Floating arguments that take the query's dtype (cast together by attention_precision).
     cast_args: tuple[int, ...] = (0, 1, 2)
     cast_kwargs: tuple[str, ...] = ("pse_shift",)
+    heads_kwarg: str = "num_heads"
+    sink_kwarg: str | None = None  # the per-head sink logits argument, if the op takes one
 
     def kwargs(self, call: AttentionCall) -> dict:
-        kw = dict(atten_mask=call.atten_mask, pse_shift=call.pse_shift, num_heads=call.num_heads,
-                  input_layout=call.layout, num_key_value_heads=call.num_key_value_heads)
+        kw = dict(atten_mask=call.atten_mask, pse_shift=call.pse_shift, input_layout=call.layout,
+                  num_key_value_heads=call.num_key_value_heads)
+        kw[self.heads_kwarg] = call.num_heads
         kw[self.scale_kwarg] = call.scale
+        if call.learnable_sink is not None:
+            kw[self.sink_kwarg] = call.learnable_sink
         if self.sparse_modes:
             kw.update(sparse_mode=call.sparse_mode, pre_tokens=INT_MAX, next_tokens=INT_MAX)
         return kw
@@ -79,8 +85,14 @@ FUSED_INFER = FusedAttentionOp(
     output_index=0, scale_kwarg="scale", layouts={"BNSD": "BNSD", "BSND": "BSND", "BNSD_BSND": "BSND"},
     sparse_modes=True, query_len="any")
 
+FUSED_INFER_V2 = FusedAttentionOp(
+    name="npu_fused_infer_attention_score_v2", overload=npu_attn.npu_fused_infer_attention_score_v2.default,
+    output_index=0, scale_kwarg="softmax_scale", layouts={"BNSD": "BNSD", "BSND": "BSND", "BNSD_BSND": "BSND"},
+    sparse_modes=True, query_len="any", heads_kwarg="num_query_heads", sink_kwarg="learnable_sink",
+    cast_kwargs=("pse_shift", "learnable_sink"))
+
 ATTENTION_OPS: dict[torch._ops.OpOverload, FusedAttentionOp] = {
-    op.overload: op for op in (PROMPT, INCRE, FUSED_INFER)}
+    op.overload: op for op in (PROMPT, INCRE, FUSED_INFER, FUSED_INFER_V2)}
 
 # With a single query token the ops ignore sparse_mode and pre/next tokens (the
 # incremental path reads the mask only), so a causal or band structure cannot be
@@ -88,10 +100,13 @@ ATTENTION_OPS: dict[torch._ops.OpOverload, FusedAttentionOp] = {
 SPARSE_MODES_NEED_QUERY_LEN_ABOVE_ONE = True
 
 
-def attention_op_candidates(query_len: object, needs_sparse_mode: bool) -> list[FusedAttentionOp]:
+def attention_op_candidates(query_len: object, needs_sparse_mode: bool,
+                            needs_sink: bool = False) -> list[FusedAttentionOp]:
     """The ops that can take a site with this query length, in order of preference:
     the incremental op for decode, the prompt op for static prompts, fused_infer
-    for a symbolic length."""
+    for a symbolic length; FIA v2, the one op with learnable_sink, for sinks."""
+    if needs_sink:
+        return [FUSED_INFER_V2]
     if isinstance(query_len, int):
         ops = [INCRE, PROMPT] if query_len == 1 else [PROMPT]
     else:

@@ -162,7 +162,7 @@ def softcap_reason(back: list[torch.fx.Node]) -> str | None:
 
 
 def _attention_reason(softmax: torch.fx.Node, ctx_passes: set[str], back, forward) -> str:
-    if not ({"sdpa_to_fused", "eager_attention_to_fused"} & ctx_passes):
+    if not ({"sdpa_to_fused", "eager_attention_to_fused", "attention_sinks_to_fused"} & ctx_passes):
         return "the attention passes were not selected"
     softcap = softcap_reason(back)
     if softcap is not None:

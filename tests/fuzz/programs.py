@@ -90,6 +90,9 @@ class Site:
     softmax: str = "method"  # method / F / upcast_back / upcast_float / upcast_keep / decoy_dim / decoy_log
     pv: str = "matmul"  # matmul / to_v (probs.to(v.dtype)) / v_float (probs @ v.float())
     softcap: bool = False
+    # none / per_head (gpt-oss: one logit per head joins the softmax, dropped after it) / per_head_max (the same
+    # with gpt-oss's row-max subtraction) / per_row (a decoy: the column differs per query row, not a sink)
+    sink: str = "none"
     dropout: bool = False  # F.dropout(training=False) on the probabilities
     return_weights: bool = False
     explicit_dropout_p: bool = False  # sdpa: dropout_p=0.0 spelled out
@@ -343,6 +346,14 @@ def _render_hand_site(b: Builder, s: Site, dims: Dims, q: str, k: str, v: str, m
         b.line(f"{scores} = {scores} * {name}")
     if s.softcap:  # Gemma-2 style logit soft-capping: still attention-shaped
         b.line(f"{scores} = torch.tanh({scores} / 20.0) * 20.0")
+    if s.sink != "none":
+        name = f"sinks{tag}"
+        if s.sink == "per_row":
+            column = b.fixed_input(name, f"{name} = randn({dims.b}, {dims.nq}, {dims.sq}, 1)")
+        else:
+            b.fixed_input(name, f"{name} = randn({dims.nq})")
+            column = f"column{tag}"
+            b.line(f"{column} = {name}.reshape(1, -1, 1, 1).expand({scores}.shape[0], -1, {scores}.shape[-2], -1)")
     if s.causal in ("tril_tl", "tril_br"):
         diag = "0" if s.causal == "tril_tl" else f"{scores}.shape[-1] - {scores}.shape[-2]"
         b.line(f"causal{tag} = torch.ones({scores}.shape[-2], {scores}.shape[-1], dtype=torch.bool).tril({diag})",
@@ -355,6 +366,10 @@ def _render_hand_site(b: Builder, s: Site, dims: Dims, q: str, k: str, v: str, m
             b.line(f"{scores} = {scores}.masked_fill(~{mask}, {_fill(s.mask.fill, scores)})")
         else:
             b.line(f"{scores} = torch.where({mask}, {scores}, {_fill(s.mask.fill, scores)})")
+    if s.sink != "none":
+        b.line(f"{scores} = torch.cat([{scores}, {column}.to({scores}.dtype)], dim=-1)")
+        if s.sink == "per_head_max":
+            b.line(f"{scores} = {scores} - {scores}.max(dim=-1, keepdim=True).values")
     b.line(f"{probs} = " + {
         "method": f"{scores}.softmax(-1)",
         "F": f"F.softmax({scores}, dim=-1)",
@@ -364,6 +379,8 @@ def _render_hand_site(b: Builder, s: Site, dims: Dims, q: str, k: str, v: str, m
         "decoy_dim": f"{scores}.softmax(-2)",  # over the query axis: not attention
         "decoy_log": f"F.log_softmax({scores}, dim=-1)",  # not a probability
     }[s.softmax])
+    if s.sink != "none":
+        b.line(f"{probs} = {probs}[..., :-1]  # the sink column dropped")
     if s.dropout:
         b.line(f"{probs} = F.dropout({probs}, p=0.1, training=False)")
     p = f"{probs}.to({v}.dtype)" if s.pv == "to_v" else probs
@@ -488,6 +505,7 @@ def _site_tags(s: Site) -> list[str]:
         tags += [f"mask={s.mask.how}:{s.mask.fill}:{s.mask.shape}:{s.mask.build}"]
         tags += ["full_row"] if s.mask.full_row else []
     tags += [f"causal={s.causal}"] if s.causal != "none" else []
+    tags += [f"sink={s.sink}"] if s.sink != "none" else []
     tags += [t for t, on in (("softcap", s.softcap), ("dropout", s.dropout), ("weights", s.return_weights)) if on]
     tags += [f"flat_decoy={s.flat_decoy}"] if s.flat_decoy else []
     tags += [f"bmm_out={s.bmm_out}"] if s.bmm_out != "bnsd" else []
@@ -761,7 +779,9 @@ def hand_site_st(draw: st.DrawFn, dims: Dims, allow_decoys: bool = True, same_dt
                 scale_value=draw(st.sampled_from([round(dims.d ** -0.5, 6), 0.1, 0.3])),
                 mask=draw(hand_mask_st()) if draw(st.sampled_from([True, True, False])) else None,
                 causal=causal, causal_fill=draw(st.sampled_from(["-inf", "min"])),
-                softmax=softmax, pv=pv, softcap=draw(rare(10)), dropout=draw(rare(6)),
+                softmax=softmax, pv=pv, softcap=draw(rare(10)),
+                sink=draw(st.sampled_from(["per_head", "per_head_max", "per_row"])) if draw(rare(6)) else "none",
+                dropout=draw(rare(6)),
                 return_weights=draw(rare(8)) if allow_decoys else False)
 
 
