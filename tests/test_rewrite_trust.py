@@ -224,6 +224,37 @@ def test_a_finfo_min_mask_keeps_eagers_mean_of_v_for_rows_with_no_key(form):
     assert site.rewritten and any("fully-masked-row fix-up" in n for n in site.notes)
 
 
+@pytest.mark.parametrize("form", ["masked_fill", "additive", "sdpa_bool", "sdpa_math"])
+def test_an_inf_mask_keeps_eagers_value_for_rows_with_no_key(form):
+    """aten's softmax over a row of all -inf is NaN: the rewrite gives those rows NaN
+    too (the op gives 0). SDPA (and its math decomposition's _safe_softmax) gives 0,
+    as the op does, so no fix-up there."""
+    q, k, v = qkv()
+    masked = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(6)) > 0.5
+    masked[..., 0] = False
+    masked[1, 0, 3] = True  # batch 1, query row 3: nothing to attend to
+
+    def fn(q, k, v, masked):
+        if form == "sdpa_bool":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
+        if form == "sdpa_math":
+            return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, ~masked)[0]
+        s = q @ k.transpose(-1, -2) * 0.2
+        s = s.masked_fill(masked, float("-inf")) if form == "masked_fill" else \
+            s + torch.where(masked, float("-inf"), 0.0)
+        return s.softmax(-1) @ v
+
+    with torch.no_grad():
+        expected = fn(q, k, v, masked)
+        report = Report()
+        actual = torch.compile(fn, backend="npu_attn", fullgraph=True, options={"report": report})(q, k, v, masked)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.isnan(expected[1, :, 3]).all() == (form in ("masked_fill", "additive"))
+    (site,) = report.sites
+    assert site.rewritten, report.table()
+    assert any("rows with no key get NaN" in n for n in site.notes) == (form in ("masked_fill", "additive"))
+
+
 def test_an_other_fill_value_is_not_a_mask():
     q, k, v = qkv()
     masked = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(7)) > 0.5

@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import COMPRESSED_MASK_SIZE, npu_rules
 from ._context import PassContext
 from ._fx import CONSTANT, Rewrite, RewriteRefused, same_shape, same_strides, static_int, val
-from ._masks import ScoreTerm, fully_masked_fixup, plan_mask
+from ._masks import ScoreTerm, empty_rows_nan, fully_masked_fixup, plan_mask
 from .registry import AttentionCall, FusedAttentionOp, attention_op_candidates
 
 aten = torch.ops.aten
@@ -91,6 +91,9 @@ class AttentionSite:
     # A per-head sink logit joining the softmax and dropped after it: a (1, N, 1, 1)
     # node (gpt-oss's sinks). Only FIA v2 takes one (learnable_sink).
     sink: torch.fx.Node | None = None
+    # The softmax is aten's (NaN on a row of all -inf scores), not SDPA's or
+    # _safe_softmax (0 there, as the fused ops give).
+    softmax_nan_rows: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +209,8 @@ def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fu
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
     scale = _scale(site, q)
     sparse_mode, atten_mask = 0, None
-    plan = plan_mask(rw, site.terms, site.score_rank, q, k, with_sink=site.sink is not None)
+    plan = plan_mask(rw, site.terms, site.score_rank, q, k, with_sink=site.sink is not None,
+                     softmax_nan_rows=site.softmax_nan_rows)
     if plan.atten_mask is not None:
         atten_mask, sparse_mode = plan.atten_mask, 1  # allMask: exactly the given mask, no band
     elif site.is_causal:
@@ -233,6 +237,8 @@ def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fu
                     out = rw.call(aten.permute.default, (out, [0, 2, 1, 3]))
                 if plan.fully_masked_fixup:
                     out = fully_masked_fixup(rw, out, plan.atten_mask, v, heads)
+                elif plan.empty_rows_nan:
+                    out = empty_rows_nan(rw, out, plan.atten_mask)
                 if site.flat_output:
                     out = rw.call(aten.reshape.default, (out, [-1, rw.size(out, 2), rw.size(out, 3)]))
                 _check_same_value(op, layout, val(out), wanted)

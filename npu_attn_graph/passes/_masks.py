@@ -76,6 +76,7 @@ class MaskPlan:
     atten_mask: torch.fx.Node | None = None  # bool (B or 1, 1, S_q, S_kv), True = masked out
     pse_shift: torch.fx.Node | None = None  # (B or 1, N, S_q, S_kv), the query's dtype
     fully_masked_fixup: bool = False  # add the mean of V back to rows with no key
+    empty_rows_nan: bool = False  # rows with no key give NaN (eager softmax over all -inf)
     notes: list[str] = field(default_factory=list)
 
 
@@ -216,8 +217,12 @@ def _plain(sizes: list) -> list:
 
 
 def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query: torch.fx.Node,
-              key: torch.fx.Node, with_sink: bool = False) -> MaskPlan:
+              key: torch.fx.Node, with_sink: bool = False, softmax_nan_rows: bool = False) -> MaskPlan:
     """Build the NPU mask / pse_shift nodes for `terms` (raises RewriteRefused).
+
+    softmax_nan_rows: the site's softmax is aten's, which gives NaN on a row whose
+    scores are all -inf (SDPA and _safe_softmax give 0, as the op does); rows
+    the -inf masks leave without a key then get NaN back.
 
     with_sink: a finite sink logit joins every row's softmax, so a masked key adds
     exactly 0 however the terms combine, and a row with no key gives 0 in eager
@@ -286,6 +291,9 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         plan.notes.append("additive term as pse_shift")
     if plan.fully_masked_fixup:
         plan.notes.append("fully-masked-row fix-up (finfo.min mask: rows with no key get the mean of V, as in eager)")
+    elif softmax_nan_rows and not with_sink and plan.atten_mask is not None:
+        plan.empty_rows_nan = True
+        plan.notes.append("fully-masked-row fix-up (-inf mask: rows with no key get NaN, as eager's softmax gives)")
     return plan
 
 
@@ -317,13 +325,25 @@ def _from_positions(mask: torch.fx.Node, limit: int = 64) -> bool:
     return compared
 
 
+def _empty_rows(rw: Rewrite, atten_mask: torch.fx.Node) -> torch.fx.Node:
+    """(B or 1, 1, S_q, 1): True on rows whose every key is masked."""
+    # all(-1) as not(any(not)): TorchAir converts any.dim (ReduceAny), not all.dim.
+    kept = rw.call(aten.logical_not.default, (atten_mask,))
+    return rw.call(aten.logical_not.default, (rw.call(aten.any.dim, (kept, -1, True)),))
+
+
+def empty_rows_nan(rw: Rewrite, out: torch.fx.Node, atten_mask: torch.fx.Node) -> torch.fx.Node:
+    """out with rows whose every key is masked set to NaN: eager's softmax over
+    all -inf scores (the op gives 0 there)."""
+    nan = rw.call(aten.full.default, ([], math.nan), {"dtype": val(out).dtype, "device": val(out).device})
+    return rw.call(aten.where.self, (_empty_rows(rw, atten_mask), nan, out))
+
+
 def fully_masked_fixup(rw: Rewrite, out: torch.fx.Node, atten_mask: torch.fx.Node, value: torch.fx.Node,
                        heads: int) -> torch.fx.Node:
     """out (B, N, S_q, D_v) with rows whose every key is masked replaced by the
     mean of V over the keys: what softmax over equal scores gives."""
-    # all(-1) as not(any(not)): TorchAir converts any.dim (ReduceAny), not all.dim.
-    kept = rw.call(aten.logical_not.default, (atten_mask,))
-    empty = rw.call(aten.logical_not.default, (rw.call(aten.any.dim, (kept, -1, True)),))  # (B or 1, 1, S_q, 1)
+    empty = _empty_rows(rw, atten_mask)
     v = val(value)
     mean = rw.call(aten.mean.dim, (value, [2], True), {"dtype": torch.float32 if v.dtype != torch.float64
                                                        else torch.float64})  # (B, N_kv, 1, D_v)

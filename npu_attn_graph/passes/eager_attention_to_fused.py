@@ -381,7 +381,8 @@ def site_from_chains(pattern: str, softmax: torch.fx.Node, scores: _Scores, bmm2
         flat_output=flat, scale=scores.scale * q_factor * k_factor, terms=tuple(scores.terms),
         score_rank=4 if scores.split is not None else 3,
         internal=tuple([*scores.nodes, *around_softmax, *prob_chain, *output_chain]),
-        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason, sink=sink)
+        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason, sink=sink,
+        softmax_nan_rows=softmax.target is not aten._safe_softmax.default)
 
 
 def check_site(site: AttentionSite, ctx: PassContext) -> str | None:

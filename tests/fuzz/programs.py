@@ -843,9 +843,26 @@ def stacked_programs(draw: st.DrawFn) -> Program:
         d2 = Dims(d1.b, d1.nq, d1.nkv, other.sq, d1.skv, d1.d, d1.dv)
     else:
         d2 = other
+    site1 = draw(any_site_st(d1))
+    if chain in ("query", "value", "kv"):
+        site1 = _finite_rows(site1, d1)
     return render_stacked(StackedProgram(
-        dtype=dtype, dynamic=draw(rare(8)), chain=chain, dims1=d1, site1=draw(any_site_st(d1)),
+        dtype=dtype, dynamic=draw(rare(8)), chain=chain, dims1=d1, site1=site1,
         dims2=d2, site2=draw(any_site_st(d2)), seed=draw(seeds)))
+
+
+def _finite_rows(site: Site, dims: Dims) -> Site:
+    """The site without query rows that an -inf mask leaves with no key. Eager
+    softmax makes such rows NaN (the rewrite keeps that), and what a later
+    attention makes of NaN inputs is up to torch's kernel: its CPU SDPA turns a
+    NaN query row into 0, a GPU or NPU kernel into NaN."""
+    if site.spelling == "sdpa":
+        return site
+    if site.mask is not None and site.mask.fill == "-inf" and site.mask.full_row:
+        site = replace(site, mask=replace(site.mask, full_row=False))
+    if site.causal == "tril_br" and site.causal_fill == "-inf" and dims.sq > dims.skv:
+        site = replace(site, causal_fill="min")
+    return site
 
 
 @st.composite
