@@ -58,9 +58,6 @@ LEFT_ALONE = {
                                        "attn_logit_softcapping): no NPU inference attention op applies a softcap"),
 }
 
-_WINDOW_FILL = ("the prefill graph's sliding-window fill (cache_utils.py:605-606, keys/values.copy_ of the last "
-                "4 states into the cache the graph allocates, StaticSlidingWindowLayer with a 5-token prompt) "
-                "is not in the report")
 _GPTOSS_GE = ("8 GE nodes unconverted, all in the experts (transformers/integrations/moe.py, "
               "grouped_mm_experts_forward, the default experts implementation), none in attention: aten.histc x2 "
               "(no converter), transformers.grouped_mm_fallback x4 (custom op: TorchAir's auto-converter needs CANN), "
@@ -72,20 +69,7 @@ _GPTOSS_SINKS = ("; the 2 sink attention sites are left alone for the GE target 
 # Measured 2026-12-02 (transformers 5.23.0, torch 2.13.0, TorchAir of torch-npu 2.13.0 offline):
 # (family, attn, scenario) -> {test: what fails}.
 GAPS: dict[tuple[str, str, str], dict[str, str]] = {
-    ("mistral", "sdpa", "static"): {"sites": f"Mistral sdpa static: 4/8 KV writes listed: {_WINDOW_FILL} (both layers)"},
-    ("mistral", "eager", "static"): {"sites": f"Mistral eager static: 4/8 KV writes listed: {_WINDOW_FILL} (both "
-                                              "layers)"},
-    ("phi3", "sdpa", "static"): {"sites": f"Phi3 sdpa static: 4/8 KV writes listed: {_WINDOW_FILL} (both layers)"},
-    ("phi3", "eager", "static"): {"sites": f"Phi3 eager static: 4/8 KV writes listed: {_WINDOW_FILL} (both layers)"},
-    ("gemma3", "sdpa", "static"): {"sites": f"Gemma3 sdpa static: 6/8 KV writes listed: {_WINDOW_FILL} (layer 0, "
-                                            "the sliding one)"},
-    ("gemma3", "eager", "static"): {"sites": f"Gemma3 eager static: 6/8 KV writes listed: {_WINDOW_FILL} (layer 0, "
-                                             "the sliding one)"},
-    ("gemma2", "eager", "static"): {"sites": f"Gemma2 eager static: 6/8 KV writes listed: {_WINDOW_FILL} (layer 0, "
-                                             "the sliding one)"},
-    ("gpt-oss", "eager", "static"): {"sites": f"gpt-oss eager static: 6/8 KV writes listed: {_WINDOW_FILL} (layer 0, "
-                                              "the sliding one)",
-                                     "ge": f"gpt-oss eager static decode step: not one complete GE graph: {_GPTOSS_GE}"
+    ("gpt-oss", "eager", "static"): {"ge": f"gpt-oss eager static decode step: not one complete GE graph: {_GPTOSS_GE}"
                                            f"{_GPTOSS_SINKS}"},
     ("gpt-oss", "eager", "prefill"): {"ge": f"gpt-oss eager prefill: not one complete GE graph: {_GPTOSS_GE}"
                                             f"{_GPTOSS_SINKS}"},

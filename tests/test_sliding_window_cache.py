@@ -89,3 +89,20 @@ def test_a_full_window_step_copies_the_cache_no_more_than_eager():
                                     torch.ops.aten.copy_.default, torch.ops.aten.roll.default)]
     kinds = sorted(str(n.target).split(".")[1] for n in full_copies)
     assert kinds == ["cat"] * 4 + ["copy_"] * 4, kinds  # key and value caches of two layers
+
+
+def test_a_prompt_longer_than_the_window_fills_the_cache_the_prefill_allocates():
+    """transformers' layers allocate their caches in the first call (the prefill
+    graph); a prompt longer than the window copies its last W states into them.
+    Those writes are listed and become the functional writer."""
+    from npu_attn_graph import explain
+
+    model = _model("mistral")
+    cfg = model.config
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        report = explain(model, ids, past_key_values=T.StaticCache(config=cfg, max_cache_len=32), use_cache=True,
+                         cache_position=torch.arange(5))
+    fills = [s for s in report.sites if s.kind == "kv_update"]
+    assert len(fills) == 4 and all(s.rewritten and s.fused_op == "scatter_update" and "window fill" in s.pattern
+                                   for s in fills), report.table()

@@ -38,7 +38,7 @@ from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, cache_root, is_call, val
 from ._rules import Rule, RuleStats, apply_rules
 from .registry import SCATTER_UPDATE
-from .static_cache_update import SequenceWrite, _copy_back, fused_write, parse_write
+from .static_cache_update import ALLOCATIONS, SequenceWrite, _copy_back, fused_write, parse_write
 
 aten = torch.ops.aten
 
@@ -120,26 +120,33 @@ class WindowFill:
     """cache.copy_(states[:, :, -W:]): the window takes the last W positions of
     new states (a prefill longer than the window, or several tokens once full)."""
 
-    copy: torch.fx.Node  # copy_(cache, value)
+    copy: torch.fx.Node  # copy_(cache, value), or copy(fresh cache, value)
     cache: torch.fx.Node
     value: torch.fx.Node  # the slice, cache-shaped
     dim: int
+    # The cache is allocated in this graph (transformers' layers allocate lazily, in
+    # the first call, the prefill): the functional copy into it is the write.
+    fresh: bool = False
 
 
 def match_fill(node: torch.fx.Node) -> WindowFill | None:
     cache, value = node.args[:2]
-    if not (isinstance(cache, torch.fx.Node) and cache.op == "placeholder" and isinstance(value, torch.fx.Node)):
+    fresh = is_call(node, aten.copy.default)
+    if fresh and not is_call(cache, ALLOCATIONS):
+        return None
+    if not (isinstance(cache, torch.fx.Node) and (fresh or cache.op == "placeholder") and
+            isinstance(value, torch.fx.Node)):
         return None
     v = val(cache)
     if not (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() >= 3):
         return None
-    source = value.args[1] if is_call(value, aten.copy.default) else value  # functional self.copy_(x)
+    source = value.args[1] if not fresh and is_call(value, aten.copy.default) else value  # functional copy_
     if not is_call(source, aten.slice.Tensor) or tuple(val(source).shape) != tuple(v.shape):
         return None
     dim = source.args[1] % v.dim()
     if dim == 0:
         return None
-    return WindowFill(node, cache, source, dim)
+    return WindowFill(node, cache, source, dim, fresh)
 
 
 def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
@@ -150,6 +157,12 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
     zero = rw.call(aten.zeros.default, ([1],), {"dtype": torch.int64, "device": device})
     starts = rw.call(aten.expand.default, (zero, [rw.size(fill.cache, 0)]))
     axis = fill.dim - val(fill.cache).dim()
+    if fill.fresh:  # the copy's result is the cache: the functional writer takes its place
+        written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
+        rw.replace(fill.copy, written)
+        site.fused_op = "scatter_update"
+        site.layout = "BNSD" if val(fill.cache).dim() == 4 and fill.dim == 2 else f"axis {fill.dim}"
+        return [fill.copy]
     if ctx.functional_kv_writes:  # GE: the functional writer, copied back (TorchAir writes in place)
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
         rw.replace(fill.value, written)
@@ -163,7 +176,7 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
 
 
 WINDOW_FILL_RULE = Rule(
-    name="sliding-window-fill", kind="kv_update", anchors=(aten.copy_.default,), match=match_fill,
+    name="sliding-window-fill", kind="kv_update", anchors=(aten.copy_.default, aten.copy.default), match=match_fill,
     check=lambda fill, ctx: None, rewrite=rewrite_fill, anchor_of=lambda fill: fill.copy,
     claims=lambda fill: [fill.copy], pattern_of=lambda fill: "copy of the last W positions (sliding window fill)")
 
