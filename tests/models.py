@@ -72,6 +72,12 @@ MATRIX_FAMILIES: dict[str, tuple[str, str, tuple[str, ...], str, dict]] = {
     "phi3": ("Phi3ForCausalLM", "Phi3Config", ("sdpa", "eager"), "decoder",
              dict(_DECODER, sliding_window=WINDOW, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", ("sdpa", "eager"), "decoder", dict(_DECODER, head_dim=16)),
+    # Biases on q/k/v/o (attention_bias) and a rotary embedding over half of each head (Phi3 honours
+    # partial_rotary_factor; transformers 5.23's Llama rotates the whole head whatever the factor says).
+    "llama-bias": ("LlamaForCausalLM", "LlamaConfig", ("sdpa", "eager"), "decoder",
+                   dict(_DECODER, head_dim=16, attention_bias=True)),
+    "phi3-partial-rope": ("Phi3ForCausalLM", "Phi3Config", ("sdpa", "eager"), "decoder",
+                          dict(_DECODER, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "t5": ("T5ForConditionalGeneration", "T5Config", ("sdpa", "eager"), "encoder-decoder",
            dict(_COMMON, d_model=64, d_kv=16, d_ff=128, num_layers=MATRIX_LAYERS, num_decoder_layers=MATRIX_LAYERS,
                 num_heads=4, decoder_start_token_id=0, initializer_factor=1.0)),
