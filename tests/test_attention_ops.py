@@ -3,7 +3,6 @@ against the independent fp64 oracle in tests/oracle.py."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.incre_flash_attention import npu_incre_flash_attention as ifa
 from npu_attn_graph.kernels.prompt_flash_attention import npu_prompt_flash_attention as pfa
+from attention_inputs import cumulative, dense, paged_cache
 from oracle import INT_MAX, bnsd, fia_oracle, ifa_oracle, pfa_oracle
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -23,18 +23,7 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {FP32: (1e-5, 1e-6), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
 
 
-@pytest.fixture(autouse=True, params=["default", "tiny-chunks", "fused-everywhere"])
-def kernel_path(request, monkeypatch):
-    """Run every case through each code path of the reference kernels:
-    the default chunking; one query row (and one paged block) per chunk; and
-    torch's fused SDPA for every dense chunk, decode-sized ones included."""
-    from npu_attn_graph.kernels import _attention_core, _library
-
-    if request.param == "tiny-chunks":
-        monkeypatch.setattr(_library, "SCORE_BLOCK_BYTES", 1)
-    elif request.param == "fused-everywhere":
-        monkeypatch.setattr(_attention_core, "FUSED_MIN_ROWS", 1)
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every kernel path (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -99,22 +88,8 @@ def assert_int8_matches(actual: torch.Tensor, expected: torch.Tensor, unquantise
         assert distance_to_tie.max().item() < 1e-3, distance_to_tie.max()
 
 
-def dense(layout: str, b: int, n: int, s: int, d: int, dtype=FP32) -> torch.Tensor:
-    base = layout.split("_")[0]
-    shape = {"BSH": (b, s, n * d), "BSND": (b, s, n, d), "BNSD": (b, n, s, d)}[base]
-    return torch.randn(shape).to(dtype)
-
-
 def dense_int8(layout: str, b: int, n: int, s: int, d: int) -> torch.Tensor:
     return torch.randint(-128, 128, dense(layout, b, n, s, d).shape, dtype=torch.int8)
-
-
-def cumulative(lengths) -> list[int]:
-    out, total = [], 0
-    for x in lengths:
-        total += x
-        out.append(total)
-    return out
 
 
 def problem(layout: str, *, b=2, n=8, gqa=1, sq=6, skv=10, d=16, dv=None, dtype=FP32,
@@ -160,39 +135,6 @@ def check_ifa(q, k, v, **kw) -> torch.Tensor:
     return actual
 
 
-def paged_cache(kv: torch.Tensor, lens, block_size: int, rank: int, table_fill: str, spare_blocks: int = 3,
-                table=None):
-    """Scatter a dense (B, Nkv, S, D) key or value into a paged cache.
-
-    Blocks are assigned in a shuffled order (torch.randperm); the cache's unused
-    slots hold garbage; block_table entries past a batch's need are -1 or garbage.
-    Pass the returned table to lay the value out like the key."""
-    b, nkv, _, d = kv.shape
-    need = [math.ceil(n / block_size) for n in lens]
-    total = sum(need) + spare_blocks
-    if table is None:
-        width = max(need) + 2
-        if table_fill == "-1":
-            table = torch.full((b, width), -1, dtype=torch.int32)
-        else:
-            table = torch.randint(-7, 10**6, (b, width), dtype=torch.int32)
-        perm = torch.randperm(total).to(torch.int32)
-        i = 0
-        for bi in range(b):
-            for j in range(need[bi]):
-                table[bi, j] = perm[i]
-                i += 1
-    if kv.dtype == torch.int8:
-        garbage = torch.randint(-128, 128, (total, nkv, block_size, d), dtype=torch.int8)
-    else:
-        garbage = torch.randn(total, nkv, block_size, d).to(kv.dtype)
-    cache = garbage
-    for bi in range(b):
-        for t in range(lens[bi]):
-            cache[int(table[bi, t // block_size]), :, t % block_size, :] = kv[bi, :, t, :]
-    if rank == 3:
-        cache = cache.permute(0, 2, 1, 3).reshape(total, block_size, nkv * d).contiguous()
-    return cache, table
 
 
 # ----------------------------------------------------------------------------

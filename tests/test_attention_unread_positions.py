@@ -30,17 +30,7 @@ MASK2048 = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 I32 = torch.int32
 
 
-@pytest.fixture(autouse=True, params=["default", "tiny-chunks", "fused-everywhere"])
-def kernel_path(request, monkeypatch):
-    """Each case through the default chunking, one query row (and one paged block)
-    per chunk, and torch's fused SDPA for every dense chunk."""
-    from npu_attn_graph.kernels import _attention_core, _library
-
-    if request.param == "tiny-chunks":
-        monkeypatch.setattr(_library, "SCORE_BLOCK_BYTES", 1)
-    elif request.param == "fused-everywhere":
-        monkeypatch.setattr(_attention_core, "FUSED_MIN_ROWS", 1)
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every kernel path (conftest)
 
 
 @pytest.fixture(autouse=True)

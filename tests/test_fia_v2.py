@@ -18,7 +18,6 @@ dtype (fp16 eps 9.8e-4, bf16 eps 7.8e-3): 2e-3 and 1.6e-2.
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
@@ -29,6 +28,7 @@ from npu_attn_graph.kernels import _inference
 from npu_attn_graph.kernels._library import NpuAttnArgumentError
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.fused_infer_attention_score_v2 import npu_fused_infer_attention_score_v2 as fia2
+from attention_inputs import cumulative, dense, paged_cache
 from oracle import fia_v2_oracle
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -38,17 +38,7 @@ MASK2048 = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
 FILLS = (float("nan"), float("inf"), float("-inf"))
 
 
-@pytest.fixture(autouse=True, params=["default", "tiny-chunks", "fused-everywhere"])
-def kernel_path(request, monkeypatch):
-    """Every case through the default chunking, one query row (and paged block) per
-    chunk, and torch's fused SDPA wherever the reference may use it (never with a sink)."""
-    from npu_attn_graph.kernels import _attention_core, _library
-
-    if request.param == "tiny-chunks":
-        monkeypatch.setattr(_library, "SCORE_BLOCK_BYTES", 1)
-    elif request.param == "fused-everywhere":
-        monkeypatch.setattr(_attention_core, "FUSED_MIN_ROWS", 1)
-    return request.param
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every kernel path (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -80,20 +70,6 @@ def check(q, k, v, **kw):
     return out, lse
 
 
-def cumulative(lengths):
-    out, total = [], 0
-    for x in lengths:
-        total += x
-        out.append(total)
-    return out
-
-
-def dense(layout, b, n, s, d, dtype=FP32):
-    base = layout.split("_")[0]
-    shape = {"BSH": (b, s, n * d), "BSND": (b, s, n, d), "BNSD": (b, n, s, d)}[base]
-    return torch.randn(shape).to(dtype)
-
-
 def problem(layout, *, b=2, n=8, gqa=1, sq=6, skv=10, d=16, dtype=FP32, q_seg=(3, 7, 1), kv_seg=(5, 9, 4)):
     nkv = n // gqa
     kw = dict(num_query_heads=n, num_key_value_heads=0 if gqa == 1 else nkv, input_layout=layout,
@@ -112,27 +88,6 @@ def problem(layout, *, b=2, n=8, gqa=1, sq=6, skv=10, d=16, dtype=FP32, q_seg=(3
 def sink(n, dtype=FP32):
     """Per-head logits around the scores' range: some heads' sinks dominate, some barely count."""
     return (torch.randn(n) * 2).to(dtype)
-
-
-def paged_cache(kv, lens, block_size, rank, spare_blocks=2, table=None):
-    """Dense (B, Nkv, S, D) -> a shuffled paged cache (garbage in unused slots) and its table (-1 padded)."""
-    b, nkv, _, d = kv.shape
-    need = [math.ceil(n / block_size) for n in lens]
-    total = sum(need) + spare_blocks
-    if table is None:
-        table = torch.full((b, max(need) + 1), -1, dtype=torch.int32)
-        perm, i = torch.randperm(total).to(torch.int32), 0
-        for bi in range(b):
-            for j in range(need[bi]):
-                table[bi, j] = perm[i]
-                i += 1
-    cache = torch.randn(total, nkv, block_size, d).to(kv.dtype)
-    for bi in range(b):
-        for t in range(lens[bi]):
-            cache[int(table[bi, t // block_size]), :, t % block_size, :] = kv[bi, :, t, :]
-    if rank == 3:
-        cache = cache.permute(0, 2, 1, 3).reshape(total, block_size, nkv * d).contiguous()
-    return cache, table
 
 
 # ----------------------------------------------------------------------------
@@ -195,8 +150,8 @@ def test_paged_with_sink(rank, sq):
     b, n, nkv, d, bs = 2, 4, 2, 16, 16
     layout = "BNSD" if rank == 4 else "BSH"
     lens = [23, 9]
-    k, table = paged_cache(torch.randn(b, nkv, 32, d), lens, bs, rank)
-    v, _ = paged_cache(torch.randn(b, nkv, 32, d), lens, bs, rank, table=table)
+    k, table = paged_cache(torch.randn(b, nkv, 32, d), lens, bs, rank, "-1", spare_blocks=2)
+    v, _ = paged_cache(torch.randn(b, nkv, 32, d), lens, bs, rank, "-1", spare_blocks=2, table=table)
     kw = dict(num_query_heads=n, num_key_value_heads=nkv, input_layout=layout, softmax_scale=0.25,
               actual_seq_kvlen=lens, block_table=table, block_size=bs, return_softmax_lse=True,
               learnable_sink=sink(n))
@@ -210,8 +165,8 @@ def test_paged_with_sink(rank, sq):
 def test_paged_tnd_with_sink(rank):
     n, nkv, d, bs = 4, 2, 16, 16
     lens = [20, 3, 33]
-    k, table = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank)
-    v, _ = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, table=table)
+    k, table = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, "-1", spare_blocks=2)
+    v, _ = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, "-1", spare_blocks=2, table=table)
     check(torch.randn(9, n, d), k, v, num_query_heads=n, num_key_value_heads=nkv, input_layout="TND",
           softmax_scale=0.25, actual_seq_qlen=[2, 3, 9], actual_seq_kvlen=lens, block_table=table,
           block_size=bs, atten_mask=MASK2048, sparse_mode=3, learnable_sink=sink(n), return_softmax_lse=True)
@@ -297,8 +252,8 @@ def _opcheck_cases():
         atten_mask=torch.rand(2, 1, 6, 9, generator=g) < 0.2, actual_seq_qlen=[6, 3], actual_seq_kvlen=[9, 7],
         learnable_sink=r(4), num_query_heads=4, num_key_value_heads=2, softmax_scale=0.25, input_layout="BNSD",
         return_softmax_lse=True)
-    k, table = paged_cache(r(2, 2, 32, 16), [30, 5], 16, 3)
-    v, _ = paged_cache(r(2, 2, 32, 16), [30, 5], 16, 3, table=table)
+    k, table = paged_cache(r(2, 2, 32, 16), [30, 5], 16, 3, "-1", spare_blocks=2)
+    v, _ = paged_cache(r(2, 2, 32, 16), [30, 5], 16, 3, "-1", spare_blocks=2, table=table)
     yield "paged_bsh_sink", (r(2, 1, 64), k, v), dict(
         block_table=table, block_size=16, actual_seq_kvlen=[30, 5], learnable_sink=r(4), num_query_heads=4,
         num_key_value_heads=2, softmax_scale=0.25)
@@ -500,8 +455,8 @@ def test_unread_kv_past_actual_lengths(layout, sq, with_sink):
 def test_unread_paged_slots_and_blocks_tnd_with_sink(rank):
     n, nkv, d, bs = 4, 2, 16, 16
     lens = [20, 3, 33]
-    k, table = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, spare_blocks=3)
-    v, _ = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, spare_blocks=3, table=table)
+    k, table = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, "-1", spare_blocks=3)
+    v, _ = paged_cache(torch.randn(3, nkv, 33, d), lens, bs, rank, "-1", spare_blocks=3, table=table)
     used = torch.zeros(k.shape[0], bs, dtype=torch.bool)  # (block, slot) read by some batch
     for bi, length in enumerate(lens):
         for t in range(length):

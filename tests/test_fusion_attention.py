@@ -19,6 +19,7 @@ from npu_attn_graph.kernels import _library
 from npu_attn_graph.kernels._library import NpuAttnArgumentError
 from npu_attn_graph.kernels.fusion_attention import npu_fusion_attention
 from npu_attn_graph.kernels.fusion_attention_grad import npu_fusion_attention_grad
+from attention_inputs import cumulative
 
 FA = torch.ops.npu_attn.npu_fusion_attention.default
 FAG = torch.ops.npu_attn.npu_fusion_attention_grad.default
@@ -180,14 +181,6 @@ def oracle(q, k, v, heads, layout, *, scale=1.0, atten_mask=None, sparse_mode=0,
 # ----------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------
-
-
-def cumulative(lengths):
-    out, total = [], 0
-    for x in lengths:
-        total += x
-        out.append(total)
-    return out
 
 
 def make_case(cfg, dtype=torch.float32, seed=0):
