@@ -109,7 +109,7 @@ def _untransposed(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _scale_factor(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
+def scale_factor(node: torch.fx.Node) -> tuple[torch.fx.Node, float] | None:
     """(x, c) when node is x * c or x / c with a constant scalar c != 0."""
     if not is_call(node, (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)):
         return None
@@ -144,7 +144,7 @@ def resolve_operand(flat: torch.fx.Node, split: tuple, transposed: bool) -> tupl
         if keeps_element_order(node):
             node = node.args[0]
             continue
-        scaled = _scale_factor(node)
+        scaled = scale_factor(node)
         if scaled is None:
             break
         node, factor = scaled[0], factor * scaled[1]
@@ -254,7 +254,7 @@ def _score_step(node: torch.fx.Node):
         return "same", node.args[0], None
     if keeps_element_order(node) and same_shape(val(node).shape, val(node.args[0]).shape):
         return "same", node.args[0], None
-    scaled = _scale_factor(node)
+    scaled = scale_factor(node)
     if scaled is not None:
         return "scale", scaled[0], scaled[1]
     if is_call(node, (aten.mul.Tensor, aten.div.Tensor)):

@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..report import Report, Site, node_location
 from ._context import PassContext
 from ._fx import CLAIMED, is_call, val
+from .eager_attention_to_fused import scale_factor
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -129,15 +130,6 @@ def _unknown_steps(nodes: list[torch.fx.Node]) -> list[str]:
     return names
 
 
-def _constant_factor(node: torch.fx.Node) -> float | None:
-    """c when node is x * c or x / c (c a Python number), else None."""
-    if is_call(node, (aten.mul.Tensor, aten.mul.Scalar)) and isinstance(node.args[1], (int, float)):
-        return float(node.args[1])
-    if is_call(node, (aten.div.Tensor, aten.div.Scalar)) and isinstance(node.args[1], (int, float)):
-        return 1.0 / float(node.args[1])
-    return None
-
-
 def softcap_reason(back: list[torch.fx.Node]) -> str | None:
     """The reason for a logit softcap, cap * tanh(scores / cap), on the scores path, or None.
 
@@ -148,11 +140,12 @@ def softcap_reason(back: list[torch.fx.Node]) -> str | None:
     for node in back:
         if not is_call(node, aten.tanh.default):
             continue
-        inner = node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
-        outer = next(iter(node.users), None) if len(node.users) == 1 else None
-        inv_cap = _constant_factor(inner) if inner is not None else None
-        cap = _constant_factor(outer) if outer is not None else None
-        if inv_cap is not None and cap is not None and abs(inv_cap * cap - 1.0) < 1e-6:
+        outer = next(iter(node.users)) if len(node.users) == 1 else None
+        inner_scaled = scale_factor(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        outer_scaled = scale_factor(outer) if outer is not None else None
+        if inner_scaled and outer_scaled and outer_scaled[0] is node and \
+                abs(inner_scaled[1] * outer_scaled[1] - 1.0) < 1e-6:
+            cap = outer_scaled[1]
             spelled = f"tanh(scores / {cap:g}) * {cap:g}"
         else:
             spelled = "tanh on the scores"
