@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -87,13 +88,9 @@ def test_schema_matches_torch_npu(name):
     assert _normalised(str(registered)) == _normalised("npu_attn::" + reference[name])
 
 
-@pytest.mark.parametrize("name", IMPLEMENTED)
-def test_public_function_signature_matches_schema(name):
-    """The drop-in function takes the schema's arguments, in order, with its defaults."""
-    import inspect
-
-    schema = getattr(torch.ops.npu_attn, name).default._schema
-    params = list(inspect.signature(getattr(ops, name)).parameters.values())
+def assert_signature_matches(fn, schema: torch._C.FunctionSchema) -> None:
+    """fn takes the schema's arguments: names, order, keyword-only split and defaults."""
+    params = list(inspect.signature(fn).parameters.values())
     assert [p.name for p in params] == [a.name for a in schema.arguments]
     for p, a in zip(params, schema.arguments):
         assert (p.kind == inspect.Parameter.KEYWORD_ONLY) == a.kwarg_only, p.name
@@ -101,3 +98,10 @@ def test_public_function_signature_matches_schema(name):
             assert p.default == a.default_value, p.name
         else:
             assert p.default is inspect.Parameter.empty, p.name
+
+
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_public_function_signature_matches_schema(name):
+    """The drop-in function takes the schema's arguments, in order, with its defaults."""
+
+    assert_signature_matches(getattr(ops, name), getattr(torch.ops.npu_attn, name).default._schema)

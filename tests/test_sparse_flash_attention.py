@@ -589,18 +589,11 @@ def test_seed_004_prototype_is_quoted_from_the_seed():
 
 def test_custom_form_has_the_seed_signature():
     """Names, order, positional/keyword-only split and defaults exactly as seed 004 lists them."""
-    import inspect
+    from test_schemas import assert_signature_matches
 
     schema = torch._C.parse_schema(SEED_004_PROTOTYPE.replace("custom.", "custom::", 1))
     assert len(schema.returns) == 1
-    params = list(inspect.signature(_custom()).parameters.values())
-    assert [p.name for p in params] == [a.name for a in schema.arguments]
-    for p, a in zip(params, schema.arguments):
-        assert (p.kind == inspect.Parameter.KEYWORD_ONLY) == a.kwarg_only, p.name
-        if a.has_default_value():
-            assert p.default == a.default_value, p.name
-        else:
-            assert p.default is inspect.Parameter.empty, p.name
+    assert_signature_matches(_custom(), schema)
 
 
 def _seed_example_inputs():
