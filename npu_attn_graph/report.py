@@ -12,7 +12,7 @@ import torch
 class Site:
     """One attention site or KV-cache update found in a graph."""
 
-    kind: str  # "attention" or "kv_update"
+    kind: str  # "attention", "kv_update" or "moe"
     graph: str  # "inference" / "forward" / ...
     layer: str
     source: str

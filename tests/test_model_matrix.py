@@ -58,22 +58,10 @@ LEFT_ALONE = {
                                        "attn_logit_softcapping): no NPU inference attention op applies a softcap"),
 }
 
-_GPTOSS_GE = ("8 GE nodes unconverted, all in the experts (transformers/integrations/moe.py, "
-              "grouped_mm_experts_forward, the default experts implementation), none in attention: aten.histc x2 "
-              "(no converter), transformers.grouped_mm_fallback x4 (custom op: TorchAir's auto-converter needs CANN), "
-              "aten.index_put x2 (inv_perm[perm] = arange, no converter)")
-_GPTOSS_SINKS = ("; the 2 sink attention sites are left alone for the GE target with the op's reason "
-                 "'npu_fused_infer_attention_score_v2: learnable_sink.dtype must be torch.bfloat16 on the NPU, "
-                 "got torch.float32'")
-
 # Measured 2026-12-02 (transformers 5.23.0, torch 2.13.0, TorchAir of torch-npu 2.13.0 offline):
-# (family, attn, scenario) -> {test: what fails}.
-GAPS: dict[tuple[str, str, str], dict[str, str]] = {
-    ("gpt-oss", "eager", "static"): {"ge": f"gpt-oss eager static decode step: not one complete GE graph: {_GPTOSS_GE}"
-                                           f"{_GPTOSS_SINKS}"},
-    ("gpt-oss", "eager", "prefill"): {"ge": f"gpt-oss eager prefill: not one complete GE graph: {_GPTOSS_GE}"
-                                            f"{_GPTOSS_SINKS}"},
-}
+# (family, attn, scenario) -> {test: what fails}. None today: gpt-oss's MoE block, the last gap,
+# becomes npu_moe_compute_expert_tokens + npu_grouped_matmul (passes/moe_experts_to_fused.py).
+GAPS: dict[tuple[str, str, str], dict[str, str]] = {}
 
 
 def _params(test: str, scenarios: tuple[str, ...] = ("prefill", "static", "dynamic"), ge: bool = False) -> list:

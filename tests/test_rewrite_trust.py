@@ -55,7 +55,8 @@ def qkv(b=2, n=4, sq=5, skv=7, d=32, seed=0, dtype=torch.float32):
 def test_the_rules_are_readable_from_the_rule_list():
     assert [r.name for r in RULES] == ["sdpa", "eager:matmul-softmax-matmul", "eager:attention-with-sinks",
                                         "static-cache-write",
-                                        "sliding-window-cache-write", "sliding-window-fill", "paged-cache-write"]
+                                        "sliding-window-cache-write", "sliding-window-fill", "paged-cache-write",
+                                        "moe:sorted-experts-grouped-matmul"]
     assert all(r.match and r.check and r.rewrite for r in RULES)
 
 

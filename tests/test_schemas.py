@@ -17,8 +17,10 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" 
 LOCAL_COPY = Path(__file__).with_name("data") / "torch_npu_2.13.0_schemas.txt"
 # Schemas of ops beyond the shared reference list, extracted from the torch_npu
 # 2.13.0 wheel's torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml (the
-# functional "- func:" line of each op, the "- func: " prefix dropped).
-WHEEL_EXTRACTS = [Path(__file__).with_name("data") / "torch_npu_2.13.0_v2_schemas.txt"]
+# functional "func:" line of each op, its "- func: " or "  func: " prefix dropped;
+# the MoE ops' entries start with "- exposed: true", so their func line is indented).
+WHEEL_EXTRACTS = [Path(__file__).with_name("data") / "torch_npu_2.13.0_v2_schemas.txt",
+                  Path(__file__).with_name("data") / "torch_npu_2.13.0_moe_schemas.txt"]
 WHEEL_YAML = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 
 # Ops of this issue; later op-library work extends the list.
@@ -72,11 +74,12 @@ def test_wheel_extracts_match_the_cached_wheel(extract):
         pytest.skip("no cached torch_npu 2.13.0 wheel")
     with zipfile.ZipFile(wheel) as archive:
         yaml_text = archive.read(WHEEL_YAML).decode()
-    funcs = {line[len("- func: "):].strip() for line in yaml_text.splitlines() if line.startswith("- func: ")}
+    funcs = {line[len("- func: "):].strip() for line in yaml_text.splitlines()
+             if line.startswith(("- func: ", "  func: "))}
     lines = [line.strip() for line in extract.read_text().splitlines() if line.strip()]
     assert lines
     for line in lines:
-        assert line in funcs, f"{line.split('(', 1)[0]}: not a '- func:' line of {wheel.name}'s {WHEEL_YAML}"
+        assert line in funcs, f"{line.split('(', 1)[0]}: not a 'func:' line of {wheel.name}'s {WHEEL_YAML}"
 
 
 @pytest.mark.parametrize("name", IMPLEMENTED)

@@ -23,7 +23,9 @@ _rules) are, by pass:
   the shifted window, copied back: a full sliding-window cache step) and
   WINDOW_FILL_RULE (the window copied from the last W positions of new states);
 - paged_cache_update: PAGED_WRITE_RULE (key and value written through one
-  slot mapping into paged caches).
+  slot mapping into paged caches);
+- moe_experts_to_fused: MOE_RULE (transformers' sorted-experts MoE block:
+  histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops).
 gqa_repeat_kv, attention_layout and attention_precision refine fused ops the
 rules inserted, reading the fused-op registry (registry.py).
 """
@@ -44,6 +46,7 @@ from .attention_precision import attention_precision
 from .attention_sinks_to_fused import SINK_RULE, attention_sinks_to_fused
 from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
+from .moe_experts_to_fused import MOE_RULE, moe_experts_to_fused
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
@@ -73,11 +76,13 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("static_cache_update", POST_AOT, static_cache_update),
     Pass("sliding_window_cache_update", POST_AOT, sliding_window_cache_update),
     Pass("paged_cache_update", POST_AOT, paged_cache_update),
+    Pass("moe_experts_to_fused", POST_AOT, moe_experts_to_fused),
     Pass("attention_layout", POST_AOT, attention_layout),
     Pass("attention_precision", POST_AOT, attention_precision),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
-RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE)
+RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
+         MOE_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:

@@ -35,7 +35,7 @@ M = TypeVar("M")
 @dataclass(frozen=True)
 class Rule(Generic[M]):
     name: str
-    kind: str  # "attention" or "kv_update"
+    kind: str  # "attention", "kv_update" or "moe"
     anchors: tuple  # node targets a match starts at
     match: Callable[[torch.fx.Node], M | None]
     check: Callable[[M, PassContext], str | None]
