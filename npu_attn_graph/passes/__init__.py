@@ -51,6 +51,7 @@ from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
+from .training_eager_attention_to_fusion import training_eager_attention_to_fusion
 from .training_sdpa_to_fusion import training_sdpa_to_fusion
 from .unfused_sites import report_unfused_sites
 
@@ -69,6 +70,7 @@ class Pass:
 # The fixed order.
 PIPELINE: tuple[Pass, ...] = (
     Pass("training_sdpa_to_fusion", PRE_AOT, training_sdpa_to_fusion),
+    Pass("training_eager_attention_to_fusion", PRE_AOT, training_eager_attention_to_fusion),
     Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
     Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
     Pass("attention_sinks_to_fused", POST_AOT, attention_sinks_to_fused),
