@@ -411,3 +411,18 @@ def test_the_ops_own_validation_refuses_float64_for_the_ge_target():
     assert not site.rewritten and site.reason.startswith("npu_grouped_matmul: x[0].dtype must be one of"), \
         capture.report.table()
     assert "aten.histc.default" in _targets(capture.graphs[0])  # rolled back: the graph as it was
+
+
+def test_the_inductor_executor_takes_the_rewritten_block():
+    """After Inductor's decompositions the inverse permutation reads empty + prims.iota; the
+    rewrite still applies, and its casts are ones Inductor lowers."""
+    from npu_attn_graph import NpuAttnBackend
+
+    block, hidden, report = _experts_block(), torch.randn(1, 7, 32, generator=_gen(3)), Report()
+    with torch.no_grad():
+        eager = block(hidden)[0]
+        out = torch.compile(block, backend=NpuAttnBackend(report=report), options={"executor": "inductor"},
+                            fullgraph=True)(hidden)[0]
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    (site,) = [s for s in report.sites if s.kind == "moe"]
+    assert site.rewritten, report.table()

@@ -25,7 +25,9 @@ the model is not one GE graph. The rewrite (all of it, or nothing):
   rows [ends[e-1], ends[e]) times W[e];
 - index_put(empty_like(perm), [perm], arange(S)) -> npu_scatter_nd_update(
   empty_like(perm), perm.unsqueeze(-1), arange(S)): perm is a permutation
-  (sort's indices), so every position is written once, as index_put does.
+  (sort's indices), so every position is written exactly once, as index_put
+  does (any 1-D target and values of perm's length; Inductor's decompositions
+  spell them empty and prims.iota).
 
 Check: the ids must be known to lie in [0, E): they are top-k indices over a
 last dimension of E (a router's logits). Expert parallelism pushes sentinel ids
@@ -76,7 +78,7 @@ class MoeSite:
     low: object
     high: object
     grouped_mms: tuple[torch.fx.Node, ...]
-    inverse: torch.fx.Node | None  # index_put(empty_like(perm), [perm], arange(S))
+    inverse: torch.fx.Node | None  # index_put(t, [perm], values): inv_perm[perm] = arange(S)
 
 
 def _arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
@@ -97,18 +99,19 @@ def _sort_output(node: object, index: int) -> torch.fx.Node | None:
     return sort if not descending and val(sort.args[0]).dim() == 1 else None
 
 
-def _is_inverse_permutation(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
-    """node is index_put(empty_like(perm), [perm], arange(len(perm))), not accumulating."""
+def _is_permutation_write(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
+    """node is index_put(t, [perm], values), not accumulating, with t 1-D of perm's length:
+    perm is a permutation (sort's indices), so every position of t is written exactly once,
+    whatever t and values are (transformers: empty_like(perm) and arange(S); empty and
+    prims.iota after Inductor's decompositions)."""
     if not is_call(node, (aten.index_put.default, aten._unsafe_index_put.default)) or len(node.args) < 3:
         return False
     target, indices, values = node.args[:3]
     if _arg(node, 3, "accumulate", False) or list(indices) != [perm]:
         return False
-    if not (is_call(target, aten.empty_like.default) and target.args[0] is perm):
-        return False
-    if not is_call(values, aten.arange.default) or len(values.args) != 1:
-        return False
-    return static_int(values.args[0]) is not None and static_int(values.args[0]) == static_int(val(perm).shape[0])
+    n = val(perm).shape[0]
+    return val(target).dim() == 1 and statically_known_true(val(target).shape[0] == n) and \
+        val(values).dim() == 1 and statically_known_true(val(values).shape[0] == n)
 
 
 def match_moe(histc: torch.fx.Node) -> MoeSite | None:
@@ -130,7 +133,7 @@ def match_moe(histc: torch.fx.Node) -> MoeSite | None:
     perm = next((u for u in sort.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
     inverse = None
     if perm is not None:
-        inverse = next((u for u in perm.users if _is_inverse_permutation(u, perm)), None)
+        inverse = next((u for u in perm.users if _is_permutation_write(u, perm)), None)
     return MoeSite(histc=histc, cumsum=cumsum, sorted_ids=ids, flat_ids=sort.args[0], perm=perm,
                    bins=_arg(histc, 1, "bins", 100), low=_arg(histc, 2, "min", 0), high=_arg(histc, 3, "max", 0),
                    grouped_mms=mms, inverse=inverse)
@@ -168,7 +171,7 @@ def check_moe(site: MoeSite, ctx: PassContext) -> str | None:
             return "grouped_mm_fallback's input rows are not the routed rows"
     if site.perm is not None and site.inverse is None and any(
             is_call(u, (aten.index_put.default, aten._unsafe_index_put.default)) for u in site.perm.users):
-        return "the sort's permutation is written by an index_put that is not its inverse permutation"
+        return "the sort's permutation indexes an index_put that does not write every position exactly once"
     return None
 
 
@@ -182,9 +185,11 @@ def _call_at(rw: Rewrite, node: torch.fx.Node, target, args: tuple, kwargs: dict
 def rewrite_moe(rw: Rewrite, site: MoeSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
     experts = static_int(site.bins)
     with npu_rules(ctx.target == "ge"):
-        ids = _call_at(rw, site.cumsum, aten._to_copy.default, (site.sorted_ids,), {"dtype": torch.int32})
+        # Casts as prims.convert_element_type: Inductor lowers it (not an _to_copy inserted after
+        # its decompositions ran), and TorchAir converts it (GE Cast).
+        ids = _call_at(rw, site.cumsum, prims.convert_element_type.default, (site.sorted_ids, torch.int32))
         ends = _call_at(rw, site.cumsum, npu_attn.npu_moe_compute_expert_tokens.default, (ids, experts))
-        group_list = _call_at(rw, site.cumsum, aten._to_copy.default, (ends,), {"dtype": torch.int64})
+        group_list = _call_at(rw, site.cumsum, prims.convert_element_type.default, (ends, torch.int64))
         for mm in site.grouped_mms:
             x, weight = _arg(mm, 0, "input", None), _arg(mm, 1, "weight", None)
             outs = _call_at(rw, mm, npu_attn.npu_grouped_matmul.default, ([x], [weight]),
