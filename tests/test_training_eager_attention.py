@@ -293,3 +293,115 @@ def test_returned_attention_weights_are_left_alone():
     training = [s for s in _attention_sites(report) if s.graph == "training"]
     assert len(training) == 1 and not training[0].rewritten and "also used" in training[0].reason
     assert FUSION not in _targets(report)
+
+
+# ----------------------------------------------------------------------------
+# Packed variable-length batches (DataCollatorWithFlattening) -> TND
+# ----------------------------------------------------------------------------
+
+PACKED = torch.ops.npu_attn.npu_fusion_attention_packed.default
+PACKED_GRAD = torch.ops.npu_attn.npu_fusion_attention_packed_grad.default
+LENGTHS = [3, 5, 4]
+
+
+def _packed_batch():
+    """What DataCollatorWithFlattening makes of three sequences: one row of all their
+    tokens, position_ids restarting at 0, labels -100 at each sequence's first token."""
+    ids = torch.randint(1, 128, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    labels = ids.clone()
+    labels[0, torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0)[:-1].tolist()])] = -100
+    return ids, position_ids, labels
+
+
+@pytest.fixture
+def tnd_lengths(monkeypatch):
+    """Every cumulative-lengths list the packed ops computed through TND (None: BNSD)."""
+    import sys
+
+    module = sys.modules["npu_attn_graph.passes.training_packed_to_tnd"]
+    seen = []
+    original = module.packed_segments
+
+    def spy(*args):
+        result = original(*args)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(module, "packed_segments", spy)
+    return seen
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_llama_batch_becomes_tnd_with_eagers_loss_and_gradients(attn, tnd_lengths):
+    model = build_matrix_model("llama", attn).train()
+    ids, position_ids, labels = _packed_batch()
+
+    def loss_of(m):
+        logits = m(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        return F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+
+    expected = loss_of(model)
+    expected.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    report = Report()
+    loss = loss_of(_compile(model, report))
+    loss.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=ATOL)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    sites = _attention_sites(report)
+    assert len(sites) == 2 and all(s.fused_op == "npu_fusion_attention" and s.layout == "TND" and
+                                   s.sparse_mode == 3 for s in sites), report.table()
+    targets = _targets(report)
+    assert targets.count(PACKED) == 2 and targets.count(PACKED_GRAD) == 2 and FUSION not in targets
+    # Two layers, forward and backward: every call went through TND with the three sequences.
+    assert tnd_lengths == [[3, 8, 12]] * 4
+
+
+def _packed_mask(batch_segments: list[list[int]], seq: int) -> torch.Tensor:
+    """(B, 1, S, S), True = masked out: block-diagonal causal over each batch's segments."""
+    masks = []
+    for segments in batch_segments:
+        ids = torch.repeat_interleave(torch.arange(len(segments)), torch.tensor(segments))
+        keep = (ids[:, None] == ids[None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
+        masks.append(~keep)
+    return torch.stack(masks).unsqueeze(1)
+
+
+def _band_mask(seq: int) -> torch.Tensor:
+    keep = torch.ones(seq, seq, dtype=torch.bool).tril() & ~torch.ones(seq, seq, dtype=torch.bool).tril(-3)
+    return (~keep).expand(2, 1, seq, seq)
+
+
+def _holed_mask(seq: int) -> torch.Tensor:
+    mask = _packed_mask([[3, 5], [8]], seq)
+    mask[0, 0, 6, 4] = True  # a hole inside a sequence: not block-diagonal causal
+    return mask
+
+
+@pytest.mark.parametrize("mask,lengths", [
+    (_packed_mask([[3, 5], [8]], 8), [3, 8, 16]),
+    (_packed_mask([[2, 2, 4]], 8).expand(2, 1, 8, 8), [2, 4, 8, 10, 12, 16]),
+    (_band_mask(8), None),
+    (_holed_mask(8), None),
+], ids=["two-batches", "shared-mask", "band", "hole"])
+def test_packed_op_equals_the_bnsd_call_with_its_mask(mask, lengths, tnd_lengths):
+    """npu_fusion_attention_packed is npu_fusion_attention BNSD with the mask
+    (sparse_mode 1), values and gradients, whichever way it computes it; TND
+    exactly where the mask is block-diagonal causal."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 8, 16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 2, 8, 16, generator=g).requires_grad_() for _ in range(2))
+    dy = torch.randn(2, 4, 8, 16, generator=g)
+    out = PACKED(q, k, v, mask, 4, 0.25)
+    grads = torch.autograd.grad(out[0], (q, k, v), dy)
+    ref = FUSION(q, k, v, 4, "BNSD", atten_mask=mask, scale=0.25, sparse_mode=1)
+    ref_grads = torch.autograd.grad(ref[0], (q, k, v), dy)
+    for got, want in zip([*out, *grads], [*ref[:3], *ref_grads]):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    assert tnd_lengths == [lengths, lengths]  # forward and backward decide alike
+    torch.library.opcheck(PACKED, (q, k, v, mask, 4, 0.25))

@@ -52,6 +52,7 @@ from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
 from .training_eager_attention_to_fusion import training_eager_attention_to_fusion
+from .training_packed_to_tnd import training_packed_to_tnd
 from .training_sdpa_to_fusion import training_sdpa_to_fusion
 from .unfused_sites import report_unfused_sites
 
@@ -71,6 +72,7 @@ class Pass:
 PIPELINE: tuple[Pass, ...] = (
     Pass("training_sdpa_to_fusion", PRE_AOT, training_sdpa_to_fusion),
     Pass("training_eager_attention_to_fusion", PRE_AOT, training_eager_attention_to_fusion),
+    Pass("training_packed_to_tnd", PRE_AOT, training_packed_to_tnd),
     Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
     Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
     Pass("attention_sinks_to_fused", POST_AOT, attention_sinks_to_fused),

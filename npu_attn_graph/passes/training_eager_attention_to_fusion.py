@@ -70,6 +70,7 @@ from ._fx import Rewrite, RewriteRefused, is_call, same_shape, same_strides, sta
 from ._masks import _empty_rows, plan_mask
 from ._rules import Rule, RuleStats, apply_rules
 from .eager_attention_to_fused import CASTS, SOFTMAXES, keeps_element_order, site_from_chains, walk_scores
+from .training_packed_to_tnd import mark_site
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -316,6 +317,7 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
     fused = rw.call(npu_attn.npu_fusion_attention.default, (op_q, k, v, heads, "BNSD"),
                     dict(pse=plan.pse_shift, atten_mask=plan.atten_mask, scale=op_scale,
                          sparse_mode=1 if plan.atten_mask is not None else 0))
+    mark_site(fused, record)
     out = rw.call(operator.getitem, (fused, 0))
     if fixup == "uniform":
         out = _uniform_rows(rw, out, plan.atten_mask, q, k, v, scale, heads, added)

@@ -27,6 +27,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
 from ._context import PassContext
+from .training_packed_to_tnd import mark_site
 
 SDPA_SIGNATURE = inspect.signature(
     lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
@@ -90,6 +91,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
                 fusion_attention_output,
                 (args["query"], args["key"], args["value"], args["attn_mask"], scale, sparse_mode))
         fused.meta.update(node.meta)
+        mark_site(fused, site)
         node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)
         site.fused_op, site.layout = "npu_fusion_attention", "BNSD"
