@@ -152,8 +152,10 @@ class ScaledAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("specialize_float", [False, True])
 def test_dynamic_true_float_scale(specialize_float):
-    """dynamic=True turns the Python float scale into a graph input: the site is
-    reported with the way out; with specialize_float the scale is a constant again."""
+    """dynamic=True turns the Python float scale into a graph input: the fused op
+    takes its scale as a constant, so the runtime scale multiplies the query
+    instead (softmax(s * q @ k^T) = softmax((s * q) @ k^T)); with specialize_float
+    the scale is a constant again and goes to the op."""
     q, k, v = _qkv()
     for t in (q, k, v):
         torch._dynamo.mark_static(t, 1)  # heads and head_dim stay static, as in models that
@@ -161,11 +163,48 @@ def test_dynamic_true_float_scale(specialize_float):
     module = ScaledAttention(0.125)
     report = Report()
     with torch._dynamo.config.patch(specialize_float=specialize_float):
-        out = torch.compile(module, backend="npu_attn", dynamic=True, options={"report": report})(q, k, v)
-    torch.testing.assert_close(out, module(q, k, v), rtol=1e-5, atol=1e-6)
+        compiled = torch.compile(module, backend="npu_attn", dynamic=True, options={"report": report})
+        out = compiled(q, k, v)
+        module.scaling = 0.3  # a new value of the runtime scale reuses the graph
+        out_changed = compiled(q, k, v)
+    torch.testing.assert_close(out, ScaledAttention(0.125)(q, k, v), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_changed, ScaledAttention(0.3)(q, k, v), rtol=1e-5, atol=1e-6)
+    site = report.sites[0]
+    assert site.rewritten, site.reason
+    folded = [n for n in site.notes if "folded into the query (q * s)" in n]
+    assert bool(folded) != specialize_float, site.notes
+
+
+class RuntimeScaleAfterMask(torch.nn.Module):
+    def __init__(self, scaling: float):
+        super().__init__()
+        self.scaling = scaling
+
+    def forward(self, q, k, v, bias):
+        return torch.softmax((q @ k.transpose(-1, -2) + bias) * self.scaling, dim=-1) @ v
+
+
+class RuntimeScaleDivided(RuntimeScaleAfterMask):
+    def forward(self, q, k, v, bias):
+        return torch.softmax(q @ k.transpose(-1, -2) / self.scaling + bias, dim=-1) @ v
+
+
+@pytest.mark.parametrize("module, fused", [(RuntimeScaleDivided(4.0), True), (RuntimeScaleAfterMask(0.25), False)])
+def test_dynamic_true_runtime_scale_folds_only_before_terms(module, fused):
+    """A runtime divisor folds as q / s; a runtime scale applied after a bias would
+    scale the bias too, which the op cannot do: that site stays, with the reason."""
+    q, k, v = _qkv()
+    bias = torch.randn(1, 1, q.shape[2], k.shape[2], generator=torch.Generator().manual_seed(3))
+    for t in (q, k, v):
+        torch._dynamo.mark_static(t, 1)
+        torch._dynamo.mark_static(t, 3)
+    report = Report()
+    with torch._dynamo.config.patch(specialize_float=False):
+        out = torch.compile(module, backend="npu_attn", dynamic=True, options={"report": report})(q, k, v, bias)
+    torch.testing.assert_close(out, module(q, k, v, bias), rtol=1e-5, atol=1e-6)
     (site,) = report.sites
-    if specialize_float:
-        assert site.rewritten, site.reason
+    assert site.rewritten == fused, site.reason
+    if fused:
+        assert any("folded into the query (q / s)" in n for n in site.notes), site.notes
     else:
-        assert not site.rewritten and "the softmax scale is a runtime value" in site.reason
-        assert "specialize_float = True" in site.reason
+        assert "after a mask or bias term" in site.reason

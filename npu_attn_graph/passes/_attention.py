@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..kernels._library import COMPRESSED_MASK_SIZE, npu_rules
+from ..kernels._library import COMPRESSED_MASK_SIZE, INT_MAX, npu_rules
 from ._context import PassContext
 from ._fx import CONSTANT, Rewrite, RewriteRefused, same_shape, same_strides, static_int, val
 from ._masks import ScoreTerm, empty_rows_nan, fully_masked_fixup, plan_mask
@@ -85,7 +85,9 @@ class AttentionSite:
     is_causal: bool = False
     dropout_p: float = 0.0
     internal: tuple[torch.fx.Node, ...] = ()  # must have no users outside the site
-    runtime_scale: torch.fx.Node | None = None
+    # Scales known only at run time (dynamic=True makes Python floats graph inputs):
+    # (0-d tensor node, divides) per step, folded into the query by the rewrite.
+    runtime_scales: tuple[tuple[torch.fx.Node, bool], ...] = ()
     form_reason: str | None = None  # found while matching: auxiliary outputs in use, scale after a term
     notes: list[str] = field(default_factory=list)
     # A per-head sink logit joining the softmax and dropped after it: a (1, N, 1, 1)
@@ -111,10 +113,6 @@ def structure_reason(site: AttentionSite) -> str | None:
         outside = [u for u in inner.users if u not in chain]
         if outside:
             return f"intermediate {inner.name} is also used by {outside[0].name} (e.g. returned attention weights)"
-    if site.runtime_scale is not None:
-        return (f"the softmax scale is a runtime value ({site.runtime_scale.name}; torch.compile(dynamic=True) "
-                "turns Python floats into graph inputs) but the fused ops take it as a constant: compile without "
-                "dynamic=True, or set torch._dynamo.config.specialize_float = True")
     ranks = tuple(len(o.shape()) for o in (site.query, site.key, site.value))
     if ranks != (4, 4, 4):
         return f"q/k/v ranks {ranks} (needs 4-D BNSD)"
@@ -151,6 +149,20 @@ def _scale(site: AttentionSite, q: torch.fx.Node) -> float:
     if d is None:
         raise RewriteRefused(f"SDPA's default scale 1/sqrt(D) needs a static head dim, got D={val(q).shape[-1]}")
     return 1.0 / math.sqrt(d)
+
+
+def _fold_runtime_scales(rw: Rewrite, site: AttentionSite, q: torch.fx.Node) -> tuple[torch.fx.Node, list[str]]:
+    """softmax(s * (q @ k^T)) = softmax((s * q) @ k^T) for any scalar s: a scale the
+    graph reads at run time multiplies the query, and the op's own scale stays the
+    constant part. (The fused ops take scale as a float attribute.)"""
+    notes = []
+    for factor, divides in site.runtime_scales:
+        q = rw.call(aten.div.Tensor if divides else aten.mul.Tensor, (q, factor))
+        if val(q).dtype != val(site.query.node).dtype:
+            raise RewriteRefused(f"the runtime scale {factor.name} ({val(factor).dtype}) would change the query's "
+                                 f"dtype {val(site.query.node).dtype} to {val(q).dtype}")
+        notes.append(f"runtime scale {factor.name} folded into the query ({'q / s' if divides else 'q * s'})")
+    return q, notes
 
 
 def _causal(site: AttentionSite, q: torch.fx.Node, k: torch.fx.Node) -> int:
@@ -204,14 +216,18 @@ def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fus
 
 def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
     q, k, v = (site.query.build(rw), site.key.build(rw), site.value.build(rw))
+    q, scale_notes = _fold_runtime_scales(rw, site, q)
     heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
     if heads is None or kv_heads is None:
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
     scale = _scale(site, q)
-    sparse_mode, atten_mask = 0, None
+    sparse_mode, atten_mask, pre_tokens, next_tokens = 0, None, INT_MAX, INT_MAX
     plan = plan_mask(rw, site.terms, site.score_rank, q, k, with_sink=site.sink is not None,
                      softmax_nan_rows=site.softmax_nan_rows)
-    if plan.atten_mask is not None:
+    if plan.band is not None:  # a mask built from positions that is a band
+        sparse_mode, pre_tokens, next_tokens = plan.band.sparse_mode, plan.band.pre_tokens, plan.band.next_tokens
+        atten_mask = causal_mask_node(rw, q, ctx)
+    elif plan.atten_mask is not None:
         atten_mask, sparse_mode = plan.atten_mask, 1  # allMask: exactly the given mask, no band
     elif site.is_causal:
         sparse_mode = _causal(site, q, k)
@@ -229,7 +245,7 @@ def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fu
                 continue
             checkpoint = rw.checkpoint()
             call = AttentionCall(q, k, v, heads, 0 if heads == kv_heads else kv_heads, scale, layout,
-                                 atten_mask, plan.pse_shift, sparse_mode, learnable_sink=sink)
+                                 atten_mask, plan.pse_shift, sparse_mode, pre_tokens, next_tokens, learnable_sink=sink)
             try:
                 fused = rw.call(op.overload, (q, k, v), op.kwargs(call))
                 out = fused if op.output_index is None else rw.call(operator.getitem, (fused, op.output_index))
@@ -249,7 +265,7 @@ def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fu
                 continue
             rw.replace(site.output, out)
             return FusedSite(op, fused, layout, sparse_mode if op.sparse_modes else None, heads // kv_heads,
-                             plan.notes + site.notes)
+                             plan.notes + site.notes + scale_notes)
     raise RewriteRefused("; ".join(reasons) if reasons else "no fused op takes this query length")
 
 

@@ -104,6 +104,25 @@ def scalar_constant(node: object) -> float | None:
     return float(value) if isinstance(value, (int, float, bool)) else None
 
 
+def is_full_slice(node: object) -> bool:
+    """node is x[..., 0:end, ...] with step 1 and end at or past the dim's size:
+    a view equal to x. Symbolic shapes keep such no-op slices in the graph
+    (x[:, :, None] of a tensor with a symbolic batch)."""
+    if not is_call(node, aten.slice.Tensor):
+        return False
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    size = val(node.args[0]).shape[dim]
+    # x[a:] traces end as sys.maxsize, which no symbolic size is known to stay under.
+    unbounded = end is None or (isinstance(end, int) and end >= 2**62)
+    return start in (0, None) and step == 1 and (unbounded or statically_known_true(end >= size))
+
+
+def skip_full_slices(node: object) -> object:
+    while is_full_slice(node):
+        node = node.args[0]
+    return node
+
+
 # ----------------------------------------------------------------------------
 # Aliasing: which nodes are views of which
 # ----------------------------------------------------------------------------

@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..kernels._library import INT_MAX
 from ._fx import Rewrite, RewriteRefused, is_call, scalar_constant, val
+from ._mask_bands import BandMode, band_mode, keep_band
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -77,6 +79,7 @@ class MaskPlan:
     pse_shift: torch.fx.Node | None = None  # (B or 1, N, S_q, S_kv), the query's dtype
     fully_masked_fixup: bool = False  # add the mean of V back to rows with no key
     empty_rows_nan: bool = False  # rows with no key give NaN (eager softmax over all -inf)
+    band: BandMode | None = None  # the mask is this band: a sparse mode instead of atten_mask
     notes: list[str] = field(default_factory=list)
 
 
@@ -232,8 +235,9 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         return plan
     q_dtype = val(query).dtype
     batch, heads, q_len, kv_len = (rw.size(query, 0), rw.size(query, 1), rw.size(query, 2), rw.size(key, 2))
+    split = _split_added_masks(terms)
     masks, biases = [], []
-    for term in terms:
+    for term in split:
         kind = _classify(term)
         if isinstance(kind, str):
             raise RewriteRefused(kind)
@@ -241,11 +245,14 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
             biases.append(term)
         else:
             masks.append(kind if not with_sink else _Mask(kind.masked, kind.negate, kind.reshapes, False))
-    if any(m.needs_fixup for m in masks) and len(terms) > 1:
+    shape = [batch, 1, q_len, kv_len]
+    band = _band(rw, masks, score_rank, shape, val(query).shape[2], val(key).shape[2])
+    if band is None and any(m.needs_fixup for m in masks) and len(split) > 1:
         # With a finite min among several terms, what a row with no key left gets in eager
         # depends on how the terms combine (min + min overflows to -inf, a fill resets a key):
         # the mean-of-V fix-up would be wrong. Added terms, summed, are exactly what the
-        # program adds; a fill among them cannot be replayed as a sum.
+        # program adds; a fill among them cannot be replayed as a sum. (A band keeps a key
+        # in every row: no row needs the fix-up.)
         if any(t.fill is not None for t in terms):
             raise RewriteRefused("a torch.finfo(dtype).min mask combined with other mask or bias terms by a fill: "
                                  "rows with no key left would need eager's combination of the terms")
@@ -255,19 +262,12 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
             raise RewriteRefused("a float16 torch.finfo(dtype).min mask combined with other added terms: rows "
                                  "with no key left depend on float16 absorbing the scores")
         masks, biases = [], list(terms)
+    if band is not None:
+        plan.band = band
+        plan.notes.append(band.describe())
+        masks = []
     for m in masks:
-        node = m.masked
-        for op in m.reshapes:  # the same slicing/broadcasting, on the boolean
-            node = rw.call(op.target, (node, *op.args[1:]), dict(op.kwargs))
-        if val(node).dtype != torch.bool:
-            node = rw.call(aten.ne.Scalar, (node, 0))
-        if m.negate:
-            node = rw.call(aten.logical_not.default, (node,))
-        node = _aligned(rw, node, score_rank)
-        if not _is_one(val(node).shape[1]):
-            raise RewriteRefused(f"per-head mask of shape {tuple(val(node).shape)} (as broadcast against the 4-D "
-                                 "scores; the NPU mask is shared by all heads)")
-        node = _expanded(rw, node, [batch, 1, q_len, kv_len], "mask")
+        node = _mask_node(rw, m, score_rank, shape)
         plan.atten_mask = node if plan.atten_mask is None else rw.call(aten.logical_or.default,
                                                                        (plan.atten_mask, node))
         plan.fully_masked_fixup |= m.needs_fixup
@@ -295,6 +295,79 @@ def plan_mask(rw: Rewrite, terms: tuple[ScoreTerm, ...], score_rank: int, query:
         plan.empty_rows_nan = True
         plan.notes.append("fully-masked-row fix-up (-inf mask: rows with no key get NaN, as eager's softmax gives)")
     return plan
+
+
+def _split_added_masks(terms: tuple[ScoreTerm, ...]) -> list[ScoreTerm]:
+    """An added term that is itself bias + mask (T5 adds its causal mask to the
+    position bias, then the sum to the scores), or where(keep, bias, mask value),
+    as two terms. Where the mask
+    keeps a key it adds 0, so the bias alone is exactly what the program adds
+    there; where it masks, the sum masks too (the ops and the fix-up decide
+    rows with no key, as for any mask among other terms)."""
+    out = []
+    for term in terms:
+        node = term.node
+        if _classify(term) is not None:  # a mask (or refused) as a whole
+            out.append(term)
+            continue
+        while is_call(node, (aten.clone.default, aten.alias.default)):  # SDPA's contiguous mask
+            node = node.args[0]
+        if term.fill is None and term.alpha == 1 and is_call(node, aten.add.Tensor) and \
+                node.kwargs.get("alpha", 1) == 1 and len(node.args) == 2 and \
+                all(isinstance(a, torch.fx.Node) and val(a).dtype == val(node).dtype for a in node.args):
+            parts = [ScoreTerm(a, term.dtype) for a in node.args]
+            kinds = [_classify(t) for t in parts]
+            if sum(isinstance(k, _Mask) for k in kinds) == 1 and not any(isinstance(k, str) for k in kinds):
+                out.extend(parts)
+                continue
+        if term.fill is None and term.alpha == 1 and is_call(node, aten.where.self) and \
+                val(node.args[0]).dtype == torch.bool:
+            # where(keep, bias, c) added: bias where kept, c (a mask value) elsewhere
+            # (transformers' SDPA T5 hands the mask to SDPA this way).
+            cond, a, b = node.args
+            for bias, c, fill_where in ((a, b, False), (b, a, True)):
+                if isinstance(bias, torch.fx.Node) and val(bias).dtype == val(node).dtype and \
+                        scalar_constant(c) is not None:
+                    parts = [ScoreTerm(bias, term.dtype),
+                             ScoreTerm(cond, term.dtype, fill=scalar_constant(c), fill_where=fill_where)]
+                    if _classify(parts[0]) is None and isinstance(_classify(parts[1]), _Mask):
+                        out.extend(parts)
+                        break
+            else:
+                out.append(term)
+            continue
+        out.append(term)
+    return out
+
+
+def _mask_node(rw: Rewrite, m: _Mask, score_rank: int, shape: list) -> torch.fx.Node:
+    """The NPU mask (bool, True = masked out) of one mask term, expanded to (B or 1, 1, S_q, S_kv)."""
+    node = m.masked
+    for op in m.reshapes:  # the same slicing/broadcasting, on the boolean
+        node = rw.call(op.target, (node, *op.args[1:]), dict(op.kwargs))
+    if val(node).dtype != torch.bool:
+        node = rw.call(aten.ne.Scalar, (node, 0))
+    if m.negate:
+        node = rw.call(aten.logical_not.default, (node,))
+    node = _aligned(rw, node, score_rank)
+    if not _is_one(val(node).shape[1]):
+        raise RewriteRefused(f"per-head mask of shape {tuple(val(node).shape)} (as broadcast against the 4-D "
+                             "scores; the NPU mask is shared by all heads)")
+    return _expanded(rw, node, shape, "mask")
+
+
+def _band(rw: Rewrite, masks: list[_Mask], score_rank: int, shape: list, q_len: object,
+          kv_len: object) -> BandMode | None:
+    """The sparse mode of the site's one mask, when it is built from positions and
+    provably a band in which every query row keeps a key (_mask_bands)."""
+    if len(masks) != 1 or not _from_positions(masks[0].masked):
+        return None
+    try:
+        node = _mask_node(rw, masks[0], score_rank, shape)
+    except RewriteRefused:
+        return None  # not a shared mask: plan_mask gives the reason
+    band = keep_band(node, q_len, kv_len)
+    return band and band_mode(band, q_len, kv_len, INT_MAX)
 
 
 COMPARISONS = (aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor, aten.le.Scalar, aten.lt.Scalar,

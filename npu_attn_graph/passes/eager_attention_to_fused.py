@@ -170,7 +170,7 @@ class _Scores:
     scale: float = 1.0
     terms: list[ScoreTerm] = field(default_factory=list)
     nodes: list[torch.fx.Node] = field(default_factory=list)
-    runtime_scale: torch.fx.Node | None = None
+    runtime_scales: list[tuple[torch.fx.Node, bool]] = field(default_factory=list)
     form_reason: str | None = None
 
 
@@ -231,12 +231,13 @@ def walk_scores(x: torch.fx.Node) -> _Scores | None:
     scores = _Scores(node, split, nodes=[*nodes, node])
     seen_term = False
     for kind, payload, step_node in reversed(steps):  # from the bmm outwards
-        if kind == "scale":
+        if kind in ("scale", "runtime_scale"):
             if seen_term:
                 scores.form_reason = f"the scores are scaled ({step_node.name}) after a mask or bias term"
-            scores.scale *= payload
-        elif kind == "runtime_scale":
-            scores.runtime_scale = payload
+            if kind == "scale":
+                scores.scale *= payload
+            else:
+                scores.runtime_scales.append(payload)
         elif kind == "term":
             seen_term = True
             scores.terms.append(payload)
@@ -261,7 +262,7 @@ def _score_step(node: torch.fx.Node):
         a, b = node.args[:2]
         for x, c in ((a, b), (b, a)) if node.target is aten.mul.Tensor else ((a, b),):
             if isinstance(x, torch.fx.Node) and _runtime_scalar(c) and not _runtime_scalar(x):
-                return "runtime_scale", x, c
+                return "runtime_scale", x, (c, node.target is aten.div.Tensor)
         return None
     if is_call(node, (aten.add.Tensor, aten.sub.Tensor)):
         a, b = node.args[:2]
@@ -381,7 +382,7 @@ def site_from_chains(pattern: str, softmax: torch.fx.Node, scores: _Scores, bmm2
         flat_output=flat, scale=scores.scale * q_factor * k_factor, terms=tuple(scores.terms),
         score_rank=4 if scores.split is not None else 3,
         internal=tuple([*scores.nodes, *around_softmax, *prob_chain, *output_chain]),
-        runtime_scale=scores.runtime_scale, form_reason=scores.form_reason, sink=sink,
+        runtime_scales=tuple(scores.runtime_scales), form_reason=scores.form_reason, sink=sink,
         softmax_nan_rows=softmax.target is not aten._safe_softmax.default)
 
 

@@ -22,13 +22,14 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, fake_result, same_shape, val
+from ._fx import SITE, fake_result, is_call, same_shape, skip_full_slices, val
 from .registry import ATTENTION_OPS
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
 
-# BNSD key/value (B, Nkv, S, D) -> (B, Nkv * G, S, D)
+# BNSD key/value (B, Nkv, S, D) -> (B, Nkv * G, S, D): transformers' repeat_kv,
+# x[:, :, None].expand(B, Nkv, G, S, D).reshape(B, Nkv * G, S, D), or repeat_interleave.
 _expanded = CallFunction(aten.expand.default, CallFunction(aten.unsqueeze.default, KeywordArg("kv"), 2), Ignored())
 _copied = CallFunction(aten.clone.default, _expanded, memory_format=Ignored())
 REPEAT_KV_PATTERNS = (
@@ -38,25 +39,54 @@ REPEAT_KV_PATTERNS = (
     CallFunction(aten.reshape.default, _expanded, Ignored()),
     CallFunction(aten.repeat_interleave.self_int, KeywordArg("kv"), Ignored(), 1),
 )
+_MERGES = (aten._unsafe_view.default, aten.view.default, aten.reshape.default)
+
+
+def _repeat_with_full_slices(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(source, expand) of the expand form with no-op slices around the
+    unsqueeze, as symbolic shapes trace x[:, :, None] (slice(x, 0, 0, end),
+    unsqueeze, slice(.., 3, 0, end)). The pattern language has no optional
+    nodes, so this one form is walked by hand."""
+    if not is_call(node, _MERGES):
+        return None
+    expand = node.args[0]
+    if is_call(expand, aten.clone.default):
+        expand = expand.args[0]
+    if not is_call(expand, aten.expand.default):
+        return None
+    unsqueeze = skip_full_slices(expand.args[0])
+    if not (is_call(unsqueeze, aten.unsqueeze.default) and unsqueeze.args[1] == 2):
+        return None
+    return skip_full_slices(unsqueeze.args[0]), expand
+
+
+def _repeat(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
+    """(source, expand node or None for repeat_interleave) if node has a repeat's form."""
+    for pattern in REPEAT_KV_PATTERNS:
+        match = pattern.match(node)
+        if is_match(match):
+            if node.target is aten.repeat_interleave.self_int:
+                return match.kwargs["kv"], None
+            return match.kwargs["kv"], next(n for n in match.nodes if n.target is aten.expand.default)
+    return _repeat_with_full_slices(node)
+
 
 def unrepeated(node: torch.fx.Node) -> torch.fx.Node | None:
     """The tensor `node` repeats along the head axis (head h = source head h // G),
     if it is such a repeat: the pattern, and shapes (B, N, S, D) -> (B, N * G, S, D)."""
-    for pattern in REPEAT_KV_PATTERNS:
-        match = pattern.match(node)
-        if not is_match(match):
-            continue
-        source = match.kwargs["kv"]
-        src, out = val(source).shape, val(node).shape
-        if len(src) != 4 or len(out) != 4 or not same_shape((src[0], src[2], src[3]), (out[0], out[2], out[3])):
-            return None
-        if node.target is aten.repeat_interleave.self_int:
-            return source if node.args[2] == 1 else None
-        expand = next(n for n in match.nodes if n.target is aten.expand.default)
-        groups = val(expand).shape
-        if len(groups) == 5 and same_shape((groups[0], groups[1], groups[3], groups[4]), src) and \
-                statically_known_true(groups[1] * groups[2] == out[1]):
-            return source
+    found = _repeat(node)
+    if found is None:
+        return None
+    source, expand = found
+    src, out = val(source).shape, val(node).shape
+    if len(src) != 4 or len(out) != 4 or not same_shape((src[0], src[2], src[3]), (out[0], out[2], out[3])):
+        return None
+    if expand is None:
+        return source if node.args[2] == 1 else None
+    groups = val(expand).shape
+    if len(groups) == 5 and same_shape((groups[0], groups[1], groups[3], groups[4]), src) and \
+            statically_known_true(groups[1] * groups[2] == out[1]):
+        return source
     return None
 
 

@@ -34,6 +34,8 @@ class AttentionCall:
     atten_mask: torch.fx.Node | None = None  # bool, True = masked out
     pse_shift: torch.fx.Node | None = None
     sparse_mode: int = 0
+    pre_tokens: int = INT_MAX  # sparse_mode 4's band; the other modes ignore them
+    next_tokens: int = INT_MAX
     learnable_sink: torch.fx.Node | None = None  # (N,) per query head
 
 
@@ -66,7 +68,7 @@ class FusedAttentionOp:
         if call.learnable_sink is not None:
             kw[self.sink_kwarg] = call.learnable_sink
         if self.sparse_modes:
-            kw.update(sparse_mode=call.sparse_mode, pre_tokens=INT_MAX, next_tokens=INT_MAX)
+            kw.update(sparse_mode=call.sparse_mode, pre_tokens=call.pre_tokens, next_tokens=call.next_tokens)
         return kw
 
     def output_memory(self, layout: str) -> str:
