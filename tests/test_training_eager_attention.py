@@ -405,3 +405,55 @@ def test_packed_op_equals_the_bnsd_call_with_its_mask(mask, lengths, tnd_lengths
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
     assert tnd_lengths == [lengths, lengths]  # forward and backward decide alike
     torch.library.opcheck(PACKED, (q, k, v, mask, 4, 0.25))
+
+
+# ----------------------------------------------------------------------------
+# Where the fused op would not compute what the program computes
+# ----------------------------------------------------------------------------
+
+
+def test_autocast_regions_are_left_alone_with_the_dtype_the_program_gives():
+    """Under torch.autocast the matmuls (and SDPA) run in bfloat16; npu_fusion_attention
+    is a custom op autocast does not cast, so a rewrite would return float32."""
+    def hand_written(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ((q @ k.transpose(-1, -2)) * 0.25).softmax(-1) @ v
+
+    def sdpa(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    for fn in (hand_written, sdpa):
+        leaves = _leaves()
+        report = Report()
+        out = _compile(fn, report)(*leaves)
+        out.float().sum().backward()
+        assert out.dtype == fn(*leaves).dtype == torch.bfloat16
+        (site,) = [s for s in _attention_sites(report) if s.graph == "training"]
+        assert not site.rewritten and "torch.autocast" in site.reason, report.table()
+        assert FUSION not in _targets(report)
+
+
+def test_dynamic_shapes_fold_the_runtime_scale_into_the_query():
+    """dynamic=True makes the Python float scale a graph input: it is folded into the
+    query (softmax(s * q k^T) = softmax((s q) k^T)); loss and gradients equal eager for
+    two sequence lengths through one graph."""
+    model = build_matrix_model("llama", "eager").train()
+    report = Report()
+    compiled = torch.compile(model, backend="npu_attn", fullgraph=True, dynamic=True, options={"report": report})
+    torch._dynamo.reset()
+    for length in (9, 12):
+        ids = torch.randint(1, 128, (2, length), generator=torch.Generator().manual_seed(length))
+        model.zero_grad()
+        _loss("llama", model, ids, None).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        loss = _loss("llama", compiled, ids, None)
+        loss.backward()
+        torch.testing.assert_close(loss, _loss("llama", model, ids, None), rtol=RTOL, atol=ATOL)
+        for name, p in model.named_parameters():
+            if name in grads:
+                torch.testing.assert_close(p.grad, grads[name], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    sites = _attention_sites(report)
+    assert sites and all(s.fused_op == "npu_fusion_attention" for s in sites), report.table()
+    assert any("runtime scale" in " ".join(s.notes) for s in sites)

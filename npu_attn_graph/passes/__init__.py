@@ -51,7 +51,7 @@ from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
-from .training_eager_attention_to_fusion import training_eager_attention_to_fusion
+from .training_eager_attention_to_fusion import claim_sites_left_in_training, training_eager_attention_to_fusion
 from .training_packed_to_tnd import training_packed_to_tnd
 from .training_sdpa_to_fusion import training_sdpa_to_fusion
 from .unfused_sites import report_unfused_sites
@@ -100,6 +100,7 @@ def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) ->
 def run_passes(gm: torch.fx.GraphModule, selected: Iterable[str], report: Report, ctx: PassContext) -> None:
     """The selected post-AOT passes in pipeline order, then the completeness check."""
     chosen = set(selected)
+    claim_sites_left_in_training(gm)  # listed already, in the "training" graph
     for p in PIPELINE:
         if p.stage == POST_AOT and p.name in chosen:
             _run(p, gm, report, ctx)

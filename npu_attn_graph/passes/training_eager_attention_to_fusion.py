@@ -66,7 +66,7 @@ from .._logging import log
 from ..report import Report, Site
 from ._attention import AttentionSite, structure_reason
 from ._context import PassContext
-from ._fx import Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
+from ._fx import CLAIMED, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
 from ._masks import _empty_rows, plan_mask
 from ._rules import Rule, RuleStats, apply_rules
 from .eager_attention_to_fused import CASTS, SOFTMAXES, keeps_element_order, site_from_chains, walk_scores
@@ -111,18 +111,61 @@ def _may_hold_attention(gm: torch.fx.GraphModule) -> bool:
     return False
 
 
+# node.meta["custom"] keys ("custom" is the node metadata that tracing copies onto every
+# node made from a node, through this pass's trace and through AOT's):
+SOURCE = "npu_attn_dynamo_node"  # on the traced nodes while this pass runs: the dynamo node's name
+LEFT_IN_TRAINING = "npu_attn_left_in_training"  # a softmax this pass listed and left alone
+
+
 def pre_dispatch_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """dynamo's graph traced into a pre-dispatch ATen graph, on dynamo's own fake
-    values (the placeholders' example_value: same fake mode and symbols)."""
+    values (the placeholders' example_value: same fake mode and symbols). Each
+    traced node's custom[SOURCE] names the dynamo node it came from."""
     values = [node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")]
     fake_mode = next(v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor))
+
     def run(*args):
         return torch.fx.Interpreter(gm).run(*args)
 
-    # Through an Interpreter with preserve_node_meta, each ATen node keeps its source
-    # node's stack_trace and nn_module_stack (the report's layer and file:line).
-    with fake_mode, fx_traceback.preserve_node_meta():
-        return make_fx(run, pre_dispatch=True, decomposition_table=composite_implicit_decompositions())(*values)
+    saved = {node: node.meta.get("custom") for node in gm.graph.nodes}
+    for node in gm.graph.nodes:
+        node.meta["custom"] = {**(saved[node] or {}), SOURCE: node.name}
+    try:
+        # Through an Interpreter with preserve_node_meta, each ATen node keeps its source
+        # node's stack_trace, nn_module_stack and custom meta (the report's layer and file:line).
+        with fake_mode, fx_traceback.preserve_node_meta():
+            return make_fx(run, pre_dispatch=True, decomposition_table=composite_implicit_decompositions())(*values)
+    finally:
+        for node, custom in saved.items():
+            if custom is None:
+                node.meta.pop("custom", None)
+            else:
+                node.meta["custom"] = custom
+
+
+def _mark_left_alone(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, installed: bool) -> None:
+    """Mark the softmax of every site this pass left alone (on the graph AOT will take)
+    so that the post-AOT passes do not list it a second time (claim_sites_left_in_training)."""
+    by_name = {node.name: node for node in gm.graph.nodes}
+    for node in traced.graph.nodes:
+        custom = node.meta.get("custom") or {}
+        target = node if installed else by_name.get(custom.get(SOURCE))
+        if CLAIMED in node.meta and target is not None:
+            target.meta["custom"] = {**(target.meta.get("custom") or {}), LEFT_IN_TRAINING: True}
+        if installed and SOURCE in custom:
+            rest = {k: w for k, w in (node.meta.get("custom") or {}).items() if k != SOURCE}
+            if rest:
+                node.meta["custom"] = rest
+            else:
+                del node.meta["custom"]
+
+
+def claim_sites_left_in_training(gm: torch.fx.GraphModule) -> None:
+    """In a post-AOT graph: a softmax this pass already listed (left alone, with its
+    reason, in the "training" graph) is claimed, so no post-AOT rule lists it again."""
+    for node in gm.graph.nodes:
+        if (node.meta.get("custom") or {}).get(LEFT_IN_TRAINING):
+            node.meta.setdefault(CLAIMED, True)
 
 
 def install_graph(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -> None:
@@ -191,14 +234,39 @@ def match_training_attention(softmax: torch.fx.Node) -> AttentionSite | None:
     return site
 
 
+AUTOCAST = "npu_attn_autocast"  # node meta: inside an autocast region of the traced graph
+
+
+def mark_autocast_regions(gm: torch.fx.GraphModule) -> None:
+    """Mark the nodes between _enter_autocast and _exit_autocast (dynamo's form of a
+    torch.autocast block): there the ops' dtypes are autocast's, which the fused op
+    (a custom op autocast does not cast) would not follow."""
+    depth = 0
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name == "_enter_autocast":
+            depth += 1
+        elif name == "_exit_autocast":
+            depth = max(depth - 1, 0)
+        elif depth:
+            node.meta[AUTOCAST] = True
+
+
+def _autocast_reason(site: AttentionSite) -> str | None:
+    device = val(site.query.node).device.type
+    if site.anchor.meta.get(AUTOCAST) or torch.is_autocast_enabled(device):
+        return ("inside torch.autocast: the program's matmuls run in autocast's dtype, which npu_fusion_attention "
+                "(not an autocast op) would not follow")
+    return None
+
+
 def check_training_site(site: AttentionSite, ctx: PassContext) -> str | None:
+    autocast = _autocast_reason(site)
+    if autocast:
+        return autocast
     if site.dropout_p:
         return (f"dropout p={site.dropout_p:g} in training: npu_fusion_attention draws its dropout masks from its "
                 "own RNG (seed/offset), so the result could not equal eager's")
-    if getattr(site, "runtime_scale", None) is not None or getattr(site, "runtime_scales", ()):
-        return ("the softmax scale is a runtime value (torch.compile(dynamic=True) turns Python floats into graph "
-                "inputs); in training graphs it is not folded: compile without dynamic=True, or set "
-                "torch._dynamo.config.specialize_float = True")
     if site.sink is not None:
         return "a sink logit column (npu_fusion_attention's sink is not taken from training graphs)"
     return structure_reason(site)
@@ -278,8 +346,40 @@ def _nan_rows(rw: Rewrite, out: torch.fx.Node, atten_mask: torch.fx.Node, q: tor
     return rw.call(aten.where.self, (empty, nan_row, out))
 
 
+def _runtime_scales(site: AttentionSite) -> list[tuple[torch.fx.Node, bool]]:
+    """(0-d tensor node, divides) of each scale the graph reads at run time."""
+    scales = list(getattr(site, "runtime_scales", ()) or ())
+    if getattr(site, "runtime_scale", None) is not None:
+        scales.append((site.runtime_scale, False))
+    return scales
+
+
+def tensor_scalars(gm: torch.fx.GraphModule) -> None:
+    """x * s where s = _local_scalar_dense(t) of a 0-d float tensor t (dynamic=True makes
+    Python floats graph inputs; pre-dispatch tracing reads them back as SymFloats) becomes
+    x * t: the same result (a 0-d tensor does not promote x's dtype, nor does a Python
+    float), in the form the scores walk reads as a runtime scale."""
+    for node in gm.graph.find_nodes(op="call_function", target=aten._local_scalar_dense.default):
+        tensor = node.args[0]
+        if not (isinstance(val(tensor), torch.Tensor) and val(tensor).dim() == 0 and
+                val(tensor).dtype.is_floating_point):
+            continue
+        for user in list(node.users):
+            if is_call(user, (aten.mul.Tensor, aten.div.Tensor)) and user.args[1] is node and \
+                    isinstance(val(user.args[0]), torch.Tensor) and val(user.args[0]).dim() > 0 and \
+                    val(user.args[0]).dtype.is_floating_point:
+                user.replace_input_with(node, tensor)
+
+
 def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
     q, k, v = site.query.build(rw), site.key.build(rw), site.value.build(rw)
+    notes = []
+    for factor, divides in _runtime_scales(site):
+        # softmax(s * q k^T) = softmax((s * q) k^T): the op takes its scale as a constant.
+        q = rw.call(aten.div.Tensor if divides else aten.mul.Tensor, (q, factor))
+        if val(q).dtype != val(site.query.node).dtype:
+            raise RewriteRefused(f"the runtime scale {factor.name} would change the query's dtype")
+        notes.append(f"runtime scale {factor.name} folded into the query")
     heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
     if heads is None or kv_heads is None:
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
@@ -291,7 +391,7 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
             raise RewriteRefused(f"the default scale 1/sqrt(D) needs a static head dim, got D={val(q).shape[-1]}")
         scale = 1.0 / math.sqrt(d)
     plan = plan_mask(rw, site.terms, site.score_rank, q, k, softmax_nan_rows=site.softmax_nan_rows)
-    notes = [n for n in plan.notes if "fix-up" not in n]
+    notes += [n for n in plan.notes if "fix-up" not in n]
     op_q, op_scale, fixup = q, scale, None
     if plan.pse_shift is not None:
         # scale * (q k^T + pse) is what the op computes; the program adds its terms after scaling.
@@ -351,6 +451,8 @@ def training_eager_attention_to_fusion(gm: torch.fx.GraphModule, report: Report,
         return RuleStats()
     try:
         traced = pre_dispatch_graph(gm)
+        tensor_scalars(traced)
+        mark_autocast_regions(traced)
     except Exception as error:  # noqa: BLE001 - the graph stays as dynamo made it; AOT and the later passes run
         log.info("training graph: not traced to pre-dispatch ATen (%s: %s); hand-written attention is left to "
                  "the post-AOT passes", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
@@ -358,4 +460,5 @@ def training_eager_attention_to_fusion(gm: torch.fx.GraphModule, report: Report,
     stats = apply_rules(traced, (TRAINING_EAGER_RULE,), report, ctx)
     if stats.rewritten:
         install_graph(gm, traced)
+    _mark_left_alone(gm, traced, installed=bool(stats.rewritten))
     return stats

@@ -9,7 +9,8 @@ then makes AOT put npu_fusion_attention in the forward graph and
 npu_fusion_attention_grad in the backward graph.
 
 Conditions: dropout_p == 0 (the fused op's dropout RNG differs from torch's,
-so the results could not be equal); 4-D BNSD q/k/v; the mask is None or
+so the results could not be equal); not inside torch.autocast (SDPA would run
+in autocast's dtype, the custom op would not); 4-D BNSD q/k/v; the mask is None or
 boolean (negated to the NPU convention, sparse_mode 1); is_causal becomes
 sparse_mode 3 when query and key lengths are equal and 2 otherwise, with the
 compressed 2048x2048 mask.
@@ -27,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
 from ._context import PassContext
+from .training_eager_attention_to_fusion import AUTOCAST, mark_autocast_regions
 from .training_packed_to_tnd import mark_site
 
 SDPA_SIGNATURE = inspect.signature(
@@ -72,6 +74,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
     """Returns how many SDPA calls became npu_fusion_attention."""
     graph_name = ctx.graph_name
     changed = 0
+    mark_autocast_regions(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
@@ -82,6 +85,11 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
         site = Site(kind="attention", graph=graph_name, layer=layer, source=source, pattern="sdpa(training)")
         report.sites.append(site)
         site.reason, sparse_mode = _reason_and_mode(args)
+        q_value = _example(args["query"])
+        if site.reason is None and (node.meta.get(AUTOCAST) or (
+                q_value is not None and torch.is_autocast_enabled(q_value.device.type))):
+            site.reason = ("inside torch.autocast: SDPA runs in autocast's dtype, which npu_fusion_attention (not an "
+                           "autocast op) would not follow")
         if site.reason is not None:
             continue
         q = _example(args["query"])
