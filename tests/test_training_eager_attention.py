@@ -457,3 +457,35 @@ def test_dynamic_shapes_fold_the_runtime_scale_into_the_query():
     sites = _attention_sites(report)
     assert sites and all(s.fused_op == "npu_fusion_attention" for s in sites), report.table()
     assert any("runtime scale" in " ".join(s.notes) for s in sites)
+
+
+def sliding_window_from_positions(q, k, v):
+    positions = torch.arange(q.shape[2])
+    i, j = positions.view(-1, 1), positions.view(1, -1)
+    keep = (j <= i) & (i - j < 3)
+    return ((q @ k.transpose(-1, -2)) * 0.25).masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def causal_min_from_positions(q, k, v):
+    positions = torch.arange(q.shape[2])
+    mask = torch.where(positions.view(1, -1) <= positions.view(-1, 1), 0.0, torch.finfo(q.dtype).min)
+    return ((q @ k.transpose(-1, -2)) * 0.25 + mask).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn,sparse_mode", [(sliding_window_from_positions, 4), (causal_min_from_positions, 3)])
+def test_masks_built_from_positions_become_sparse_modes(fn, sparse_mode):
+    """A mask the graph builds from positions and that is provably a band (the shared
+    mask planning decides) becomes the op's sparse mode with the compressed mask."""
+    leaves = _leaves(3)
+    weight = torch.randn(B, N, S, D, generator=torch.Generator().manual_seed(8))
+    expected = fn(*leaves)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), leaves)
+    report = Report()
+    out = _compile(fn, report)(*leaves)
+    grads = torch.autograd.grad((out * weight).sum(), leaves)
+    torch.testing.assert_close(out, expected, rtol=RTOL, atol=ATOL)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    (site,) = _attention_sites(report)
+    assert site.fused_op == "npu_fusion_attention" and site.sparse_mode == sparse_mode, report.table()
+    assert FUSION_GRAD in _targets(report)

@@ -64,7 +64,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._logging import log
 from ..report import Report, Site
-from ._attention import AttentionSite, structure_reason
+from ._attention import AttentionSite, causal_mask_node, structure_reason
 from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
 from ._masks import _empty_rows, plan_mask
@@ -414,9 +414,14 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
             raise RewriteRefused("masks both added and filled (masked_fill/where) that may remove every key of a "
                                  "row: eager's gradient on such rows depends on their order")
         added = added.pop()
+    band = getattr(plan, "band", None)  # a mask proved to be a band: a sparse mode, no (S_q, S_kv) mask
+    if band is not None:
+        mask_kwargs = dict(atten_mask=causal_mask_node(rw, q, ctx), sparse_mode=band.sparse_mode,
+                           pre_tockens=band.pre_tokens, next_tockens=band.next_tokens)
+    else:
+        mask_kwargs = dict(atten_mask=plan.atten_mask, sparse_mode=1 if plan.atten_mask is not None else 0)
     fused = rw.call(npu_attn.npu_fusion_attention.default, (op_q, k, v, heads, "BNSD"),
-                    dict(pse=plan.pse_shift, atten_mask=plan.atten_mask, scale=op_scale,
-                         sparse_mode=1 if plan.atten_mask is not None else 0))
+                    dict(pse=plan.pse_shift, scale=op_scale, **mask_kwargs))
     mark_site(fused, record)
     out = rw.call(operator.getitem, (fused, 0))
     if fixup == "uniform":
@@ -431,7 +436,7 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
     _same_value(val(out), val(site.output))
     rw.replace(site.output, out)
     record.fused_op, record.layout = "npu_fusion_attention", "BNSD"
-    record.sparse_mode = 1 if plan.atten_mask is not None else 0
+    record.sparse_mode = mask_kwargs["sparse_mode"]
     record.gqa_ratio = heads // kv_heads
     record.notes = notes
     return [site.output, *site.internal]
