@@ -1,8 +1,10 @@
 """The npu_attn backend's graph passes, in one fixed order.
 
 PIPELINE is the order; the backend's ``passes`` option selects which run, it
-never reorders them. One pass runs before AOT autograd, on dynamo's graph
-(training_sdpa_to_fusion, only when gradients are needed); the others run on
+never reorders them. Three passes run before AOT autograd, on dynamo's graph,
+only when gradients are needed (training_sdpa_to_fusion,
+training_eager_attention_to_fusion with TRAINING_EAGER_RULE on a pre-dispatch
+ATen trace of it, training_packed_to_tnd); the others run on
 each post-AOT (functionalized ATen) graph, and after them the completeness
 check (unfused_sites) lists whatever attention-shaped softmax or cache write
 is left, so the report never misses a site. Each pass's time and rewrite count
