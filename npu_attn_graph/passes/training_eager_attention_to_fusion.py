@@ -46,10 +46,21 @@ must make equal, forward and backward:
   added mask also of its query and every key. The fix-up reproduces exactly
   that (_nan_rows). Added and filled masks together, or a bias with a mask that
   may empty a row, would need eager's order of the terms: left alone, reason given;
+- a mask the shared planning proves to be a band (built from positions)
+  becomes the op's sparse mode 2/3/4 with the compressed mask; a scale the graph
+  reads at run time (dynamic=True makes Python floats inputs; the trace reads
+  them back as SymFloats, turned into 0-d tensor factors by tensor_scalars) is
+  folded into the query;
 - dropout > 0 in training is left alone: npu_fusion_attention's dropout masks
-  come from its own RNG (seed/offset), so the result could never equal eager's.
+  come from its own RNG (seed/offset), so the result could never equal eager's;
+- sites inside torch.autocast (a region in the graph, or autocast enabled when
+  the backend runs) are left alone: the program's matmuls run in autocast's
+  dtype, and a custom op is not cast.
 
-Every matched site is in the report (graph "training"), fused or with its reason.
+Every matched site is in the report (graph "training"), fused or with its reason;
+the softmax of a site left alone is marked (custom meta, which AOT copies) so the
+post-AOT passes do not list it again (claim_sites_left_in_training). If the trace
+fails, dynamo's graph is left as it was and the post-AOT passes see the sites.
 """
 
 from __future__ import annotations

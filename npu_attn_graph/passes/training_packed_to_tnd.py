@@ -7,7 +7,8 @@ attended with a block-diagonal causal mask: transformers computes, in the graph,
 ``seq[i] == seq[j]`` and ``position[j] <= position[i]``. The NPU's form of that is
 npu_fusion_attention with input_layout TND, ``actual_seq_qlen`` /
 ``actual_seq_kvlen`` = the cumulative sequence lengths, and sparse_mode 3 (causal
-within each sequence), with no (T, T) mask.
+within each sequence), with no (T, T) mask in the op. (The program still
+builds its mask: here it is what the run-time decision reads.)
 
 The lengths are ``int[]`` (host values) in the op's schema, while the graph has
 position_ids as a tensor whose values change every step, as does the number of
@@ -24,12 +25,12 @@ list length is data). So they are read where they are known, at run time:
 - npu_fusion_attention_packed is by definition npu_fusion_attention BNSD with
   that mask (sparse_mode 1): its result equals that call's for every mask. At
   run time it reads M: where M is exactly block-diagonal causal in every batch
-  (each row keeps the contiguous keys from its sequence's start up to itself,
-  sequences start where a row keeps only itself... see packed_segments), it
-  computes through TND with the cumulative lengths read from M (one host read
-  of the segment starts) and sparse_mode 3; for any other mask it makes the
-  BNSD call itself. So a misdetected site still computes exactly its mask,
-  and the decision never rests on a guess about position_ids;
+  (each row i keeps exactly the keys start[i]..i, and start[i] is i, a new
+  sequence, or start[i - 1]; see packed_segments), it computes through TND with
+  the cumulative lengths read from M (two small host reads: the decision and
+  the sequence starts) and sparse_mode 3; for any other mask it makes the BNSD call itself. So a
+  misdetected site still computes exactly its mask, and the decision never
+  rests on a guess about position_ids;
 - its autograd formula calls npu_fusion_attention_packed_grad, which decides
   the same way from the same mask and calls npu_fusion_attention_grad in TND
   with the same lengths (or BNSD).
