@@ -489,3 +489,25 @@ def test_masks_built_from_positions_become_sparse_modes(fn, sparse_mode):
     (site,) = _attention_sites(report)
     assert site.fused_op == "npu_fusion_attention" and site.sparse_mode == sparse_mode, report.table()
     assert FUSION_GRAD in _targets(report)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_eager_training_step_reaches_ge_as_flash_attention_score(family, tmp_path):
+    """Through TorchAir (offline): the forward graph holds FlashAttentionScore, the
+    backward FlashAttentionScoreGrad, and no softmax is left in either. (Llama's
+    backward also holds silu_backward, which TorchAir 2.13 does not convert.)"""
+    from npu_attn_graph import to_ge_graph
+
+    model = build_matrix_model(family, "eager").train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    result = to_ge_graph(model, ids, out_dir=tmp_path, **({} if family == "bert" else {"use_cache": False}))
+    forward, backward = (g.op_types for g in result.graphs)
+    assert forward["FlashAttentionScore"] == 2 and "SoftmaxV2" not in forward, result.summary()
+    assert backward["FlashAttentionScoreGrad"] == 2 and "SoftmaxGrad" not in backward, result.summary()
+    assert result.graphs[0].complete, result.summary()
+    unconverted = {node.node.split(" ")[0].rstrip("_0123456789") for node in result.unconverted}
+    assert unconverted <= {"silu_backward"}, result.summary()
+    assert {s.graph for s in _attention_sites(result.report)} == {"training"}

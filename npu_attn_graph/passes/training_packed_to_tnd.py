@@ -192,18 +192,20 @@ def _name(node: torch.fx.Node) -> str:
 
 
 def from_packed_positions(mask: object, limit: int = 200) -> bool:
-    """The mask is computed from an integer graph input through a cumsum:
-    transformers' packed-sequence ids (cumsum(diff(position_ids) != 1)). Only a
-    hint to choose the packed op, which decides from the mask's values at run time."""
+    """The mask is computed from an integer graph input's values (not its size) through
+    a cumsum: transformers' packed-sequence ids (cumsum(diff(position_ids) != 1)). Only
+    a hint to choose the packed op, which decides from the mask's values at run time."""
     seen, todo, cumsum, integer_input = set(), [mask], False, False
     while todo and len(seen) < limit:
         node = todo.pop()
         if not isinstance(node, torch.fx.Node) or node in seen:
             continue
         seen.add(node)
+        v = _value(node)
+        if not isinstance(v, torch.Tensor):
+            continue  # sizes (sym_size of input_ids) carry no positions
         if node.op == "placeholder":
-            v = node.meta.get("val", node.meta.get("example_value"))
-            integer_input |= isinstance(v, torch.Tensor) and not v.dtype.is_floating_point and v.dtype != torch.bool
+            integer_input |= not v.dtype.is_floating_point and v.dtype != torch.bool
             continue
         cumsum |= "cumsum" in _name(node)
         todo.extend(node.all_input_nodes)
