@@ -222,9 +222,11 @@ def _walk_probs(softmax: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.No
             return user, chain, dropout_p
         if is_call(user, aten.dropout.default):
             p, train = user.args[1], user.args[2]
-            if not isinstance(p, (int, float)) or not isinstance(train, bool):
+            if not isinstance(train, bool):
                 return None
-            if train and p != 0:
+            if train and not isinstance(p, (int, float)):
+                dropout_p = math.nan  # a probability the graph reads at run time
+            elif train and p != 0:
                 dropout_p = float(p)
         chain.append(user)
         node = user
@@ -276,7 +278,8 @@ def check_training_site(site: AttentionSite, ctx: PassContext) -> str | None:
     if autocast:
         return autocast
     if site.dropout_p:
-        return (f"dropout p={site.dropout_p:g} in training: npu_fusion_attention draws its dropout masks from its "
+        p = "known only at run time" if math.isnan(site.dropout_p) else f"p={site.dropout_p:g}"
+        return (f"dropout {p} in training: npu_fusion_attention draws its dropout masks from its "
                 "own RNG (seed/offset), so the result could not equal eager's")
     if site.sink is not None:
         return "a sink logit column (npu_fusion_attention's sink is not taken from training graphs)"
