@@ -362,11 +362,13 @@ def _band(rw: Rewrite, masks: list[_Mask], score_rank: int, shape: list, q_len: 
     provably a band in which every query row keeps a key (_mask_bands)."""
     if len(masks) != 1 or not _from_positions(masks[0].masked):
         return None
+    checkpoint = rw.checkpoint()
     try:
-        node = _mask_node(rw, masks[0], score_rank, shape)
+        band = keep_band(_mask_node(rw, masks[0], score_rank, shape), q_len, kv_len)
     except RewriteRefused:
-        return None  # not a shared mask: plan_mask gives the reason
-    band = keep_band(node, q_len, kv_len)
+        band = None  # not a shared mask: plan_mask gives the reason
+    finally:
+        rw.rollback(checkpoint)  # the mask was built only to be read
     return band and band_mode(band, q_len, kv_len, INT_MAX)
 
 
