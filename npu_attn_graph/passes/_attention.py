@@ -142,7 +142,7 @@ class FusedSite:
     notes: list[str]
 
 
-def _scale(site: AttentionSite, q: torch.fx.Node) -> float:
+def site_scale(site: AttentionSite, q: torch.fx.Node) -> float:
     if site.scale is not None:
         return float(site.scale)
     d = static_int(val(q).shape[-1])
@@ -151,7 +151,7 @@ def _scale(site: AttentionSite, q: torch.fx.Node) -> float:
     return 1.0 / math.sqrt(d)
 
 
-def _fold_runtime_scales(rw: Rewrite, site: AttentionSite, q: torch.fx.Node) -> tuple[torch.fx.Node, list[str]]:
+def fold_runtime_scales(rw: Rewrite, site: AttentionSite, q: torch.fx.Node) -> tuple[torch.fx.Node, list[str]]:
     """softmax(s * (q @ k^T)) = softmax((s * q) @ k^T) for any scalar s: a scale the
     graph reads at run time multiplies the query, and the op's own scale stays the
     constant part. (The fused ops take scale as a float attribute.)"""
@@ -216,11 +216,11 @@ def rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fus
 
 def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> FusedSite:
     q, k, v = (site.query.build(rw), site.key.build(rw), site.value.build(rw))
-    q, scale_notes = _fold_runtime_scales(rw, site, q)
+    q, scale_notes = fold_runtime_scales(rw, site, q)
     heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
     if heads is None or kv_heads is None:
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
-    scale = _scale(site, q)
+    scale = site_scale(site, q)
     sparse_mode, atten_mask, pre_tokens, next_tokens = 0, None, INT_MAX, INT_MAX
     plan = plan_mask(rw, site.terms, site.score_rank, q, k, with_sink=site.sink is not None,
                      softmax_nan_rows=site.softmax_nan_rows)

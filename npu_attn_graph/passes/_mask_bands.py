@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ._fx import is_call, is_full_slice, static_int, val
+from ._fx import is_full_slice, static_int, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims

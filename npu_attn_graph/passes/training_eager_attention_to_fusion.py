@@ -75,7 +75,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .._logging import log
 from ..report import Report, Site
-from ._attention import AttentionSite, causal_mask_node, structure_reason
+from ._attention import AttentionSite, causal_mask_node, fold_runtime_scales, site_scale, structure_reason
 from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
 from ._masks import _empty_rows, plan_mask
@@ -360,14 +360,6 @@ def _nan_rows(rw: Rewrite, out: torch.fx.Node, atten_mask: torch.fx.Node, q: tor
     return rw.call(aten.where.self, (empty, nan_row, out))
 
 
-def _runtime_scales(site: AttentionSite) -> list[tuple[torch.fx.Node, bool]]:
-    """(0-d tensor node, divides) of each scale the graph reads at run time."""
-    scales = list(getattr(site, "runtime_scales", ()) or ())
-    if getattr(site, "runtime_scale", None) is not None:
-        scales.append((site.runtime_scale, False))
-    return scales
-
-
 def tensor_scalars(gm: torch.fx.GraphModule) -> None:
     """x * s where s = _local_scalar_dense(t) of a 0-d float tensor t (dynamic=True makes
     Python floats graph inputs; pre-dispatch tracing reads them back as SymFloats) becomes
@@ -387,23 +379,11 @@ def tensor_scalars(gm: torch.fx.GraphModule) -> None:
 
 def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
     q, k, v = site.query.build(rw), site.key.build(rw), site.value.build(rw)
-    notes = []
-    for factor, divides in _runtime_scales(site):
-        # softmax(s * q k^T) = softmax((s * q) k^T): the op takes its scale as a constant.
-        q = rw.call(aten.div.Tensor if divides else aten.mul.Tensor, (q, factor))
-        if val(q).dtype != val(site.query.node).dtype:
-            raise RewriteRefused(f"the runtime scale {factor.name} would change the query's dtype")
-        notes.append(f"runtime scale {factor.name} folded into the query")
+    q, notes = fold_runtime_scales(rw, site, q)  # softmax(s * q k^T) = softmax((s * q) k^T)
     heads, kv_heads = static_int(val(q).shape[1]), static_int(val(k).shape[1])
     if heads is None or kv_heads is None:
         raise RewriteRefused(f"symbolic head counts N={val(q).shape[1]}, N_kv={val(k).shape[1]}")
-    if site.scale is not None:
-        scale = float(site.scale)
-    else:
-        d = static_int(val(q).shape[-1])
-        if d is None:
-            raise RewriteRefused(f"the default scale 1/sqrt(D) needs a static head dim, got D={val(q).shape[-1]}")
-        scale = 1.0 / math.sqrt(d)
+    scale = site_scale(site, q)
     plan = plan_mask(rw, site.terms, site.score_rank, q, k, softmax_nan_rows=site.softmax_nan_rows)
     notes += [n for n in plan.notes if "fix-up" not in n]
     op_q, op_scale, fixup = q, scale, None
@@ -412,11 +392,9 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
         if scale != 1.0:
             op_q, op_scale = rw.call(aten.mul.Tensor, (q, scale)), 1.0
             notes.append("scale folded into the query (pse is added before the op's scale)")
-        if plan.atten_mask is None:
-            # Masks among the added terms (a finfo.min with other terms): the op adds them
-            # in float32 exactly as the program does, so rows with no key are uniform there too.
-            pass
-        elif plan.fully_masked_fixup or plan.empty_rows_nan:
+        # Masks among the added terms (no atten_mask: a finfo.min with other terms) the op adds
+        # in float32 exactly as the program does, so rows with no key are uniform there too.
+        if plan.atten_mask is not None and (plan.fully_masked_fixup or plan.empty_rows_nan):
             raise RewriteRefused("a mask that may remove every key of a row, with an additive bias as well: "
                                  "eager's gradient to the bias on such rows is not reproduced")
     elif plan.fully_masked_fixup or plan.empty_rows_nan:
@@ -428,7 +406,7 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
             raise RewriteRefused("masks both added and filled (masked_fill/where) that may remove every key of a "
                                  "row: eager's gradient on such rows depends on their order")
         added = added.pop()
-    band = getattr(plan, "band", None)  # a mask proved to be a band: a sparse mode, no (S_q, S_kv) mask
+    band = plan.band  # a mask proved to be a band: a sparse mode, no (S_q, S_kv) mask
     if band is not None:
         mask_kwargs = dict(atten_mask=causal_mask_node(rw, q, ctx), sparse_mode=band.sparse_mode,
                            pre_tockens=band.pre_tokens, next_tockens=band.next_tokens)
