@@ -21,6 +21,7 @@ from .kernels.fused_infer_attention_score_v2 import npu_fused_infer_attention_sc
 from .kernels.grouped_matmul import npu_grouped_matmul
 from .kernels.incre_flash_attention import npu_incre_flash_attention
 from .kernels.moe_compute_expert_tokens import npu_moe_compute_expert_tokens
+from .kernels.moe_gating_top_k_softmax_v2 import npu_moe_gating_top_k_softmax_v2
 from .kernels.nsa_compress_attention_infer import npu_nsa_compress_attention_infer
 from .kernels.prompt_flash_attention import npu_prompt_flash_attention
 from .kernels.scatter_nd_update import npu_scatter_nd_update, npu_scatter_nd_update_
@@ -40,6 +41,7 @@ __all__ = [
     "npu_grouped_matmul",
     "npu_incre_flash_attention",
     "npu_moe_compute_expert_tokens",
+    "npu_moe_gating_top_k_softmax_v2",
     "npu_nsa_compress_attention_infer",
     "npu_prompt_flash_attention",
     "npu_scatter_nd_update",

@@ -9,9 +9,13 @@ nothing here imports npu_attn_graph. Explicit loops, one rule per line.
   start_g + group_list[g] (counts, type 1); y[r, n] = sum_k x[r, k] * w_g[k, n]
   (+ bias_g[n]) for r in group g; rows past the last end are not computed (0 here).
 * npu_grouped_matmul without group_list: y_g = x_g @ w_g (+ bias_g) per group.
+* npu_moe_gating_top_k_softmax_v2 (aclnnMoeGatingTopKSoftmaxV2's formulas): renorm 0
+  ranks softmax(row), renorm 1 softmaxes the k largest logits.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -55,3 +59,27 @@ def per_group(xs: list[torch.Tensor], weights: list[torch.Tensor],
         y = torch.stack([_row_times(flat[r], w, biases[g] if biases else None) for r in range(flat.shape[0])])
         outs.append(y.reshape(*x.shape[:-1], w.shape[1]))
     return outs
+
+
+def gating_top_k_softmax(x: torch.Tensor, k: int, renorm: int) -> tuple[list[list[float]], list[list[int]]]:
+    """npu_moe_gating_top_k_softmax_v2 per row of a 2-D x, in float64 with explicit loops:
+    renorm 0 ranks softmax(row) and keeps the k largest (ties: the lower index first);
+    renorm 1 keeps the k largest logits and softmaxes them."""
+    weights, ids = [], []
+    for row in x.tolist():
+        if renorm == 0:
+            peak = max(row)
+            exps = [math.exp(v - peak) for v in row]
+            total = sum(exps)
+            ranked = [e / total for e in exps]
+        else:
+            ranked = list(row)
+        order = sorted(range(len(ranked)), key=lambda j: (-ranked[j], j))[:k]
+        ids.append(order)
+        if renorm == 0:
+            weights.append([ranked[j] for j in order])
+        else:
+            peak = max(row[j] for j in order)
+            exps = [math.exp(row[j] - peak) for j in order]
+            weights.append([e / sum(exps) for e in exps])
+    return weights, ids

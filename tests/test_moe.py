@@ -358,7 +358,7 @@ def test_rewritten_block_equals_the_original(target, tokens, experts, top_k):
     (expected, actual), = capture.pairs
     for e, a in zip(expected, actual):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-    (site,) = [s for s in capture.report.sites if s.kind == "moe"]
+    (site,) = [s for s in capture.report.sites if s.pattern == "moe:sorted-experts-grouped-matmul"]
     assert site.rewritten and site.fused_op == "npu_grouped_matmul" and site.reason is None, capture.report.table()
     code = _targets(capture.graphs[0])
     assert code.count("npu_attn.npu_grouped_matmul.default") == 2
@@ -396,7 +396,7 @@ def test_ids_not_known_to_be_in_range_are_left_alone():
         eager = fn(hidden, ids, weights)
         out = torch.compile(fn, backend=capture.backend(), fullgraph=True)(hidden, ids, weights)
     torch.testing.assert_close(out, eager)
-    (site,) = [s for s in capture.report.sites if s.kind == "moe"]
+    (site,) = [s for s in capture.report.sites if s.pattern == "moe:sorted-experts-grouped-matmul"]
     assert not site.rewritten and "are not top-k indices over 4 experts" in site.reason, capture.report.table()
     assert "transformers.grouped_mm_fallback.default" in _targets(capture.graphs[0])
 
@@ -407,7 +407,7 @@ def test_the_ops_own_validation_refuses_float64_for_the_ge_target():
     hidden = torch.randn(1, 5, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.compile(block, backend=capture.backend(), fullgraph=True)(hidden)
-    (site,) = [s for s in capture.report.sites if s.kind == "moe"]
+    (site,) = [s for s in capture.report.sites if s.pattern == "moe:sorted-experts-grouped-matmul"]
     assert not site.rewritten and site.reason.startswith("npu_grouped_matmul: x[0].dtype must be one of"), \
         capture.report.table()
     assert "aten.histc.default" in _targets(capture.graphs[0])  # rolled back: the graph as it was
@@ -424,5 +424,5 @@ def test_the_inductor_executor_takes_the_rewritten_block():
         out = torch.compile(block, backend=NpuAttnBackend(report=report), options={"executor": "inductor"},
                             fullgraph=True)(hidden)[0]
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
-    (site,) = [s for s in report.sites if s.kind == "moe"]
+    (site,) = [s for s in report.sites if s.pattern == "moe:sorted-experts-grouped-matmul"]
     assert site.rewritten, report.table()

@@ -164,9 +164,18 @@ def test_a_softcapped_model_stays_one_complete_ge_graph(tmp_path):
 
 def test_a_moe_router_softmax_is_not_attention():
     """gpt-oss has four softmaxes: two attention (fused into FIA v2 with its sinks) and
-    two routers (softmax of rank-2 top-k logits, fed to no matmul with values)."""
-    with torch.no_grad():
-        report = explain(_gptoss(), _ids(), use_cache=False)
-    softmaxes = sum(code.count("aten._softmax.default") for code in report.code_after)
-    attention = [s for s in report.sites if s.kind == "attention"]
-    assert softmaxes == 2 and len(attention) == 2 and all(s.rewritten for s in attention), report.table()
+    two routers (softmax of rank-2 top-k logits, fed to no matmul with values). With the
+    router rule off, the routers' softmaxes stay and are not listed as attention; with
+    it, they are fused into npu_moe_gating_top_k_softmax_v2 and listed as MoE sites."""
+    from npu_attn_graph.passes import PASSES
+
+    without_router = [p for p in PASSES if p != "moe_router_to_gating"]
+    for passes, softmaxes_left in ((without_router, 2), (list(PASSES), 0)):
+        with torch.no_grad():
+            report = explain(_gptoss(), _ids(), options={"passes": passes}, use_cache=False)
+        softmaxes = sum(code.count("aten._softmax.default") for code in report.code_after)
+        attention = [s for s in report.sites if s.kind == "attention"]
+        routers = [s for s in report.sites if s.pattern == "moe:router-top-k-softmax"]
+        assert softmaxes == softmaxes_left and len(attention) == 2 and all(s.rewritten for s in attention), \
+            report.table()
+        assert len(routers) == 2 - softmaxes_left and all(s.rewritten for s in routers), report.table()

@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     grouped_matmul,
     incre_flash_attention,
     moe_compute_expert_tokens,
+    moe_gating_top_k_softmax_v2,
     nsa_compress_attention_infer,
     prompt_flash_attention,
     scatter_nd_update,

@@ -27,7 +27,10 @@ _rules) are, by pass:
 - paged_cache_update: PAGED_WRITE_RULE (key and value written through one
   slot mapping into paged caches);
 - moe_experts_to_fused: MOE_RULE (transformers' sorted-experts MoE block:
-  histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops).
+  histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops);
+- moe_router_to_gating: ROUTER_RULE (a router's softmax and top-k, in either
+  order -> npu_moe_gating_top_k_softmax_v2; after moe_experts_to_fused, which
+  reads the top-k to know the expert ids' range).
 gqa_repeat_kv, attention_layout and attention_precision refine fused ops the
 rules inserted, reading the fused-op registry (registry.py).
 """
@@ -49,6 +52,7 @@ from .attention_sinks_to_fused import SINK_RULE, attention_sinks_to_fused
 from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .moe_experts_to_fused import MOE_RULE, moe_experts_to_fused
+from .moe_router_to_gating import ROUTER_RULE, moe_router_to_gating
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
@@ -83,12 +87,13 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("sliding_window_cache_update", POST_AOT, sliding_window_cache_update),
     Pass("paged_cache_update", POST_AOT, paged_cache_update),
     Pass("moe_experts_to_fused", POST_AOT, moe_experts_to_fused),
+    Pass("moe_router_to_gating", POST_AOT, moe_router_to_gating),
     Pass("attention_layout", POST_AOT, attention_layout),
     Pass("attention_precision", POST_AOT, attention_precision),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
-         MOE_RULE)
+         MOE_RULE, ROUTER_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
