@@ -27,8 +27,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels._library import COMPRESSED_MASK_SIZE, INT_MAX, npu_rules
 from ._context import PassContext
-from ._fx import CONSTANT, Rewrite, RewriteRefused, same_shape, same_strides, static_int, val
+from ._fx import CONSTANT, Rewrite, RewriteRefused, is_call, same_shape, same_strides, static_int, val
 from ._masks import ScoreTerm, empty_rows_nan, fully_masked_fixup, plan_mask
+from .gqa_repeat_kv import unrepeated
 from .registry import AttentionCall, FusedAttentionOp, attention_op_candidates
 
 aten = torch.ops.aten
@@ -140,6 +141,9 @@ class FusedSite:
     sparse_mode: int | None
     gqa_ratio: int
     notes: list[str]
+    # Nodes besides the site's own that the fused result replaced (TND: the graph's
+    # contiguous BSND copies of the output), erased once unused.
+    replaced: list[torch.fx.Node] = field(default_factory=list)
 
 
 def site_scale(site: AttentionSite, q: torch.fx.Node) -> float:
@@ -266,7 +270,134 @@ def _rewrite_attention(rw: Rewrite, site: AttentionSite, ctx: PassContext) -> Fu
             rw.replace(site.output, out)
             return FusedSite(op, fused, layout, sparse_mode if op.sparse_modes else None, heads // kv_heads,
                              plan.notes + site.notes + scale_notes)
+    if sink is not None and ctx.target == "ge" and val(sink).dtype == torch.bfloat16:
+        # On the NPU FIA v2 takes learnable_sink only in TND (the BNSD forms above are
+        # refused there): the same call with q/k/v as (tokens, heads, D).
+        checkpoint = rw.checkpoint()
+        call = AttentionCall(q, k, v, heads, 0, scale, "TND", atten_mask, plan.pse_shift, sparse_mode, pre_tokens,
+                             next_tokens, learnable_sink=sink)
+        try:
+            if plan.fully_masked_fixup or plan.empty_rows_nan:
+                raise RewriteRefused("a row fix-up needs the full mask, which input_layout TND does not take")
+            fused = _rewrite_tnd(rw, site, call, wanted)
+        except RewriteRefused as refused:
+            rw.rollback(checkpoint)
+            if str(refused) not in reasons:
+                reasons.append(str(refused))
+        else:
+            fused.notes[:0] = plan.notes + site.notes + scale_notes
+            return fused
     raise RewriteRefused("; ".join(reasons) if reasons else "no fused op takes this query length")
+
+
+# ----------------------------------------------------------------------------
+# TND: FIA v2 with learnable_sink on the NPU
+# ----------------------------------------------------------------------------
+
+
+def _swaps_seq_and_heads(node: object) -> bool:
+    """transpose(x, 1, 2) or permute(x, [0, 2, 1, 3]) of a 4-D tensor."""
+    if is_call(node, aten.transpose.int):
+        return val(node.args[0]).dim() == 4 and sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return is_call(node, aten.permute.default) and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
+
+
+def _tokens(rw: Rewrite, batch: object, seq: object) -> object:
+    """batch * seq as an int, or as a node of the graph when seq is symbolic."""
+    return batch * seq if isinstance(seq, int) else rw.call(operator.mul, (seq, batch))
+
+
+def _to_tnd(rw: Rewrite, bnsd: torch.fx.Node, name: str, notes: list[str]) -> torch.fx.Node:
+    """A (B, N, S, D) tensor as (B*S, N, D): a view of the (B, S, N, D) tensor the
+    graph transposed when there is one (projections are (B, S, N, D)), else a
+    transpose copy (noted)."""
+    batch, heads, seq, dim = (rw.size(bnsd, i) for i in range(4))
+    tokens = _tokens(rw, batch, seq)
+    if _swaps_seq_and_heads(bnsd):
+        return rw.call(aten.reshape.default, (bnsd.args[0], [tokens, heads, dim]))
+    swapped = rw.call(aten.transpose.int, (bnsd, 1, 2))
+    if not (statically_known_true(val(bnsd).shape[1] == 1) or statically_known_true(val(bnsd).shape[2] == 1)):
+        notes.append(f"{name} transposed into TND (tokens, heads, D): a copy")
+    return rw.call(aten.reshape.default, (swapped, [tokens, heads, dim]))
+
+
+def _unrepeated_pair(k: torch.fx.Node, v: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """The un-repeated K/V behind repeat_kv (the forms gqa_repeat_kv removes), or None."""
+    source_k, source_v = unrepeated(k), unrepeated(v)
+    if source_k is None or source_v is None or val(source_k).shape[1] != val(source_v).shape[1]:
+        return None
+    return source_k, source_v
+
+
+def _bsnd_copies(output: torch.fx.Node) -> list[tuple[torch.fx.Node, torch.fx.Node]] | None:
+    """(swap, clone) pairs when every use of the BNSD output is a swap to BSND whose
+    every use is a contiguous copy (transformers' transpose(1, 2).contiguous()), else None."""
+    pairs = []
+    for swap in output.users:
+        if not _swaps_seq_and_heads(swap) or not swap.users:
+            return None
+        for copy in swap.users:
+            if not (is_call(copy, aten.clone.default) and
+                    copy.kwargs.get("memory_format") in (None, torch.contiguous_format)):
+                return None
+            pairs.append((swap, copy))
+    return pairs or None
+
+
+def _rewrite_tnd(rw: Rewrite, site: AttentionSite, call: AttentionCall, wanted: torch.Tensor) -> FusedSite:
+    """FIA v2 in TND: q (B*S_q, N, D), k/v (B*S_kv, N_kv, D) with the cumulative
+    lengths of equal segments; the output (B*S_q, N, D_v) is read back as BNSD."""
+    op = attention_op_candidates(None, False, needs_sink=True)[0]
+    notes = ["TND (input_layout for learnable_sink on the NPU): cumulative actual_seq_qlen/actual_seq_kvlen "
+             "of equal per-batch lengths"]
+    q, k, v = call.query, call.key, call.value
+    batch = static_int(val(q).shape[0])
+    if batch is None:
+        raise RewriteRefused(f"input_layout TND needs a static batch size for its cumulative lengths, "
+                             f"got B={val(q).shape[0]}")
+    kv_heads = call.num_heads
+    pair = _unrepeated_pair(k, v)
+    if pair is not None:  # GQA through num_key_value_heads, as gqa_repeat_kv does for BNSD
+        k, v = pair
+        kv_heads = static_int(val(k).shape[1])
+        if kv_heads is None:
+            raise RewriteRefused(f"symbolic key/value head count {val(k).shape[1]}")
+    q_tnd = _to_tnd(rw, q, "query", notes)
+    k_tnd = _to_tnd(rw, k, "key", notes)
+    v_tnd = _to_tnd(rw, v, "value", notes)
+    q_len, kv_len = rw.size(q, 2), rw.size(k, 2)
+    q_lens = [_tokens(rw, i + 1, q_len) for i in range(batch)]
+    kv_lens = [_tokens(rw, i + 1, kv_len) for i in range(batch)]
+    tnd = AttentionCall(q_tnd, k_tnd, v_tnd, call.num_heads, 0 if kv_heads == call.num_heads else kv_heads,
+                        call.scale, "TND", call.atten_mask, call.pse_shift, call.sparse_mode, call.pre_tokens,
+                        call.next_tokens, learnable_sink=call.learnable_sink)
+    fused = rw.call(op.overload, (q_tnd, k_tnd, v_tnd),
+                    {**op.kwargs(tnd), "actual_seq_qlen": q_lens, "actual_seq_kvlen": kv_lens})
+    out = rw.call(operator.getitem, (fused, op.output_index))
+    value_dim = rw.size(out, 2)
+    bsnd = rw.call(aten.reshape.default, (out, [batch, q_len, call.num_heads, value_dim]))
+    replaced: list[torch.fx.Node] = []
+    view = val(bsnd).permute(0, 2, 1, 3)
+    copies = None if site.flat_output or same_strides(view, wanted) else _bsnd_copies(site.output)
+    if copies is not None:
+        # Every reader of the BNSD output copies it into contiguous BSND: the op's
+        # output is that copy already (its strides are checked against each copy's).
+        if not same_shape(view.shape, wanted.shape) or view.dtype != wanted.dtype:
+            _check_same_value(op, "TND", view, wanted)
+        for swap, copy in copies:
+            _check_same_value(op, "TND", val(bsnd), val(copy))
+            rw.replace(copy, bsnd)
+            replaced += [copy, swap]
+    else:
+        bnsd = rw.call(aten.permute.default, (bsnd, [0, 2, 1, 3]))
+        if not same_strides(view, wanted):
+            bnsd = rw.call(aten.clone.default, (bnsd,), {"memory_format": torch.contiguous_format})
+            notes.append("TND output copied into the BNSD order the graph reads")
+        if site.flat_output:
+            bnsd = rw.call(aten.reshape.default, (bnsd, [-1, rw.size(bnsd, 2), rw.size(bnsd, 3)]))
+        _check_same_value(op, "TND", val(bnsd), wanted)
+        rw.replace(site.output, bnsd)
+    return FusedSite(op, fused, "TND", call.sparse_mode, call.num_heads // kv_heads, notes, replaced)
 
 
 def _check_same_value(op: FusedAttentionOp, layout: str, got: torch.Tensor, wanted: torch.Tensor) -> None:

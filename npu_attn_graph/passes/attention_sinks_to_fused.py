@@ -27,13 +27,14 @@ from __future__ import annotations
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..report import Report
-from ._attention import AttentionSite
+from ..report import Report, Site
+from ._attention import AttentionSite, rewrite_attention
 from ._context import PassContext
-from ._fx import is_call, same_shape, val
+from ._fx import Rewrite, is_call, same_shape, val
 from ._rules import Rule, RuleStats, apply_rules
-from .eager_attention_to_fused import (SOFTMAXES, check_site, keeps_element_order, rewrite_site, site_from_chains,
-                                       walk_probs, walk_scores)
+from .eager_attention_to_fused import (SOFTMAXES, check_site, keeps_element_order, site_from_chains, walk_probs,
+                                       walk_scores)
+from .sdpa_to_fused import record_fused
 
 aten = torch.ops.aten
 
@@ -113,9 +114,17 @@ def match_sink_attention(softmax: torch.fx.Node) -> AttentionSite | None:
                             around_softmax=(combined, *max_nodes, softmax, kept[0]), sink=sink)
 
 
+def rewrite_sink_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
+    fused = rewrite_attention(rw, site, ctx)
+    record_fused(record, fused)
+    if fused.layout == "TND" and fused.gqa_ratio > 1:  # K/V read un-repeated, as gqa_repeat_kv does for BNSD
+        record.pattern += "+repeat_kv"
+    return [site.output, *site.internal, *fused.replaced]
+
+
 SINK_RULE = Rule(
     name="eager:attention-with-sinks", kind="attention", anchors=SOFTMAXES, match=match_sink_attention,
-    check=check_site, rewrite=rewrite_site, anchor_of=lambda site: site.output, claims=lambda site: [site.anchor])
+    check=check_site, rewrite=rewrite_sink_site, anchor_of=lambda site: site.output, claims=lambda site: [site.anchor])
 
 
 def attention_sinks_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
