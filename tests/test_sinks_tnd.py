@@ -74,8 +74,8 @@ def _attention(report: Report):
 
 
 def _fused_nodes(report: Report):
-    return [n for gm in report.graph_modules
-            for n in gm.graph.find_nodes(op="call_function", target=npu_attn.npu_fused_infer_attention_score_v2.default)]
+    target = npu_attn.npu_fused_infer_attention_score_v2.default
+    return [n for gm in report.graph_modules for n in gm.graph.find_nodes(op="call_function", target=target)]
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +224,8 @@ def test_gptoss_bf16_ge_graph_has_one_fused_op_per_site_with_learnable_sink(tmp_
         assert attr_value(op, "pre_tokens") == pre and attr_value(op, "num_key_value_heads") == 2
         sink, index = producer(graph, op, "learnable_sink")
         assert sink.type == "Data" and index == 0, sink.type  # the layer's sinks parameter, as it is
-        assert sink.output_desc[0].attr["_meta"].s.decode().startswith("Tensor(dtype=torch.bfloat16, shape=torch.Size([4])")
+        meta = sink.output_desc[0].attr["_meta"].s.decode()
+        assert meta.startswith("Tensor(dtype=torch.bfloat16, shape=torch.Size([4])"), meta
         sink_inputs.add(data_index(sink))
         for name in ("actual_seq_lengths", "actual_seq_lengths_kv"):
             assert const_value(producer(graph, op, name)[0])[1] == [10, 20]

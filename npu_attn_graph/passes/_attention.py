@@ -14,6 +14,9 @@ module holds the rest, shared by every rule:
   candidate is taken only if its result has exactly the replaced node's
   shape, dtype and strides (later views in the graph rely on them);
   otherwise the reasons of every candidate become the site's reason.
+  A bfloat16 sink site for the NPU that no BNSD form takes is tried once more
+  in TND (_rewrite_tnd), the one layout in which FIA v2 takes learnable_sink
+  on the device.
 """
 
 from __future__ import annotations

@@ -20,6 +20,13 @@ its weight on the (finite) sink, which is dropped; the op has no key and
 adds only the sink to the denominator. So unlike plain attention with a
 finfo.min mask, no mean-of-V fix-up is needed. This holds for a finite sink;
 a sink of -inf is no sink and would give eager the mean of V on such rows.
+
+On the NPU (the GE target) the op takes learnable_sink only in TND, as
+bfloat16, with a value head dim of 64 or 128: a bfloat16 site the BNSD forms
+cannot take is written in TND (_attention._rewrite_tnd: q/k/v as (tokens,
+heads, D), cumulative lengths, K/V un-repeated; the pattern gets "+repeat_kv"
+then, as gqa_repeat_kv marks the BNSD ones). The sink keeps the dtype the
+program concatenates it in; a float32 site is never cast.
 """
 
 from __future__ import annotations
