@@ -116,6 +116,11 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
     report = opts.report if isinstance(opts.report, Report) else Report()
     if opts.executor == "torchair":
         return compile_with_torchair(gm, example_inputs, opts, report, load_torchair())
+    with _dropped_if_restarted(report):
+        return _compile_with_aot(gm, example_inputs, opts, report)
+
+
+def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions, report: Report):
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     def compiler(graph_name: str):
@@ -184,6 +189,25 @@ class NpuAttnBackend:
         return f"NpuAttnBackend({shown})"
 
 
+@contextmanager
+def _dropped_if_restarted(report: Report) -> Iterator[None]:
+    """What one backend call adds to the report, taken out again if dynamo restarts the
+    compile (RestartAnalysis, e.g. TensorifyScalarRestartAnalysis when AOT specializes a
+    float that dynamic=True made an input): dynamo then traces again and calls the
+    backend anew, which lists the same sites again. (A training graph's sites are listed
+    before AOT, where such a restart is raised.)"""
+    lists = ("sites", "code_before", "code_after", "graph_modules", "graphs_before", "graphs_after")
+    lengths = {name: len(getattr(report, name)) for name in lists}
+    graphs, rewrites = report.graphs, dict(report.pass_rewrites)
+    try:
+        yield
+    except torch._dynamo.exc.RestartAnalysis:
+        for name, length in lengths.items():
+            del getattr(report, name)[length:]
+        report.graphs, report.pass_rewrites = graphs, rewrites
+        raise
+
+
 def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
                           report: Report) -> None:
     if _needs_gradients(example_inputs):
@@ -232,6 +256,12 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
     """Hand the dynamo graph to TorchAir's npu backend, our passes at its
     post_grad_custom_pre_pass seam; returns what TorchAir's backend returns.
     progress gets a line before the passes and before GE conversion."""
+    with _dropped_if_restarted(report):
+        return _compile_with_torchair(gm, example_inputs, opts, report, torchair, progress)
+
+
+def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
+                           report: Report, torchair: TorchAir, progress: Callable[[str], None] | None):
     say = progress or (lambda message: None)
     from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
 

@@ -81,7 +81,7 @@ from ._fx import CLAIMED, Rewrite, RewriteRefused, is_call, same_shape, same_str
 from ._masks import _empty_rows, plan_mask
 from ._rules import Rule, RuleStats, apply_rules
 from .eager_attention_to_fused import CASTS, SOFTMAXES, keeps_element_order, site_from_chains, walk_scores
-from .training_packed_to_tnd import mark_site
+from .training_packed_to_tnd import SITE_ID, mark_site
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -125,7 +125,8 @@ def _may_hold_attention(gm: torch.fx.GraphModule) -> bool:
 # node.meta["custom"] keys ("custom" is the node metadata that tracing copies onto every
 # node made from a node, through this pass's trace and through AOT's):
 SOURCE = "npu_attn_dynamo_node"  # on the traced nodes while this pass runs: the dynamo node's name
-LEFT_IN_TRAINING = "npu_attn_left_in_training"  # a softmax this pass listed and left alone
+LEFT_IN_TRAINING = "npu_attn_left_in_training"  # a softmax this pass (or an SDPA call the SDPA pass) left alone
+SDPA_ROW = "npu_attn_sdpa_row"  # on a fused call: id() of the SDPA row it replaces (_one_row_per_call)
 
 
 def pre_dispatch_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -162,13 +163,48 @@ def _mark_left_alone(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, ins
         custom = node.meta.get("custom") or {}
         target = node if installed else by_name.get(custom.get(SOURCE))
         if CLAIMED in node.meta and target is not None:
-            target.meta["custom"] = {**(target.meta.get("custom") or {}), LEFT_IN_TRAINING: True}
+            mark_left_in_training(target)
         if installed and SOURCE in custom:
             rest = {k: w for k, w in (node.meta.get("custom") or {}).items() if k != SOURCE}
             if rest:
                 node.meta["custom"] = rest
             else:
                 del node.meta["custom"]
+
+
+def mark_left_in_training(node: torch.fx.Node, site: Site | None = None) -> None:
+    """Mark a node of dynamo's graph whose site a training pass listed and left alone:
+    every node traced from it (the pre-dispatch trace, AOT's) carries the mark, and the
+    post-AOT passes do not list it again (claim_sites_left_in_training). With `site`
+    (training_sdpa_to_fusion's row) the mark names the row, so that this pass, should
+    its rule read the call's decomposition, keeps one row for the call (_one_row_per_call)."""
+    value = id(site) if site is not None else True
+    node.meta["custom"] = {**(node.meta.get("custom") or {}), LEFT_IN_TRAINING: value}
+
+
+def _one_row_per_call(traced: torch.fx.GraphModule, report: Report, first_row: int) -> None:
+    """An SDPA call training_sdpa_to_fusion listed and left alone, whose decomposition
+    TRAINING_EAGER_RULE matched here (e.g. 3-D q/k/v: SDPA's math form): fused, its row
+    becomes this rule's (the earlier one is dropped); left alone, the earlier row (with
+    the SDPA call's reason) stays and this rule's is dropped."""
+    by_id = {id(s): s for s in report.sites}
+    new_rows = {id(s) for s in report.sites[first_row:]}
+    drop = set()
+    for node in traced.graph.nodes:
+        custom = node.meta.get("custom") or {}
+        earlier = custom.get(SDPA_ROW) if node.op == "call_function" else None
+        if earlier in by_id:  # a fused call that replaces an SDPA call's row
+            drop.add(earlier)
+            record = by_id.get(custom.get(SITE_ID))
+            if record is not None:
+                record.notes = [*record.notes, f"an SDPA call the SDPA rewrite leaves alone ({by_id[earlier].reason}), "
+                                               "fused through its decomposition"]
+        claimed = node.meta.get(CLAIMED)
+        if isinstance(claimed, Site) and id(claimed) in new_rows and \
+                custom.get(LEFT_IN_TRAINING) in by_id and custom.get(LEFT_IN_TRAINING) not in new_rows:
+            drop.add(id(claimed))
+    if drop:
+        report.sites[:] = [s for s in report.sites if id(s) not in drop]
 
 
 def claim_sites_left_in_training(gm: torch.fx.GraphModule) -> None:
@@ -377,6 +413,25 @@ def tensor_scalars(gm: torch.fx.GraphModule) -> None:
                 user.replace_input_with(node, tensor)
 
 
+def scalar_reads_restored(gm: torch.fx.GraphModule) -> None:
+    """Undo tensor_scalars where its x * t is still in the graph (the query a runtime
+    scale was folded into, or a site left alone): x * _local_scalar_dense(t) again.
+    AOT's tensorify_python_scalars turns exactly that form back into tensor math and
+    keeps the float an input; a float input it never sees read as a scalar it
+    specializes, and dynamo restarts the compile with the float a constant (so the
+    runtime scale would never reach a compiled graph)."""
+    for item in gm.graph.find_nodes(op="call_function", target=aten._local_scalar_dense.default):
+        tensor = item.args[0]
+        if tensor.op != "placeholder" or not isinstance(val(tensor), torch.Tensor) or val(tensor).dim() != 0 or \
+                val(tensor).requires_grad or not val(tensor).dtype.is_floating_point:
+            continue
+        for user in list(tensor.users):
+            if user is not item and is_call(user, (aten.mul.Tensor, aten.div.Tensor)) and \
+                    user.args[1] is tensor and isinstance(val(user.args[0]), torch.Tensor) and \
+                    val(user.args[0]).dtype.is_floating_point:
+                user.replace_input_with(tensor, item)
+
+
 def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
     q, k, v = site.query.build(rw), site.key.build(rw), site.value.build(rw)
     q, notes = fold_runtime_scales(rw, site, q)  # softmax(s * q k^T) = softmax((s * q) k^T)
@@ -415,6 +470,9 @@ def rewrite_training_site(rw: Rewrite, site: AttentionSite, ctx: PassContext, re
     fused = rw.call(npu_attn.npu_fusion_attention.default, (op_q, k, v, heads, "BNSD"),
                     dict(pse=plan.pse_shift, scale=op_scale, **mask_kwargs))
     mark_site(fused, record)
+    sdpa_row = (site.anchor.meta.get("custom") or {}).get(LEFT_IN_TRAINING)
+    if isinstance(sdpa_row, int) and not isinstance(sdpa_row, bool):  # SDPA's decomposition: one row per call
+        fused.meta["custom"][SDPA_ROW] = sdpa_row
     out = rw.call(operator.getitem, (fused, 0))
     if fixup == "uniform":
         out = _uniform_rows(rw, out, plan.atten_mask, q, k, v, scale, heads, added)
@@ -454,8 +512,11 @@ def training_eager_attention_to_fusion(gm: torch.fx.GraphModule, report: Report,
         log.info("training graph: not traced to pre-dispatch ATen (%s: %s); hand-written attention is left to "
                  "the post-AOT passes", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return RuleStats()
+    first_row = len(report.sites)
     stats = apply_rules(traced, (TRAINING_EAGER_RULE,), report, ctx)
+    _one_row_per_call(traced, report, first_row)
     if stats.rewritten:
+        scalar_reads_restored(traced)
         install_graph(gm, traced)
     _mark_left_alone(gm, traced, installed=bool(stats.rewritten))
     return stats

@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
 from ._context import PassContext
-from .training_eager_attention_to_fusion import AUTOCAST, mark_autocast_regions
+from .training_eager_attention_to_fusion import AUTOCAST, mark_autocast_regions, mark_left_in_training
 from .training_packed_to_tnd import mark_site
 
 SDPA_SIGNATURE = inspect.signature(
@@ -91,6 +91,9 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
             site.reason = ("inside torch.autocast: SDPA runs in autocast's dtype, which npu_fusion_attention (not an "
                            "autocast op) would not follow")
         if site.reason is not None:
+            # Listed here with its reason: what AOT makes of the call (SDPA's ATen
+            # kernels, or its math decomposition) is not listed again after AOT.
+            mark_left_in_training(node, site)
             continue
         q = _example(args["query"])
         scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
