@@ -319,7 +319,7 @@ def tnd_lengths(monkeypatch):
     """Every cumulative-lengths list the packed ops computed through TND (None: BNSD)."""
     import sys
 
-    module = sys.modules["npu_attn_graph.passes.training_packed_to_tnd"]
+    module = sys.modules["npu_attn_graph.kernels.fusion_attention_packed"]
     seen = []
     original = module.packed_segments
 

@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     fused_infer_attention_score_v2,
     fusion_attention,
     fusion_attention_grad,
+    fusion_attention_packed,
     grouped_matmul,
     incre_flash_attention,
     moe_compute_expert_tokens,

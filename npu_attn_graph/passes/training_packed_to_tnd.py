@@ -35,10 +35,11 @@ list length is data). So they are read where they are known, at run time:
   the same way from the same mask and calls npu_fusion_attention_grad in TND
   with the same lengths (or BNSD).
 
-The wrapper ops run their reference kernels off the NPU and torch_npu's on it
-(through npu_fusion_attention / _grad). They are not GE-convertible: GE's
-FlashAttentionScore takes the lengths as a host tensor input, which this
-project's converters do not wire yet.
+The wrapper ops are defined in kernels/fusion_attention_packed.py (schemas, checks,
+the run-time decision packed_segments); they run their reference kernels off the
+NPU and torch_npu's on it (through npu_fusion_attention / _grad). They are not
+GE-convertible: GE's FlashAttentionScore takes the lengths as a host tensor
+input, which this project's converters do not wire yet.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import operator
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..kernels._library import COMPRESSED_MASK_SIZE
+from ..kernels.fusion_attention_packed import npu_fusion_attention_packed
 from ..report import Report, Site
 from ._context import PassContext
 from ._fx import is_call, val
@@ -61,124 +62,6 @@ npu_attn = torch.ops.npu_attn
 SITE_ID = "npu_attn_training_site"
 TND_NOTE = ("packed sequences: TND with actual_seq_qlen/actual_seq_kvlen read at run time from the block-diagonal "
             "causal mask (sparse_mode 3; the op itself computes BNSD with the mask if it is not block-diagonal)")
-
-
-# ----------------------------------------------------------------------------
-# The run-time decision
-# ----------------------------------------------------------------------------
-
-
-def packed_segments(atten_mask: torch.Tensor, batch: int, seq: int) -> list[int] | None:
-    """The cumulative lengths of the sequences over the B * S flattened tokens when
-    atten_mask ((B or 1, 1, S, S), True = masked out) is block-diagonal causal in
-    every batch, else None.
-
-    Row i keeps exactly keys start[i]..i, and start[i] is i (a new sequence) or
-    start[i - 1] (the same one): that is block-diagonal causal, with sequences
-    starting at the rows with start[i] == i."""
-    if atten_mask.dim() != 4 or atten_mask.shape[1] != 1 or tuple(atten_mask.shape[2:]) != (seq, seq) \
-            or atten_mask.shape[0] not in (1, batch) or atten_mask.dtype not in (torch.bool, torch.uint8):
-        return None
-    keep = atten_mask[:, 0].logical_not()  # (B', S, S)
-    rows = torch.arange(seq, device=keep.device)
-    count = keep.sum(-1)  # (B', S)
-    start = keep.int().argmax(-1)  # first kept key (0 where none: caught by the count)
-    later = rows.view(1, 1, seq) > rows.view(1, seq, 1)
-    previous = torch.cat([start.new_zeros(start.shape[0], 1), start[:, :-1]], dim=1)
-    ok = ~(keep & later).any() & (count == rows - start + 1).all() & (count > 0).all() & \
-        ((start == rows) | (start == previous)).all()
-    if not bool(ok):  # one host read: the decision
-        return None
-    starts = (start == rows).expand(batch, seq).reshape(-1)  # over the flattened B * S tokens
-    boundaries = torch.nonzero(starts).flatten()[1:].tolist() + [batch * seq]  # the one host read of lengths
-    return boundaries
-
-
-def _causal_mask(device: torch.device) -> torch.Tensor:
-    return torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool, device=device).triu(1)
-
-
-def _to_tnd(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, S, D) -> (B * S, N, D)."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-
-
-def _from_tnd(x: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
-    """(B * S, N, D) -> (B, N, S, D), contiguous."""
-    return x.reshape(batch, seq, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
-
-
-@torch.library.custom_op("npu_attn::npu_fusion_attention_packed", mutates_args=())
-def npu_fusion_attention_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                atten_mask: torch.Tensor, head_num: int, scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """npu_fusion_attention(query, key, value, head_num, "BNSD", atten_mask=atten_mask,
-    scale=scale, sparse_mode=1)[:3], through TND with the sequence lengths where the
-    mask is block-diagonal causal. Returns (attention_out, softmax_max, softmax_sum)
-    in BNSD form ((B, N, S, 8) statistics)."""
-    batch, _, seq, _ = query.shape
-    lengths = packed_segments(atten_mask, batch, seq) if key.shape[2] == seq else None
-    if lengths is None:
-        out, row_max, row_sum = torch.ops.npu_attn.npu_fusion_attention(
-            query, key, value, head_num, "BNSD", atten_mask=atten_mask, scale=scale, sparse_mode=1)[:3]
-        return out, row_max, row_sum
-    out, row_max, row_sum = torch.ops.npu_attn.npu_fusion_attention(
-        _to_tnd(query), _to_tnd(key), _to_tnd(value), head_num, "TND", atten_mask=_causal_mask(query.device),
-        scale=scale, sparse_mode=3, actual_seq_qlen=lengths, actual_seq_kvlen=lengths, softmax_layout="TND")[:3]
-    # softmax_layout "TND": the statistics in token order, (T, N, 8), as the BNSD ones are laid out per token.
-    return _from_tnd(out, batch, seq), _from_tnd(row_max, batch, seq), _from_tnd(row_sum, batch, seq)
-
-
-@npu_fusion_attention_packed.register_fake
-def _packed_fake(query, key, value, atten_mask, head_num, scale):
-    batch, heads, seq, _ = query.shape
-    stats = query.new_empty((batch, heads, seq, 8), dtype=torch.float32)
-    return query.new_empty((batch, heads, seq, value.shape[-1])), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("npu_attn::npu_fusion_attention_packed_grad", mutates_args=())
-def npu_fusion_attention_packed_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                     dy: torch.Tensor, atten_mask: torch.Tensor, attention_in: torch.Tensor,
-                                     softmax_max: torch.Tensor, softmax_sum: torch.Tensor, head_num: int,
-                                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """npu_fusion_attention_grad for npu_fusion_attention_packed: the same decision
-    from the same mask, TND with the same lengths or BNSD. Returns (dq, dk, dv)."""
-    batch, _, seq, _ = query.shape
-    lengths = packed_segments(atten_mask, batch, seq) if key.shape[2] == seq else None
-    if lengths is None:
-        dq, dk, dv = torch.ops.npu_attn.npu_fusion_attention_grad(
-            query, key, value, dy, head_num, "BNSD", atten_mask=atten_mask, softmax_max=softmax_max,
-            softmax_sum=softmax_sum, attention_in=attention_in, scale_value=scale, sparse_mode=1)[:3]
-        return dq, dk, dv
-    dq, dk, dv = torch.ops.npu_attn.npu_fusion_attention_grad(
-        _to_tnd(query), _to_tnd(key), _to_tnd(value), _to_tnd(dy), head_num, "TND",
-        atten_mask=_causal_mask(query.device), softmax_max=_to_tnd(softmax_max), softmax_sum=_to_tnd(softmax_sum),
-        attention_in=_to_tnd(attention_in), scale_value=scale, sparse_mode=3, actual_seq_qlen=lengths,
-        actual_seq_kvlen=lengths, softmax_layout="TND")[:3]
-    return _from_tnd(dq, batch, seq), _from_tnd(dk, batch, seq), _from_tnd(dv, batch, seq)
-
-
-@npu_fusion_attention_packed_grad.register_fake
-def _packed_grad_fake(query, key, value, dy, atten_mask, attention_in, softmax_max, softmax_sum, head_num, scale):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    query, key, value, atten_mask, head_num, scale = inputs
-    ctx.save_for_backward(query, key, value, atten_mask, *output)
-    ctx.head_num, ctx.scale = head_num, scale
-
-
-def _backward(ctx, grad_out, _grad_max, _grad_sum):
-    query, key, value, atten_mask, out, row_max, row_sum = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.npu_attn.npu_fusion_attention_packed_grad(
-        query, key, value, grad_out.contiguous(), atten_mask, out, row_max, row_sum, ctx.head_num, ctx.scale)
-    return dq, dk, dv, None, None, None
-
-
-npu_fusion_attention_packed.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------
