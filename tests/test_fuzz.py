@@ -34,7 +34,7 @@ CHECK_REPORT = os.environ.get("NPU_ATTN_FUZZ_REPORT", "1") != "0"
 SHRINK = os.environ.get("NPU_ATTN_FUZZ_SHRINK", "1") != "0"
 SCALE = float(os.environ.get("NPU_ATTN_FUZZ_SCALE", "1"))
 # Programs per family (measured cost per program differs: KV programs call 1-3 times and may recompile).
-BUDGET = {"sdpa": 70, "eager": 80, "kv": 60, "paged": 40, "stacked": 50}
+BUDGET = {"sdpa": 70, "eager": 80, "kv": 60, "paged": 40, "stacked": 50, "router": 30}
 KNOWN = programs.known_defects()
 
 
@@ -89,4 +89,10 @@ def test_fuzz_paged_kv_cache_writes(program: programs.Program) -> None:
 @fuzz_settings("stacked")
 @given(programs.stacked_programs())
 def test_fuzz_stacked_attention(program: programs.Program) -> None:
+    check(program)
+
+
+@fuzz_settings("router")
+@given(programs.router_programs())
+def test_fuzz_moe_routers(program: programs.Program) -> None:
     check(program)

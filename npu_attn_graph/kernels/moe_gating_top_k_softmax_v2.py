@@ -16,7 +16,8 @@ Semantics (CANN aclnnMoeGatingTopKSoftmaxV2, ops-transformer moe_gating_top_k_so
   half-precision softmax), expert_idx int32, both x.shape[:-1] + (k,); the values in
   descending order. Among equal values the reference picks as torch.topk does (so off
   the NPU a rewritten router chooses exactly the experts the original graph chose);
-  CANN documents no order for ties;
+  CANN documents no order for ties. renorm 0 ranks the float32 probabilities (a
+  half-precision x is not rounded to its dtype before the top-k);
 - softmax_result (float32): x's shape with renorm 0 and output_softmax, else an empty
   (0,) tensor (the doc: "renorm=1 时该参数不生效"). torch_npu 2.13's meta function gives a
   3-D x a 2-D result there (it compares the method ``x.dim`` with 3); the fake here has
@@ -78,13 +79,14 @@ def _fake(x, *, k=1, finished=None, renorm=0, output_softmax=False):
 def _ref(x, *, k=1, finished=None, renorm=0, output_softmax=False):
     _validate(x, k, finished, renorm)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    logits = x.to(compute)
     if renorm == 1:
-        top, index = torch.topk(logits, k, dim=-1, largest=True, sorted=True)
-        y = torch.softmax(top, dim=-1)
+        # The top k of x itself (casting first would keep the order, but ties are broken
+        # on the values the caller ranks), then their softmax in float32.
+        top, index = torch.topk(x, k, dim=-1, largest=True, sorted=True)
+        y = torch.softmax(top.to(compute), dim=-1)
         probs = None
     else:
-        probs = torch.softmax(logits, dim=-1)
+        probs = torch.softmax(x.to(compute), dim=-1)
         y, index = torch.topk(probs, k, dim=-1, largest=True, sorted=True)
     index = index.to(torch.int32)
     if finished is not None:

@@ -17,8 +17,10 @@ Checks:
 - topk over the last dim, largest, sorted (the op's values are in descending
   order), k a static int; the softmax over the last dim, without a dtype change;
 - renorm 1: the top-k logits feed only the softmax; renorm 0: the
-  probabilities feed only the top-k, or also other nodes when they are float32
-  (the op's output_softmax gives them, as float32);
+  probabilities are float32 (the op ranks float32 probabilities; a graph that
+  ranks float16/bfloat16 ones may break a tie the rounding made differently, so
+  it stays), and feed only the top-k or also other nodes (the op's
+  output_softmax gives them);
 - an inference graph: the op has no backward (torch_npu's doc: inference only);
 - the op's own fake validates the rest (x 2-D/3-D, dtypes, k <= 1024), and the
   replacement must have the replaced values' dtype and shape.
@@ -102,10 +104,11 @@ def check_router(site: RouterSite, ctx: PassContext) -> str | None:
         if others:
             return f"the top-k logits are also read by {others}, which the op does not return"
     else:
-        others = [u.name for u in site.softmax.users if u is not site.topk]
-        if others and val(site.softmax).dtype != torch.float32:
-            return (f"the router's probabilities are also read by {others}; the op returns them only as float32 "
-                    f"(output_softmax), they are {val(site.softmax).dtype}")
+        dtype = val(site.softmax).dtype
+        if dtype != torch.float32:
+            return (f"the router ranks {dtype} probabilities, the op float32 ones: experts tied after rounding to "
+                    f"{dtype} could be chosen differently (softmax in float32, as softmax(..., dtype=torch.float32) "
+                    "does, is fused)")
     return None
 
 

@@ -249,7 +249,7 @@ def check_case(make_case: Callable[[], tuple[Any, list[tuple]]], dynamic: bool =
     counts: dict[str, int] = {}
 
     def count_sites() -> None:  # after the first call: later steps may recompile and list the sites again
-        counts.update({kind: sum(1 for s in report.sites if s.kind == kind) for kind in ("attention", "kv_update")})
+        counts.update({kind: sum(1 for s in report.sites if s.kind == kind) for kind in ("attention", "kv_update", "moe")})
 
     try:
         compiled = run_steps(make_case(), {"executor": "eager", "report": report, "target": target}, dynamic,

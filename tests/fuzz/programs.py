@@ -24,7 +24,9 @@ Families (one strategy each; ``FAMILIES`` maps names to strategies):
   index_copy / slice_scatter / clone-then-write) with positions built in many ways, caches as inputs or module
   buffers, several decode steps, cache views taken before the write, attention over the cache after it;
 - ``paged``: vLLM-style ``cache.view(-1, N, D)[slot_mapping] = key`` for a key and a value cache;
-- ``stacked``: two attention sites, the first one's output feeding the second's query/key/value, or independent.
+- ``stacked``: two attention sites, the first one's output feeding the second's query/key/value, or independent;
+- ``router``: MoE routers, linear logits -> top-k and softmax in either order (gpt-oss, Qwen-MoE, Mixtral's
+  renormalisation), upcasts, 2-D to 4-D tokens, extra readers, and decoys (smallest, unsorted, other dims).
 
 Programs are valid eager PyTorch by construction (the oracle discards any whose eager run raises); decoys are
 programs the backend must either handle correctly or leave alone.
@@ -165,6 +167,29 @@ class PagedProgram:
     slot_dtype: str
     steps: int
     read: str  # none / gather / attention
+    seed: int
+
+
+@dataclass(frozen=True)
+class RouterProgram:
+    """A MoE router: logits = linear(x), then top-k and softmax in either order (transformers' routers and
+    decoys the router rule must leave alone)."""
+
+    dtype: str
+    dynamic: bool
+    shape: str  # x: "ts" (tokens, H) / "bsh" (B, S, H) / "bs2h" (B, S, 2, H): 4-D, which the op refuses
+    experts: int
+    k: int
+    bias: bool
+    order: str  # topk_softmax (gpt-oss) / softmax_topk (Qwen-MoE, Mixtral)
+    upcast: str  # none / float (logits.float()) / softmax_dtype (softmax(..., dtype=torch.float32))
+    softmax: str  # torch / F / method
+    renormalise: bool  # softmax_topk: top / top.sum(-1, keepdim=True) (Mixtral)
+    topk_dim: str  # last (-1) / positive (rank - 1) / first (decoy: dim 0)
+    largest: bool  # False: a decoy (the k smallest)
+    sorted: bool  # False: a decoy (order unspecified)
+    softmax_dim: str  # last / first (decoy)
+    extra: str  # none / probs (softmax_topk: the probabilities also returned) / top (topk_softmax: the logits)
     seed: int
 
 
@@ -683,6 +708,56 @@ def render_paged(p: PagedProgram) -> Program:
     return Program("paged", p, src, expected, tags, f"{p.cache_layout} cache, {p.key_write}/{p.value_write}")
 
 
+def _router_matches(p: RouterProgram) -> bool:
+    """Whether the router rule must list this program's site (matched: fused, or left alone with a reason)."""
+    if p.topk_dim == "first" or not p.largest or not p.sorted or p.softmax_dim == "first":
+        return False
+    if p.order == "topk_softmax":
+        # softmax(top, dtype=float32) on half logits is a cast before the softmax: not the op's form.
+        return not (p.upcast == "softmax_dtype" and p.dtype != "float32")
+    return True
+
+
+def render_router(p: RouterProgram) -> Program:
+    b = Builder()
+    lead = {"ts": (7,), "bsh": (2, 3), "bs2h": (2, 3, 2)}[p.shape]
+    hidden = 16
+    b.step_input("x", f"x = randn{_tuple(lead + (hidden,))}")
+    b.fixed_input("weight", f"weight = randn({p.experts}, {hidden}, scale=0.5)")
+    if p.bias:
+        b.fixed_input("bias", f"bias = randn({p.experts}, scale=0.5)")
+    b.line(f"logits = F.linear(x, weight{', bias' if p.bias else ''})")
+    if p.upcast == "float":
+        b.line("logits = logits.float()")
+    rank = len(lead) + 1
+    topk_dim = {"last": -1, "positive": rank - 1, "first": 0}[p.topk_dim]
+    softmax_dim = {"last": -1, "first": 0}[p.softmax_dim]
+    dtype_kw = ", dtype=torch.float32" if p.upcast == "softmax_dtype" else ""
+
+    def softmax(t: str) -> str:
+        if p.softmax == "method" and not dtype_kw:
+            return f"{t}.softmax({softmax_dim})"
+        fn = "F.softmax" if p.softmax == "F" else "torch.softmax"
+        return f"{fn}({t}, dim={softmax_dim}{dtype_kw})"
+
+    topk = f"k={p.k}, dim={topk_dim}, largest={p.largest}, sorted={p.sorted}"
+    if p.order == "topk_softmax":
+        b.line(f"top, ids = torch.topk(logits, {topk})", f"weights = {softmax('top')}")
+    else:
+        b.line(f"probs = {softmax('logits')}", f"top, ids = torch.topk(probs, {topk})")
+        b.line("weights = top / top.sum(-1, keepdim=True)" if p.renormalise else "weights = top")
+    b.outputs = ["weights", "ids"] + {"none": [], "probs": ["probs"], "top": ["top"]}[p.extra]
+    expected = {"attention": 0, "kv_update": 0, "moe": int(_router_matches(p))}
+    tags = (f"dtype={p.dtype}", f"x={p.shape}", f"E={p.experts}", f"k={p.k}", f"order={p.order}",
+            f"upcast={p.upcast}", f"softmax={p.softmax}", *(["renormalise"] if p.renormalise else []),
+            f"topk_dim={p.topk_dim}", *([] if p.largest else ["smallest"]), *([] if p.sorted else ["unsorted"]),
+            f"softmax_dim={p.softmax_dim}", f"extra={p.extra}", *(["bias"] if p.bias else []),
+            *(["dynamic"] if p.dynamic else []))
+    src = _module_source(b, family="router", dtype=p.dtype, dynamic=p.dynamic, expected=expected, seed=p.seed,
+                         tags=tags)
+    return Program("router", p, src, expected, tags, f"{p.order} {p.dtype} upcast={p.upcast}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Strategies. sampled_from shrinks towards its first element, so every list starts with the plainest choice.
 
@@ -908,9 +983,26 @@ def paged_programs(draw: st.DrawFn) -> Program:
         seed=draw(seeds)))
 
 
+@st.composite
+def router_programs(draw: st.DrawFn) -> Program:
+    experts = draw(st.sampled_from([8, 4, 16, 3]))
+    order = draw(st.sampled_from(["topk_softmax", "softmax_topk"]))
+    decoys = draw(rare(3))
+    return render_router(RouterProgram(
+        dtype=draw(dtypes), dynamic=draw(rare(6)), shape=draw(st.sampled_from(["ts", "bsh", "bs2h"])),
+        experts=experts, k=draw(st.integers(1, experts)), bias=draw(st.booleans()), order=order,
+        upcast=draw(st.sampled_from(["none", "float", "softmax_dtype"])),
+        softmax=draw(st.sampled_from(["torch", "F", "method"])),
+        renormalise=order == "softmax_topk" and draw(st.booleans()),
+        topk_dim=draw(st.sampled_from(["last", "positive"] + (["first"] if decoys else []))),
+        largest=not (decoys and draw(st.booleans())), sorted=not (decoys and draw(st.booleans())),
+        softmax_dim=draw(st.sampled_from(["last"] + (["first"] if decoys else []))),
+        extra=draw(st.sampled_from(["none", "probs" if order == "softmax_topk" else "top"])), seed=draw(seeds)))
+
+
 FAMILIES: dict[str, Callable[[], st.SearchStrategy[Program]]] = {
     "sdpa": sdpa_programs, "eager": eager_programs, "kv": kv_programs, "paged": paged_programs,
-    "stacked": stacked_programs,
+    "stacked": stacked_programs, "router": router_programs,
 }
 
 
