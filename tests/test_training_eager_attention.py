@@ -517,8 +517,8 @@ def test_masks_built_from_positions_become_sparse_modes(fn, sparse_mode):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_eager_training_step_reaches_ge_as_flash_attention_score(family, tmp_path):
     """Through TorchAir (offline): the forward graph holds FlashAttentionScore, the
-    backward FlashAttentionScoreGrad, and no softmax is left in either. (Llama's
-    backward also holds silu_backward, which TorchAir 2.13 does not convert.)"""
+    backward FlashAttentionScoreGrad, and no softmax is left in either; both graphs
+    are complete (Llama's backward: silu_backward as SwishGrad, converters/silu_backward.py)."""
     from npu_attn_graph import to_ge_graph
 
     model = build_matrix_model(family, "eager").train()
@@ -530,7 +530,37 @@ def test_eager_training_step_reaches_ge_as_flash_attention_score(family, tmp_pat
     forward, backward = (g.op_types for g in result.graphs)
     assert forward["FlashAttentionScore"] == 2 and "SoftmaxV2" not in forward, result.summary()
     assert backward["FlashAttentionScoreGrad"] == 2 and "SoftmaxGrad" not in backward, result.summary()
-    assert result.graphs[0].complete, result.summary()
-    unconverted = {node.node.split(" ")[0].rstrip("_0123456789") for node in result.unconverted}
-    assert unconverted <= {"silu_backward"}, result.summary()
+    assert all(g.complete for g in result.graphs) and not result.unconverted, result.summary()
+    assert backward["SwishGrad"] == (2 if family == "llama" else 0), result.summary()
     assert {s.graph for s in _attention_sites(result.report)} == {"training"}
+
+
+def test_silu_backward_becomes_swish_grad_in_ge(tmp_path):
+    """aten.silu_backward(grad, x) -> GE SwishGrad(grad, x, Swish(x)), scale 1 on both
+    (TorchAir 2.13's own converter raises NotImplementedError): inputs and attributes
+    read back from the GE protobuf of the backward graph."""
+    from npu_attn_graph import to_ge_graph
+
+    def fn(x, w):
+        return F.silu(x * w)
+
+    x, w = (torch.randn(4, 8, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in range(2))
+    result = to_ge_graph(fn, x, w, out_dir=tmp_path)
+    assert len(result.graphs) == 2 and all(g.complete for g in result.graphs), result.summary()
+    backward = result.graphs[1].graph_def
+    ops = {op.name: op for op in backward.op}
+    (grad,) = [op for op in backward.op if op.type == "SwishGrad"]
+    (swish,) = [op for op in backward.op if op.type == "Swish"]
+    assert [d.name for d in grad.input_desc] == ["grad", "x", "y"]
+    dy, saved, y = (ops[name.split(":")[0]] for name in grad.input)
+    # grad <- the incoming gradient; x <- the activation AOT saved (x * w); y <- Swish of that same x.
+    assert dy.type == "Data" and dy.name.startswith("tangents")
+    assert saved.type == "Data" and not saved.name.startswith(("tangents", "primals"))
+    assert y is swish and list(swish.input) == [f"{saved.name}:0"] and grad.input[2] == f"{swish.name}:0"
+    assert grad.attr["scale"].f == 1.0 and swish.attr["scale"].f == 1.0
+    # Both gradients read SwishGrad's output.
+    assert sum(f"{grad.name}:0" in op.input for op in backward.op) == 2
+    # SwishGrad (scale 1, y = x * sigmoid(x)) is silu's derivative: grad * (s + x * s * (1 - s)).
+    t, g = torch.randn(64, dtype=torch.float64), torch.randn(64, dtype=torch.float64)
+    s = torch.sigmoid(t)
+    torch.testing.assert_close(g * (s + t * s * (1 - s)), torch.ops.aten.silu_backward(g, t))

@@ -21,5 +21,6 @@ from . import (  # noqa: F401  (imported for their registrations)
     scatter_nd_update,
     scatter_pa_kv_cache,
     scatter_update,
+    silu_backward,
     sparse_flash_attention,
 )
