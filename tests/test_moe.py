@@ -368,9 +368,32 @@ def test_rewritten_block_equals_the_original(target, tokens, experts, top_k):
                 t == "aten.cumsum.default"], code
 
 
-def test_the_block_becomes_one_complete_ge_graph(tmp_path):
+@pytest.mark.parametrize("target", ["torch", "ge"])
+def test_a_bfloat16_block_through_aten_grouped_mm_is_rewritten(target):
+    """In bfloat16 transformers calls F.grouped_mm (aten._grouped_mm), not its fallback. Both sides
+    accumulate in float32 and round once to bfloat16: rtol 2**-7 (one bfloat16 ulp), atol 1e-2 for
+    sums of terms of magnitude ~1 that cancel."""
+    block = _experts_block(dtype=torch.bfloat16)
+    hidden = torch.randn(1, 9, 32, generator=_gen(8)).bfloat16()
+    capture = _Capture(target)
     with torch.no_grad():
-        result = npu_attn_graph.to_ge_graph(_experts_block(), torch.randn(1, 5, 32), out_dir=tmp_path)
+        eager = block(hidden)[0]
+        out = torch.compile(block, backend=capture.backend(), fullgraph=True)(hidden)[0]
+    torch.testing.assert_close(out, eager, rtol=2.0 ** -7, atol=1e-2)
+    (expected, actual), = capture.pairs
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, rtol=2.0 ** -7, atol=1e-2)
+    (site,) = [s for s in capture.report.sites if s.pattern == "moe:sorted-experts-grouped-matmul"]
+    assert site.rewritten, capture.report.table()
+    code = _targets(capture.graphs[0])
+    assert code.count("npu_attn.npu_grouped_matmul.default") == 2 and "aten._grouped_mm.default" not in code, code
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_block_becomes_one_complete_ge_graph(dtype, tmp_path):
+    with torch.no_grad():
+        result = npu_attn_graph.to_ge_graph(_experts_block(dtype=dtype), torch.randn(1, 5, 32).to(dtype),
+                                            out_dir=tmp_path)
     assert result.single_graph, result.summary()
     types = result.op_type_counts
     assert (types["GroupedMatmul"], types["MoeComputeExpertTokens"], types["ScatterNdUpdate"]) == (2, 1, 1)

@@ -10,6 +10,7 @@ this after AOT, for E experts and top-k ids from a router::
     counts    = histc(ids_sorted.float(), bins=E, min=0, max=E-1)   # .int() off CPU
     offsets   = cumsum(counts, 0, dtype=int32)                     # each expert's row end
     y         = transformers.grouped_mm_fallback(x_sorted, W, offsets)   # one or more
+                (aten._grouped_mm(x_sorted, W, offsets) for bfloat16)
     ...
     inv_perm  = index_put(empty_like(perm), [perm], arange(S))     # the inverse permutation
     out       = weighted[inv_perm].view(T, k, H).sum(1)
@@ -20,7 +21,7 @@ the model is not one GE graph. The rewrite (all of it, or nothing):
 - histc + cumsum -> npu_moe_compute_expert_tokens(ids_sorted.int(), E): for
   ascending ids in [0, E) the row end of every expert, which is exactly the
   cumulative histogram;
-- each grouped_mm_fallback(x, W, offsets) -> npu_grouped_matmul([x], [W],
+- each grouped_mm_fallback / _grouped_mm(x, W, offsets) -> npu_grouped_matmul([x], [W],
   group_list=ends.long(), split_item=3, group_type=0, group_list_type=0)[0]:
   rows [ends[e-1], ends[e]) times W[e];
 - index_put(empty_like(perm), [perm], arange(S)) -> npu_scatter_nd_update(
@@ -60,11 +61,17 @@ _CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
-def is_grouped_mm_fallback(node: object) -> bool:
-    """node calls transformers::grouped_mm_fallback (registered only once transformers is imported)."""
-    target = getattr(node, "target", None)
-    schema = getattr(target, "_schema", None)
-    return node.op == "call_function" and schema is not None and schema.name == "transformers::grouped_mm_fallback"
+def is_grouped_mm(node: object) -> bool:
+    """node is a grouped matmul of the sorted-experts block: transformers::grouped_mm_fallback
+    (registered only once transformers is imported; float32/float16), or aten._grouped_mm without
+    bias or out_dtype (what transformers calls for bfloat16 through F.grouped_mm). Both compute
+    rows [offs[e-1], offs[e]) times weight[e]."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is aten._grouped_mm.default:
+        return _arg(node, 3, "bias", None) is None and _arg(node, 4, "out_dtype", None) is None
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.name == "transformers::grouped_mm_fallback"
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def match_moe(histc: torch.fx.Node) -> MoeSite | None:
         return None
     cumsum = users[0]
     mms = tuple(cumsum.users)
-    if not mms or not all(is_grouped_mm_fallback(mm) and _arg(mm, 2, "offs", None) is cumsum
+    if not mms or not all(is_grouped_mm(mm) and _arg(mm, 2, "offs", None) is cumsum
                           and _arg(mm, 0, "input", None) is not cumsum and _arg(mm, 1, "weight", None) is not cumsum
                           for mm in mms):
         return None
@@ -166,9 +173,9 @@ def check_moe(site: MoeSite, ctx: PassContext) -> str | None:
     for mm in site.grouped_mms:
         weight = val(_arg(mm, 1, "weight", None))
         if weight.dim() != 3 or static_int(weight.shape[0]) != experts:
-            return f"grouped_mm_fallback's weight {list(weight.shape)} is not (E={experts}, K, N)"
+            return f"the grouped matmul's weight {list(weight.shape)} is not (E={experts}, K, N)"
         if not statically_known_true(val(_arg(mm, 0, "input", None)).shape[0] == rows):
-            return "grouped_mm_fallback's input rows are not the routed rows"
+            return "the grouped matmul's input rows are not the routed rows"
     if site.perm is not None and site.inverse is None and any(
             is_call(u, (aten.index_put.default, aten._unsafe_index_put.default)) for u in site.perm.users):
         return "the sort's permutation indexes an index_put that does not write every position exactly once"
