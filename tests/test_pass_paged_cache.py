@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from npu_attn_graph import Report
@@ -72,3 +73,95 @@ def test_a_read_between_the_writes_keeps_them():
     out = torch.compile(store, backend="npu_attn", fullgraph=True, options={"report": report})(*args)
     torch.testing.assert_close(out, expected)
     assert all(not s.rewritten and "read between" in s.reason for s in report.sites)
+
+
+# ----------------------------------------------------------------------------
+# The other spellings of the same write, each run compiled against eager on the same
+# inputs (caches compared exactly), for the eager executor and for the GE target.
+# ----------------------------------------------------------------------------
+
+BLOCK_SIZE = 4
+
+
+def _rows_of_heads(key, value, key_cache, value_cache, slots):
+    n, d = key.shape[1], key.shape[2]
+    key_cache.view(-1, n * d).index_copy_(0, slots, key.reshape(-1, n * d))
+    value_cache.view(-1, n * d).index_copy_(0, slots, value.reshape(-1, n * d))
+
+
+def _block_and_offset(key, value, key_cache, value_cache, slots):
+    blocks, offsets = slots // BLOCK_SIZE, slots % BLOCK_SIZE
+    key_cache[blocks, offsets] = key
+    value_cache[blocks, offsets] = value
+
+
+def _block_and_offset_div(key, value, key_cache, value_cache, slots):
+    blocks = torch.div(slots, BLOCK_SIZE, rounding_mode="floor")
+    key_cache[blocks, slots % BLOCK_SIZE] = key
+    value_cache[blocks, slots % BLOCK_SIZE] = value
+
+
+def _reshape_and_cache(key, value, key_cache, value_cache, slots):
+    def reshape_and_cache(k, v, kc, vc, slot_mapping):  # vLLM's helper, in plain PyTorch
+        kc.view(-1, k.shape[1], k.shape[2])[slot_mapping] = k
+        vc.view(-1, v.shape[1], v.shape[2])[slot_mapping] = v
+
+    reshape_and_cache(key, value, key_cache, value_cache, slots)
+
+
+def _list_of_caches(key, value, key_cache, value_cache, slots):
+    caches = [key_cache, value_cache]
+    for new, cache in zip((key, value), caches):
+        cache.view(-1, new.shape[1], new.shape[2]).index_put_((slots,), new)
+
+
+SPELLINGS = {"rows_of_heads": (_rows_of_heads, "index_copy(slot_mapping)"),
+             "block_and_offset": (_block_and_offset, "index_put(block, offset)"),
+             "block_and_offset_div": (_block_and_offset_div, "index_put(block, offset)"),
+             "reshape_and_cache": (_reshape_and_cache, "index_put(slot_mapping)"),
+             "list_of_caches": (_list_of_caches, "index_put(slot_mapping)")}
+
+
+# index_copy rejects negative indices in eager as well: no padding case for it.
+CASES = [(name, padding) for name in SPELLINGS for padding in (False, True)
+         if not (padding and SPELLINGS[name][1].startswith("index_copy"))]
+
+
+@pytest.mark.parametrize("target", ["torch", "ge"])
+@pytest.mark.parametrize("name,padding", CASES, ids=[f"{n}-{'pad' if p else 'slots'}" for n, p in CASES])
+def test_every_spelling_becomes_the_fused_writer(name, padding, target):
+    from fuzz.oracle import ge_target_backend
+
+    fn, pattern = SPELLINGS[name]
+    key, value, key_cache, value_cache, slots, _ = _inputs()
+    if padding:
+        slots = slots.clone()
+        slots[1] = -1  # vLLM's PAD_SLOT_ID: eager's index_put writes the last slot
+    expected = [key_cache.clone(), value_cache.clone()]
+    fn(key, value, *expected, slots)
+    report = Report()
+    backend = ge_target_backend(report) if target == "ge" else "npu_attn"
+    options = None if target == "ge" else {"report": report}
+    torch.compile(fn, backend=backend, fullgraph=True, options=options)(key, value, key_cache, value_cache, slots)
+    torch.testing.assert_close(key_cache, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(value_cache, expected[1], rtol=0, atol=0)
+    sites = [s for s in report.sites if s.kind == "kv_update"]
+    assert len(sites) == 2 and all(s.rewritten and s.pattern == pattern for s in sites), report.table()
+    targets = [n.target for n in report.graph_modules[0].graph.nodes] if report.graph_modules else []
+    assert torch.ops.aten.index_put.default not in targets and torch.ops.aten.index_copy.default not in targets
+
+
+def test_a_block_offset_write_with_another_block_size_is_not_a_slot_write():
+    def fn(key, value, key_cache, value_cache, slots):
+        key_cache[slots // 2, slots % 2] = key  # block size 2, the cache's is 4: another slot
+        value_cache[slots // 2, slots % 2] = value
+
+    key, value, key_cache, value_cache, _, _ = _inputs()
+    slots = torch.tensor([0, 3, 5, 8, 11])
+    expected = [key_cache.clone(), value_cache.clone()]
+    fn(key, value, *expected, slots)
+    report = Report()
+    torch.compile(fn, backend="npu_attn", fullgraph=True, options={"report": report})(key, value, key_cache,
+                                                                                       value_cache, slots)
+    torch.testing.assert_close(key_cache, expected[0], rtol=0, atol=0)
+    assert not any(s.rewritten for s in report.sites), report.table()

@@ -5,6 +5,8 @@ shape (num_blocks, block_size, num_kv_heads, head_dim) with
 
     key_cache.view(-1, N, D)[slot_mapping] = key          # index_put_
     value_cache.view(-1, N, D).index_copy_(0, slot_mapping, value)
+    key_cache.view(-1, N * D).index_copy_(0, slot_mapping, key.view(-1, N * D))   # rows of N * D
+    key_cache[slot_mapping // block_size, slot_mapping % block_size] = key        # block, offset
 
 After AOT functionalization each write is view -> index_put/index_copy ->
 view back, plus a copy_ of the result into the cache input when the program
@@ -22,7 +24,11 @@ with the same slot-mapping node. Check: the caches are 4-D, the tokens are
 
 index_put wraps negative slots (-1 writes the last slot) while the fused op
 skips them, so index_put's slots are normalised to what eager writes; index_copy
-rejects negative slots, as eager does.
+rejects negative slots, as eager does. The block/offset form is the flat form:
+with block_size = the cache's dim 1, (s // block_size, s % block_size) is slot s
+for every s in [-blocks * block_size, blocks * block_size), a negative one
+included (floor division gives block -1, the last, and offset s mod block_size),
+so it is read as index_put of slot s.
 """
 
 from __future__ import annotations
@@ -44,16 +50,17 @@ VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 @dataclass
 class SlotWrite:
-    """cache.view(-1, N, D)[slots] = tokens, in functional form."""
+    """cache.view(-1, N, D)[slots] = tokens (or one of its other spellings), in functional form."""
 
-    write: torch.fx.Node  # index_put / index_copy on the flat view
-    back: torch.fx.Node | None  # the written flat view, viewed back to the cache shape
+    write: torch.fx.Node  # index_put / index_copy on the flat view (or on the cache, by block and offset)
+    back: torch.fx.Node | None  # the written value in the cache's shape (a view back, or the write itself)
     cache: torch.fx.Node
     slots: torch.fx.Node
     tokens: torch.fx.Node
     pattern: str
     wraps: bool  # index_put: negative slots count from the end
     copy_back: torch.fx.Node | None = None
+    rows_of_heads: bool = False  # the flat view is (slots, N * D): tokens are (T, N * D)
 
 
 @dataclass
@@ -66,12 +73,50 @@ class SlotWritePair:
         return [w for w in (self.key, self.value) if w is not None]
 
 
+def _block_offset_slots(blocks: object, offsets: object, block_size: int) -> torch.fx.Node | None:
+    """s when blocks is s // block_size and offsets is s % block_size (floor division), else None."""
+    if is_call(blocks, aten.floor_divide.default) or (
+            is_call(blocks, aten.div.Tensor_mode) and blocks.kwargs.get("rounding_mode") == "floor"):
+        slots, divisor = blocks.args[:2]
+    else:
+        return None
+    if not is_call(offsets, (aten.remainder.Scalar, aten.remainder.Tensor)) or offsets.args[0] is not slots:
+        return None
+    if static_int(divisor) != block_size or static_int(offsets.args[1]) != block_size:
+        return None
+    return slots
+
+
+def _written_back(node: torch.fx.Node, cache: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
+    """(the write's value in the cache's shape, the copy_ of it into the cache), each None if absent."""
+    if tuple(val(node).shape) == tuple(val(cache).shape):
+        back = node
+    else:
+        backs = [u for u in node.users if is_call(u, VIEWS) and tuple(val(u).shape) == tuple(val(cache).shape)]
+        back = backs[0] if len(backs) == 1 and len(node.users) == 1 else None
+    copy_back = None
+    if back is not None:
+        copy_back = next((u for u in cache.users if is_call(u, aten.copy_.default) and u.args[0] is cache
+                          and u.args[1] is back), None)
+    return back, copy_back
+
+
 def slot_write(node: torch.fx.Node) -> SlotWrite | None:
     if is_call(node, aten.index_put.default):
         flat, indices, tokens = node.args[:3]
         accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
-        if accumulate or len(indices) != 1 or indices[0] is None:
+        if accumulate or any(i is None for i in indices) or len(indices) not in (1, 2):
             return None
+        if len(indices) == 2:  # cache[blocks, offsets] = tokens
+            cache = cache_root(flat)
+            if not isinstance(cache, torch.fx.Node) or cache.op != "placeholder" or val(cache).dim() != 4 or \
+                    tuple(val(flat).shape) != tuple(val(cache).shape):
+                return None
+            slots = _block_offset_slots(*indices, static_int(val(cache).shape[1]))
+            if slots is None or val(slots).dim() != 1:
+                return None
+            back, copy_back = _written_back(node, cache)
+            return SlotWrite(node, back, cache, slots, tokens, "index_put(block, offset)", True, copy_back)
         slots, pattern, wraps = indices[0], "index_put(slot_mapping)", True
     elif is_call(node, aten.index_copy.default):
         flat, dim, slots, tokens = node.args[:4]
@@ -80,19 +125,17 @@ def slot_write(node: torch.fx.Node) -> SlotWrite | None:
         pattern, wraps = "index_copy(slot_mapping)", False
     else:
         return None
-    if not is_call(flat, VIEWS) or val(flat).dim() != 3 or val(slots).dim() != 1 or \
+    if not is_call(flat, VIEWS) or val(flat).dim() not in (2, 3) or val(slots).dim() != 1 or \
             val(slots).dtype in (torch.bool, torch.uint8):
         return None
     cache = cache_root(flat.args[0])
     if not isinstance(cache, torch.fx.Node) or cache.op != "placeholder" or val(cache).dim() != 4:
         return None
-    backs = [u for u in node.users if is_call(u, VIEWS) and tuple(val(u).shape) == tuple(val(cache).shape)]
-    back = backs[0] if len(backs) == 1 and len(node.users) == 1 else None
-    copy_back = None
-    if back is not None:
-        copy_back = next((u for u in cache.users if is_call(u, aten.copy_.default) and u.args[0] is cache
-                          and u.args[1] is back), None)
-    return SlotWrite(node, back, cache, slots, tokens, pattern, wraps, copy_back)
+    rows_of_heads = val(flat).dim() == 2
+    if rows_of_heads and not same_size(val(flat).shape[1], val(cache).shape[2] * val(cache).shape[3]):
+        return None
+    back, copy_back = _written_back(node, cache)
+    return SlotWrite(node, back, cache, slots, tokens, pattern, wraps, copy_back, rows_of_heads)
 
 
 def match_pair(node: torch.fx.Node) -> SlotWritePair | None:
@@ -100,8 +143,10 @@ def match_pair(node: torch.fx.Node) -> SlotWritePair | None:
     if first is None:
         return None
     order = graph_order(node.graph)
-    partners = [w for u in first.slots.users if u is not node and order[u] > order[node] and CLAIMED not in u.meta
-                and (w := slot_write(u)) is not None and w.cache is not first.cache]
+    # The partner reads the same slots, directly or through its block and offset.
+    near = list(first.slots.users) + [u for v in first.slots.users for u in v.users]
+    partners = [w for u in dict.fromkeys(near) if u is not node and order[u] > order[node] and CLAIMED not in u.meta
+                and (w := slot_write(u)) is not None and w.cache is not first.cache and w.slots is first.slots]
     return SlotWritePair(first, partners[0] if len(partners) == 1 else None)
 
 
@@ -111,7 +156,10 @@ def check_pair(pair: SlotWritePair, ctx: PassContext) -> str | None:
     for w in pair.writes:
         nb, bs, n, d = val(w.cache).shape
         t = val(w.tokens).shape
-        if len(t) != 3 or not (same_size(t[1], n) and same_size(t[2], d)):
+        if w.rows_of_heads:
+            if len(t) != 2 or not same_size(t[1], n * d):
+                return f"tokens of shape {tuple(t)} do not match the (slots, {n} * {d}) rows of the cache"
+        elif len(t) != 3 or not (same_size(t[1], n) and same_size(t[2], d)):
             return f"tokens of shape {tuple(t)} do not match the (blocks, block_size, {n}, {d}) cache"
         if w.back is None:
             return f"the written cache {w.write.name} is not only viewed back to the cache shape"
@@ -146,7 +194,7 @@ def rewrite_pair(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site)
     slots = key.slots
     if key.wraps or value.wraps:  # what eager's index_put writes for a negative slot
         slots = rw.call(aten.remainder.Scalar, (slots, _slot_count(rw, key)))
-    args = (key.tokens, value.tokens, key.cache, value.cache, slots)
+    args = (_heads(rw, key), _heads(rw, value), key.cache, value.cache, slots)
     dead = []
     if in_place:
         rw.call(SCATTER_PA_KV_CACHE.in_place, args, SCATTER_PA_KV_CACHE.extra_kwargs)
@@ -166,6 +214,15 @@ def rewrite_pair(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site)
         else SCATTER_PA_KV_CACHE.functional.__name__.split(".")[0]
     site.layout = SCATTER_PA_KV_CACHE.layout
     return dead
+
+
+def _heads(rw: Rewrite, write: SlotWrite) -> torch.fx.Node:
+    """The written tokens as (T, N, D), the fused op's form."""
+    if not write.rows_of_heads:
+        return write.tokens
+    shape = val(write.cache).shape
+    return rw.call(aten.view.default, (write.tokens, [rw.size(write.tokens, 0), static_int(shape[2]),
+                                                      static_int(shape[3])]))
 
 
 def _slot_count(rw: Rewrite, write: SlotWrite) -> object:

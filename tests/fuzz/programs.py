@@ -162,7 +162,7 @@ class PagedProgram:
     d: int
     tokens: int
     cache_layout: str  # bsnd: (blocks, block_size, N, D) / bsh: (blocks, block_size, N * D)
-    key_write: str  # index_put / index_copy_
+    key_write: str  # index_put / index_copy_ / rows_index_copy_ (a (slots, N * D) view) / block_offset
     value_write: str
     slot_dtype: str
     steps: int
@@ -687,8 +687,11 @@ def render_paged(p: PagedProgram) -> Program:
                           "  # distinct slots, none padding (< 0)")
     b.line("n, d = key.shape[1], key.shape[2]")
     for new, cache, how in (("key", "key_cache", p.key_write), ("value", "value_cache", p.value_write)):
-        b.line(f"{cache}.view(-1, n, d)[slots] = {new}" if how == "index_put" else
-               f"{cache}.view(-1, n, d).index_copy_(0, slots, {new})")
+        b.line({"index_put": f"{cache}.view(-1, n, d)[slots] = {new}",
+                "index_copy_": f"{cache}.view(-1, n, d).index_copy_(0, slots, {new})",
+                "rows_index_copy_": f"{cache}.view(-1, n * d).index_copy_(0, slots, {new}.reshape(-1, n * d))",
+                "block_offset": f"{cache}[slots // {p.block_size}, slots % {p.block_size}] = "
+                                f"{new}{'' if p.cache_layout == 'bsnd' else '.reshape(-1, n * d)'}"}[how])
     if p.read != "none":
         b.fixed_input("block_table", f"block_table = torch.randperm({p.blocks}, generator=g)[:{max(1, p.blocks - 1)}]")
     if p.read == "gather":
@@ -969,9 +972,10 @@ def kv_programs(draw: st.DrawFn) -> Program:
 
 @st.composite
 def paged_programs(draw: st.DrawFn) -> Program:
-    key_write = draw(st.sampled_from(["index_put", "index_copy_"]))
-    value_write = draw(st.sampled_from(["index_put", "index_copy_"]))
-    int64_only = "index_copy_" in (key_write, value_write)  # index_copy_ takes int64 indices only
+    writes = ["index_put", "index_copy_", "rows_index_copy_", "block_offset"]
+    key_write, value_write = draw(st.sampled_from(writes)), draw(st.sampled_from(writes))
+    # index_copy_ takes int64 indices only
+    int64_only = bool({"index_copy_", "rows_index_copy_"} & {key_write, value_write})
     blocks, block_size = draw(st.sampled_from([3, 2, 6])), draw(st.sampled_from([4, 8, 16]))
     return render_paged(PagedProgram(
         dtype=draw(dtypes), dynamic=draw(rare(6)), holder=draw(st.sampled_from(["args", "buffers"])),
