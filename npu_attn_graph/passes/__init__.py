@@ -26,6 +26,15 @@ _rules) are, by pass:
   WINDOW_FILL_RULE (the window copied from the last W positions of new states);
 - paged_cache_update: PAGED_WRITE_RULE (key and value written through one
   slot mapping into paged caches);
+- paged_attention_read: PAGED_READ_RULE (a fused attention op whose K/V are a
+  gather of paged caches through a block table and whose mask is provably
+  "key j kept iff j < L[b]" for a lengths tensor L -> the op's paged wrapper
+  with the caches, block_table, block_size and the lengths as a tensor). It
+  runs after the attention rules, gqa_repeat_kv and paged_cache_update: they
+  have read the attention's spelling, removed repeat_kv and fused the cache
+  writes, so it only proves the gather and the mask and retargets the op; and
+  before attention_layout and attention_precision, which refine the paged op
+  as any other;
 - moe_experts_to_fused: MOE_RULE (transformers' sorted-experts MoE block:
   histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops);
 - moe_router_to_gating: ROUTER_RULE (a router's softmax and top-k, in either
@@ -53,6 +62,7 @@ from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .moe_experts_to_fused import MOE_RULE, moe_experts_to_fused
 from .moe_router_to_gating import ROUTER_RULE, moe_router_to_gating
+from .paged_attention_read import PAGED_READ_RULE, paged_attention_read
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
@@ -86,6 +96,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("static_cache_update", POST_AOT, static_cache_update),
     Pass("sliding_window_cache_update", POST_AOT, sliding_window_cache_update),
     Pass("paged_cache_update", POST_AOT, paged_cache_update),
+    # After the attention rules, gqa_repeat_kv and the paged write: retargets their fused op (see the docstring).
+    Pass("paged_attention_read", POST_AOT, paged_attention_read),
     Pass("moe_experts_to_fused", POST_AOT, moe_experts_to_fused),
     Pass("moe_router_to_gating", POST_AOT, moe_router_to_gating),
     Pass("attention_layout", POST_AOT, attention_layout),
@@ -93,7 +105,7 @@ PIPELINE: tuple[Pass, ...] = (
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
-         MOE_RULE, ROUTER_RULE)
+         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:

@@ -93,8 +93,27 @@ FUSED_INFER_V2 = FusedAttentionOp(
     sparse_modes=True, query_len="any", heads_kwarg="num_query_heads", sink_kwarg="learnable_sink",
     cast_kwargs=("pse_shift", "learnable_sink"))
 
+# The paged-read rewrite's wrappers (kernels/paged_attention.py): the two ops
+# above with block_table, block_size and the KV lengths as a tensor. Their K/V
+# are the paged caches themselves, so attention_layout leaves them alone (it
+# skips every call with a block_table); attention_precision casts them.
+PAGED_INCRE = FusedAttentionOp(
+    name="npu_incre_flash_attention_paged", overload=npu_attn.npu_incre_flash_attention_paged.default,
+    output_index=None, scale_kwarg="scale_value", layouts={"BNSD": "BNSD", "BSND": "BSND"}, sparse_modes=False,
+    query_len="one")
+PAGED_FUSED_INFER = FusedAttentionOp(
+    name="npu_fused_infer_attention_score_paged", overload=npu_attn.npu_fused_infer_attention_score_paged.default,
+    output_index=0, scale_kwarg="scale", layouts={"BNSD": "BNSD", "BSND": "BSND"}, sparse_modes=True,
+    query_len="any")
+# fused op -> its paged wrapper, with the wrapper's name for the KV lengths
+PAGED_WRAPPERS: dict[str, tuple[FusedAttentionOp, str]] = {
+    INCRE.name: (PAGED_INCRE, "actual_seq_lengths"),
+    PROMPT.name: (PAGED_FUSED_INFER, "actual_seq_lengths_kv"),
+    FUSED_INFER.name: (PAGED_FUSED_INFER, "actual_seq_lengths_kv"),
+}
+
 ATTENTION_OPS: dict[torch._ops.OpOverload, FusedAttentionOp] = {
-    op.overload: op for op in (PROMPT, INCRE, FUSED_INFER, FUSED_INFER_V2)}
+    op.overload: op for op in (PROMPT, INCRE, FUSED_INFER, FUSED_INFER_V2, PAGED_INCRE, PAGED_FUSED_INFER)}
 
 # With a single query token the ops ignore sparse_mode and pre/next tokens (the
 # incremental path reads the mask only), so a causal or band structure cannot be
