@@ -40,7 +40,10 @@ _rules) are, by pass:
 - moe_router_to_gating: ROUTER_RULE (a router's softmax and top-k, in either
   order -> npu_moe_gating_top_k_softmax_v2; after moe_experts_to_fused, which
   reads the top-k to know the expert ids' range).
-gqa_repeat_kv, attention_layout and attention_precision refine fused ops the
+advance_step_to_fused (not a rule: it evaluates the values written back into
+int64 graph inputs) turns vLLM's torch-only advance_step into
+npu_advance_step_flashattn. gqa_repeat_kv, attention_layout and
+attention_precision refine fused ops the
 rules inserted, reading the fused-op registry (registry.py).
 """
 
@@ -55,6 +58,7 @@ import torch
 from ..report import Report
 from ._context import PassContext
 from ._rules import RuleStats
+from .advance_step_to_fused import advance_step_to_fused
 from .attention_layout import attention_layout
 from .attention_precision import attention_precision
 from .attention_sinks_to_fused import SINK_RULE, attention_sinks_to_fused
@@ -98,6 +102,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("paged_cache_update", POST_AOT, paged_cache_update),
     # After the attention rules, gqa_repeat_kv and the paged write: retargets their fused op (see the docstring).
     Pass("paged_attention_read", POST_AOT, paged_attention_read),
+    Pass("advance_step_to_fused", POST_AOT, advance_step_to_fused),
     Pass("moe_experts_to_fused", POST_AOT, moe_experts_to_fused),
     Pass("moe_router_to_gating", POST_AOT, moe_router_to_gating),
     Pass("attention_layout", POST_AOT, attention_layout),
