@@ -233,9 +233,6 @@ def test_paged_writes_are_fused_today(compiled_run):
     assert kv and all(s.rewritten or s.reason for s in kv)
 
 
-@pytest.mark.xfail(strict=True, reason="PAGED_WRITE_RULE pairs a key write with a value write only when exactly one "
-                   "later write shares its slot mapping; layers sharing one slot_mapping leave all but the last "
-                   "layer's writes unfused")
 def test_every_layers_paged_write_is_fused(compiled_run):
     report = compiled_run["report"]
     for gm in _graphs(report, "decode") + _graphs(report, "prefill"):

@@ -165,3 +165,41 @@ def test_a_block_offset_write_with_another_block_size_is_not_a_slot_write():
                                                                                        value_cache, slots)
     torch.testing.assert_close(key_cache, expected[0], rtol=0, atol=0)
     assert not any(s.rewritten for s in report.sites), report.table()
+
+
+@pytest.mark.parametrize("target", ["torch", "ge"])
+def test_layers_sharing_one_slot_mapping_pair_up_layer_by_layer(target):
+    """Every layer writes its key and value caches through the same slot mapping: each key write
+    pairs with the nearest later write (its layer's value write), so every layer is fused."""
+    from fuzz.oracle import ge_target_backend
+
+    layers = 3
+
+    def model(keys, values, key_caches, value_caches, slots):
+        out = 0
+        for k, v, kc, vc in zip(keys, values, key_caches, value_caches):
+            n, d = k.shape[1], k.shape[2]
+            kc.view(-1, n, d)[slots] = k
+            vc.view(-1, n, d)[slots] = v
+            out = out + (kc[:2] * vc[:2]).sum()
+        return out
+
+    def state():
+        g = torch.Generator().manual_seed(7)
+        return ([torch.randn(5, 2, 16, generator=g) for _ in range(layers)],
+                [torch.randn(5, 2, 16, generator=g) for _ in range(layers)],
+                [torch.randn(6, 4, 2, 16, generator=g) for _ in range(layers)],
+                [torch.randn(6, 4, 2, 16, generator=g) for _ in range(layers)], torch.tensor([3, 0, 21, 8, 13]))
+
+    expected, args = state(), state()
+    want = model(*expected)
+    report = Report()
+    backend = ge_target_backend(report) if target == "ge" else "npu_attn"
+    options = None if target == "ge" else {"report": report}
+    got = torch.compile(model, backend=backend, fullgraph=True, options=options)(*args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    for e, a in zip(expected[2] + expected[3], args[2] + args[3]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    sites = [s for s in report.sites if s.kind == "kv_update"]
+    assert len(sites) == 2 * layers and all(s.rewritten for s in sites), report.table()
+

@@ -147,7 +147,10 @@ def match_pair(node: torch.fx.Node) -> SlotWritePair | None:
     near = list(first.slots.users) + [u for v in first.slots.users for u in v.users]
     partners = [w for u in dict.fromkeys(near) if u is not node and order[u] > order[node] and CLAIMED not in u.meta
                 and (w := slot_write(u)) is not None and w.cache is not first.cache and w.slots is first.slots]
-    return SlotWritePair(first, partners[0] if len(partners) == 1 else None)
+    # Layers share one slot mapping: the partner is the nearest later write (the same layer's value
+    # write); the layers after it pair up in turn, each when its key write is reached.
+    partner = min(partners, key=lambda w: order[w.write]) if partners else None
+    return SlotWritePair(first, partner)
 
 
 def check_pair(pair: SlotWritePair, ctx: PassContext) -> str | None:
@@ -165,6 +168,10 @@ def check_pair(pair: SlotWritePair, ctx: PassContext) -> str | None:
             return f"the written cache {w.write.name} is not only viewed back to the cache shape"
     if (pair.key.copy_back is None) != (pair.value.copy_back is None):
         return "one cache is written in place and the other out of place"
+    order = graph_order(pair.key.write.graph)
+    early = [u.name for u in pair.key.back.users if u is not pair.key.copy_back and order[u] < order[pair.value.write]]
+    if early:
+        return f"a cache is read between the writes by {early[0]} (the fused write goes where the second write is)"
     return None
 
 
