@@ -31,6 +31,12 @@ op's own fake then validates the arguments (int64, shapes, num_seqs > nq).
 The rewrite puts the in-place op where the first copy-back was and drops the
 four copy-backs; the new values must have no other reader than their
 copy-back (or the graph's output, which then reads the updated input).
+
+The speculative form (spec_token, accepted_num) is not matched: the op takes
+each request's last token as the entry before the first -1 of its sampled row,
+a search over the data, while a program spells it from accepted_num (e.g.
+sampled.gather(1, accepted_num[:, None])); the two agree only when the
+rejected entries are exactly a -1 suffix, which the graph cannot show.
 """
 
 from __future__ import annotations
