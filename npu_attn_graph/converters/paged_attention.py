@@ -11,9 +11,22 @@ from __future__ import annotations
 
 import torch
 
+from . import fused_infer_attention_score as _fia, incre_flash_attention as _ifa  # noqa: F401 (registered first)
 from ._ge import INT_MAX, Tensor, TensorSpec, register_fx_node_ge_converter
-from .fused_infer_attention_score import convert_fused_infer_attention_score
-from .incre_flash_attention import convert_incre_flash_attention
+
+
+def _converter_of(op: torch._ops.OpOverload):
+    """The function registered as `op`'s converter (TorchAir's decorator returns its
+    Converter object and keeps the function, functools-wrapped, on the op)."""
+    return op._ge_converter.__wrapped__
+
+
+def convert_incre_flash_attention(*args, **kwargs):
+    return _converter_of(torch.ops.npu_attn.npu_incre_flash_attention.default)(*args, **kwargs)
+
+
+def convert_fused_infer_attention_score(*args, **kwargs):
+    return _converter_of(torch.ops.npu_attn.npu_fused_infer_attention_score.default)(*args, **kwargs)
 
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_incre_flash_attention_paged.default)

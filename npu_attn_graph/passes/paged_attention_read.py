@@ -473,6 +473,12 @@ def _lengths_mask(mask: torch.fx.Node, q_seq: object) -> Lengths:
     r = len(shape)
     if not isinstance(p, Pred):
         raise Refused("the mask is not boolean")
+    for e in p.ineqs if p.negated else ():
+        others = [a for a, c in e.coefs if a != -1]
+        if others and len(p.ineqs) > 1:
+            raise Refused(f"the mask also depends on the index along axis {r + min(others)} "
+                          f"(e.g. a causal term): it keeps keys where {len(p.ineqs)} comparisons hold, one of them "
+                          f"{_describe(e)} < 0")
     if not p.negated or len(p.ineqs) != 1:
         raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]' (it keeps keys where "
                       f"{'not ' if p.negated else ''}{len(p.ineqs)} comparisons hold)")
@@ -711,6 +717,7 @@ def paged_attention_read(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
             site.notes.append(f"paged read left as the dense gather and full mask that {origin} reads: {reason}")
             continue
         site.fused_op = PAGED_WRAPPERS[m.op.name][0].name
+        site.sparse_mode = None  # no mask and no band: the lengths do the masking
         site.notes = [n for n in site.notes if not n.startswith("full mask computed from positions")]
         site.notes.insert(0, f"read by {origin}; K/V are the paged caches through block_table (no gather), "
                              f"the mask is actual_seq_lengths from {m.lengths.node.name}")
