@@ -35,6 +35,10 @@ _rules) are, by pass:
   writes, so it only proves the gather and the mask and retargets the op; and
   before attention_layout and attention_precision, which refine the paged op
   as any other;
+- sparse_attention_to_fused: SPARSE_RULE (attention over top-k selected
+  tokens, gathered by the indices: DeepSeek-V3.2's DSA in MLA-absorb form ->
+  npu_sparse_flash_attention; before the generic attention rules, which would
+  otherwise read the gathered keys as a dense batch);
 - moe_experts_to_fused: MOE_RULE (transformers' sorted-experts MoE block:
   histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops);
 - moe_router_to_gating: ROUTER_RULE (a router's softmax and top-k, in either
@@ -69,6 +73,7 @@ from .moe_router_to_gating import ROUTER_RULE, moe_router_to_gating
 from .paged_attention_read import PAGED_READ_RULE, paged_attention_read
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
+from .sparse_attention_to_fused import SPARSE_RULE, sparse_attention_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
 from .training_eager_attention_to_fusion import claim_sites_left_in_training, training_eager_attention_to_fusion
@@ -94,6 +99,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("training_eager_attention_to_fusion", PRE_AOT, training_eager_attention_to_fusion),
     Pass("training_packed_to_tnd", PRE_AOT, training_packed_to_tnd),
     Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
+    Pass("sparse_attention_to_fused", POST_AOT, sparse_attention_to_fused),
     Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
     Pass("attention_sinks_to_fused", POST_AOT, attention_sinks_to_fused),
     Pass("gqa_repeat_kv", POST_AOT, gqa_repeat_kv),
@@ -110,7 +116,7 @@ PIPELINE: tuple[Pass, ...] = (
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
-         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE)
+         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE, SPARSE_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
