@@ -163,3 +163,31 @@ def test_the_inductor_executor_runs_the_fused_step():
         assert all(torch.equal(c, e) for c, e in zip(compiled, eager)), i
     (site,) = [s for s in report.sites if s.kind == "advance_step"]
     assert site.rewritten, report.table()
+
+
+def step_then_read(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables,
+                   embedding):
+    """The step and the next forward in one graph: the forward reads the new state."""
+    vllm_form(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables)
+    hidden = embedding[input_tokens] * (input_positions + 1)[:, None]
+    return hidden + (seq_lens * 1000 + slot_mapping)[:, None]
+
+
+@pytest.mark.parametrize("target", ["torch", "ge"])
+def test_a_graph_that_reads_the_new_state_gets_the_op_before_its_first_read(target):
+    from fuzz.oracle import ge_target_backend
+
+    torch._dynamo.reset()
+    embedding = torch.randn(100, 8, generator=torch.Generator().manual_seed(5))
+    eager, compiled = _state(), _state()
+    report = Report()
+    backend = ge_target_backend(report) if target == "ge" else "npu_attn"
+    options = None if target == "ge" else {"report": report, "executor": "eager"}
+    step = torch.compile(step_then_read, backend=backend, fullgraph=True, options=options)
+    for i in range(3):
+        want = step_then_read(*eager, embedding)
+        got = step(*compiled, embedding)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(torch.equal(c, e) for c, e in zip(compiled, eager)), i
+    (site,) = [s for s in report.sites if s.kind == "advance_step"]
+    assert site.rewritten, report.table()

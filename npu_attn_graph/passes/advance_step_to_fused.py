@@ -28,9 +28,11 @@ the sampled-tokens and block-table inputs they read) is the step; any op
 outside that vocabulary, or any difference, leaves the graph as it is. The
 op's own fake then validates the arguments (int64, shapes, num_seqs > nq).
 
-The rewrite puts the in-place op where the first copy-back was and drops the
-four copy-backs; the new values must have no other reader than their
-copy-back (or the graph's output, which then reads the updated input).
+The rewrite puts the in-place op before the first reader of a new value (a
+decode step that reads the new tokens, positions, lengths and slots in the
+same graph) or the first copy-back, points those readers at the inputs,
+updated in place, and drops the four copy-backs. Refused (with the reason)
+when something still reads a state tensor's old value after that point.
 
 The speculative form (spec_token, accepted_num) is not matched: the op takes
 each request's last token as the entry before the first -1 of its sampled row,
@@ -49,7 +51,8 @@ import torch
 from ..kernels._library import npu_rules
 from ..report import Report, Site, node_location
 from ._context import PassContext
-from ._fx import Rewrite, RewriteRefused, erase_dead, is_call, scalar_constant, static_int, val
+from ._fx import (Rewrite, RewriteRefused, erase_dead, graph_order, is_call, scalar_constant, static_int, val,
+                  views_of)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -344,21 +347,52 @@ def find_step(gm: torch.fx.GraphModule) -> StepSite | None:
     return None
 
 
+def _dead_after(new_values: list[torch.fx.Node], copies: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes only the new values (and their copy-backs) use: dead once those are replaced."""
+    dead = set(new_values) | set(copies)
+    todo = list(new_values)
+    while todo:
+        for m in todo.pop().all_input_nodes:
+            if m not in dead and m.op == "call_function" and not m.is_impure() and m.users and \
+                    all(u in dead for u in m.users):
+                dead.add(m)
+                todo.append(m)
+    return dead
+
+
+def _placement(gm: torch.fx.GraphModule, step: StepSite) -> tuple[torch.fx.Node | None, str | None]:
+    """Where the in-place op goes (before the first reader of a new value, or the first copy-back),
+    or why it cannot go anywhere: a reader of a state tensor's old value after that point would
+    read the updated one."""
+    order = graph_order(gm.graph)
+    new_values = [c.args[1] for c in step.copies]
+    readers = [u for v in new_values for u in v.users if u not in step.copies and u.op != "output"]
+    point = min(readers + step.copies, key=order.__getitem__)
+    dead = _dead_after(new_values, step.copies)
+    for state in (step.tokens, step.positions, step.seq_lens, step.slots):
+        aliases = views_of(state)
+        for alias in aliases:
+            late = [u.name for u in alias.users if u not in dead and u not in aliases and u.op != "output"
+                    and order[u] > order[point]]
+            if late:
+                return None, (f"{state.name}'s old value is read by {late} after its new value is first read "
+                              f"(by {point.name}), where the in-place op would go")
+    return point, None
+
+
 def advance_step_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> int:
     """Rewrite a graph's advance_step bookkeeping into npu_advance_step_flashattn (at most one per graph)."""
     step = find_step(gm)
     if step is None:
         return 0
-    first = min(step.copies, key=lambda c: list(gm.graph.nodes).index(c))
     layer, source = node_location(step.copies[-1].args[1])
     site = Site(kind="advance_step", graph=ctx.graph_name, layer=layer, source=source, pattern=PATTERN)
     report.sites.append(site)
-    new_values = [c.args[1] for c in step.copies]
-    others = [u.name for v in new_values for u in v.users if u not in step.copies and u.op != "output"]
-    if others:
-        site.reason = f"the new step state is also read by {others} before it is written back"
+    point, site.reason = _placement(gm, step)
+    if point is None:
         return 0
-    rw = Rewrite(gm, first)
+    new_values = [c.args[1] for c in step.copies]
+    rw = Rewrite(gm, point)
     try:
         with npu_rules(ctx.target == "ge"):
             rw.call(ADVANCE_STEP, (step.tokens, step.sampled, step.positions, step.seq_lens, step.slots,
@@ -368,9 +402,10 @@ def advance_step_to_fused(gm: torch.fx.GraphModule, report: Report, ctx: PassCon
         rw.rollback()
         site.reason = str(refused)
         return 0
-    for copy, target in zip(step.copies, (step.tokens, step.positions, step.seq_lens, step.slots)):
-        copy.args[1].replace_all_uses_with(target, delete_user_cb=lambda user: user.op == "output")
     rw.commit()
+    for copy, target in zip(step.copies, (step.tokens, step.positions, step.seq_lens, step.slots)):
+        # Readers of the new value (after the op) read the input, updated in place.
+        copy.args[1].replace_all_uses_with(target, delete_user_cb=lambda user, copy=copy: user is not copy)
     for copy in step.copies:
         gm.graph.erase_node(copy)
     erase_dead(gm.graph, new_values)
