@@ -196,8 +196,9 @@ def test_compiled_engine_equals_generate_for_32_requests_in_4_waves(compiled_run
 def test_no_recompiles_after_warmup(compiled_run):
     engine, report = compiled_run["engine"], compiled_run["report"]
     assert compiled_run["new_compiles"] == 0 and compiled_run["recompiles"] == [], compiled_run["recompiles"]
-    # One graph per decode size (advance_step and the forward) and per prefill size, all made by warmup().
-    expected_graphs = 2 * len(engine.decode_batch_sizes) + len(engine.prefill_sizes)
+    # One graph per decode size (advance_step and the forward together) and per prefill size, all made
+    # by warmup().
+    expected_graphs = len(engine.decode_batch_sizes) + len(engine.prefill_sizes)
     assert compiled_run["graphs_after_warmup"] == len(report.graph_modules) == expected_graphs
     used = {s.decode_padded for s in engine.step_stats if s.decode_padded}
     assert len(used) > 1  # several decode sizes were served
@@ -206,11 +207,9 @@ def test_no_recompiles_after_warmup(compiled_run):
 # -- what the backend fuses per step --------------------------------------------------------------
 
 def _graphs(report, kind):
-    """The compiled graphs of one kind: 'decode', 'prefill', 'advance'."""
+    """The compiled graphs of one kind: 'decode' (advance_step and the forward) or 'prefill'."""
     def kind_of(gm):
         targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
-        if aten_embedding not in targets:
-            return "advance"
         return "prefill" if torch.ops.aten.eq.Tensor in targets else "decode"
     return [gm for gm in report.graph_modules if kind_of(gm) == kind]
 
@@ -241,19 +240,16 @@ def test_every_layers_paged_write_is_fused(compiled_run):
         assert _count(gm, torch.ops.aten.index_put.default) == 0
 
 
-def _advance_rule_landed():
-    from npu_attn_graph import passes
-
-    return "advance_step_to_fused" in [p.name for p in passes.PIPELINE]
-
-
-@pytest.mark.xfail(not _advance_rule_landed(), strict=True, reason="advance_step rule not yet landed")
-def test_advance_step_is_fused(compiled_run):
-    graphs = _graphs(compiled_run["report"], "advance")
+def test_advance_step_is_fused_into_the_decode_graph(compiled_run):
+    """Each decode graph starts with one npu_advance_step_flashattn: the forward reads the state it
+    updated in place; no copy of the state (or of a cache) is left."""
+    graphs = _graphs(compiled_run["report"], "decode")
     assert len(graphs) == len(compiled_run["engine"].decode_batch_sizes)
     for gm in graphs:
         assert _count(gm, ops.npu_advance_step_flashattn.default) == 1, gm.graph
         assert not gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default)
+    steps = [s for s in compiled_run["report"].sites if s.kind == "advance_step"]
+    assert steps and all(s.rewritten for s in steps), compiled_run["report"].table()
 
 
 def _paged_ops():
@@ -272,3 +268,32 @@ def test_paged_reads_are_fused(compiled_run):
             assert n.kwargs.get("block_table") is not None and n.kwargs.get("atten_mask") is None, n.format_node()
         assert _count(gm, torch.ops.aten.index.Tensor) == 0  # k_cache[block_tables] gone
         assert _count(gm, torch.ops.aten.lt.Tensor) == 0  # arange < seq_lens mask gone
+
+
+def test_the_decode_step_is_one_complete_ge_graph(hf_llama, tmp_path):
+    """advance_step + the decode forward of a padded batch of 3 (2 live rows): one GE graph with
+    AdvanceStep, and per layer one ScatterPaKvCache and one IncreFlashAttention that reads the
+    caches through block_table, with no gather of the caches."""
+    import npu_attn_graph
+    from test_ge_converters import producer
+
+    engine = LLMEngine.from_hf(hf_llama, compile=False, **engine_kwargs())
+    b = engine.decode_batch_sizes[1]
+    st = engine._states[b]
+    st.block_tables.copy_(torch.tensor([[0, 1, 12], [2, 12, 12], [12, 12, 12]]))
+    st.seq_lens.copy_(torch.tensor([17, 3, 1]))
+    st.sampled.copy_(torch.tensor([[5], [7]]))
+    with torch.no_grad():
+        result = npu_attn_graph.to_ge_graph(engine.model.advance_and_decode, st.input_tokens, st.sampled,
+                                            st.positions, st.seq_lens, st.slot_mapping, st.block_tables, b, b - 1,
+                                            engine.block_size, engine.kv_caches, out_dir=tmp_path)
+    assert result.single_graph, result.summary()
+    types = result.op_type_counts
+    assert (types.get("AdvanceStep"), types.get("ScatterPaKvCache"), types.get("IncreFlashAttention")) == \
+        (1, NUM_LAYERS, NUM_LAYERS), result.summary()
+    # The one GatherV2 is the token embedding's lookup; no gather of a cache is left.
+    assert types.get("GatherV2") == 1 and not {"Gather", "GatherNd", "GatherElements"} & set(types), \
+        result.summary()
+    graph = result.graphs[0].graph_def
+    for op in (o for o in graph.op if o.type == "IncreFlashAttention"):
+        assert producer(graph, op, "block_table") is not None and producer(graph, op, "atten_mask") is None

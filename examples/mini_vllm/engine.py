@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .advance_step import advance_step
 from .block_manager import BlockManager
 from .model import PagedCausalLM
 from .sampler import SamplingParams, sample
@@ -103,10 +102,12 @@ class LLMEngine:
             opts = dict(backend_options or {})
             kw = {"options": opts} if opts else {}
             self._prefill = torch.compile(model.prefill, backend=backend, fullgraph=True, dynamic=False, **kw)
-            self._decode = torch.compile(model.decode, backend=backend, fullgraph=True, dynamic=False, **kw)
-            self._advance = torch.compile(advance_step, backend=backend, fullgraph=True, dynamic=False, **kw)
+            # advance_step and the forward in one graph: the backend puts npu_advance_step_flashattn
+            # before the forward's first read of the new state.
+            self._decode_step = torch.compile(model.advance_and_decode, backend=backend, fullgraph=True,
+                                              dynamic=False, **kw)
         else:
-            self._prefill, self._decode, self._advance = model.prefill, model.decode, advance_step
+            self._prefill, self._decode_step = model.prefill, model.advance_and_decode
         self._ids = itertools.count()
         self._requests: dict[str, Request] = {}
         self.step_stats: list[StepStats] = []
@@ -188,10 +189,11 @@ class LLMEngine:
                 return b
         raise AssertionError(f"no decode batch size for {n} rows")
 
-    def _step_state(self, st: _DecodeState, b: int) -> None:
-        """advance_step: tokens, positions, seq_lens and slots for this step, in place."""
-        self._advance(st.input_tokens, st.sampled, st.positions, st.seq_lens, st.slot_mapping, st.block_tables,
-                      b, b - 1, self.block_size)
+    def _decode_state(self, st: _DecodeState, b: int) -> torch.Tensor:
+        """advance_step (tokens, positions, seq_lens and slots for this step, in place), then the
+        decode forward: the logits (b, vocab)."""
+        return self._decode_step(st.input_tokens, st.sampled, st.positions, st.seq_lens, st.slot_mapping,
+                                 st.block_tables, b, b - 1, self.block_size, self.kv_caches)
 
     def _run_decode(self, requests: list[Request]) -> int:
         n = len(requests)
@@ -204,9 +206,7 @@ class LLMEngine:
         # Old seq_lens (cached tokens): dummy live rows 0, advance_step's padding row 1 (kept as is by it).
         st.seq_lens.copy_(torch.tensor([r.num_cached for r in requests] + [0] * (b - 1 - n) + [1]))
         st.sampled.copy_(torch.tensor([[r.output_token_ids[-1]] for r in requests] + [[0]] * (b - 1 - n)))
-        self._step_state(st, b)
-        logits = self._decode(st.input_tokens, st.positions, st.seq_lens, st.slot_mapping, st.block_tables,
-                              self.kv_caches)
+        logits = self._decode_state(st, b)
         for r in requests:
             r.num_cached += 1
         self._append(requests, logits[:n])
@@ -251,9 +251,7 @@ class LLMEngine:
             st.block_tables.fill_(scratch)
             st.seq_lens.copy_(torch.tensor([0] * (b - 1) + [1]))
             st.sampled.zero_()
-            self._step_state(st, b)
-            self._decode(st.input_tokens, st.positions, st.seq_lens, st.slot_mapping, st.block_tables,
-                         self.kv_caches)
+            self._decode_state(st, b)
         for t in self.prefill_sizes:
             z = lambda fill: torch.full((t,), fill, dtype=torch.int64, device=self.device)  # noqa: E731
             self._prefill(z(0), z(0), z(-1), z(-1), self.kv_caches)  # distinct tensors: no aliasing guard

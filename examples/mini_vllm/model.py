@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .advance_step import advance_step
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -247,6 +249,16 @@ class PagedCausalLM(nn.Module):
                                            kv_caches[2 * i], kv_caches[2 * i + 1])
             h = layer._mlp(h)
         return self.lm_head(self.model.norm(h))
+
+    def advance_and_decode(self, input_tokens: torch.Tensor, sampled_token_ids: torch.Tensor,
+                           positions: torch.Tensor, seq_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                           block_tables: torch.Tensor, num_seqs: int, num_queries: int, block_size: int,
+                           kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """A whole decode step, as one graph: advance_step (the sampled tokens become the inputs;
+        positions, seq_lens and slots move one token on, in place), then ``decode``."""
+        advance_step(input_tokens, sampled_token_ids, positions, seq_lens, slot_mapping, block_tables, num_seqs,
+                     num_queries, block_size)
+        return self.decode(input_tokens, positions, seq_lens, slot_mapping, block_tables, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
