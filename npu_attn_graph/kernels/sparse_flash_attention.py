@@ -222,7 +222,8 @@ def _validate(query, key, value, sparse_indices, *, block_table=None, actual_seq
           "is not supported with layout_kv PA_BSND", return_softmax_lse)
 
     # --- dtypes
-    on_npu = query.device.type == "npu"
+    # The NPU's dtype rule applies on the device and wherever a graph is built for it (npu_rules).
+    on_npu = _library.npu_rules_apply(query)
     floats = NPU_DTYPES if on_npu else REFERENCE_DTYPES
     check(query.dtype in floats, OP, "query.dtype", f"must be one of {list(floats)}", query.dtype)
     check(key.dtype == query.dtype, OP, "key.dtype", f"must equal query.dtype ({query.dtype})", key.dtype)

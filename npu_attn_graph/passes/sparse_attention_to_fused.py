@@ -192,6 +192,17 @@ def _view_chain(node: object) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
     return node, chain[::-1]
 
 
+def _rank_root(node: object, rank: int) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+    """The deepest node of node's view ancestry with the given rank (the tensor the program viewed into
+    the operand, e.g. q = linear(x).view(B, S, H, D)), and the views from it to node."""
+    root, chain = _view_chain(node)
+    nodes = [root, *chain]
+    for i, candidate in enumerate(nodes):
+        if isinstance(val(candidate), torch.Tensor) and val(candidate).dim() == rank:
+            return candidate, nodes[i + 1:]
+    return None, []
+
+
 def _through(labels: _Labels, axes: Axes | None, chain: list[torch.fx.Node]) -> Axes | None:
     for node in chain:
         if axes is None:
@@ -220,12 +231,12 @@ def _gather(node: object) -> _Gather | None:
     """node is X[b, idx[b, s, k], d] for a (B, T, D) tensor X and a (B, S, K) index tensor, proved by labels."""
     labels = _Labels()
     if is_call(node, aten.gather.default) and node.args[1] in (2, -2) and len(node.args) == 3:
-        src_root, src_chain = _view_chain(node.args[0])
-        idx_root, idx_chain = _view_chain(node.args[2])
-        src = _through(labels, labels.root(src_root, ["b", "t", "d"]), src_chain) if val(src_root).dim() == 3 \
-            else None
-        idx = _through(labels, labels.root(idx_root, ["b", "s", "k"]), idx_chain) if val(idx_root).dim() == 3 \
-            else None
+        src_root, src_chain = _rank_root(node.args[0], 3)
+        idx_root, idx_chain = _rank_root(node.args[2], 3)
+        if src_root is None or idx_root is None:
+            return None
+        src = _through(labels, labels.root(src_root, ["b", "t", "d"]), src_chain)
+        idx = _through(labels, labels.root(idx_root, ["b", "s", "k"]), idx_chain)
         if src is None or idx is None or len(src) != 4 or len(idx) != 4:
             return None
         # src (b, ~S, t, d), index (b, s, k, ~D): out[b, s, k, d] = X[b, idx[b, s, k], d]
@@ -315,10 +326,10 @@ def _term(labels: _Labels, node: torch.fx.Node, q_name: str) -> tuple[torch.fx.N
     bmm_out, out_chain = _view_chain(node)
     if not is_call(bmm_out, aten.bmm.default):
         return None
-    a_root, a_chain = _view_chain(bmm_out.args[0])
+    a_root, a_chain = _rank_root(bmm_out.args[0], 4)
     b_root, b_chain = _view_chain(bmm_out.args[1])
     gather = _gather(b_root)
-    if gather is None or val(a_root).dim() != 4:
+    if gather is None or a_root is None:
         return None
     a = _through(labels, labels.root(a_root, ["b", "s", "h", q_name]), a_chain)
     b = _through(labels, labels.root(b_root, ["b", "s", "k", q_name]), b_chain)
@@ -475,6 +486,8 @@ def check_sparse_attention(site: SparseSite, ctx: PassContext) -> str | None:
     for g in (site.key_rope, site.value):
         if g is not None and not same_shape(val(g.source).shape[:2], val(site.key.source).shape[:2]):
             return f"{g.source.name} is not a (B, T, ...) tensor of the keys' {tuple(val(site.key.source).shape[:2])}"
+    if ctx.target == "ge" and ctx.fp32_attention == "unfused" and val(site.query).dtype == torch.float32:
+        return "float32 attention left as plain math (option fp32_attention='unfused')"
     if site.query_rope is None:
         return "no rope score term: npu_sparse_flash_attention computes MLA-absorb only (query_rope and key_rope)"
     q_len = static_int(val(site.query).shape[1])
@@ -505,15 +518,28 @@ def rewrite_sparse_attention(rw: Rewrite, site: SparseSite, ctx: PassContext, re
     if causal:
         index = rw.call(operator.getitem, (rw.call(aten.sort.default, (index, -1)), 0))
     indices = rw.call(aten.unsqueeze.default, (rw.call(prims.convert_element_type.default, (index, torch.int32)), 2))
-    key = rw.call(aten.unsqueeze.default, (site.key.source, 2))
-    key_rope = rw.call(aten.unsqueeze.default, (site.key_rope.source, 2))
-    value = key if site.value.source is site.key.source else rw.call(aten.unsqueeze.default, (site.value.source, 2))
+    # A float32 site bound for the NPU (which takes float16/bfloat16 only) is computed in the dtype the
+    # fp32_attention option names, with casts around the op (the attention_precision convention).
+    low = ctx.attention_cast_dtype if ctx.target == "ge" and val(site.query).dtype == torch.float32 else None
+
+    def operand(node: torch.fx.Node, unsqueeze: bool) -> torch.fx.Node:
+        if unsqueeze:
+            node = rw.call(aten.unsqueeze.default, (node, 2))
+        return node if low is None else rw.call(prims.convert_element_type.default, (node, low))
+
+    key = operand(site.key.source, True)
+    key_rope = operand(site.key_rope.source, True)
+    value = key if site.value.source is site.key.source else operand(site.value.source, True)
     with npu_rules(ctx.target == "ge"):
-        call = rw.call(SPARSE_FA, (site.query, key, value, indices, float(site.scale)),
-                       dict(query_rope=site.query_rope, key_rope=key_rope, sparse_block_size=1, layout_query="BSND",
-                            layout_kv="BSND", sparse_mode=3 if causal else 0, attention_mode=2),
+        call = rw.call(SPARSE_FA, (operand(site.query, False), key, value, indices, float(site.scale)),
+                       dict(query_rope=operand(site.query_rope, False), key_rope=key_rope, sparse_block_size=1,
+                            layout_query="BSND", layout_kv="BSND", sparse_mode=3 if causal else 0,
+                            attention_mode=2),
                        meta_from=site.softmax)
     out = rw.call(operator.getitem, (call, 0))
+    if low is not None:
+        out = rw.call(prims.convert_element_type.default, (out, torch.float32))
+        record.precision = f"float32 via {str(low).replace('torch.', '')}"
     notes = []
     if causal and site.softmax.target is not aten._safe_softmax.default:
         # Eager's softmax of an all -inf row is NaN; the op gives 0: fill those rows with NaN again.
