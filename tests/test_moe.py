@@ -315,19 +315,20 @@ def _experts_block(experts: int = 4, top_k: int = 2, dtype=torch.float32) -> tor
 
 class _Capture:
     """An AOT backend that runs the passes for `target` and, on every call, both the
-    original and the rewritten graph on the same inputs."""
+    original and the rewritten graph on the same inputs (a training step's forward graph
+    is named "forward", as the backend names it)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str = "torch") -> None:
         self.report, self.target, self.pairs, self.graphs = Report(), target, [], []
 
     def backend(self):
         from torch._dynamo.backends.common import aot_autograd
 
-        def compiler(gm, example_inputs):
+        def compiler(gm, example_inputs, graph_name="inference"):
             graph = torch.fx.Graph()
             graph.output(graph.graph_copy(gm.graph, {}))
             original = torch.fx.GraphModule(gm, graph)
-            run_passes(gm, list(PASSES), self.report, PassContext("inference", self.target))
+            run_passes(gm, list(PASSES), self.report, PassContext(graph_name, self.target))
             self.graphs.append(gm)
 
             def run(args):
@@ -338,7 +339,7 @@ class _Capture:
             run._boxed_call = True
             return run
 
-        return aot_autograd(fw_compiler=compiler, inference_compiler=compiler)
+        return aot_autograd(fw_compiler=lambda gm, ex: compiler(gm, ex, "forward"), inference_compiler=compiler)
 
 
 def _targets(gm) -> list[str]:

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import npu_attn_graph
-from npu_attn_graph import NpuAttnArgumentError, Report, ops
-from npu_attn_graph.passes import PASSES, PassContext, run_passes
+from npu_attn_graph import NpuAttnArgumentError, ops
 
 import moe_oracle as oracle
+from test_moe import _Capture, _fake_call, _targets
 
 GATING = torch.ops.npu_attn.npu_moe_gating_top_k_softmax_v2.default
 
@@ -83,13 +83,6 @@ OPCHECK = [
 @pytest.mark.parametrize("args,kwargs", OPCHECK)
 def test_opcheck(args, kwargs):
     torch.library.opcheck(GATING, args, kwargs)
-
-
-def _fake_call(fn):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        return fn()
 
 
 REFUSED = [
@@ -160,38 +153,6 @@ def test_ge_moe_gating_top_k_softmax_v2(renorm, output_softmax, tmp_path):
 # ----------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
-
-
-class _Capture:
-    """An AOT backend that runs the passes and, on every call, both the original and the
-    rewritten graph on the same inputs."""
-
-    def __init__(self, target: str = "torch") -> None:
-        self.report, self.target, self.pairs, self.graphs = Report(), target, [], []
-
-    def backend(self):
-        from torch._dynamo.backends.common import aot_autograd
-
-        def compiler(gm, example_inputs, graph_name="inference"):
-            graph = torch.fx.Graph()
-            graph.output(graph.graph_copy(gm.graph, {}))
-            original = torch.fx.GraphModule(gm, graph)
-            run_passes(gm, list(PASSES), self.report, PassContext(graph_name, self.target))
-            self.graphs.append(gm)
-
-            def run(args):
-                expected, actual = original(*args), gm(*args)
-                self.pairs.append((expected, actual))
-                return actual
-
-            run._boxed_call = True
-            return run
-
-        return aot_autograd(fw_compiler=lambda gm, ex: compiler(gm, ex, "forward"), inference_compiler=compiler)
-
-
-def _targets(gm) -> list[str]:
-    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
 
 
 def _router(family: str, dtype=torch.float32, **config):

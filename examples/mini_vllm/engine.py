@@ -31,7 +31,7 @@ import torch
 from .block_manager import BlockManager
 from .model import PagedCausalLM
 from .sampler import SamplingParams, sample
-from .scheduler import Request, Scheduler, Status
+from .scheduler import Request, Scheduler
 
 DEFAULT_DECODE_CAPACITIES = (1, 2, 4, 8, 16, 32)
 

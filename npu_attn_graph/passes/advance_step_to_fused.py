@@ -233,7 +233,7 @@ class _Evaluator:
         if is_call(n, aten.copy.default):
             if isinstance(val(a[1]), torch.Tensor) and val(a[1]).dim() == 0:  # a constant broadcast into the rows
                 return self.const(n, self.scalar(a[1]))
-            dst, src = self.rows(a[0]), self.rows(a[1])
+            src = self.rows(a[1])  # copy(dst, src): src's values, in dst's place
             if (src.rows, src.cols) != (rows, cols):
                 raise _Unknown(f"{n.name}: copy broadcasts")
             return _Rows(rows, cols, src.pieces)
