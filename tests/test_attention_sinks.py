@@ -128,9 +128,10 @@ def test_a_column_that_varies_over_rows_is_not_a_sink():
         assert not site.rewritten and "cat" in site.reason, report.table()
 
 
-def _gptoss(layers=2, window=4):
+def _gptoss(layers=2, window=4, head_dim=16):
+    """A tiny gpt-oss (eager attention) whose sinks are random per head; float32."""
     cfg = T.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, num_local_experts=4,
                          num_experts_per_tok=2, sliding_window=window, max_position_embeddings=256,
                          initializer_range=0.2)
     cfg._attn_implementation = "eager"

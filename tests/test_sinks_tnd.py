@@ -52,16 +52,9 @@ def ge_target_backend(report: Report):
 
 
 def gptoss(dtype=torch.bfloat16, head_dim=64):
-    cfg = T.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, num_local_experts=4,
-                         num_experts_per_tok=2, sliding_window=WINDOW, max_position_embeddings=256,
-                         initializer_range=0.2)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = T.GptOssForCausalLM(cfg).eval()
-    with torch.no_grad():  # sinks start at zero: give every head its own
-        for layer in model.model.layers:
-            layer.self_attn.sinks.normal_(0.0, 1.0)
+    from test_attention_sinks import _gptoss
+
+    model, cfg = _gptoss(window=WINDOW, head_dim=head_dim)
     return model.to(dtype), cfg
 
 

@@ -97,8 +97,8 @@ import torch
 from . import _library
 from ._inference import int_list
 from ._layouts import pack_tnd, unpack_tnd
-from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, LIB, check, define, fail, holds_once, register_npu,
-                       register_reference)
+from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, LIB, check, define, fail, holds_once, npu_rules_apply,
+                       register_npu, register_reference)
 
 __all__ = ["npu_fusion_attention"]
 
@@ -217,7 +217,7 @@ def validate(call: FusionCall) -> Geometry:
 
 def _check_dtypes(call: FusionCall) -> None:
     op, q = call.op, call.query
-    floats = NPU_FLOAT_DTYPES if q.device.type == "npu" else REFERENCE_FLOAT_DTYPES
+    floats = NPU_FLOAT_DTYPES if npu_rules_apply(q) else REFERENCE_FLOAT_DTYPES
     check(q.dtype in floats, op, "query.dtype", f"must be one of {list(floats)}", q.dtype)
     check(call.key.dtype == q.dtype, op, "key.dtype", f"must equal query.dtype ({q.dtype})", call.key.dtype)
     check(call.value.dtype == q.dtype, op, "value.dtype", f"must equal query.dtype ({q.dtype})", call.value.dtype)

@@ -92,7 +92,7 @@ import torch
 from . import _library
 from ._attention_core import paged_block_ids
 from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES, int_list
-from ._library import check, define, register_npu, register_reference
+from ._library import check, define, npu_rules_apply, register_npu, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer"]
 
@@ -146,7 +146,7 @@ def _validate(query, key, value, head_num, key_value_head_num, select_block_size
     check(block_table is not None, OP, "block_table", "is required (only paged attention is supported)", None)
     check(actual_cmp_seq_kvlen is not None, OP, "actual_cmp_seq_kvlen", "is required", None)
 
-    floats = NPU_FLOAT_DTYPES if query.device.type == "npu" else REFERENCE_FLOAT_DTYPES
+    floats = NPU_FLOAT_DTYPES if npu_rules_apply(query) else REFERENCE_FLOAT_DTYPES
     check(query.dtype in floats, OP, "query.dtype", f"must be one of {list(floats)}", query.dtype)
     check(key.dtype == query.dtype, OP, "key.dtype", f"must equal query.dtype ({query.dtype})", key.dtype)
     check(value.dtype == query.dtype, OP, "value.dtype", f"must equal query.dtype ({query.dtype})", value.dtype)
