@@ -270,6 +270,19 @@ def test_paged_reads_are_fused(compiled_run):
         assert _count(gm, torch.ops.aten.lt.Tensor) == 0  # arange < seq_lens mask gone
 
 
+def test_prefill_attention_is_the_packed_tnd_wrapper(compiled_run):
+    """Per prefill graph and layer: the packed prefill (mask from sequence ids and positions) is
+    npu_prompt_flash_attention_packed, which computes TND with the lengths read from the mask at run
+    time (the mask stays as the decision's input); no plain masked prompt attention is left."""
+    report = compiled_run["report"]
+    for gm in _graphs(report, "prefill"):
+        assert _count(gm, ops.npu_prompt_flash_attention_packed.default) == NUM_LAYERS, gm.graph
+        assert _count(gm, ops.npu_prompt_flash_attention.default) == 0
+    prefill = [s for s in report.sites if s.pattern == "packed:varlen-prefill"]
+    assert len(prefill) == NUM_LAYERS * len(_graphs(report, "prefill")), report.table()
+    assert all(s.fused_op == "npu_prompt_flash_attention_packed" and s.layout == "TND" for s in prefill)
+
+
 def test_the_decode_step_is_one_complete_ge_graph(hf_llama, tmp_path):
     """advance_step + the decode forward of a padded batch of 3 (2 live rows): one GE graph with
     AdvanceStep, and per layer one ScatterPaKvCache and one IncreFlashAttention that reads the

@@ -18,6 +18,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     moe_gating_top_k_softmax_v2,
     nsa_compress_attention_infer,
     paged_attention,
+    prompt_attention_packed,
     prompt_flash_attention,
     scatter_nd_update,
     scatter_pa_kv_cache,

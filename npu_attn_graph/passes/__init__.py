@@ -70,6 +70,7 @@ from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .moe_experts_to_fused import MOE_RULE, moe_experts_to_fused
 from .moe_router_to_gating import ROUTER_RULE, moe_router_to_gating
+from .packed_prefill_to_tnd import packed_prefill_to_tnd
 from .paged_attention_read import PAGED_READ_RULE, paged_attention_read
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
@@ -113,6 +114,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("moe_router_to_gating", POST_AOT, moe_router_to_gating),
     Pass("attention_layout", POST_AOT, attention_layout),
     Pass("attention_precision", POST_AOT, attention_precision),
+    # Last: retargets a fused prefill whose mask is proved packed (sequence ids, positions) to its TND wrapper.
+    Pass("packed_prefill_to_tnd", POST_AOT, packed_prefill_to_tnd),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
