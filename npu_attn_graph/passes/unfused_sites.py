@@ -79,8 +79,9 @@ def _path_back(start: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
     """Nodes from the softmax to a bmm that reads it as its first operand, or None.
-    Over a single key the product with V is a broadcast multiply (einsum makes one)."""
-    single_key = statically_known_true(val(softmax).shape[-1] == 1)
+    Over a single key the product with V is a broadcast multiply (einsum makes one): the
+    probabilities as they reach it have one column (the softmax's only one, or the one left
+    after a sink column is dropped)."""
     parents = {softmax: None}
     frontier = [softmax]
     for _ in range(MAX_STEPS):
@@ -90,7 +91,7 @@ def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
                 if user in parents:
                     continue
                 if (is_call(user, MATMULS) and user.args[0 if user.target is aten.bmm.default else 1] is node) or \
-                        (single_key and is_call(user, aten.mul.Tensor)):
+                        (is_call(user, aten.mul.Tensor) and statically_known_true(val(node).shape[-1] == 1)):
                     path = [node]
                     while parents[path[-1]] is not None:
                         path.append(parents[path[-1]])

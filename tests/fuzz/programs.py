@@ -1078,6 +1078,10 @@ def known_defects() -> dict[str, Program]:
         "eager/value-head-dim-decode": _attention("eager", Dims(2, 4, 4, 1, 7, 32, 64), _hand()),
         # einsum attention over a single key (S_kv = 1) is not in the report (found by this fuzzer at 1fbd956)
         "eager/einsum-single-key-listed": _attention("eager", Dims(1, 1, 1, 1, 1, 16, 16), _hand(spelling="einsum")),
+        # ... and with a sink column: the softmax has two columns, the product with V one (found by the soak at
+        # 2926936)
+        "eager/einsum-single-key-with-sink-listed": _attention(
+            "eager", Dims(1, 2, 1, 1, 1, 16, 16), _hand(spelling="einsum", sink="per_head")),
         "kv/add-alpha-positions": _kv("index_copy_", "add_alpha", length=20),  # (add_alpha_positions)
         "kv/arange-plus-vector": _kv("index_copy_", "arange+vector"),  # (arange_plus_vector_crash)
         "kv/negative-slice": _kv("neg_slice", "none"),  # cache[:, :, -S:] = k (negative_slice_start_crash)
