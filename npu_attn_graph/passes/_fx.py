@@ -62,6 +62,16 @@ def same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(same_size(n, 1) or same_size(sa, sb) for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
 
 
+def require_same_value(old: torch.fx.Node, new: torch.fx.Node, what: str) -> None:
+    """Raise RewriteRefused unless `new` (a replacement, named `what`) has `old`'s dtype,
+    shape and strides: readers of `old` (views AOT recorded) read `new` unchanged."""
+    a, b = val(old), val(new)
+    if a.dtype != b.dtype or not same_shape(a.shape, b.shape):
+        raise RewriteRefused(f"{what} gives {b.dtype}{list(b.shape)} where the site gives {a.dtype}{list(a.shape)}")
+    if not same_strides(a, b):
+        raise RewriteRefused(f"{what}'s strides {list(b.stride())} differ from the site's {list(a.stride())}")
+
+
 # ----------------------------------------------------------------------------
 # Constants
 # ----------------------------------------------------------------------------

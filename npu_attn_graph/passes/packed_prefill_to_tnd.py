@@ -64,7 +64,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, is_full_slice, val
+from ._fx import SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, is_full_slice, require_same_value, val
 from ._rules import RuleStats
 from .registry import FUSED_INFER, PROMPT
 
@@ -321,17 +321,6 @@ def _check(node: torch.fx.Node) -> None:
         raise Refused("the op's result is read other than by index")
 
 
-def _same(old: torch.fx.Node, new: torch.fx.Node) -> None:
-    a, b = val(old), val(new)
-    if a.dtype != b.dtype or len(a.shape) != len(b.shape) or \
-            any(not statically_known_true(x == y) for x, y in zip(a.shape, b.shape)):
-        raise RewriteRefused(f"the wrapper gives {b.dtype}{list(b.shape)} where the site gives "
-                             f"{a.dtype}{list(a.shape)}")
-    if any(not statically_known_true(n == 1) and not statically_known_true(x == y)
-           for n, x, y in zip(a.shape, a.stride(), b.stride())):
-        raise RewriteRefused(f"the wrapper's strides {list(b.stride())} differ from the site's {list(a.stride())}")
-
-
 def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     wrapper, _ = _WRAPPERS[node.target]
     op = PROMPT if node.target is PROMPT.overload else FUSED_INFER
@@ -342,12 +331,12 @@ def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
     try:
         new = rw.call(wrapper, (node.args[0], node.args[1], node.args[2], kw["atten_mask"]), kwargs)
         if op.output_index is None:
-            _same(node, new)
+            require_same_value(node, new, "the wrapper")
             rw.replace(node, new)
         else:
             for u in list(node.users):
                 part = rw.call(operator.getitem, (new, u.args[1]))
-                _same(u, part)
+                require_same_value(u, part, "the wrapper")
                 rw.replace(u, part)
     except RewriteRefused:
         rw.rollback()

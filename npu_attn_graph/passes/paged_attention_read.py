@@ -85,7 +85,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, scalar_constant, static_int, val
+from ._fx import (SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, require_same_value, scalar_constant,
+                  static_int, val)
 from ._rules import Rule, RuleStats
 from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS, PROMPT
 
@@ -653,10 +654,10 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
         if any(u.target is not operator.getitem or u.args[1] != op.output_index for u in readers):
             raise RewriteRefused("the op's softmax_lse output is read")
         for u in readers:
-            _same(u, out)
+            require_same_value(u, out, "the paged op")
             rw.replace(u, out)
     else:
-        _same(node, out)
+        require_same_value(node, out, "the paged op")
         rw.replace(node, out)
     if m.fixups:
         positive = rw.call(aten.gt.Scalar, (lens, 0))
@@ -671,17 +672,6 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
 PAGED_READ_RULE = Rule(
     name=PATTERN, kind="attention", anchors=tuple(op.overload for op in READ_OPS), match=match_read,
     check=check_read, rewrite=rewrite_read, anchor_of=lambda m: m.node, claims=lambda m: [])
-
-
-def _same(old: torch.fx.Node, new: torch.fx.Node) -> None:
-    a, b = val(old), val(new)
-    if a.dtype != b.dtype or len(a.shape) != len(b.shape) or \
-            any(not statically_known_true(x == y) for x, y in zip(a.shape, b.shape)):
-        raise RewriteRefused(f"the paged op gives {b.dtype}{list(b.shape)} where the site gives "
-                             f"{a.dtype}{list(a.shape)}")
-    if any(not statically_known_true(n == 1) and not statically_known_true(x == y)
-           for n, x, y in zip(a.shape, a.stride(), b.stride())):
-        raise RewriteRefused(f"the paged op's strides {list(b.stride())} differ from the site's {list(a.stride())}")
 
 
 def paged_attention_read(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
