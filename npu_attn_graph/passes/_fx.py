@@ -17,6 +17,10 @@ prims = torch.ops.prims
 
 # Node meta keys shared by the passes.
 SITE = "npu_attn_site"  # a fused node -> its report Site (later passes refine the record)
+# The ATen spellings of a softmax over one dim, and of a dtype cast, after AOT.
+SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
+CASTS = (aten._to_copy.default, prims.convert_element_type.default)
+
 CLAIMED = "npu_attn_claimed"  # a node a rule looked at and left alone -> its Site (not reported twice)
 CONSTANT = "npu_attn_constant"  # computed from constants only: executors may fold it
 
@@ -35,6 +39,11 @@ def is_call(node: object, targets: object) -> bool:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     return node.target in targets if isinstance(targets, (tuple, list, set, frozenset)) else node.target is targets
+
+
+def call_arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
+    """A call's argument by position, else by keyword, else the schema's default."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def static_int(x: object) -> int | None:

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ._fx import is_full_slice, static_int, val
+from ._fx import CASTS, is_full_slice, static_int, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-_CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 _SAME = (aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -131,10 +130,10 @@ def _analyse(node: torch.fx.Node, seen: dict) -> Affine | Conjunction | None:
             step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
         start = _scalar(start)
         return Affine(((-1, 1),), start) if start is not None and step == 1 else None
-    if target in _SAME or (target in _CASTS and v.dtype in _INT_DTYPES + (torch.bool,)
+    if target in _SAME or (target in CASTS and v.dtype in _INT_DTYPES + (torch.bool,)
                            and val(args[0]).dtype == v.dtype):
         return analyse(args[0], seen)
-    if target in _CASTS and v.dtype in _INT_DTYPES and val(args[0]).dtype in _INT_DTYPES:
+    if target in CASTS and v.dtype in _INT_DTYPES and val(args[0]).dtype in _INT_DTYPES:
         return analyse(args[0], seen)  # positions fit every integer type
     if target in (aten.add.Tensor, aten.sub.Tensor):
         if node.kwargs.get("alpha", args[2] if len(args) > 2 else 1) != 1 or v.dtype not in _INT_DTYPES:

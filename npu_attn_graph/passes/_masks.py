@@ -42,17 +42,15 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels._library import INT_MAX
-from ._fx import Rewrite, RewriteRefused, is_call, scalar_constant, val
+from ._fx import CASTS, Rewrite, RewriteRefused, is_call, scalar_constant, val
 from ._mask_bands import BandMode, band_mode, keep_band
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 # Shape-only ops that may sit between a mask and its use (transformers slices
 # the cache-length mask to the keys in use): replayed on the boolean.
 MASK_RESHAPES = (aten.slice.Tensor, aten.expand.default, aten.view.default, aten.unsqueeze.default,
                  aten._unsafe_view.default, aten.reshape.default, aten.alias.default)
-CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,13 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..report import Report, Site
 from ._attention import AttentionSite, Operand, float32_left_unfused, rewrite_attention, structure_reason
 from ._context import PassContext
-from ._fx import Rewrite, is_call, same_shape, scalar_constant, val
+from ._fx import CASTS, SOFTMAXES, Rewrite, is_call, same_shape, scalar_constant, val
 from ._masks import ScoreTerm
 from ._rules import Rule, RuleStats, apply_rules
 from .sdpa_to_fused import record_fused
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
-SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
-CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
             aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.permute.default, aten.transpose.int,
             aten.expand.default, aten.clone.default, aten.alias.default)

@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import npu_rules
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import Rewrite, RewriteRefused, is_call, static_int, val
+from ._fx import CASTS, Rewrite, RewriteRefused, call_arg, is_call, static_int, val
 from ._rules import Rule, RuleStats, apply_rules
 
 aten = torch.ops.aten
@@ -57,7 +57,6 @@ prims = torch.ops.prims
 npu_attn = torch.ops.npu_attn
 
 PATTERN = "moe:sorted-experts-grouped-matmul"
-_CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
@@ -69,7 +68,7 @@ def is_grouped_mm(node: object) -> bool:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     if node.target is aten._grouped_mm.default:
-        return _arg(node, 3, "bias", None) is None and _arg(node, 4, "out_dtype", None) is None
+        return call_arg(node, 3, "bias", None) is None and call_arg(node, 4, "out_dtype", None) is None
     schema = getattr(node.target, "_schema", None)
     return schema is not None and schema.name == "transformers::grouped_mm_fallback"
 
@@ -88,17 +87,13 @@ class MoeSite:
     inverse: torch.fx.Node | None  # index_put(t, [perm], values): inv_perm[perm] = arange(S)
 
 
-def _arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _sort_output(node: object, index: int) -> torch.fx.Node | None:
     """The ascending sort whose output `index` node is, or None."""
     if not is_call(node, operator.getitem) or node.args[1] != index:
         return None
     sort = node.args[0]
     if is_call(sort, aten.sort.default):
-        descending = _arg(sort, 2, "descending", False)
+        descending = call_arg(sort, 2, "descending", False)
     elif is_call(sort, aten.sort.stable):
         descending = sort.kwargs.get("descending", False)
     else:
@@ -114,7 +109,7 @@ def _is_permutation_write(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
     if not is_call(node, (aten.index_put.default, aten._unsafe_index_put.default)) or len(node.args) < 3:
         return False
     target, indices, values = node.args[:3]
-    if _arg(node, 3, "accumulate", False) or list(indices) != [perm]:
+    if call_arg(node, 3, "accumulate", False) or list(indices) != [perm]:
         return False
     n = val(perm).shape[0]
     return val(target).dim() == 1 and statically_known_true(val(target).shape[0] == n) and \
@@ -123,18 +118,18 @@ def _is_permutation_write(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
 
 def match_moe(histc: torch.fx.Node) -> MoeSite | None:
     ids = histc.args[0]
-    while is_call(ids, _CASTS):
+    while is_call(ids, CASTS):
         ids = ids.args[0]
     sort = _sort_output(ids, 0)
     if sort is None:
         return None
     users = list(histc.users)
-    if len(users) != 1 or not is_call(users[0], aten.cumsum.default) or _arg(users[0], 1, "dim", None) not in (0, -1):
+    if len(users) != 1 or not is_call(users[0], aten.cumsum.default) or call_arg(users[0], 1, "dim", None) not in (0, -1):
         return None
     cumsum = users[0]
     mms = tuple(cumsum.users)
-    if not mms or not all(is_grouped_mm(mm) and _arg(mm, 2, "offs", None) is cumsum
-                          and _arg(mm, 0, "input", None) is not cumsum and _arg(mm, 1, "weight", None) is not cumsum
+    if not mms or not all(is_grouped_mm(mm) and call_arg(mm, 2, "offs", None) is cumsum
+                          and call_arg(mm, 0, "input", None) is not cumsum and call_arg(mm, 1, "weight", None) is not cumsum
                           for mm in mms):
         return None
     perm = next((u for u in sort.users if is_call(u, operator.getitem) and u.args[1] == 1), None)
@@ -142,7 +137,7 @@ def match_moe(histc: torch.fx.Node) -> MoeSite | None:
     if perm is not None:
         inverse = next((u for u in perm.users if _is_permutation_write(u, perm)), None)
     return MoeSite(histc=histc, cumsum=cumsum, sorted_ids=ids, flat_ids=sort.args[0], perm=perm,
-                   bins=_arg(histc, 1, "bins", 100), low=_arg(histc, 2, "min", 0), high=_arg(histc, 3, "max", 0),
+                   bins=call_arg(histc, 1, "bins", 100), low=call_arg(histc, 2, "min", 0), high=call_arg(histc, 3, "max", 0),
                    grouped_mms=mms, inverse=inverse)
 
 
@@ -155,7 +150,7 @@ def _top_k_over(flat_ids: torch.fx.Node) -> int | None:
         return None
     topk = node.args[0]
     scores = val(topk.args[0])
-    if _arg(topk, 2, "dim", -1) not in (-1, scores.dim() - 1):
+    if call_arg(topk, 2, "dim", -1) not in (-1, scores.dim() - 1):
         return None
     return static_int(scores.shape[-1])
 
@@ -171,10 +166,10 @@ def check_moe(site: MoeSite, ctx: PassContext) -> str | None:
                 "writes zeros there, which npu_grouped_matmul leaves unwritten")
     rows = val(site.sorted_ids).shape[0]
     for mm in site.grouped_mms:
-        weight = val(_arg(mm, 1, "weight", None))
+        weight = val(call_arg(mm, 1, "weight", None))
         if weight.dim() != 3 or static_int(weight.shape[0]) != experts:
             return f"the grouped matmul's weight {list(weight.shape)} is not (E={experts}, K, N)"
-        if not statically_known_true(val(_arg(mm, 0, "input", None)).shape[0] == rows):
+        if not statically_known_true(val(call_arg(mm, 0, "input", None)).shape[0] == rows):
             return "the grouped matmul's input rows are not the routed rows"
     if site.perm is not None and site.inverse is None and any(
             is_call(u, (aten.index_put.default, aten._unsafe_index_put.default)) for u in site.perm.users):
@@ -198,7 +193,7 @@ def rewrite_moe(rw: Rewrite, site: MoeSite, ctx: PassContext, record: Site) -> l
         ends = _call_at(rw, site.cumsum, npu_attn.npu_moe_compute_expert_tokens.default, (ids, experts))
         group_list = _call_at(rw, site.cumsum, prims.convert_element_type.default, (ends, torch.int64))
         for mm in site.grouped_mms:
-            x, weight = _arg(mm, 0, "input", None), _arg(mm, 1, "weight", None)
+            x, weight = call_arg(mm, 0, "input", None), call_arg(mm, 1, "weight", None)
             outs = _call_at(rw, mm, npu_attn.npu_grouped_matmul.default, ([x], [weight]),
                             dict(group_list=group_list, split_item=3, group_type=0, group_list_type=0))
             out = _call_at(rw, mm, operator.getitem, (outs, 0))

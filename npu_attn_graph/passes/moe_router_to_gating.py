@@ -23,7 +23,7 @@ Checks:
   output_softmax gives them);
 - an inference graph: the op has no backward (torch_npu's doc: inference only);
 - the op's own fake validates the rest (x 2-D/3-D, dtypes, k <= 1024), and the
-  replacement must have the replaced values' dtype and shape.
+  replacement must have the replaced values' dtype, shape and strides.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 from ..kernels._library import npu_rules
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import Rewrite, RewriteRefused, is_call, same_shape, static_int, val
+from ._fx import Rewrite, call_arg, is_call, require_same_value, static_int, val
 from ._rules import Rule, RuleStats, apply_rules
 
 aten = torch.ops.aten
@@ -59,10 +59,6 @@ class RouterSite:
     ids: torch.fx.Node | None  # topk(...)[1], if used
 
 
-def _arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def _output(node: torch.fx.Node, index: int) -> torch.fx.Node | None:
     return next((u for u in node.users if is_call(u, operator.getitem) and u.args[1] == index), None)
 
@@ -80,10 +76,10 @@ def _is_last_dim_softmax(node: object) -> bool:
 
 def match_router(topk: torch.fx.Node) -> RouterSite | None:
     scores = topk.args[0]
-    if not _last_dim(scores, _arg(topk, 2, "dim", -1)):
+    if not _last_dim(scores, call_arg(topk, 2, "dim", -1)):
         return None
-    k = static_int(_arg(topk, 1, "k", None))
-    if k is None or not _arg(topk, 3, "largest", True) or not _arg(topk, 4, "sorted", True):
+    k = static_int(call_arg(topk, 1, "k", None))
+    if k is None or not call_arg(topk, 3, "largest", True) or not call_arg(topk, 4, "sorted", True):
         return None
     top, ids = _output(topk, 0), _output(topk, 1)
     if _is_last_dim_softmax(scores):
@@ -112,13 +108,6 @@ def check_router(site: RouterSite, ctx: PassContext) -> str | None:
     return None
 
 
-def _same_value(new: torch.fx.Node, old: torch.fx.Node, what: str) -> None:
-    a, b = val(new), val(old)
-    if a.dtype != b.dtype or not same_shape(a.shape, b.shape):
-        raise RewriteRefused(f"npu_moe_gating_top_k_softmax_v2's {what} is {a.dtype} {list(a.shape)}, the "
-                             f"site's {b.dtype} {list(b.shape)}")
-
-
 def rewrite_router(rw: Rewrite, site: RouterSite, ctx: PassContext, record: Site) -> list[torch.fx.Node]:
     probs_read = site.renorm == 0 and any(u is not site.topk for u in site.softmax.users)
     kwargs = dict(k=site.k, renorm=site.renorm)
@@ -128,17 +117,17 @@ def rewrite_router(rw: Rewrite, site: RouterSite, ctx: PassContext, record: Site
         outs = rw.call(GATING, (site.logits,), kwargs, meta_from=site.topk)
         if site.weights is not None:
             weights = rw.call(operator.getitem, (outs, 0))
-            _same_value(weights, site.weights, "y")
+            require_same_value(site.weights, weights, "npu_moe_gating_top_k_softmax_v2's y")
             rw.replace(site.weights, weights)
         if site.ids is not None:
             ids32 = rw.call(operator.getitem, (outs, 1))
             # prims.convert_element_type: Inductor lowers it and TorchAir converts it (GE Cast).
             ids = rw.call(prims.convert_element_type.default, (ids32, val(site.ids).dtype))
-            _same_value(ids, site.ids, "expert_idx (cast)")
+            require_same_value(site.ids, ids, "npu_moe_gating_top_k_softmax_v2's expert_idx (cast)")
             rw.replace(site.ids, ids)
         if probs_read:
             probs = rw.call(operator.getitem, (outs, 2))
-            _same_value(probs, site.softmax, "softmax_result")
+            require_same_value(site.softmax, probs, "npu_moe_gating_top_k_softmax_v2's softmax_result")
             rw.replace(site.softmax, probs)
     record.fused_op = "npu_moe_gating_top_k_softmax_v2"
     record.layout = f"k={site.k}, renorm={site.renorm}" + (", output_softmax" if probs_read else "")

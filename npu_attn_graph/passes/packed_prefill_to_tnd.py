@@ -64,12 +64,12 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, is_full_slice, require_same_value, val
+from ._fx import (CASTS, SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, is_full_slice, require_same_value,
+                  val)
 from ._rules import RuleStats
 from .registry import FUSED_INFER, PROMPT
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 npu_attn = torch.ops.npu_attn
 
 PATTERN = "packed:varlen-prefill"
@@ -85,7 +85,6 @@ _TAKEN = {"atten_mask", "num_heads", "scale_value", "scale", "input_layout", "nu
 _DEFAULTS_OK = {"inner_precise": (0, 1), "softmax_lse_flag": (False,), "padding_mask": (None,)}
 
 _SAME = (aten.alias.default, aten.clone.default, aten.lift_fresh_copy.default, aten.contiguous.default)
-_CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -146,7 +145,7 @@ def _indexed(node, depth: int = 0) -> Indexed | None:
     if not isinstance(node, torch.fx.Node) or depth > 20:
         return None
     rank = _rank(node)
-    widening = is_call(node, _CASTS) and val(node).dtype in _INT_DTYPES and \
+    widening = is_call(node, CASTS) and val(node).dtype in _INT_DTYPES and \
         val(node.args[0]).dtype in _INT_DTYPES and val(node).dtype.itemsize >= val(node.args[0]).dtype.itemsize
     if widening:
         return _indexed(node.args[0], depth + 1)
@@ -249,7 +248,7 @@ def read_bool(node, depth: int = 0) -> Bool | None:
         return read_bool(node.args[0], depth + 1) if d <= rank - 2 else None
     if is_call(node, (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default)):
         return read_bool(node.args[0], depth + 1) if _view_keeps_last_two(node) else None
-    if is_call(node, _CASTS) and v.dtype == torch.bool and val(node.args[0]).dtype == torch.bool:
+    if is_call(node, CASTS) and v.dtype == torch.bool and val(node.args[0]).dtype == torch.bool:
         return read_bool(node.args[0], depth + 1)
     if v.dtype == torch.bool:
         return _literal(node)

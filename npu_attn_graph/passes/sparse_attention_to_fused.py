@@ -77,8 +77,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..kernels._library import npu_rules
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import Rewrite, RewriteRefused, is_call, same_shape, same_strides, scalar_constant, static_int, val
+from ._fx import (CASTS, SOFTMAXES, Rewrite, RewriteRefused, is_call, same_shape, same_strides, scalar_constant,
+                  static_int, val)
 from ._rules import Rule, RuleStats, apply_rules
+from .eager_attention_to_fused import RESHAPES as VIEWS
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -86,11 +88,6 @@ npu_attn = torch.ops.npu_attn
 
 PATTERN = "sparse:topk-gather-attention"
 SPARSE_FA = npu_attn.npu_sparse_flash_attention.default
-SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
-CASTS = (aten._to_copy.default, prims.convert_element_type.default)
-VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
-         aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.permute.default, aten.transpose.int,
-         aten.expand.default, aten.clone.default, aten.alias.default)
 COMPARES = {aten.gt.Tensor: (0, 0), aten.ge.Tensor: (0, -1), aten.lt.Tensor: (1, 0), aten.le.Tensor: (1, -1)}
 
 Axes = list  # one tuple of labels per dim, labels merged in row-major order; () a size-1 dim

@@ -26,13 +26,11 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report, Site, node_location
 from ._context import PassContext
-from ._fx import CLAIMED, is_call, val
+from ._fx import CLAIMED, SOFTMAXES, is_call, val
 from .eager_attention_to_fused import scale_factor
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
-SOFTMAXES = (aten._softmax.default, aten.softmax.int, aten._safe_softmax.default)
 MATMULS = (aten.bmm.default, aten.baddbmm.default)
 # How far a softmax may be from its matmuls and still be attention: enough for
 # scale, casts, masks, softcap, sinks and dropout, not enough to reach another layer.
