@@ -2,10 +2,11 @@
 
 from . import kernels
 from .backend import NpuAttnBackend, explain, npu_attn_backend
+from .export import export
 from .ge_graph import GeConversion, to_ge_graph
 from .kernels import NpuAttnArgumentError
 from .report import Report, Site
 
 __all__ = ["kernels", "GeConversion", "NpuAttnArgumentError", "NpuAttnBackend", "Report", "Site", "explain",
-           "npu_attn_backend", "to_ge_graph"]
+           "export", "npu_attn_backend", "to_ge_graph"]
 __version__ = "0.1.0"
