@@ -44,6 +44,7 @@ import reprlib
 from typing import Any
 
 import torch
+from torch._export.verifier import TrainingIRVerifier
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, OutputKind, OutputSpec, TensorArgument
 
@@ -126,10 +127,15 @@ def rewrite_program(program: ExportedProgram, opts: BackendOptions, report: Repo
     gm.graph.lint()
     gm.recompile()
     signature = ExportGraphSignature(input_specs=list(program.graph_signature.input_specs), output_specs=output_specs)
+    verifiers = program.verifiers
+    if any(returns_mutated_input(n) for n in gm.graph.nodes):
+        # The ATen dialect's verifier admits functional ops only; the training IR's
+        # (torch.export.export's own default dialect) admits in-place ops, as ours.
+        verifiers = [TrainingIRVerifier]
     return ExportedProgram(
         root=gm, graph=gm.graph, graph_signature=signature, state_dict=program.state_dict,
         range_constraints=program.range_constraints, module_call_graph=program.module_call_graph,
-        example_inputs=program.example_inputs, constants=program.constants, verifiers=program.verifiers)
+        example_inputs=program.example_inputs, constants=program.constants, verifiers=verifiers)
 
 
 def _copied_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
