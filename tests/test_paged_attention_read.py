@@ -265,19 +265,7 @@ def test_several_query_tokens_attending_every_valid_key_use_fused_infer():
     assert node.kwargs.get("atten_mask") is None and node.kwargs.get("sparse_mode", 0) == 0
 
 
-# --- refusals ------------------------------------------------------------------------------------
-
-
-def causal_chunk(q, k_cache, v_cache, block_table, seq_lens):
-    """A chunk of S_q new tokens at the end of each sequence: lengths and causal."""
-    b, s_q = q.shape[0], q.shape[2]
-    k = k_cache[block_table].view(b, S_KV, HKV, D).transpose(1, 2)
-    v = v_cache[block_table].view(b, S_KV, HKV, D).transpose(1, 2)
-    j = torch.arange(S_KV)
-    i = torch.arange(s_q)
-    keep = (j[None, None, :] < seq_lens[:, None, None]) & \
-        (j[None, None, :] <= (seq_lens[:, None, None] - s_q + i[None, :, None]))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None], enable_gqa=True)
+# --- refusals (a causal chunk is fused: tests/test_paged_chunk.py) -------------------------------
 
 
 def keys_past_the_length(q, k_cache, v_cache, block_table, seq_lens):
@@ -313,7 +301,6 @@ def no_mask(q, k_cache, v_cache, block_table, seq_lens):
 
 
 REFUSALS = {
-    "causal-chunk": (causal_chunk, 3, "also depends on the index along axis"),
     "keys-past-the-length": (keys_past_the_length, 1, "is not 'key j kept iff j < seq_len[b]'"),
     "finfo-min-mask": (finfo_min_mask, 1, "the mean of every gathered value"),
     "two-length-tensors": (two_length_tensors, 1, "is not 'key j kept iff j < seq_len[b]'"),

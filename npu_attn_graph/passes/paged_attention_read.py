@@ -36,13 +36,21 @@ about the fused op they left, and retargets it:
    (num_blocks, block_size, H) as it is (H split into Hkv x D).
 2. The mask is the lengths: its construction is read symbolically (every
    integer tensor an affine function a*j + b*i + c*L[b] + d of the key index
-   j, the query index i and one integer tensor L indexed by batch; every
-   boolean a (negated) conjunction of `< 0` inequalities over those), which
-   proves, for all values of L, that it keeps key j of batch b exactly when
-   j < L[b] - d, uniformly over heads and query rows. Anything else (a
-   causal term, a per-head mask, a bias, a mask from two tensors, no mask)
-   leaves the site as the attention rules fused it, with the reason in the
-   site's notes.
+   j, the query index i and one integer tensor L indexed by batch, d an int or
+   a symbolic size such as a dynamic S_q; every boolean a (negated)
+   conjunction of `< 0` inequalities over those), which proves, for all values
+   of L, that it keeps key j of batch b exactly when j < L[b] - d, uniformly
+   over heads and query rows. Or, for a query chunk (chunked prefill,
+   prefix-cache continuation), exactly when j <= i + X[b] with X = L + k: the
+   causal mask aligned to each sequence's end, which is the op's own
+   rightDownCausal (sparse_mode 3: j <= i + kv_len[b] - S_q) with kv_len =
+   X + S_q (so the usual "j <= L - S_q + i" has kv_len = L, and
+   "j <= context_len + i" kv_len = context_len + S_q); a lengths bound
+   j < L - d next to it must be implied by the band (else the band would end
+   past the sequence: refused). Anything else (a top-left causal term j <= i,
+   a window, a per-head mask, a bias, a mask from two tensors such as
+   per-sequence chunk lengths, no mask) leaves the site as the attention rules
+   fused it, with the reason in the site's notes.
 
 Rewrite: the op's wrapper that takes the lengths as a tensor
 (kernels/paged_attention.py: npu_incre_flash_attention_paged for S_q == 1,
@@ -50,14 +58,24 @@ npu_fused_infer_attention_score_paged for S_q > 1 or a symbolic S_q) with the
 caches themselves, block_table (cast to int32), block_size, the lengths
 ``clamp(L - d, 0, S_kv)`` (exactly eager's "j < L[b] - d" for every j in
 [0, S_kv), so any value of L, negative or past the gathered length, gives
-eager's result) and no mask. The op's own validation runs on the site's fake
-values, and the replacement must have the original's shape, dtype and strides.
-A fully-masked-row fix-up the attention rules added (``any`` over the kept
-keys: rows of a -inf mask with no key give NaN, as eager) is rewritten to read
-the lengths (``L' > 0``); a fix-up that reads the gathered values (a
-finfo.min mask: a sequence of length 0 gets the mean of every gathered value,
-unused blocks included, in eager) or any other reader of the gathered K/V
-leaves the site alone with the reason.
+eager's result) and no mask. A causal chunk gets the FIA wrapper with
+sparse_mode 3, the shared compressed 2048x2048 mask and ``clamp(X + S_q,
+min=0)`` (a negative value keeps no key in either; a value past the gathered
+capacity is not clamped, since that would move the diagonal: the op's own
+run-time check rejects it, naming actual_seq_lengths_kv). Every query row is
+the chunk's (actual_seq_lengths unset). Rows before a short sequence's first
+key (i < S_q - kv_len) keep no key: the op gives them 0, SDPA too; a -inf
+hand-written softmax gives NaN through the fix-up below; a finfo.min mask
+gives the mean of every gathered value, so it is refused (no sequence length
+in the graph can be proved >= S_q). The op's own validation runs on the
+site's fake values, and the replacement must have the original's shape,
+dtype and strides. A fully-masked-row fix-up the attention rules added
+(``any`` over the kept keys: rows of a -inf mask with no key give NaN, as
+eager) is rewritten to read the lengths (``L' > 0``, or for a chunk
+``i + kv_len >= S_q``); a fix-up that reads the gathered values (a finfo.min
+mask: a row with no key gets the mean of every gathered value, unused blocks
+included, in eager) or any other reader of the gathered K/V leaves the site
+alone with the reason.
 
 Why a wrapper op for the lengths (and not unbacked SymInts): the torch_npu
 ops take ``actual_seq_lengths`` as SymInt[] host values; the graph has a
@@ -84,6 +102,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
+from ._attention import causal_mask_node
 from ._context import PassContext
 from ._fx import (SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, require_same_value, scalar_constant,
                   static_int, val)
@@ -360,11 +379,14 @@ def _move_axes(x, old_shape, new_shape):
     return Pred(rank, tuple(_move_axes(q, old_shape, new_shape) for q in x.ineqs), x.negated)
 
 
-def _int_scalar(x: object) -> int | None:
+def _int_scalar(x: object) -> object | None:
+    """An int, or a SymInt (a symbolic size, e.g. a dynamic query length), else None."""
     if isinstance(x, bool):
         return int(x)
-    if isinstance(x, int):
+    if isinstance(x, (int, torch.SymInt)):
         return x
+    if isinstance(x, torch.fx.Node) and isinstance(val(x), torch.SymInt):
+        return val(x)
     c = scalar_constant(x) if isinstance(x, torch.fx.Node) else None
     if c is not None and isinstance(x, torch.fx.Node) and not val(x).dtype.is_floating_point and c == int(c):
         return int(c)
@@ -464,34 +486,55 @@ def _rerank(x, rank: int):
 @dataclass
 class Lengths:
     node: torch.fx.Node  # L
-    offset: int  # kept iff j < L[b] + offset
+    offset: int  # the op's KV length is L[b] + offset
+    causal: bool = False  # also "key j kept iff j <= i + (L[b] + offset) - S_q" (sparse_mode 3)
 
 
 def _lengths_mask(mask: torch.fx.Node, q_seq: object) -> Lengths:
-    """Prove `mask` (True = masked out, the op's form) is "key j masked iff j >= L[b] + offset"."""
+    """Prove `mask` (True = masked out, the op's form) is "key j masked iff j >= L[b] + offset"
+    or, for a causal chunk, "key j masked iff j > i + (L[b] + offset) - S_q" (and any lengths
+    bound it has is implied by that one)."""
     p = _read(mask)
     shape = list(val(mask).shape)
     r = len(shape)
     if not isinstance(p, Pred):
         raise Refused("the mask is not boolean")
-    for e in p.ineqs if p.negated else ():
-        others = [a for a, c in e.coefs if a != -1]
-        if others and len(p.ineqs) > 1:
-            raise Refused(f"the mask also depends on the index along axis {r + min(others)} "
-                          f"(e.g. a causal term): it keeps keys where {len(p.ineqs)} comparisons hold, one of them "
-                          f"{_describe(e)} < 0")
-    if not p.negated or len(p.ineqs) != 1:
+    if not p.negated and len(p.ineqs) == 1:  # masked iff e < 0: kept iff -e - 1 < 0 (integers)
+        p = Pred(p.rank, (_combine(p.ineqs[0].scaled(-1), Affine(0, const=1), -1),), True)
+    if not p.negated:
         raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]' (it keeps keys where "
-                      f"{'not ' if p.negated else ''}{len(p.ineqs)} comparisons hold)")
-    (e,) = p.ineqs
-    coefs = dict(e.coefs)
-    if coefs.get(-1) != 1 or e.length is None or e.l != -1:
-        raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]': it keeps keys where "
-                      f"{_describe(e)} < 0")
-    others = {a: c for a, c in coefs.items() if a != -1}
-    if others:
-        raise Refused(f"the mask also depends on the index along axis {r + min(others)} "
-                      f"(e.g. a causal term): {_describe(e)} < 0")
+                      f"not {len(p.ineqs)} comparisons hold)")
+    bounds, causal = [], []
+    for e in p.ineqs:
+        coefs = dict(e.coefs)
+        if statically_known_true(q_seq == 1):
+            coefs.pop(-2, None)  # one query row: its index is 0
+        if coefs.get(-1) != 1 or any(a not in (-1, -2) for a in coefs):
+            raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]': it keeps keys where "
+                          f"{_describe(e)} < 0" + _axis_note(coefs, r))
+        if -2 not in coefs:
+            if e.length is None or e.l != -1:
+                raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]': it keeps keys where "
+                              f"{_describe(e)} < 0")
+            bounds.append(e)
+            continue
+        if coefs[-2] != -1 or r < 2 or not statically_known_true(shape[-2] == q_seq):
+            raise Refused(f"the mask also depends on the index along axis {r - 2} in a way that is not "
+                          f"causal (key j <= query i + offset): {_describe(e)} < 0")
+        if e.length is None or e.l != -1:
+            raise Refused(f"the causal term is aligned top-left (key j <= query i + {-e.const - 1}, no "
+                          f"sequence length in it), not to each sequence's end (j <= i + L[b] - S_q, the "
+                          f"op's rightDownCausal): {_describe(e)} < 0")
+        causal.append(e)
+    if len(causal) > 1:
+        raise Refused(f"the mask has {len(causal)} causal bounds")
+    if not causal and len(bounds) != 1:
+        raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]' (it keeps keys where "
+                      f"{len(p.ineqs)} comparisons hold)")
+    terms = causal + bounds
+    if any(e.length is not terms[0].length or e.length_axis != terms[0].length_axis for e in terms):
+        raise Refused("the mask's bounds read two length tensors (or one along two axes)")
+    e = terms[0]
     # Which mask axis is the batch (the op's mask forms).
     if r == 2 and q_seq == 1 and not statically_known_true(shape[0] == 1):
         batch_axis = 0
@@ -504,7 +547,30 @@ def _lengths_mask(mask: torch.fx.Node, q_seq: object) -> Lengths:
     if axis != batch_axis:
         if not (axis is None and statically_known_true(length_val.numel() == 1)):
             raise Refused(f"the lengths tensor {e.length.name} runs along mask axis {axis}, not the batch axis")
-    return Lengths(e.length, -e.const)
+    if not causal:
+        offset = static_int(-e.const)
+        if offset is None:
+            raise Refused(f"the lengths bound's offset {-e.const} is symbolic")
+        return Lengths(e.length, offset)
+    # Causal: j - i - L + c < 0, i.e. j <= i + (L - c - 1): the op's rightDownCausal (sparse_mode 3)
+    # keeps j <= i + kv_len - S_q, so kv_len = L + (S_q - 1 - c). Its lengths bound j < kv_len is
+    # implied (i <= S_q - 1); a lengths bound j < L - d in the mask must be implied too.
+    offset = static_int(q_seq - 1 - e.const)
+    if offset is None:
+        raise Refused(f"the causal term's offset against the query length {q_seq} is not a constant: "
+                      f"{_describe(e)} < 0")
+    for bound in bounds:
+        kept = static_int(-bound.const)
+        if kept is None or kept < offset:
+            raise Refused(f"the causal term is offset by {offset} from L[b] - S_q (its last query row keeps "
+                          f"keys j < {e.length.name}[b] + {offset}) while the lengths bound keeps j < "
+                          f"{e.length.name}[b] + {-bound.const}: the band ends past the sequence")
+    return Lengths(e.length, offset, causal=True)
+
+
+def _axis_note(coefs: dict, rank: int) -> str:
+    others = [a for a in coefs if a not in (-1, -2)]
+    return f" (it also depends on the index along axis {rank + min(others)})" if others else ""
 
 
 def _describe(e: Affine) -> str:
@@ -618,8 +684,9 @@ def _check(m: PagedRead) -> None:
         other = _other_readers(g, node)
         if other is not None:
             raise Refused(f"the gathered K/V is also read by {other} (e.g. a finfo.min mask's fix-up: a "
-                          f"sequence of length 0 gets the mean of every gathered value, unused blocks included, "
-                          f"in eager)")
+                          f"row with no key (a sequence of length 0, or a chunk's query row before its "
+                          f"sequence's first key) gets the mean of every gathered value, unused blocks "
+                          f"included, in eager, and 0 from the op)")
 
 
 def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torch.fx.Node]:
@@ -643,10 +710,20 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
         lens = rw.call(aten._to_copy.default, (lens,), {"dtype": torch.int64})
     if m.lengths.offset:
         lens = rw.call(aten.add.Tensor, (lens, m.lengths.offset))
-    lens = rw.call(aten.clamp.default, (lens, 0, rw.size(mask, -1)))
+    if m.lengths.causal:
+        # Not clamped above: a length past the gathered capacity would move the causal
+        # diagonal, so the op's own run-time check rejects it (eager keeps j < S_kv).
+        lens = rw.call(aten.clamp.default, (lens, 0))
+    else:
+        lens = rw.call(aten.clamp.default, (lens, 0, rw.size(mask, -1)))
     kwargs = {"block_table": table, lengths_kwarg: lens, "num_heads": node.kwargs[op.heads_kwarg],
               wrapper.scale_kwarg: node.kwargs[op.scale_kwarg], "input_layout": node.kwargs["input_layout"],
               "num_key_value_heads": node.kwargs.get("num_key_value_heads", 0), "block_size": k.block_size}
+    if m.lengths.causal:
+        if wrapper is not PAGED_WRAPPERS[FUSED_INFER.name][0]:
+            raise RewriteRefused(f"a causal chunk needs {PAGED_WRAPPERS[FUSED_INFER.name][0].name}'s sparse_mode 3, "
+                                 f"not {wrapper.name}")
+        kwargs.update(sparse_mode=3, atten_mask=causal_mask_node(rw, node.args[0], ctx))
     new = rw.call(wrapper.overload, (node.args[0], caches[0], caches[1]), kwargs)
     out = new if wrapper.output_index is None else rw.call(operator.getitem, (new, wrapper.output_index))
     if op.output_index is not None:
@@ -660,10 +737,22 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
         require_same_value(node, out, "the paged op")
         rw.replace(node, out)
     if m.fixups:
-        positive = rw.call(aten.gt.Scalar, (lens, 0))
+        if m.lengths.causal:
+            # Query row i of batch b keeps a key iff i + kv_len[b] - S_q >= 0 (then key 0).
+            q_seq = rw.size(mask, -2)
+            rows = rw.call(aten.arange.default, (q_seq,), {"dtype": val(lens).dtype, "device": val(lens).device})
+            reach = rw.call(aten.add.Tensor, (rw.call(aten.unsqueeze.default, (lens, 1)),
+                                              rw.call(aten.unsqueeze.default, (rows, 0))))
+            has_key = rw.call(aten.ge.Scalar, (reach, q_seq))  # (B, S_q)
+        else:
+            has_key = rw.call(aten.gt.Scalar, (lens, 0))  # (B,)
         for any_node in m.fixups:
             shape = list(val(any_node).shape)
-            view = rw.call(aten.view.default, (positive, [shape[0]] + [1] * (len(shape) - 1)))
+            if m.lengths.causal:
+                view_shape = [shape[0]] + [1] * (len(shape) - 3) + [shape[-2], 1]
+            else:
+                view_shape = [shape[0]] + [1] * (len(shape) - 1)
+            view = rw.call(aten.view.default, (has_key, view_shape))
             rw.replace(any_node, rw.call(aten.expand.default, (view, shape)))
     new.meta[SITE] = site
     return [node, *node.users, *m.fixups]
@@ -707,12 +796,17 @@ def paged_attention_read(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
             site.notes.append(f"paged read left as the dense gather and full mask that {origin} reads: {reason}")
             continue
         site.fused_op = PAGED_WRAPPERS[m.op.name][0].name
-        site.sparse_mode = None  # no mask and no band: the lengths do the masking
+        # No mask and no band (the lengths do the masking), or the causal chunk's sparse_mode 3.
+        site.sparse_mode = 3 if m.lengths.causal else None
         site.notes = [n for n in site.notes if not n.startswith("full mask computed from positions")]
+        lengths = m.lengths.node.name + (f" + {m.lengths.offset}" if m.lengths.offset else "")
         site.notes.insert(0, f"read by {origin}; K/V are the paged caches through block_table (no gather), "
-                             f"the mask is actual_seq_lengths from {m.lengths.node.name}")
+                             f"the mask is actual_seq_lengths from {lengths}" +
+                             (" with sparse_mode 3 (rightDownCausal: key j <= i + kv_len - S_q) and the "
+                              "compressed mask" if m.lengths.causal else ""))
         if m.fixups:
-            site.notes.append("the fully-masked-row fix-up reads the lengths (length 0)")
+            site.notes.append("the fully-masked-row fix-up reads the lengths " +
+                              ("(rows i < S_q - kv_len)" if m.lengths.causal else "(length 0)"))
     if stats.rewritten:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
