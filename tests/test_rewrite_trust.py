@@ -57,7 +57,8 @@ def test_the_rules_are_readable_from_the_rule_list():
                                         "static-cache-write",
                                         "sliding-window-cache-write", "sliding-window-fill", "paged-cache-write",
                                         "paged:gather-attention", "moe:sorted-experts-grouped-matmul",
-                                        "moe:router-top-k-softmax", "sparse:topk-gather-attention"]
+                                        "moe:router-top-k-softmax", "sparse:topk-gather-attention",
+                                        "nsa:compressed-attention-topk"]
     assert all(r.match and r.check and r.rewrite for r in RULES)
 
 

@@ -17,6 +17,7 @@ from . import (  # noqa: F401  (imported for their registrations)
     moe_compute_expert_tokens,
     moe_gating_top_k_softmax_v2,
     nsa_compress_attention_infer,
+    nsa_compress_attention_lengths,
     paged_attention,
     prompt_attention_packed,
     prompt_flash_attention,

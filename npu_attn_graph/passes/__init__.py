@@ -39,6 +39,9 @@ _rules) are, by pass:
   tokens, gathered by the indices: DeepSeek-V3.2's DSA in MLA-absorb form ->
   npu_sparse_flash_attention; before the generic attention rules, which would
   otherwise read the gathered keys as a dense batch);
+- nsa_compress_attention_to_fused: NSA_RULE (NSA compressed attention over a paged
+  compressed KV and its top-k selection blocks -> npu_nsa_compress_attention_infer,
+  lengths as a tensor; before the generic attention rules, for the same reason);
 - moe_experts_to_fused: MOE_RULE (transformers' sorted-experts MoE block:
   histc/cumsum, grouped_mm_fallback, the inverse permutation -> the NPU's MoE ops);
 - moe_router_to_gating: ROUTER_RULE (a router's softmax and top-k, in either
@@ -70,6 +73,7 @@ from .eager_attention_to_fused import EAGER_RULE, eager_attention_to_fused
 from .gqa_repeat_kv import gqa_repeat_kv
 from .moe_experts_to_fused import MOE_RULE, moe_experts_to_fused
 from .moe_router_to_gating import ROUTER_RULE, moe_router_to_gating
+from .nsa_compress_attention_to_fused import NSA_RULE, nsa_compress_attention_to_fused
 from .packed_prefill_to_tnd import packed_prefill_to_tnd
 from .paged_attention_read import PAGED_READ_RULE, paged_attention_read
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
@@ -101,6 +105,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("training_packed_to_tnd", PRE_AOT, training_packed_to_tnd),
     Pass("sdpa_to_fused", POST_AOT, sdpa_to_fused),
     Pass("sparse_attention_to_fused", POST_AOT, sparse_attention_to_fused),
+    Pass("nsa_compress_attention_to_fused", POST_AOT, nsa_compress_attention_to_fused),
     Pass("eager_attention_to_fused", POST_AOT, eager_attention_to_fused),
     Pass("attention_sinks_to_fused", POST_AOT, attention_sinks_to_fused),
     Pass("gqa_repeat_kv", POST_AOT, gqa_repeat_kv),
@@ -119,7 +124,7 @@ PIPELINE: tuple[Pass, ...] = (
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
-         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE, SPARSE_RULE)
+         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE, SPARSE_RULE, NSA_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
