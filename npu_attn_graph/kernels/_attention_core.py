@@ -331,12 +331,16 @@ def _product_within(
     probs: torch.Tensor, values: torch.Tensor, a: int, windows: Sequence[tuple[int, int]]
 ) -> torch.Tensor:
     """probs (B, Nkv, R, n) @ values (B, Nkv, n, Dv) over keys [a, a + n), batch i
-    summing over its window only: keys outside it are never read."""
-    out = probs.new_zeros(*probs.shape[:-1], values.shape[-1])
-    for i, (s, e) in enumerate(windows):
-        if e > s:
-            torch.matmul(probs[i, :, :, s - a : e - a], values[i, :, s - a : e - a], out=out[i])
-    return out
+    summing over its window only: values outside it are replaced by 0 before the
+    product (where() selects, so a NaN there never reaches the sum; probs are 0
+    there already), in one batched matmul instead of one per batch."""
+    n = values.shape[-2]
+    device = values.device
+    j = torch.arange(a, a + n, device=device).view(1, 1, n, 1)
+    starts = torch.tensor([s for s, _ in windows], device=device).view(-1, 1, 1, 1)
+    ends = torch.tensor([e for _, e in windows], device=device).view(-1, 1, 1, 1)
+    inside = (j >= starts) & (j < ends)
+    return torch.matmul(probs, torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=device)))
 
 
 def _key_window(
