@@ -42,7 +42,7 @@ class NSACompressedAttention(torch.nn.Module):
     sort), "group_max" (a max over the group's heads instead of a sum), "mask_le" (a mask that
     keeps one slot too many), "no_initial_block" (block 0 not forced), "eq9_j_eq_s" (Eq. 9 with
     j = s), "no_value_zeroing" (the gathered V is not zeroed past the length: NaN garbage reaches
-    eager's output, never the op's).
+    eager's output, never the op's), "int64" (the sorted indices returned as they are: an int64 slice).
     """
 
     def __init__(self, heads: int = 4, kv_heads: int = 2, head_dim: int = 32, v_dim: int = 16,
@@ -91,7 +91,7 @@ class NSACompressedAttention(torch.nn.Module):
             selected = importance.topk(self.count, dim=-1).indices
         else:  # ties (the forced blocks) by ascending block index
             selected = torch.sort(importance, dim=-1, descending=True, stable=True).indices[..., :self.count]
-        return out, selected.to(torch.int32)
+        return out, selected if self.variant == "int64" else selected.to(torch.int32)
 
 
 def inputs(model: NSACompressedAttention, lens=(20, 64, 33), dtype=torch.float32, seed: int = 0, garbage=None):
@@ -184,6 +184,67 @@ def test_the_block_sizes_passed_reproduce_the_programs_ratios():
     assert torch.equal(got_selected, selected)
     (site,) = sites(report)
     assert "compress_block_size 32, compress_stride 16, select_block_size 32" in site.notes[0], site.notes
+
+
+def test_int64_indices_keep_the_slices_strides():
+    """The program returns sort(...).indices[..., :K] itself (int64, strides of the (B, N_kv, S) sort
+    result): the op's int32 indices are cast and padded to S blocks and sliced, so the replacement has
+    the site's strides."""
+    model = NSACompressedAttention(variant="int64")
+    args = inputs(model, (20, 64, 33), seed=5)
+    with torch.no_grad():
+        out, selected = model(*args)
+    report = Report()
+    got, got_selected = compiled(model, *args, report=report)
+    assert sites(report)[0].rewritten, report.table()
+    assert got_selected.dtype == torch.int64 and got_selected.stride() == selected.stride()
+    assert torch.equal(got_selected, selected)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+
+
+def test_two_layers_each_become_the_op():
+    """Two NSA sites in one graph (the second layer's query is the first's output, mixed): each is
+    matched on its own softmax and sort."""
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = NSACompressedAttention(), NSACompressedAttention(select_block_count=1)
+            self.mix = torch.nn.Linear(16, 32)
+
+        def forward(self, q, k_cache, v_cache, block_table, cmp_lens):
+            out, first = self.a(q, k_cache, v_cache, block_table, cmp_lens)
+            out2, second = self.b(self.mix(out), k_cache, v_cache, block_table, cmp_lens)
+            return out2, first, second
+
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    args = inputs(model.a, (20, 64, 33), seed=6)
+    with torch.no_grad():
+        want = model(*args)
+    report = Report()
+    got = compiled(model, *args, report=report)
+    assert [s.fused_op for s in sites(report)] == [FUSED, FUSED], report.table()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_tolerance_of_float64(dtype):
+    """fp16/bf16: eager rounds the scores and probabilities to the input dtype, the op accumulates in
+    fp32, so the outputs differ by about an output ulp (the op tests' tolerances, 2e-3 / 1.6e-2); the
+    selection is compared with float64 eager on the blocks' scores, as near-tied blocks may swap."""
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    model = NSACompressedAttention()
+    args = inputs(model, (20, 64, 33), dtype=dtype, seed=9)
+    with torch.no_grad():
+        exact, exact_selected = model(*[a.double() if a.is_floating_point() else a for a in args])
+    report = Report()
+    got, got_selected = compiled(model, *args, report=report)
+    assert sites(report)[0].rewritten, report.table()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol)
+    assert torch.equal(got_selected, exact_selected)
 
 
 def test_nan_in_unused_paged_blocks_never_reaches_the_outputs():

@@ -85,8 +85,8 @@ from ..kernels._library import npu_rules
 from ..kernels.nsa_compress_attention_lengths import smallest_valid_length
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import (CASTS, SOFTMAXES, Rewrite, RewriteRefused, is_call, is_full_slice, require_same_value,
-                  scalar_constant, static_int, val)
+from ._fx import (CASTS, SOFTMAXES, Rewrite, call_arg, is_call, is_full_slice, require_same_value,
+                  same_shape, same_strides, scalar_constant, static_int, val)
 from ._rules import Rule, RuleStats, apply_rules
 from .paged_attention_read import _gather_of
 
@@ -179,7 +179,6 @@ class NsaSite:
     softmax: torch.fx.Node
     output: torch.fx.Node  # the attention output the op's first output replaces
     indices: torch.fx.Node  # the top-k indices the op's second output replaces
-    pv: torch.fx.Node | None = None  # the bmm of the probabilities with V
     reason: str | None = None  # a structural refusal
     internal: set = field(default_factory=set)
     # set by check
@@ -214,16 +213,16 @@ def _users_through(node: torch.fx.Node, ops: tuple) -> list[torch.fx.Node]:
     return found
 
 
-def _selection(sort_in: torch.fx.Node) -> tuple:
-    """(sort node or None, indices end node or None, count, why) for the node the top-k runs on."""
+def _selection(sort_in: torch.fx.Node) -> tuple[torch.fx.Node | None, str | None]:
+    """(the sort node, or None and why) for the node the top-k runs on."""
     for user in sort_in.users:
         if is_call(user, aten.topk.default):
-            return None, None, 0, ("the selection uses torch.topk, whose order of tied scores (the +inf fixed "
-                                   "blocks at least) is unspecified; the op returns ties by ascending block "
-                                   "index, as sort(stable=True, descending=True)[..., :K] does")
+            return None, ("the selection uses torch.topk, whose order of tied scores (the +inf fixed blocks at "
+                          "least) is unspecified; the op returns ties by ascending block index, as "
+                          "sort(stable=True, descending=True)[..., :K] does")
         if is_call(user, (aten.sort.stable, aten.sort.default)):
-            return user, None, 0, None
-    return None, None, 0, None
+            return user, None
+    return None, "no sort of the importance"
 
 
 def match_nsa(softmax: torch.fx.Node) -> NsaSite | None:
@@ -256,16 +255,16 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
     if sort_in is None:
         return None
     output = _forward_views(pv[0])
-    site = NsaSite(softmax=softmax, output=output, indices=output, pv=pv[0])
-    sort, _, _, why = _selection(sort_in)
+    site = NsaSite(softmax=softmax, output=output, indices=output)
+    sort, why = _selection(sort_in)
     if why is not None:
         site.reason = why
         return site
-    stable = call_kw(sort, "stable", None) if sort.target is aten.sort.stable else False
-    descending = call_kw(sort, "descending", False) if sort.target is aten.sort.stable else (
-        sort.args[2] if len(sort.args) > 2 else sort.kwargs.get("descending", False))
-    dim = call_kw(sort, "dim", -1) if sort.target is aten.sort.stable else (
-        sort.args[1] if len(sort.args) > 1 else sort.kwargs.get("dim", -1))
+    if sort.target is aten.sort.stable:  # sort.stable(self, *, stable, dim=-1, descending=False)
+        stable, dim, descending = (sort.kwargs.get(k, d) for k, d in (("stable", None), ("dim", -1),
+                                                                      ("descending", False)))
+    else:  # sort.default(self, dim=-1, descending=False): not stable
+        stable, dim, descending = False, call_arg(sort, 1, "dim", -1), call_arg(sort, 2, "descending", False)
     if not stable or not descending or dim % val(sort_in).dim() != val(sort_in).dim() - 1:
         site.reason = (f"the selection sorts with stable={bool(stable)}, descending={bool(descending)} over dim "
                        f"{dim}: the op ranks the blocks by descending score over the last dim, ties by "
@@ -296,10 +295,6 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
         node = next(iter(node.users))
         site.internal.add(node)
     return site
-
-
-def call_kw(node: torch.fx.Node, name: str, default: object) -> object:
-    return node.kwargs.get(name, default)
 
 
 # ----------------------------------------------------------------------------
@@ -673,6 +668,9 @@ def _check(site: NsaSite, ctx: PassContext) -> None:
         raise Refused(f"the scores read {names}: not one query and one block-table gather of a key cache")
     if site.score_mask is None:
         raise Refused("the scores are not masked: every gathered slot, unused blocks included, is attended")
+    if not same_shape(val(site.score_mask).shape, val(site.softmax).shape):
+        raise Refused(f"the -inf fill ({site.score_mask.name}) is on a {list(val(site.score_mask).shape)} tensor, "
+                      f"not on the scores {list(val(site.softmax).shape)}")
     if scalar_constant(site.score_mask.args[2]) != -math.inf:
         raise Refused(f"the masked scores are filled with {scalar_constant(site.score_mask.args[2])}, not -inf")
     site.key, site.query = gathers[0], others[0]
@@ -751,6 +749,14 @@ def rewrite_nsa(rw: Rewrite, site: NsaSite, ctx: PassContext, record: Site) -> l
     indices = rw.call(operator.getitem, (call, 1))
     if val(site.indices).dtype != torch.int32:
         indices = rw.call(prims.convert_element_type.default, (indices, val(site.indices).dtype))
+    wanted = val(site.indices)
+    blocks = static_int(val(site.importance).shape[-1])
+    if not same_strides(val(indices), wanted) and blocks is not None and \
+            list(wanted.stride()) == list(torch.empty(list(val(site.importance).shape)).stride()):
+        # The program's indices are [..., :K] of the (B, N_kv, S) sort result: the same slice of the
+        # op's indices padded to S blocks, so readers see the strides they were traced with.
+        padded = rw.call(aten.constant_pad_nd.default, (indices, [0, blocks - site.count], 0))
+        indices = rw.call(aten.slice.Tensor, (padded, -1, 0, site.count))
     require_same_value(site.output, out, FUSED_NAME)
     require_same_value(site.indices, indices, f"{FUSED_NAME}'s top-k indices")
     rw.replace(site.output, out)
