@@ -22,6 +22,19 @@ with the same slot-mapping node. Check: the caches are 4-D, the tokens are
   with the copies kept (TorchAir turns the pair into in-place writes);
 - both written out of place: the functional writer.
 
+A combined cache input (2, num_blocks, block_size, Hkv, D) (vLLM's FlashAttention
+layout: ``key_cache, value_cache = kv_cache.unbind(0)`` or ``kv_cache[0]``,
+``kv_cache[1]``) functionalizes to: write into half 0, select_scatter it back,
+take half 1 of that, write, select_scatter back, copy_ into the input. Its two
+halves pair like two caches when nothing else reads the chain between the
+writes. In place (eager executor) the writer gets the two halves of the input
+(select views, no copy) and writes through them; the final select_scatter's
+readers read the input and its copy_ goes, so no whole-cache copy remains. For
+GE (functional writes) the outputs go back through the select_scatters the
+graph already had (no copy added), which TorchAir lowers to a copy and a
+scatter of the whole cache per step (the site's notes say so); unfused, the
+writes (index_put) have no GE converter at all.
+
 index_put wraps negative slots (-1 writes the last slot) while the fused op
 skips them, so index_put's slots are normalised to what eager writes; index_copy
 rejects negative slots, as eager does. The block/offset form is the flat form:
@@ -61,6 +74,14 @@ class SlotWrite:
     wraps: bool  # index_put: negative slots count from the end
     copy_back: torch.fx.Node | None = None
     rows_of_heads: bool = False  # the flat view is (slots, N * D): tokens are (T, N * D)
+    # A half of a combined cache input (2, num_blocks, block_size, N, D): `cache` is then the
+    # half (unbind's getitem or select), `combined` the input, `half` 0 or 1, `source` what the
+    # half is taken from (the input, or the other half's select_scatter) and `scatter` the
+    # select_scatter putting the written half back.
+    combined: torch.fx.Node | None = None
+    half: int | None = None
+    source: torch.fx.Node | None = None
+    scatter: torch.fx.Node | None = None
 
 
 @dataclass
@@ -101,6 +122,52 @@ def _written_back(node: torch.fx.Node, cache: torch.fx.Node) -> tuple[torch.fx.N
     return back, copy_back
 
 
+def _half_of(node: object) -> tuple[torch.fx.Node, int] | None:
+    """(C, h) when node is C.unbind(0)[h] or C.select(0, h) (C[h]) for a (2, ...) tensor C."""
+    if is_call(node, operator.getitem) and is_call(node.args[0], aten.unbind.int):
+        source, dim = node.args[0].args[0], (node.args[0].args[1] if len(node.args[0].args) > 1 else 0)
+        half = node.args[1]
+    elif is_call(node, aten.select.int):
+        source, dim, half = node.args[:3]
+    else:
+        return None
+    if dim != 0 or not isinstance(source, torch.fx.Node) or val(source).dim() != 5 or \
+            static_int(val(source).shape[0]) != 2 or half not in (0, 1, -1, -2):
+        return None
+    return source, half % 2
+
+
+def _combined_input(source: torch.fx.Node) -> torch.fx.Node | None:
+    """The graph input `source` is, or the input with the other half written back into it
+    (select_scatter(C, x, 0, h) of a chain ending at the input)."""
+    node = source
+    while is_call(node, aten.select_scatter.default) and node.args[2] == 0:
+        node = node.args[0]
+    return node if isinstance(node, torch.fx.Node) and node.op == "placeholder" else None
+
+
+def _combined_write(write: SlotWrite) -> SlotWrite | None:
+    """`write` (whose cache is not an input) as a write into one half of a combined cache."""
+    found = _half_of(write.cache)
+    if found is None:
+        return None
+    source, half = found
+    combined = _combined_input(source)
+    if combined is None:
+        return None
+    back, _ = _written_back(write.write, write.cache)
+    scatters = [] if back is None else list(back.users)
+    if len(scatters) != 1 or not is_call(scatters[0], aten.select_scatter.default) or \
+            scatters[0].args[0] is not source or scatters[0].args[2] != 0 or scatters[0].args[3] % 2 != half:
+        return None
+    scatter = scatters[0]
+    copy_back = next((u for u in combined.users if is_call(u, aten.copy_.default) and u.args[1] is scatter), None)
+    write.back, write.copy_back = back, copy_back
+    write.combined, write.half, write.source, write.scatter = combined, half, source, scatter
+    write.pattern += f" into half {half} of a combined cache"
+    return write
+
+
 def slot_write(node: torch.fx.Node) -> SlotWrite | None:
     if is_call(node, aten.index_put.default):
         flat, indices, tokens = node.args[:3]
@@ -129,11 +196,15 @@ def slot_write(node: torch.fx.Node) -> SlotWrite | None:
             val(slots).dtype in (torch.bool, torch.uint8):
         return None
     cache = cache_root(flat.args[0])
-    if not isinstance(cache, torch.fx.Node) or cache.op != "placeholder" or val(cache).dim() != 4:
+    combined = isinstance(cache, torch.fx.Node) and _half_of(cache) is not None
+    if not isinstance(cache, torch.fx.Node) or (cache.op != "placeholder" and not combined) or \
+            val(cache).dim() != 4:
         return None
     rows_of_heads = val(flat).dim() == 2
     if rows_of_heads and not same_size(val(flat).shape[1], val(cache).shape[2] * val(cache).shape[3]):
         return None
+    if combined:
+        return _combined_write(SlotWrite(node, None, cache, slots, tokens, pattern, wraps, None, rows_of_heads))
     back, copy_back = _written_back(node, cache)
     return SlotWrite(node, back, cache, slots, tokens, pattern, wraps, copy_back, rows_of_heads)
 
@@ -146,7 +217,8 @@ def match_pair(node: torch.fx.Node) -> SlotWritePair | None:
     # The partner reads the same slots, directly or through its block and offset.
     near = list(first.slots.users) + [u for v in first.slots.users for u in v.users]
     partners = [w for u in dict.fromkeys(near) if u is not node and order[u] > order[node] and CLAIMED not in u.meta
-                and (w := slot_write(u)) is not None and w.cache is not first.cache and w.slots is first.slots]
+                and (w := slot_write(u)) is not None and w.cache is not first.cache and w.slots is first.slots
+                and w.combined is first.combined and (w.combined is None or w.half != first.half)]
     # Layers share one slot mapping: the partner is the nearest later write (the same layer's value
     # write); the layers after it pair up in turn, each when its key write is reached.
     partner = min(partners, key=lambda w: order[w.write]) if partners else None
@@ -166,12 +238,34 @@ def check_pair(pair: SlotWritePair, ctx: PassContext) -> str | None:
             return f"tokens of shape {tuple(t)} do not match the (blocks, block_size, {n}, {d}) cache"
         if w.back is None:
             return f"the written cache {w.write.name} is not only viewed back to the cache shape"
+    if pair.key.combined is not None:
+        return _combined_reason(pair)
     if (pair.key.copy_back is None) != (pair.value.copy_back is None):
         return "one cache is written in place and the other out of place"
     order = graph_order(pair.key.write.graph)
     early = [u.name for u in pair.key.back.users if u is not pair.key.copy_back and order[u] < order[pair.value.write]]
     if early:
         return f"a cache is read between the writes by {early[0]} (the fused write goes where the second write is)"
+    return None
+
+
+def _combined_reason(pair: SlotWritePair) -> str | None:
+    """Halves of one combined input: the second half is taken from the first half's write-back
+    (which nothing else reads), and only the second's write-back is copied into the input."""
+    first, second = pair.key, pair.value
+    if second.source is not first.scatter:
+        return (f"the second half ({second.write.name}) is not taken from the first half's write-back "
+                f"{first.scatter.name}")
+    # first.scatter -> unbind -> getitem (or select) -> the second half -> its flat view, and the
+    # second select_scatter: nothing else.
+    select = second.cache.args[0] if is_call(second.cache, operator.getitem) else second.cache
+    allowed = {first.scatter: {select, second.scatter}, select: {second.cache}, second.cache: {second.write.args[0]}}
+    for node, users in allowed.items():
+        other = [u.name for u in node.users if u not in users and not (node is select and not u.users)]
+        if other:
+            return f"the combined cache is read between the writes by {other[0]}"
+    if first.copy_back is not None:
+        return f"the first half's write-back is copied into the input by {first.copy_back.name}"
     return None
 
 
@@ -192,15 +286,15 @@ def _in_place_reason(pair: SlotWritePair) -> str | None:
 
 
 def rewrite_pair(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    if pair.key.combined is not None:
+        return _rewrite_combined(rw, pair, ctx, site)
     key, value = pair.key, pair.value
     in_place = key.copy_back is not None and not ctx.functional_kv_writes
     if in_place:
         reason = _in_place_reason(pair)
         if reason is not None:
             raise RewriteRefused(f"{reason} (the in-place fused writer would change what it reads)")
-    slots = key.slots
-    if key.wraps or value.wraps:  # what eager's index_put writes for a negative slot
-        slots = rw.call(aten.remainder.Scalar, (slots, _slot_count(rw, key)))
+    slots = _slots(rw, pair)
     args = (_heads(rw, key), _heads(rw, value), key.cache, value.cache, slots)
     dead = []
     if in_place:
@@ -217,10 +311,65 @@ def rewrite_pair(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site)
         if w.copy_back is not None:
             w.copy_back.meta[CLAIMED] = site
         w.write.meta[CLAIMED] = site
+    _name_site(site, in_place)
+    return dead
+
+
+def _slots(rw: Rewrite, pair: SlotWritePair) -> torch.fx.Node:
+    slots = pair.key.slots
+    if pair.key.wraps or pair.value.wraps:  # what eager's index_put writes for a negative slot
+        slots = rw.call(aten.remainder.Scalar, (slots, _slot_count(rw, pair.key)))
+    return slots
+
+
+def _name_site(site: Site, in_place: bool) -> None:
     site.fused_op = SCATTER_PA_KV_CACHE.in_place.__name__.split(".")[0] if in_place \
         else SCATTER_PA_KV_CACHE.functional.__name__.split(".")[0]
     site.layout = SCATTER_PA_KV_CACHE.layout
-    return dead
+
+
+def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    """Both halves of a combined input: the writer gets the input's two halves (select views, no
+    copy). In place, it writes through them into the input, readers of the written-back input read
+    the input and its copy_ goes; otherwise its outputs are put back with the two select_scatters
+    the graph already had (copied into the input, for GE, as before: no copy added)."""
+    first, second = pair.key, pair.value
+    combined = first.combined
+    in_place = second.copy_back is not None and not ctx.functional_kv_writes
+    if in_place:
+        order = graph_order(first.write.graph)
+        last = order[second.write]
+        for alias in views_of(combined):
+            for user in alias.users:
+                if user is not second.copy_back and user not in views_of(combined) and order[user] > last:
+                    raise RewriteRefused(f"the combined cache's old value is read after the writes by {user.name} "
+                                         f"(the in-place fused writer would change what it reads)")
+    halves = [rw.call(aten.select.int, (combined, 0, w.half)) for w in pair.writes]
+    args = (_heads(rw, first), _heads(rw, second), halves[0], halves[1], _slots(rw, pair))
+    if in_place:
+        rw.call(SCATTER_PA_KV_CACHE.in_place, args, SCATTER_PA_KV_CACHE.extra_kwargs)
+        rw.replace(second.scatter, combined)  # readers after the writes read the input, updated in place
+        second.copy_back.meta["npu_attn_drop"] = True
+    else:
+        both = rw.call(SCATTER_PA_KV_CACHE.functional, args, SCATTER_PA_KV_CACHE.extra_kwargs)
+        new = combined
+        for index, w in enumerate(pair.writes):
+            new = rw.call(aten.select_scatter.default, (new, rw.call(operator.getitem, (both, index)), 0, w.half))
+        rw.replace(second.scatter, new)
+        if second.copy_back is not None:
+            # Measured with to_ge_graph (decode step, fp16): TorchAir lowers the put-back to 2 TensorMove
+            # + 2 ScatterElements over the whole cache per step (separate caches: ScatterPaKvCache in
+            # place on the input, nothing else). The unfused graph had the same select_scatters plus
+            # index_put, which GE cannot convert at all.
+            site.notes.append("combined cache written in place, functional writer (GE): the halves go back "
+                              "through the graph's select_scatters, a whole-cache copy and scatter per step in "
+                              "GE; separate key/value caches avoid it")
+    if second.copy_back is not None:
+        second.copy_back.meta[CLAIMED] = site
+    for w in pair.writes:
+        w.write.meta[CLAIMED] = site
+    _name_site(site, in_place)
+    return [second.scatter, first.scatter, *(n for w in pair.writes for n in (w.back, w.write))]
 
 
 def _heads(rw: Rewrite, write: SlotWrite) -> torch.fx.Node:
