@@ -557,10 +557,10 @@ def _last_token_reason(values: list[sympy.Expr], sampled: sympy.Function, accept
         return None
     row, first, got, want = failures[0]
     shown = f"[{', '.join(map(str, row))}]"
-    example = (f"for the sampled row {shown} the program takes "
-               f"{str(got).replace(str(accepted), 'accepted_num[i]')} where the op takes {want}")
+    named = str(got).replace(str(accepted), "accepted_num[i]").replace(f"{sampled}(", "sampled_token_ids(")
+    example = f"for the sampled row {shown} the program takes {named} where the op takes {want}"
     if any(accepted in g.atoms(sympy.core.function.AppliedUndef) for _, _, g, _ in failures) and \
-            all(f > 0 and _same(g.subs(accepted, f - 1), w) for _, f, g, w in failures if f > 0):
+            all(_same(_with_row(g.subs(accepted, f - 1), sampled, r), w) for r, f, g, w in failures if f > 0):
         return ("input_tokens[:, 0] reads sampled_token_ids at an index taken from accepted_num: equal to the "
                 "op's last token (the entry before the first -1) only if accepted_num[i] + 1 is the index of the "
                 f"first -1 of sampled_token_ids[i] ({per_request} when it has none), which the graph cannot show; "
