@@ -192,6 +192,34 @@ def test_speculative_hand_computed_last_token_rules():
     assert slots.tolist() == [44, 45, 46, 81, 82, 83, 128, 129, 130]
 
 
+@pytest.mark.parametrize("spec_num", [1, 3])
+def test_speculative_step_on_every_rejection_pattern(spec_num):
+    """One request per pattern of -1 entries (all 2 ** (1 + spec_num), -1s not only trailing), with
+    accepted counts unrelated to the pattern: the kernel against SpecDecodeModel's per-request loop
+    (token 0 = the entry before the first -1, -1 when the row starts with -1; positions move
+    accepted + 1 on whatever the sampled row holds)."""
+    rng = random.Random(spec_num)
+    per_request, block_size = 1 + spec_num, 4
+    n = 2 ** per_request
+    sampled = [[-1 if mask >> j & 1 else rng.randint(0, 50000) for j in range(per_request)] for mask in range(n)]
+    accepted = [rng.randint(0, spec_num) for _ in range(n)]
+    spec = [[rng.randint(0, 50000) for _ in range(spec_num)] for _ in range(n)]
+    positions0 = [[rng.randint(0, 9) + j for j in range(per_request)] for _ in range(n)]
+    tables = _block_tables(rng, n, 6)
+    model = SpecDecodeModel([[0] * per_request for _ in range(n)], [list(r) for r in positions0],
+                            [[p + 1 for p in r] for r in positions0], [[0] * per_request for _ in range(n)],
+                            tables, block_size)
+    state = [torch.tensor(v, dtype=i64) for v in (model.tokens, model.positions, model.seq_lens, model.slots)]
+    npu_advance_step_flashattn(state[0], torch.tensor(sampled, dtype=i64), state[1], state[2], state[3],
+                               torch.tensor(tables, dtype=i64), n, n, block_size,
+                               spec_token=torch.tensor(spec, dtype=i64), accepted_num=torch.tensor(accepted, dtype=i64))
+    model.step(sampled, spec, accepted)
+    for got, want in zip(state, (model.tokens, model.positions, model.seq_lens, model.slots)):
+        assert got.tolist() == want
+    # No -1: the last entry; a leading -1: -1; a -1 at index 1 only: entry 0 (the entries after it are ignored).
+    assert [row[0] for row in model.tokens][:4] == [sampled[0][-1], -1, sampled[2][0], -1]
+
+
 def test_noncontiguous_views_are_updated_in_place():
     base = torch.zeros(4, 3, dtype=i64)
     tokens, positions = base[:, 0], base[:, 2]  # strided views of one buffer
