@@ -49,7 +49,8 @@ _rules) are, by pass:
   reads the top-k to know the expert ids' range).
 advance_step_to_fused (not a rule: it evaluates the values written back into
 int64 graph inputs) turns vLLM's torch-only advance_step into
-npu_advance_step_flashattn. gqa_repeat_kv, attention_layout and
+npu_advance_step_flashattn: the plain step, and the speculative one (spec_token,
+accepted_num) when its last token is provably the op's. gqa_repeat_kv, attention_layout and
 attention_precision refine fused ops the
 rules inserted, reading the fused-op registry (registry.py).
 """
