@@ -219,7 +219,7 @@ class _Evaluator:
     def columns(self, x: object, dims: object) -> list[tuple[int, int, list[sympy.Expr]]]:
         """A 2-D value's pieces, each as its list of column values, for a reduction over dims (the columns)."""
         src = self.rows(x)
-        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+        dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]  # None (all dims) is refused below
         if src.cols is None or dims not in ([1], [-1]):
             raise _Unknown(f"{getattr(x, 'name', x)}: reduction over dims {dims}")
         return [(a, b, [e.subs(COL, k) for k in range(src.cols)]) for a, b, e in src.pieces]
@@ -242,6 +242,8 @@ class _Evaluator:
         if is_call(n, (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.lift_fresh_copy.default,
                        prims.convert_element_type.default)):
             src = self.rows(a[0])
+            if val(n).dtype == torch.bool and val(a[0]).dtype != torch.bool:  # a cast to bool: nonzero -> 1
+                return _Rows(rows, cols, tuple((x, y, _flag(sympy.Ne(e, 0))) for x, y, e in src.pieces))
             return _Rows(rows, cols, src.pieces)
         if is_call(n, aten.slice.Tensor):
             src = self.rows(a[0])
@@ -274,8 +276,8 @@ class _Evaluator:
         if is_call(n, (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.add.Scalar, aten.sub.Scalar,
                        aten.mul.Scalar)):
             alpha = n.kwargs.get("alpha", 1)
-            if not isinstance(alpha, int):
-                raise _Unknown(f"{n.name}: alpha {alpha}")
+            if not isinstance(alpha, int) or val(n).dtype == torch.bool:  # bool + bool is a logical or
+                raise _Unknown(f"{n.name}: alpha {alpha}, dtype {val(n).dtype}")
             left, right = self.operand(a[0], rows, cols), self.operand(a[1], rows, cols)
             ops = {"add": lambda x, y: x + alpha * y, "sub": lambda x, y: x - alpha * y, "mul": lambda x, y: x * y}
             return _Rows(rows, cols, tuple(_combine(left, right, ops[n.target.__name__.split(".")[0]])))
@@ -284,6 +286,9 @@ class _Evaluator:
             left, right = self.operand(a[0], rows, cols), self.operand(a[1], rows, cols)
             return _Rows(rows, cols, tuple(_combine(left, right, lambda x, y: _flag(relation(x, y)))))
         if n.target in _LOGICAL:
+            if n.target not in (aten.maximum.default, aten.minimum.default) and not all(
+                    isinstance(x, torch.fx.Node) and val(x).dtype == torch.bool for x in a[:2]):
+                raise _Unknown(f"{n.name}: {n.target} of non-boolean values")  # 0/1 arithmetic holds for bools only
             left, right = self.operand(a[0], rows, cols), self.operand(a[1], rows, cols)
             return _Rows(rows, cols, tuple(_combine(left, right, _LOGICAL[n.target])))
         if is_call(n, (aten.logical_not.default, aten.bitwise_not.default)) and val(n).dtype == torch.bool:
@@ -303,7 +308,8 @@ class _Evaluator:
             return _Rows(rows, cols, tuple((x, y, clamp(e)) for x, y, e in self.rows(a[0]).pieces))
         if n.target in _REDUCTIONS:
             reducer = _REDUCTIONS[n.target]
-            return _Rows(rows, cols, tuple((x, y, reducer(*terms)) for x, y, terms in self.columns(a[0], a[1])))
+            dims = a[1] if len(a) > 1 else n.kwargs.get("dim")
+            return _Rows(rows, cols, tuple((x, y, reducer(*terms)) for x, y, terms in self.columns(a[0], dims)))
         if n.target is operator.getitem and is_call(a[0], (aten.min.dim, aten.max.dim)):
             reduce = sympy.Min if is_call(a[0], aten.min.dim) else sympy.Max
             pieces = []
@@ -346,7 +352,8 @@ class _Evaluator:
         if is_call(n, aten.index.Tensor):
             table, indices = a[:2]
             t = self.rows(table)
-            if t.cols is None or len(indices) != 2 or any(i is None for i in indices) or len(t.pieces) != 1:
+            if t.cols is None or len(indices) != 2 or len(t.pieces) != 1 or any(
+                    i is None or val(i).dtype == torch.bool for i in indices):  # a mask selects, it does not index
                 raise _Unknown(f"{n.name}: index")
             first, second = (self.operand(i, rows, cols) for i in indices)  # broadcast to the result
             table_expr = t.pieces[0][2]
@@ -614,14 +621,14 @@ def find_spec_step(gm: torch.fx.GraphModule) -> StepSite | None:
             continue
         for slot in same:
             e = new[slot].pieces[0][2].subs(COL, 0)
-            mods = list(e.atoms(sympy.Mod))
-            tables = [f for f in e.atoms(sympy.core.function.AppliedUndef) if len(f.args) == 2
-                      and val(node_of[f.func]).shape[0] == ns and f.func is not ev.functions[pos]]
-            if slot is seq or not mods or not tables or not mods[0].args[1].is_Integer:
+            sizes = {m.args[1] for m in e.atoms(sympy.Mod) if m.args[1].is_Integer and m.args[1] > 0}
+            tables = {f.func for f in e.atoms(sympy.core.function.AppliedUndef) if len(f.args) == 2
+                      and val(node_of[f.func]).shape[0] == ns and f.func is not ev.functions[pos]}
+            found = next(((bs, table) for bs in sizes for table in tables if slot is not seq and _equal(
+                new[slot], table(ROW, sympy.floor(p / bs)) * bs + sympy.Mod(p, bs))), None)
+            if found is None:
                 continue
-            bs, table = mods[0].args[1], tables[0].func
-            if not _equal(new[slot], table(ROW, sympy.floor(p / bs)) * bs + sympy.Mod(p, bs)):
-                continue
+            bs, table = found
             for tok in same:
                 if tok in (seq, slot):
                     continue
