@@ -195,14 +195,17 @@ def test_a_length_past_the_gathered_capacity_is_a_clear_error():
         compiled(*args)
 
 
-def test_a_new_chunk_length_recompiles_once_dynamic_and_stays_fused():
+@pytest.mark.parametrize("name", ["index-sdpa-lengths-and-causal", "index_select-handwritten"])
+def test_a_new_chunk_length_recompiles_once_dynamic_and_stays_fused(name):
+    """Symbolic S_q: the causal offset is still proved (S_q - 1 - (S_q - 1) = 0), and the -inf
+    fix-up is built from the mask's symbolic sizes."""
+    fn = SPELLINGS[name][0]
     report = Report()
-    compiled = compile_eager(index_sdpa_lengths_and_causal, report)
-    for s_q, lens in [(3, (5, 40, 64)), (5, (6, 41, 9)), (7, (8, 50, 7))]:
+    compiled = compile_eager(fn, report)
+    for s_q, lens in [(3, (5, 40, 64)), (5, (2, 41, 0)), (7, (8, 50, 3))]:
         q, k_cache, v_cache, table, seq_lens = make_inputs(q_len=s_q, seq_lens=lens, seed=s_q)
         torch.testing.assert_close(compiled(q, k_cache, v_cache, table, seq_lens),
-                                   index_sdpa_lengths_and_causal(q, k_cache, v_cache, table, seq_lens),
-                                   rtol=1e-5, atol=1e-6)
+                                   fn(q, k_cache, v_cache, table, seq_lens), rtol=1e-5, atol=1e-6, equal_nan=True)
     assert len(report.graph_modules) == 2, report.table()  # static, then one dynamic graph
     for gm in report.graph_modules:
         assert [n for n in gm.graph.nodes if n.target in PAGED_OPS], gm.graph

@@ -747,7 +747,8 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
         else:
             has_key = rw.call(aten.gt.Scalar, (lens, 0))  # (B,)
         for any_node in m.fixups:
-            shape = list(val(any_node).shape)
+            # any(not mask, -1, keepdim): the mask's sizes (ints, or sym_size nodes) with the last 1.
+            shape = rw.sizes(mask)[:-1] + [1]
             if m.lengths.causal:
                 view_shape = [shape[0]] + [1] * (len(shape) - 3) + [shape[-2], 1]
             else:
