@@ -31,6 +31,7 @@ validation and the shape/dtype/stride check (_attention) decide the rest.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -348,22 +349,59 @@ def _output(bmm: torch.fx.Node, split: tuple | None) -> tuple[torch.fx.Node, boo
     return bmm, True, []
 
 
+def safe_softmax_fixup(softmax: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """(the result, the fix-up nodes) when softmax is _safe_softmax's core-ATen
+    decomposition (torch.export's run_decompositions()): ``where(all(x == -inf, -1,
+    keepdim=True), zeros_like(p), p)`` for p = _softmax(x, -1), ``all`` spelled
+    logical_not(any(logical_not(...))). Rows with every score -inf give 0, as the
+    fused ops do, instead of aten softmax's NaN."""
+    x = softmax.args[0]
+    users = list(softmax.users)
+    where = next((u for u in users if is_call(u, aten.where.self) and u.args[2] is softmax), None)
+    zeros = next((u for u in users if is_call(u, (aten.full_like.default, aten.zeros_like.default))), None)
+    if where is None or zeros is None or len(users) != 2 or where.args[1] is not zeros or \
+            list(zeros.users) != [where] or scalar_constant(zeros) != 0.0:
+        return None
+    rows = where.args[0]
+    if is_call(rows, aten.logical_not.default) and is_call(rows.args[0], aten.any.dim) and \
+            is_call(rows.args[0].args[0], aten.logical_not.default):
+        reduced, inner = rows.args[0], rows.args[0].args[0].args[0]
+        nodes = [rows, reduced, rows.args[0].args[0]]
+    elif is_call(rows, aten.all.dim):
+        reduced, inner, nodes = rows, rows.args[0], [rows]
+    else:
+        return None
+    rank = val(softmax).dim()
+    dim, keepdim = (list(reduced.args[1:]) + [False])[:2]
+    if dim not in (-1, rank - 1) or not keepdim or not is_call(inner, aten.eq.Scalar) or inner.args[0] is not x or \
+            inner.args[1] != -math.inf:
+        return None
+    fixup = [where, zeros, *nodes, inner]
+    if any(u not in fixup for n in fixup[1:] for u in n.users):
+        return None  # a piece of the fix-up is read elsewhere
+    return where, fixup
+
+
 def match_eager_attention(softmax: torch.fx.Node) -> AttentionSite | None:
     rank = val(softmax).dim()
     if softmax.args[1] not in (-1, rank - 1) or rank not in (3, 4):
         return None
     scores = walk_scores(softmax.args[0])
-    tail = walk_probs(softmax)
+    fixup = safe_softmax_fixup(softmax)
+    tail = walk_probs(fixup[0] if fixup else softmax)
     if scores is None or tail is None:
         return None
-    return site_from_chains("eager:matmul-softmax-matmul", softmax, scores, *tail, around_softmax=(softmax,))
+    return site_from_chains("eager:matmul-softmax-matmul", softmax, scores, *tail,
+                            around_softmax=(softmax, *(fixup[1] if fixup else ())),
+                            nan_rows=None if fixup is None else False)
 
 
 def site_from_chains(pattern: str, softmax: torch.fx.Node, scores: _Scores, bmm2: torch.fx.Node,
                      prob_chain: list[torch.fx.Node], around_softmax: tuple[torch.fx.Node, ...],
-                     sink: torch.fx.Node | None = None) -> AttentionSite | None:
+                     sink: torch.fx.Node | None = None, nan_rows: bool | None = None) -> AttentionSite | None:
     """The site read from its scores chain (back to the QK bmm) and its probs chain
-    (forward to the PV bmm); around_softmax are the nodes between the two chains."""
+    (forward to the PV bmm); around_softmax are the nodes between the two chains.
+    nan_rows: whether a row with every score masked gives NaN (None: as the softmax op does)."""
     split = scores.split if scores.split is not None else (None, 1)
     q, q_factor = resolve_operand(scores.bmm.args[0], split, transposed=False)
     k, k_factor = resolve_operand(scores.bmm.args[1], split, transposed=True)
@@ -380,7 +418,7 @@ def site_from_chains(pattern: str, softmax: torch.fx.Node, scores: _Scores, bmm2
         score_rank=4 if scores.split is not None else 3,
         internal=tuple([*scores.nodes, *around_softmax, *prob_chain, *output_chain]),
         runtime_scales=tuple(scores.runtime_scales), form_reason=scores.form_reason, sink=sink,
-        softmax_nan_rows=softmax.target is not aten._safe_softmax.default)
+        softmax_nan_rows=softmax.target is not aten._safe_softmax.default if nan_rows is None else nan_rows)
 
 
 def check_site(site: AttentionSite, ctx: PassContext) -> str | None:

@@ -1,0 +1,329 @@
+"""npu_attn_graph.export: torch.export programs with the fused ops (issue 14, the pt2 part).
+
+Real clients only: transformers' tiny random models (tests/models.py builders), torch.export's
+own export / run_decompositions / save / load, and a fresh Python process for the round trip.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import npu_attn_graph
+from npu_attn_graph import Report
+
+transformers = pytest.importorskip("transformers")
+
+from tests.models import MATRIX_FAMILIES, MATRIX_LAYERS, build_matrix_model, prefill_call  # noqa: E402
+
+RTOL, ATOL = 1e-4, 1e-5  # fp32 logits (the issue asks atol 1e-4 or tighter)
+ATTENTION_OPS = ("npu_prompt_flash_attention", "npu_incre_flash_attention", "npu_fused_infer_attention_score")
+STEPS = 8
+CACHE_LEN = 16
+
+
+def fused_counts(program: torch.export.ExportedProgram) -> collections.Counter:
+    return collections.Counter(n.target.__name__.split(".")[0] for n in program.graph.nodes
+                               if n.op == "call_function" and str(n.target).startswith("npu_attn."))
+
+
+def attention_count(program) -> int:
+    counts = fused_counts(program)
+    return sum(counts[name] for name in ATTENTION_OPS)
+
+
+def output(result) -> torch.Tensor:
+    if isinstance(result, torch.Tensor):
+        return result
+    return result.logits if hasattr(result, "logits") else result.last_hidden_state
+
+
+def compare_prefill(family, model, program, args, kwargs) -> None:
+    with torch.no_grad():
+        expected, actual = output(model(*args, **kwargs)), output(program.module()(*args, **kwargs))
+    if family == "bert":  # right padding: the padded rows are undefined
+        valid = kwargs["attention_mask"].bool()
+        expected, actual = expected[valid], actual[valid]
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+PREFILL_CASES = [(family, attn) for family in ("llama", "qwen2", "gpt2", "bert", "mistral", "gemma3", "gemma2")
+                 for attn in MATRIX_FAMILIES[family][2]]
+
+
+@pytest.mark.parametrize("family,attn", PREFILL_CASES, ids=[f"{f}-{a}" for f, a in PREFILL_CASES])
+def test_prefill_fused_and_equal_to_eager(family, attn):
+    model = build_matrix_model(family, attn)
+    args, kwargs = prefill_call(family, model)
+    report = Report()
+    program = npu_attn_graph.export(model, args, kwargs, options={"report": report})
+    assert program.npu_attn_report is report
+    attention_sites = [s for s in report.sites if s.kind == "attention"]
+    assert len(attention_sites) == MATRIX_LAYERS, report.table()  # every layer listed, fused or not
+    if family == "gemma2":  # logit softcapping: no NPU inference op computes it, the sites stay with the reason
+        assert attention_count(program) == 0 and not report.fused()
+        assert all("softcap" in s.reason for s in attention_sites), report.table()
+    else:
+        assert attention_count(program) == MATRIX_LAYERS and len(report.fused("attention")) == MATRIX_LAYERS, \
+            report.table()
+    compare_prefill(family, model, program, args, kwargs)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("bert", "sdpa")])
+def test_program_decomposed_before_export(family, attn):
+    """A program the user decomposed to core ATen (SDPA becomes math with the _safe_softmax
+    fix-up, every Tensor.to an _assert_tensor_metadata): the sites are found and fused."""
+    model = build_matrix_model(family, attn)
+    args, kwargs = prefill_call(family, model)
+    decomposed = torch.export.export(model, args, kwargs).run_decompositions()
+    report = Report()
+    program = npu_attn_graph.export(decomposed, options={"report": report})
+    assert attention_count(program) == MATRIX_LAYERS, report.table()
+    compare_prefill(family, model, program, args, kwargs)
+
+
+def test_program_decomposed_after_export_keeps_the_fused_ops():
+    model = build_matrix_model("llama", "eager")
+    args, kwargs = prefill_call("llama", model)
+    program = npu_attn_graph.export(model, args, kwargs).run_decompositions()
+    assert attention_count(program) == MATRIX_LAYERS
+    compare_prefill("llama", model, program, args, kwargs)
+
+
+class MaskedAttention(torch.nn.Module):
+    """SDPA with a boolean mask: one query row of batch 1 keeps no key (SDPA gives 0 there)."""
+
+    def forward(self, q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_decomposed_safe_softmax_fully_masked_row():
+    """core ATen spells _safe_softmax as where(all(x == -inf), 0, softmax(x)): the rewritten
+    program gives what the decomposed program gives on the same inputs, 0 on the empty row."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    mask[:, :, :, 0] = True
+    mask[1, :, 2] = False
+    args = (q, k, v, mask)
+    decomposed = torch.export.export(MaskedAttention(), args).run_decompositions()
+    assert any(n.target is torch.ops.aten.any.dim for n in decomposed.graph.nodes)  # the fix-up is there
+    report = Report()
+    program = npu_attn_graph.export(decomposed, options={"report": report})
+    assert attention_count(program) == 1, report.table()
+    expected, actual = decomposed.module()(*args), program.module()(*args)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(actual[1, :, 2], torch.zeros_like(actual[1, :, 2]))
+
+
+# ---------------------------------------------------------------------------
+# StaticCache decode steps: caches as module buffers, and caches as inputs
+
+
+def _kv_shape(model) -> tuple[int, int]:
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class BufferDecode(torch.nn.Module):
+    """One decode step of a transformers model whose StaticCache tensors are this module's buffers
+    (as transformers' TorchExportableModuleWithStaticCache holds them)."""
+
+    def __init__(self, model, batch: int):
+        super().__init__()
+        self.model = model
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+        self.cache.early_initialization(batch, *_kv_shape(model), torch.float32, torch.device("cpu"))
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_{i}", layer.values, persistent=False)
+
+    def forward(self, ids, cache_position):
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
+            layer.cumulative_length = cache_position[0].clone()
+        return self.model(ids, past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
+
+
+class InputDecode(torch.nn.Module):
+    """One decode step whose StaticCache tensors are the caller's inputs, written in place."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+
+    def forward(self, ids, cache_position, *caches):
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = caches[2 * i], caches[2 * i + 1]
+            layer.dtype, layer.device = layer.keys.dtype, layer.keys.device
+            layer.k_head_dim = layer.v_head_dim = layer.keys.shape[-1]
+            layer.cumulative_length = cache_position[0].clone()
+            layer.is_initialized = True
+        return self.model(ids, past_key_values=self.cache, cache_position=cache_position, use_cache=True).logits
+
+
+def _new_caches(model, batch: int) -> list[torch.Tensor]:
+    heads, dim = _kv_shape(model)
+    return [torch.zeros(batch, heads, CACHE_LEN, dim) for _ in range(2 * model.config.num_hidden_layers)]
+
+
+def _first_token(batch: int) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, 1), generator=torch.Generator().manual_seed(3))
+
+
+def run_steps(step_a, step_b, caches_a=(), caches_b=(), batch: int = 2) -> None:
+    """STEPS greedy decode steps of both, each fed its own argmax; logits compared at each step."""
+    token_a = token_b = _first_token(batch)
+    with torch.no_grad():
+        for position in range(STEPS):
+            a = step_a(token_a, torch.tensor([position]), *caches_a)
+            b = step_b(token_b, torch.tensor([position]), *caches_b)
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"step {position}: {m}")
+            token_a, token_b = a[:, -1:].argmax(-1), b[:, -1:].argmax(-1)
+
+
+def _assert_decode_program(program, report, family):
+    counts = fused_counts(program)
+    assert counts["scatter_update_"] == 2 * MATRIX_LAYERS, report.table()  # in place, no copy back
+    assert attention_count(program) == MATRIX_LAYERS, report.table()
+    mutations = [s for s in program.graph_signature.output_specs if s.kind.name.endswith("MUTATION")]
+    assert len(mutations) >= 2 * MATRIX_LAYERS
+    writers = {n.name for n in program.graph.nodes if "scatter_update_" in str(n.target)}
+    cache_mutations = [s for s in mutations if s.arg.name in writers]
+    assert len(cache_mutations) == 2 * MATRIX_LAYERS  # each cache's mutation is its writer's result
+    assert not any(n.target is torch.ops.aten.copy_.default for n in program.graph.nodes)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("gpt2", "eager")])
+def test_static_cache_decode_buffers(family, attn):
+    model = build_matrix_model(family, attn)
+    step = BufferDecode(model, batch=2)
+    eager = copy.deepcopy(step)
+    report = Report()
+    program = npu_attn_graph.export(step, (_first_token(2), torch.tensor([0])), options={"report": report})
+    _assert_decode_program(program, report, family)
+    exported = program.module()
+    run_steps(exported, eager)
+    buffers = dict(exported.named_buffers())
+    for name, expected in eager.named_buffers():
+        torch.testing.assert_close(buffers[name], expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{name}: {m}")
+    assert buffers["key_0"].abs().sum() > 0  # the steps did write the caches
+
+
+def test_static_cache_decode_inputs_saved_loaded_and_decomposed(tmp_path):
+    model = build_matrix_model("llama", "sdpa")
+    step = InputDecode(model)
+    report = Report()
+    program = npu_attn_graph.export(step, (_first_token(2), torch.tensor([0]), *_new_caches(model, 2)),
+                                    options={"report": report})
+    _assert_decode_program(program, report, "llama")
+    torch.export.save(program, tmp_path / "decode.pt2")
+    loaded = torch.export.load(tmp_path / "decode.pt2")
+    assert fused_counts(loaded) == fused_counts(program)
+    mine, theirs = _new_caches(model, 2), _new_caches(model, 2)
+    run_steps(loaded.module(), step, mine, theirs)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"cache {i}: {m}")
+    # Decomposed again, the in-place writers become auto_functionalized calls of the same op.
+    decomposed = program.run_decompositions()
+    mine, theirs = _new_caches(model, 2), _new_caches(model, 2)
+    run_steps(decomposed.module(), step, mine, theirs)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------
+# The pt2 round trip in a fresh process
+
+
+ROUND_TRIP = """
+import sys, torch
+import npu_attn_graph  # registers the npu_attn ops: torch.export.load needs them
+import transformers.modeling_outputs  # the programs return transformers' output types (pytree nodes)
+failures = []
+for name in sys.argv[1:]:
+    data = torch.load(name + ".inputs", weights_only=False)
+    program = torch.export.load(name + ".pt2")
+    fused = sum(str(n.target).startswith("npu_attn.") for n in program.graph.nodes)
+    out = program.module()(*data["args"], **data["kwargs"])
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    diff = (out - data["expected"]).abs().max().item()
+    print(name, fused, diff)
+    if fused < data["fused"] or not diff <= 1e-5 + 1e-4 * data["expected"].abs().max().item():
+        failures.append(name)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_pt2_round_trip_in_a_fresh_process(tmp_path):
+    names = []
+    for family, attn in (("llama", "sdpa"), ("gpt2", "eager")):
+        model = build_matrix_model(family, attn)
+        args, kwargs = prefill_call(family, model)
+        program = npu_attn_graph.export(model, args, kwargs)
+        name = str(tmp_path / f"{family}-{attn}")
+        torch.export.save(program, name + ".pt2")
+        with torch.no_grad():
+            expected = output(model(*args, **kwargs))
+        torch.save({"args": args, "kwargs": kwargs, "expected": expected, "fused": MATRIX_LAYERS}, name + ".inputs")
+        names.append(name)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(ROUND_TRIP), *names], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(int(line.split()[1]) == MATRIX_LAYERS for line in lines), result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Options and arguments
+
+
+def test_options_are_the_backends():
+    model = build_matrix_model("gpt2", "eager")
+    args, kwargs = prefill_call("gpt2", model)
+    with pytest.raises(ValueError, match="unknown option"):
+        npu_attn_graph.export(model, args, kwargs, options={"nope": 1})
+    with pytest.raises(ValueError, match="option 'executor' must be 'eager'.*got 'inductor'"):
+        npu_attn_graph.export(model, args, kwargs, options={"executor": "inductor"})
+    with pytest.raises(ValueError, match="fp32_attention"):
+        npu_attn_graph.export(model, args, kwargs, options={"fp32_attention": "half"})
+    seen = []
+    program = npu_attn_graph.export(model, args, kwargs, options={"passes": [], "report": seen.append})
+    assert attention_count(program) == 0 and len(seen) == 1
+    assert [s.fused_op for s in seen[0].sites] == [None, None]  # still listed, left alone
+    program = npu_attn_graph.export(model, args, kwargs, options={"fp32_attention": "float16"})
+    assert attention_count(program) == MATRIX_LAYERS
+    compare_prefill_loose = output(program.module()(*args, **kwargs)) - output(model(*args, **kwargs))
+    assert compare_prefill_loose.abs().max() < 1e-2  # float16 inside the fused op: ~1e-3 relative
+
+
+def test_exported_program_takes_no_new_arguments():
+    program = torch.export.export(MaskedAttention(), tuple(torch.randn(1, 2, 4, 8) for _ in range(3)) +
+                                  (torch.ones(1, 1, 4, 4, dtype=torch.bool),))
+    with pytest.raises(ValueError, match="must be left out when model is an ExportedProgram"):
+        npu_attn_graph.export(program, (torch.zeros(1),))
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module or a torch.export.ExportedProgram"):
+        npu_attn_graph.export(lambda x: x, (torch.zeros(1),))
+
+
+def test_symbolic_batch_and_length():
+    model = build_matrix_model("llama", "sdpa")
+    args, kwargs = prefill_call("llama", model)
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=2, max=64)
+    shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}, "use_cache": None}
+    report = Report()
+    program = npu_attn_graph.export(model, args, kwargs, dynamic_shapes=shapes, options={"report": report})
+    assert attention_count(program) == MATRIX_LAYERS, report.table()
+    ids = torch.randint(3, 128, (3, 11), generator=torch.Generator().manual_seed(5))
+    other = dict(kwargs, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        torch.testing.assert_close(output(program.module()(ids, **other)), output(model(ids, **other)),
+                                   rtol=RTOL, atol=ATOL)
