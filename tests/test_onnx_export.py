@@ -1,0 +1,320 @@
+"""npu_attn_graph.export_onnx / onnx_translation_table: npu_attn ops as standard ONNX (issue 14, the ONNX part).
+
+Real clients only: torch.onnx's dynamo exporter with the translation table, onnx.checker (full check, inside
+export_onnx), onnxruntime's CPU provider, and transformers' tiny random models (tests/models.py builders).
+Each translated op runs in onnxruntime and is compared with the op's own eager (reference) kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import npu_attn_graph  # noqa: E402
+from npu_attn_graph import export_onnx, onnx_translation_table  # noqa: E402
+from npu_attn_graph.onnx_export import OnnxTranslationError  # noqa: E402
+
+A = torch.ops.npu_attn
+ATOL_OP = 1e-5  # fp32, op level
+ATOL_MODEL = 1e-4  # fp32 logits
+INT_MAX = 2147483647
+B, N, NKV, S, D = 2, 4, 2, 6, 16
+CAUSAL_2048 = torch.triu(torch.ones(2048, 2048, dtype=torch.bool), diagonal=1)
+
+
+class Call(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
+def run_onnx(program, inputs) -> list:
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert len(names) == len(inputs), names
+    return session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})
+
+
+def op_counts(program) -> collections.Counter:
+    return collections.Counter(n.op_type for n in program.model_proto.graph.node)
+
+
+def export_call(fn, *inputs):
+    """fn's torch.export program through export_onnx (the ExportedProgram path): ONNX outputs vs eager."""
+    program = export_onnx(torch.export.export(Call(fn), inputs))
+    want = fn(*inputs)
+    want = list(want) if isinstance(want, tuple) else [want]
+    got = run_onnx(program, inputs)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL_OP, msg=lambda m: f"output {i}: {m}")
+    return program
+
+
+def _qkv(layout: str, s_q: int = S, s_kv: int = S, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, s_q, D, generator=g)
+    k = torch.randn(B, NKV, s_kv, D, generator=g)
+    v = torch.randn(B, NKV, s_kv, D, generator=g)
+    if layout == "BNSD" or layout == "BNSD_BSND":
+        return q, k, v
+    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    if layout == "BSH":
+        q, k, v = (x.flatten(2) for x in (q, k, v))
+    return q, k, v
+
+
+def _mask(shape, seed=1, p=0.3):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention ops -> Attention: layouts, GQA, scale, masks (NPU True = masked), sparse modes, bands, lengths
+
+PFA = dict(num_heads=N, num_key_value_heads=NKV, scale_value=0.25)
+
+
+def _pfa(layout, **kw):
+    return lambda q, k, v, *m: A.npu_prompt_flash_attention(
+        q, k, v, **({"atten_mask": m[0]} if m else {}), input_layout=layout, **PFA, **kw)
+
+
+ATTENTION_CASES = {
+    # name: (fn, inputs)
+    "pfa-bnsd-no-mask": (_pfa("BNSD"), _qkv("BNSD")),
+    "pfa-bsnd-mask-mode0": (_pfa("BSND", next_tokens=INT_MAX), (*_qkv("BSND"), _mask((B, 1, S, S)))),
+    "pfa-bsh-mask-default-next-tokens-0": (_pfa("BSH"), (*_qkv("BSH"), _mask((S, S)))),
+    "pfa-mask-larger-than-sequence": (_pfa("BNSD", next_tokens=INT_MAX), (*_qkv("BNSD"), _mask((B, S + 3, S + 5)))),
+    "pfa-int8-mask": (_pfa("BNSD", next_tokens=INT_MAX), (*_qkv("BNSD"), _mask((1, 1, S, S)).to(torch.int8))),
+    "pfa-mode2-top-left-causal": (_pfa("BNSD", sparse_mode=2), (*_qkv("BNSD", S, S + 3), CAUSAL_2048)),
+    "pfa-mode3-bottom-right-causal": (_pfa("BNSD", sparse_mode=3), (*_qkv("BNSD", S, S + 3), CAUSAL_2048)),
+    "pfa-mode3-square": (_pfa("BNSD_BSND", sparse_mode=3), (*_qkv("BNSD"), CAUSAL_2048)),
+    "pfa-mode4-band": (_pfa("BNSD", sparse_mode=4, pre_tokens=2, next_tokens=1),
+                       (*_qkv("BNSD", S, S + 2), CAUSAL_2048)),
+    "pfa-mode0-band-with-mask": (_pfa("BNSD", pre_tokens=1, next_tokens=2), (*_qkv("BNSD"), _mask((S, S)))),
+    "pfa-lengths": (_pfa("BNSD", actual_seq_lengths=[4, 6], actual_seq_lengths_kv=[5, 3]), _qkv("BNSD")),
+    "pfa-lengths-mode3": (_pfa("BNSD", sparse_mode=3, actual_seq_lengths=[4, 6], actual_seq_lengths_kv=[5, 3]),
+                          (*_qkv("BNSD"), CAUSAL_2048)),
+    "pfa-fully-masked-row": (_pfa("BNSD", next_tokens=INT_MAX),
+                             (*_qkv("BNSD"), torch.zeros(S, S, dtype=torch.bool).index_fill_(0, torch.tensor([2]), 1))),
+    "pfa-pse-shift-and-mask": (
+        lambda q, k, v, m, p: A.npu_prompt_flash_attention(q, k, v, atten_mask=m, pse_shift=p, input_layout="BNSD",
+                                                           next_tokens=INT_MAX, **PFA),
+        (*_qkv("BNSD"), _mask((S, S)).index_fill_(0, torch.tensor([1]), 1), torch.randn(1, N, S, S))),
+    "ifa-bnsd-batch-mask-lengths": (
+        lambda q, k, v, m: A.npu_incre_flash_attention(q, k, v, atten_mask=m, num_heads=N, num_key_value_heads=NKV,
+                                                       input_layout="BNSD", scale_value=0.3,
+                                                       actual_seq_lengths=[5, 6]),
+        (*_qkv("BNSD", 1, S), _mask((B, S)))),
+    "ifa-bsh": (
+        lambda q, k, v: A.npu_incre_flash_attention(q, k, v, num_heads=N, num_key_value_heads=NKV, scale_value=0.3),
+        _qkv("BSH", 1, S)),
+    "fia-bsnd-mode3": (
+        lambda q, k, v, m: A.npu_fused_infer_attention_score(q, k, v, atten_mask=m, num_heads=N, scale=0.25,
+                                                             num_key_value_heads=NKV, input_layout="BSND",
+                                                             sparse_mode=3),
+        (*_qkv("BSND", S, S + 2), CAUSAL_2048)),
+    "fia-tnd-equal-segments": (
+        lambda q, k, v, m: A.npu_fused_infer_attention_score(q, k, v, atten_mask=m, num_heads=N, scale=0.25,
+                                                             num_key_value_heads=NKV, input_layout="TND",
+                                                             sparse_mode=3, actual_seq_lengths=[S, 2 * S],
+                                                             actual_seq_lengths_kv=[S, 2 * S]),
+        (*(x.reshape(B * S, x.shape[2], D) for x in _qkv("BSND")), CAUSAL_2048)),
+    "fia-tnd-segments": (
+        lambda q, k, v, m: A.npu_fused_infer_attention_score(q, k, v, atten_mask=m, num_heads=N, scale=0.25,
+                                                             num_key_value_heads=NKV, input_layout="TND",
+                                                             sparse_mode=3, actual_seq_lengths=[4, 12],
+                                                             actual_seq_lengths_kv=[5, 12]),
+        (*(x.reshape(B * S, x.shape[2], D) for x in _qkv("BSND")), CAUSAL_2048)),
+    "fia-query-and-key-rope": (
+        lambda q, k, v, qr, kr: A.npu_fused_infer_attention_score(q, k, v, query_rope=qr, key_rope=kr, num_heads=N,
+                                                                  scale=0.2, num_key_value_heads=NKV,
+                                                                  input_layout="BNSD"),
+        (*_qkv("BNSD"), torch.randn(B, N, S, 16), torch.randn(B, NKV, S, 16))),
+    "fia-v2-mode3": (
+        lambda q, k, v, m: A.npu_fused_infer_attention_score_v2(q, k, v, atten_mask=m, num_query_heads=N,
+                                                                num_key_value_heads=NKV, softmax_scale=0.25,
+                                                                input_layout="BNSD", sparse_mode=3),
+        (*_qkv("BNSD", S, S + 1), CAUSAL_2048)),
+    "packed-prompt": (
+        lambda q, k, v, m: A.npu_prompt_flash_attention_packed(q, k, v, m, num_heads=N, num_key_value_heads=NKV,
+                                                               scale_value=0.25, input_layout="BSND"),
+        (*_qkv("BSND"), ~torch.block_diag(torch.ones(2, 2), torch.ones(4, 4)).bool().tril())),
+    "packed-fia": (
+        lambda q, k, v, m: A.npu_fused_infer_attention_score_packed(q, k, v, m, num_heads=N, num_key_value_heads=NKV,
+                                                                    scale=0.25, input_layout="BNSD"),
+        (*_qkv("BNSD"), ~torch.block_diag(torch.ones(3, 3), torch.ones(3, 3)).bool().tril())),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_attention_op_is_one_onnx_attention(name):
+    fn, inputs = ATTENTION_CASES[name]
+    program = export_call(fn, *inputs)
+    counts = op_counts(program)
+    segments = 2 if name == "fia-tnd-segments" else 1  # one Attention per TND segment of unequal lengths
+    assert counts["Attention"] == segments, counts
+    assert counts["Softmax"] == 0 and not any(n.domain for n in program.model_proto.graph.node)
+
+
+def test_causal_with_equal_lengths_is_the_attention_flag():
+    fn, inputs = ATTENTION_CASES["pfa-mode3-square"]
+    program = export_call(fn, *inputs)
+    (node,) = [n for n in program.model_proto.graph.node if n.op_type == "Attention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["is_causal"] == 1 and attrs["scale"] == pytest.approx(0.25)
+    assert len([i for i in node.input if i]) == 3  # q, k, v: no mask input
+
+
+def _sink_call(layout, **kw):
+    return lambda q, k, v, m, sink: A.npu_fused_infer_attention_score_v2(
+        q, k, v, atten_mask=m, learnable_sink=sink, num_query_heads=N, num_key_value_heads=NKV, softmax_scale=0.25,
+        input_layout=layout, sparse_mode=3, **kw)
+
+
+@pytest.mark.parametrize("layout", ["BNSD", "TND"])
+def test_learnable_sink_is_decomposed(layout):
+    """ONNX Attention has no sink input: the sink joins a plain Softmax as one more column."""
+    q, k, v = _qkv("BSND" if layout == "TND" else "BNSD")
+    kw = {}
+    if layout == "TND":
+        q, k, v = (x.reshape(B * S, x.shape[2], D) for x in (q, k, v))
+        kw = dict(actual_seq_qlen=[S, 2 * S], actual_seq_kvlen=[S, 2 * S])
+    program = export_call(_sink_call(layout, **kw), q, k, v, CAUSAL_2048, torch.randn(N))
+    counts = op_counts(program)
+    assert counts["Attention"] == 0 and counts["Softmax"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paged K/V: gathered through block_table, positions past the lengths zeroed (unused blocks hold NaN here)
+
+BLOCK = 16
+
+
+def _paged(layout4: bool, lengths=(20, 7)):
+    g = torch.Generator().manual_seed(5)
+    blocks = 6
+    if layout4:
+        k = torch.randn(blocks, NKV, BLOCK, D, generator=g)
+        v = torch.randn(blocks, NKV, BLOCK, D, generator=g)
+    else:
+        k = torch.randn(blocks, BLOCK, NKV * D, generator=g)
+        v = torch.randn(blocks, BLOCK, NKV * D, generator=g)
+    table = torch.tensor([[4, 1], [2, 0]], dtype=torch.int32)
+    k[5] = float("nan")  # a block no batch uses
+    v[3] = float("nan")
+    return k, v, table, torch.tensor(lengths, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("cache_rank", [3, 4])
+def test_paged_incremental_attention(cache_rank):
+    k, v, table, lengths = _paged(cache_rank == 4)
+    layout = "BNSD" if cache_rank == 4 else "BSH"
+    q = _qkv(layout, 1, 1)[0]
+    fn = lambda q, k, v, t, n: A.npu_incre_flash_attention_paged(  # noqa: E731
+        q, k, v, block_table=t, actual_seq_lengths=n, num_heads=N, num_key_value_heads=NKV, scale_value=0.25,
+        input_layout=layout, block_size=BLOCK)
+    program = export_call(fn, q, k, v, table, lengths)
+    assert op_counts(program)["Attention"] == 1
+
+
+def test_paged_fused_infer_causal_chunk():
+    k, v, table, lengths = _paged(True, (21, 9))
+    q = _qkv("BNSD", 3, 3)[0]
+    fn = lambda q, k, v, t, n, m: A.npu_fused_infer_attention_score_paged(  # noqa: E731
+        q, k, v, block_table=t, actual_seq_lengths_kv=n, atten_mask=m, num_heads=N, num_key_value_heads=NKV,
+        scale=0.25, input_layout="BNSD", block_size=BLOCK, sparse_mode=3)
+    program = export_call(fn, q, k, v, table, lengths, CAUSAL_2048)
+    assert op_counts(program)["Attention"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV-cache writers -> TensorScatter / ScatterND
+
+
+def test_scatter_update_per_batch_offsets_is_tensor_scatter():
+    cache, new = torch.randn(B, NKV, 8, D), torch.randn(B, NKV, 2, D)
+    fn = lambda c, i, u: A.scatter_update(c, i, u, -2)  # noqa: E731
+    program = export_call(fn, cache, torch.tensor([1, 5]), new)
+    assert op_counts(program)["TensorScatter"] == 1 and op_counts(program)["ScatterND"] == 0
+
+
+@pytest.mark.parametrize("indices", [torch.tensor([[2, 1], [0, 6]], dtype=torch.int32), torch.tensor([3])])
+def test_scatter_update_other_index_forms_are_scatter_nd(indices):
+    cache, new = torch.randn(3, 8, NKV, D), torch.randn(indices.shape[0], 2, NKV, D)
+    program = export_call(lambda c, i, u: A.scatter_update(c, i, u, 1), cache, indices, new)
+    assert op_counts(program)["ScatterND"] == 1
+
+
+def test_scatter_nd_update():
+    cache = torch.randn(4, 5, 6)
+    program = export_call(lambda c, i, u: A.npu_scatter_nd_update(c, i, u), cache,
+                          torch.tensor([[1, 2], [3, 0]]), torch.randn(2, 6))
+    assert op_counts(program)["ScatterND"] == 1
+
+
+@pytest.mark.parametrize("mode", ["Norm", "PA_NZ"])
+def test_scatter_pa_kv_cache_skips_negative_slots(mode):
+    tokens, blocks, heads, dim = 3, 3, 2, 16
+    key, value = torch.randn(tokens, heads, dim), torch.randn(tokens, heads, dim)
+    if mode == "Norm":
+        kc, vc = torch.randn(blocks, BLOCK, heads, dim), torch.randn(blocks, BLOCK, heads, dim)
+    else:  # fp32: c0 = 8
+        kc, vc = torch.randn(blocks, heads * dim // 8, BLOCK, 8), torch.randn(blocks, heads * dim // 8, BLOCK, 8)
+    slots = torch.tensor([17, -1, 40], dtype=torch.int32)
+    fn = lambda k, v, kc, vc, s: A.npu_scatter_pa_kv_cache_functional(k, v, kc, vc, s, cache_mode=mode)  # noqa: E731
+    program = export_call(fn, key, value, kc, vc, slots)
+    assert op_counts(program)["ScatterND"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What has no translation fails naming the op, the argument and why; never a custom-domain node
+
+
+def test_table_covers_every_npu_attn_op():
+    table = onnx_translation_table()
+    names = {str(op).split(".")[1] for op in table}
+    defined = {name for name in dir(A) if not name.startswith("_") and hasattr(getattr(A, name), "default")}
+    assert defined <= names, defined - names
+
+
+@pytest.mark.parametrize("fn,inputs,match", [
+    (lambda q, k, v: A.npu_fused_infer_attention_score(q, k, v, num_heads=N, num_key_value_heads=NKV,
+                                                       input_layout="BNSD", softmax_lse_flag=True),
+     _qkv("BNSD"), r"npu_fused_infer_attention_score: softmax_lse_flag.*no log-sum-exp"),
+    (lambda q, k, v, s: A.npu_incre_flash_attention(q, k, v, antiquant_scale=s, num_heads=N, num_key_value_heads=NKV,
+                                                    input_layout="BNSD"),
+     (torch.randn(B, N, 1, 32), torch.ones(B, NKV, S, 32, dtype=torch.int8), torch.ones(B, NKV, S, 32, dtype=torch.int8),
+      torch.ones(2, NKV * 32)), r"npu_incre_flash_attention: antiquant_scale: int8"),
+    (lambda q, k, v: A.npu_fusion_attention(q, k, v, N, "BNSD")[0],
+     (_qkv("BNSD")[0], _qkv("BNSD")[0], _qkv("BNSD")[0]), r"npu_fusion_attention: .*training op"),
+])
+def test_untranslatable_calls_fail_with_the_reason(fn, inputs, match):
+    program = torch.export.export(Call(fn), inputs)
+    with pytest.raises(OnnxTranslationError, match=match):
+        export_onnx(program)
+
+
+def test_opset_below_24_is_refused():
+    with pytest.raises(ValueError, match="opset_version: must be >= 24"):
+        export_onnx(torch.export.export(Call(_pfa("BNSD")), _qkv("BNSD")), opset_version=23)
+
+
+def test_translation_table_with_torch_onnx_directly(tmp_path):
+    """The table as users pass it to torch.onnx themselves."""
+    q, k, v = _qkv("BNSD")
+    program = torch.onnx.export(Call(_pfa("BNSD")), (q, k, v), dynamo=True, opset_version=24,
+                                custom_translation_table=onnx_translation_table())
+    program.save(tmp_path / "pfa.onnx")
+    onnx.checker.check_model(str(tmp_path / "pfa.onnx"), full_check=True)
+    got = run_onnx(program, (q, k, v))[0]
+    torch.testing.assert_close(torch.from_numpy(got), _pfa("BNSD")(q, k, v), rtol=0, atol=ATOL_OP)
