@@ -220,3 +220,37 @@ def test_the_speculative_step_is_one_complete_ge_graph(tmp_path):
     assert len({data_index(f[0]) for f in feeds.values()}) == 4
     assert not [t for t in result.op_type_counts if t in ("SliceScatter", "GatherElements", "FloorDiv", "Cumprod",
                                                           "ReduceSum")], result.summary()
+
+
+def spec_step_then_read(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables,
+                        spec_token, accepted_num, embedding):
+    """The speculative step and the next forward in one graph: the forward reads the new state."""
+    leading_run(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, spec_token,
+                accepted_num)
+    hidden = embedding[input_tokens] * (input_positions + 1)[..., None]
+    return hidden + (seq_lens * 1000 + slot_mapping)[..., None]
+
+
+@pytest.mark.parametrize("target", ["torch", "ge"])
+def test_a_graph_that_reads_the_new_speculative_state_gets_the_op_before_its_first_read(target):
+    from fuzz.oracle import ge_target_backend
+
+    torch._dynamo.reset()
+    embedding = torch.randn(1000, 4, generator=torch.Generator().manual_seed(5))
+    eager, compiled = _state(), _state()
+    report = Report()
+    backend = ge_target_backend(report) if target == "ge" else "npu_attn"
+    options = None if target == "ge" else {"report": report, "executor": "eager"}
+    step = torch.compile(spec_step_then_read, backend=backend, fullgraph=True, options=options)
+    rng = random.Random(3)
+    for i in range(3):
+        sampled, spec, accepted = _sample(rng, rejection_sampler=True)
+        for state in (eager, compiled):
+            state[1].copy_(sampled)
+            state[6].copy_(spec)
+            state[7].copy_(accepted)
+        want = spec_step_then_read(*eager, embedding)
+        got = step(*compiled, embedding)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert all(torch.equal(c, e) for c, e in zip(compiled, eager)), i
+    assert _site(report).rewritten, report.table()
