@@ -42,7 +42,9 @@ class NSACompressedAttention(torch.nn.Module):
     sort), "group_max" (a max over the group's heads instead of a sum), "mask_le" (a mask that
     keeps one slot too many), "no_initial_block" (block 0 not forced), "eq9_j_eq_s" (Eq. 9 with
     j = s), "no_value_zeroing" (the gathered V is not zeroed past the length: NaN garbage reaches
-    eager's output, never the op's), "int64" (the sorted indices returned as they are: an int64 slice).
+    eager's output, never the op's), "int64" (the sorted indices returned as they are: an int64 slice),
+    "eq9_buffer" (Eq. 9 as a (blocks, L) matrix computed in __init__ and kept as a buffer: a graph input
+    whose values the compiler cannot know).
     """
 
     def __init__(self, heads: int = 4, kv_heads: int = 2, head_dim: int = 32, v_dim: int = 16,
@@ -54,6 +56,17 @@ class NSACompressedAttention(torch.nn.Module):
         self.l, self.d, self.l_sel = compress_block_size, compress_stride, select_block_size
         self.count, self.page, self.max_blocks, self.variant = select_block_count, page_block_size, max_blocks, variant
         self.scale = head_dim ** -0.5
+        if variant == "eq9_buffer":
+            length, r, qn = max_blocks * page_block_size, select_block_size // compress_stride, \
+                compress_block_size // compress_stride
+            n_blocks = -(-((length - 1) * compress_stride + compress_block_size) // select_block_size)
+            weights = torch.zeros(n_blocks, length)
+            for s in range(n_blocks):
+                for m in range(r):
+                    for n in range(qn):
+                        if 0 <= r * (s + 1) - m - n < length:
+                            weights[s, r * (s + 1) - m - n] += 1
+            self.register_buffer("eq9", weights)
 
     def forward(self, q, k_cache, v_cache, block_table, cmp_lens):
         b, hk, g = q.shape[0], self.kv_heads, self.heads // self.kv_heads
@@ -79,6 +92,8 @@ class NSACompressedAttention(torch.nn.Module):
         valid = (idx >= 0) & (idx < length)
         p_slc = (p[..., idx.clamp(0, length - 1)] * valid).sum(dim=(-1, -2))  # (B, N_kv, G, S)
         importance = p_slc.amax(dim=2) if self.variant == "group_max" else p_slc.sum(dim=2)  # shared by the group
+        if self.variant == "eq9_buffer":
+            importance = torch.einsum("bkgl,sl->bks", p, self.eq9)
 
         # 1 initial block and 2 local blocks are always selected; blocks past the sequence never.
         n_sel = -(-((cmp_lens - 1) * self.d + self.l) // self.l_sel)
@@ -310,6 +325,7 @@ NEAR_MISSES = {
     "mask_le": "the score mask is not 'l >= cmp_lens[b]'",
     "no_initial_block": "the op ranks +inf at blocks [0,",
     "eq9_j_eq_s": "the importance is not the NSA Eq. 9 map",
+    "eq9_buffer": "multiplies the probabilities by the graph input",
 }
 
 

@@ -123,12 +123,18 @@ class Refused(Exception):
 # ----------------------------------------------------------------------------
 
 
+UNSET = (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default)
+
+
 def _is_constant(node: object, memo: dict) -> bool:
-    """node is computed from constants only (no graph input)."""
+    """node is computed from constants only (no graph input, nothing random or uninitialised): its
+    value is the same on every call, so evaluating it once proves what it is."""
     if not isinstance(node, torch.fx.Node):
         return True
     if node not in memo:
-        memo[node] = node.op == "call_function" and all(_is_constant(n, memo) for n in node.all_input_nodes)
+        memo[node] = node.op == "call_function" and node.target not in UNSET and \
+            torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()) and \
+            all(_is_constant(n, memo) for n in node.all_input_nodes)
     return memo[node]
 
 
@@ -302,7 +308,8 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
 # ----------------------------------------------------------------------------
 
 
-def _walk(root: torch.fx.Node, stops: set, allowed, what: str, const_memo: dict) -> tuple[set, list]:
+def _walk(root: torch.fx.Node, stops: set, allowed, what: str, const_memo: dict,
+          verdicts: dict | None = None) -> tuple[set, list]:
     """The nodes from root back to `stops` (inner nodes, and the non-constant leaves that are
     neither stops nor allowed). allowed(node) -> None (traverse its tensor inputs), a list of the
     inputs to traverse, or a string: the reason the node is not allowed."""
@@ -317,6 +324,8 @@ def _walk(root: torch.fx.Node, stops: set, allowed, what: str, const_memo: dict)
         verdict = allowed(node)
         if isinstance(verdict, str):
             leaves.append(node)
+            if verdicts is not None:
+                verdicts[node] = verdict
             continue
         inner.add(node)
         todo.extend(node.all_input_nodes if verdict is None else verdict)
@@ -366,6 +375,11 @@ def _linear_allowed(memo: dict):
             if node.target in (aten.add.Tensor, aten.sub.Tensor):
                 return tensors  # a sum of linear maps (plus a constant: the probes catch it)
             if len(tensors) != 1:
+                inputs = [x for t in tensors[1:] for x in _placeholders(t)]
+                if inputs:
+                    return (f"multiplies the probabilities by the graph input {inputs[0].name} (a buffer or an "
+                            f"argument): its values are not known when compiling, so the map cannot be proved "
+                            f"to be Eq. 9")
                 return "a product of two non-constant operands"
             if node.target in (aten.index.Tensor, aten.index_select.default, aten.gather.default,
                                aten.div.Tensor) and tensors[0] is not node.args[0]:
@@ -373,6 +387,20 @@ def _linear_allowed(memo: dict):
             return tensors
         return "other"
     return allowed
+
+
+def _placeholders(node: torch.fx.Node, limit: int = 64) -> list[torch.fx.Node]:
+    """The graph inputs node is computed from (a bounded walk)."""
+    found, todo, seen = [], [node], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            found.append(n)
+        todo.extend(n.all_input_nodes)
+    return found
 
 
 def _dims(site: NsaSite) -> dict:
@@ -690,9 +718,15 @@ def _check(site: NsaSite, ctx: PassContext) -> None:
                           f"(num_blocks, page, ...)")
     site.internal |= {site.key.node, site.value.node}
     # Importance: back to the probabilities through linear ops.
-    inner, leaves = _walk(site.importance, {site.softmax}, _linear_allowed(memo), "importance", memo)
+    verdicts: dict = {}
+    inner, leaves = _walk(site.importance, {site.softmax}, _linear_allowed(memo), "importance", memo, verdicts)
     if leaves:
         x = leaves[0]
+        if verdicts.get(x, "other") != "other":
+            raise Refused(f"the importance {verdicts[x]} ({x.name})")
+        if x.op == "placeholder":
+            raise Refused(f"the importance reads the graph input {x.name} (a buffer or an argument): its values are "
+                          f"not known when compiling, so the map cannot be proved to be Eq. 9")
         raise Refused(f"the importance reads {x.name} ({getattr(x.target, '__name__', x.op)}), which is not a linear "
                       f"map of the probabilities: the op sums Eq. 9 over each GQA group")
     site.internal |= inner | {site.importance, site.softmax}
