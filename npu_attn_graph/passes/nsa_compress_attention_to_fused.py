@@ -696,9 +696,18 @@ def _check(site: NsaSite, ctx: PassContext) -> None:
         raise Refused(f"the scores read {names}: not one query and one block-table gather of a key cache")
     if site.score_mask is None:
         raise Refused("the scores are not masked: every gathered slot, unused blocks included, is attended")
-    if not same_shape(val(site.score_mask).shape, val(site.softmax).shape):
-        raise Refused(f"the -inf fill ({site.score_mask.name}) is on a {list(val(site.score_mask).shape)} tensor, "
-                      f"not on the scores {list(val(site.softmax).shape)}")
+    # The fill must be on the scores themselves: between it and the softmax only casts, scalar scales and
+    # reshapes of the same shape (a fill on a bmm operand would spread -inf over whole rows).
+    node = raw
+    while node is not site.score_mask and (
+            _float_cast(node) or (is_call(node, (aten.mul.Tensor, aten.div.Tensor)) and
+                                  scalar_constant(node.args[1]) is not None) or
+            (is_call(node, (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
+                            aten.alias.default)) and same_shape(val(node).shape, val(node.args[0]).shape))):
+        node = node.args[0]
+    if node is not site.score_mask or not same_shape(val(site.score_mask).shape, val(site.softmax).shape):
+        raise Refused(f"the -inf fill ({site.score_mask.name}) is not on the scores the softmax reads "
+                      f"{list(val(site.softmax).shape)}")
     if scalar_constant(site.score_mask.args[2]) != -math.inf:
         raise Refused(f"the masked scores are filled with {scalar_constant(site.score_mask.args[2])}, not -inf")
     site.key, site.query = gathers[0], others[0]
