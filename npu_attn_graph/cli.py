@@ -1,7 +1,8 @@
 """npu-attn-graph: see what npu_attn_graph does to a model, and why.
 
 Commands: dump (everything to a directory), check (a CI gate), explain (the
-site table), demo (the built-in tiny Llama, compiled and generating).
+site table), export (a pt2, ONNX or TorchAir file), demo (the built-in tiny
+Llama, compiled and generating).
 """
 
 from __future__ import annotations
@@ -207,6 +208,84 @@ def _ops_demo(args: argparse.Namespace) -> int:
     ok = worst <= FP32_TOLERANCE
     print(f"worst error {worst:.2e} ({'within' if ok else 'OVER'} the fp32 tolerance {FP32_TOLERANCE:.0e})")
     return 0 if ok else EXIT_FAILED
+
+
+EXPORT_FORMATS = ("pt2", "onnx", "air")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _check_export_out(out, args.force)
+    if args.opset is not None and args.format != "onnx":
+        raise UsageError(f"--opset applies to --format onnx only, got --format {args.format}")
+    say = _Steps()
+    target = _load(args.target, say)
+    # Written into a scratch folder first and copied to --out only when complete: a failed
+    # export leaves nothing, and nothing but FILE is ever written where the user looks.
+    with tempfile.TemporaryDirectory(prefix="npu_attn_export_") as scratch:
+        written = Path(scratch) / (out.name or "export")
+        summary = _EXPORTERS[args.format](target, written, args, say)
+        extra = sorted(p.name for p in Path(scratch).iterdir() if p != written)
+        if extra:
+            raise RuntimeError(f"the {args.format} export wrote more than one file ({', '.join(extra)} besides "
+                               f"{written.name}); nothing was written to {out}")
+        shutil.copyfile(written, out)
+    print(summary)
+    print(f"wrote {out} ({args.format}, {out.stat().st_size} bytes)")
+    return 0
+
+
+def _check_export_out(out: Path, force: bool) -> None:
+    """Before the slow work: FILE's folder exists, and FILE is new, or a regular file and --force."""
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {out.parent} does not exist (export creates no folders)")
+    if os.path.lexists(out):
+        if out.is_symlink() or not out.is_file():
+            raise UsageError(f"--out {out} exists and is not a regular file; choose another --out")
+        if not force:
+            raise UsageError(f"--out {out} exists; pass --force to overwrite it")
+
+
+def _export_pt2(target, path: Path, args: argparse.Namespace, say: Callable[[str], None]) -> str:
+    import torch
+
+    from .export import export
+    from .report import Report
+
+    report = Report()
+    say("exporting with torch.export and rewriting with the npu_attn passes")
+    with torch.no_grad():
+        program = export(target.model, tuple(target.args), target.kwargs, options={"report": report})
+    say("saving with torch.export.save")
+    torch.export.save(program, path)
+    return report.table()
+
+
+def _export_onnx(target, path: Path, args: argparse.Namespace, say: Callable[[str], None]) -> str:
+    import torch
+
+    from .onnx_export import export_onnx
+
+    say("exporting to ONNX (npu_attn_graph.export, then torch.onnx with the npu_attn translation table)")
+    options = {} if args.opset is None else {"opset_version": args.opset}
+    with torch.no_grad():
+        program = export_onnx(target.model, tuple(target.args), target.kwargs, f=path, **options)
+    counts: dict[str, int] = {}
+    for node in program.model_proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    shown = ", ".join(f"{t} x{counts[t]}" for t in ("Attention", "TensorScatter", "ScatterND") if t in counts)
+    return f"{target.spec}: ONNX graph with {sum(counts.values())} nodes ({shown or 'no attention node'})"
+
+
+def _export_air(target, path: Path, args: argparse.Namespace, say: Callable[[str], None]) -> str:
+    from .export import export_air
+
+    say("exporting through TorchAir's dynamo_export (GE graph with the npu_attn passes)")
+    report = export_air(target.model, tuple(target.args), target.kwargs, f=path, progress=say)
+    return report.table()
+
+
+_EXPORTERS = {"pt2": _export_pt2, "onnx": _export_onnx, "air": _export_air}
 
 
 # ---------------------------------------------------------------- dump pieces
@@ -439,6 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "layout, sparse_mode, GQA ratio, and why a site was left alone.",
                       f"{PROG} explain mypackage.models:tiny_decoder")
     explain.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+
+    export = command("export", cmd_export, "Export the model with its attention and KV-cache sites fused: "
+                     "pt2 (torch.export.save of npu_attn_graph.export; load it in a process that imported "
+                     "npu_attn_graph), onnx (standard ONNX ops, npu_attn_graph.export_onnx) or air (TorchAir's "
+                     "offline GE model for ATC; needs the GE runtime of an NPU host). The TARGET's call must be "
+                     "exportable by torch.export: tensors and pytree containers in and out (e.g. use_cache=False, "
+                     "or caches held as buffers).",
+                     f"{PROG} export demo:bert --format pt2 --out bert.pt2")
+    export.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="what to write")
+    export.add_argument("--out", required=True, metavar="FILE", help="the file to write (its folder must exist)")
+    export.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (--format onnx only)")
+    export.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
 
     demo = command("demo", cmd_demo, "Compile the built-in tiny Llama with backend='npu_attn', generate with a "
                    "static KV cache, compare with eager and show the report.", f"{PROG} demo --new-tokens 8")

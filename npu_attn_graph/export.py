@@ -40,8 +40,12 @@ process that imported npu_attn_graph.
 
 from __future__ import annotations
 
+import os
 import reprlib
-from typing import Any
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch._export.verifier import TrainingIRVerifier
@@ -210,4 +214,66 @@ def _copies_as_mutations(graph: torch.fx.Graph, signature: ExportGraphSignature,
     return specs
 
 
-__all__ = ["aot_decompositions", "export", "rewrite_program"]
+AIR_NAME = "npu_attn_export"
+
+
+def export_air(model: torch.nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
+               f: str | os.PathLike, options: dict[str, Any] | None = None,
+               progress: Callable[[str], None] | None = None) -> Report:
+    """TorchAir's offline export (its ``dynamo_export``: the GE graph as an .air file for
+    ATC) with the npu_attn passes at TorchAir's post-grad seam, as the backend's
+    executor 'torchair' runs them; writes ``f`` and returns the report.
+
+    TorchAir builds the export graph in Python (weights as constants, the fused ops
+    as their GE op types) and hands it to GE's native ``export`` to serialize as .air.
+    Off an NPU host TorchAir is loaded offline, without that native code: the graph
+    is built, then GeRuntimeUnavailable is raised and nothing is written (``npu-attn-graph
+    dump`` writes the same GE graph as pbtxt there).
+    """
+    from ._torchair_offline_native import GeRuntimeUnavailable
+    from .backend import NpuAttnBackend
+    from .torchair_bridge import load_torchair
+
+    torchair = load_torchair(progress)
+    from torchair._ge_concrete_graph.fx2ge_converter import ExportSuccess
+    from torchair.npu_export import _get_export_config
+
+    options = dict(options or {})
+    for name in ("executor", "torchair_config"):
+        if name in options:
+            raise ValueError(f"npu_attn_graph.export_air: option {name!r} is set by export_air itself "
+                             f"(executor 'torchair' with TorchAir's export config), got {options[name]!r}")
+    report = options.pop("report", None)
+    report = report if isinstance(report, Report) else Report()
+    target = Path(f)
+    with tempfile.TemporaryDirectory(prefix="npu_attn_air_") as scratch:
+        # TorchAir's own export settings (export mode, path, name, weight names), as dynamo_export sets them.
+        config = _get_export_config(model, scratch, AIR_NAME, torchair.module.CompilerConfig())
+        backend = NpuAttnBackend(**options, executor="torchair", torchair_config=config, report=report)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        try:
+            with torch.no_grad():
+                compiled(*args, **(kwargs or {}))
+        except ExportSuccess:  # TorchAir's way of ending an export run
+            pass
+        except GeRuntimeUnavailable as error:
+            if not str(error).startswith("export needs"):  # not the last step, the .air serialization
+                raise
+            fused = len(report.fused())
+            raise GeRuntimeUnavailable(
+                f"npu_attn_graph.export_air: TorchAir built the export GE graph ({fused}/{len(report.sites)} "
+                f"sites fused), but serializing it as an .air file is GE's native code, which needs CANN on an "
+                f"Ascend NPU host ({torchair.describe()}); nothing was written to {target}. The same GE graph "
+                "as pbtxt: npu-attn-graph dump") from error
+        finally:
+            torch._dynamo.reset()
+        written = sorted(Path(scratch).rglob("*.air"))
+        if len(written) != 1:
+            raise RuntimeError(f"npu_attn_graph.export_air: TorchAir's export wrote {len(written)} .air files "
+                               f"({[p.name for p in written]}), expected one")
+        shutil.copyfile(written[0], target)
+    return report
+
+
+__all__ = ["aot_decompositions", "export", "export_air", "rewrite_program"]

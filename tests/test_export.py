@@ -327,3 +327,88 @@ def test_symbolic_batch_and_length():
     with torch.no_grad():
         torch.testing.assert_close(output(program.module()(ids, **other)), output(model(ids, **other)),
                                    rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------
+# npu-attn-graph export
+
+
+LLAMA_TARGET = """
+from tests.models import build_matrix_model, prefill_call
+
+def make():
+    model = build_matrix_model("llama", "sdpa")
+    args, kwargs = prefill_call("llama", model)
+    return model, args, kwargs
+"""
+
+
+def test_cli_export_pt2_refuses_to_overwrite_and_writes_only_the_file(tmp_path, monkeypatch, capsys):
+    from npu_attn_graph.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "target.py").write_text(LLAMA_TARGET)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", "target.py:make", "--format", "pt2", "--out", str(out / "llama.pt2")]) == 0
+    printed = capsys.readouterr().out
+    assert "2/2 sites fused" in printed and f"wrote {out / 'llama.pt2'} (pt2" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["llama.pt2"]
+    program = torch.export.load(out / "llama.pt2")
+    assert attention_count(program) == MATRIX_LAYERS
+    model = build_matrix_model("llama", "sdpa")
+    args, kwargs = prefill_call("llama", model)
+    compare_prefill("llama", model, program, args, kwargs)
+
+    before = (out / "llama.pt2").read_bytes()
+    assert main(["export", "target.py:make", "--format", "pt2", "--out", str(out / "llama.pt2")]) == 2
+    assert "exists; pass --force to overwrite it" in capsys.readouterr().err
+    assert (out / "llama.pt2").read_bytes() == before
+    assert main(["export", "target.py:make", "--format", "pt2", "--out", str(out / "llama.pt2"), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["llama.pt2"]
+    capsys.readouterr()
+
+    assert main(["export", "target.py:make", "--format", "pt2", "--out", str(tmp_path / "no" / "x.pt2")]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["export", "target.py:make", "--format", "pt2", "--out", str(out), "--force"]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert main(["export", "target.py:make", "--format", "pt2", "--opset", "24", "--out",
+                 str(out / "y.pt2")]) == 2
+    assert "--opset applies to --format onnx only" in capsys.readouterr().err
+    assert main(["export", "demo:nope", "--format", "pt2", "--out", str(out / "y.pt2")]) == 2
+    assert "no built-in demo 'nope'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["llama.pt2"]
+
+
+def test_cli_export_failure_leaves_nothing(tmp_path, capsys):
+    """demo:llama is a StaticCache decode step: torch.export cannot take the cache object."""
+    from npu_attn_graph.cli import main
+
+    assert main(["export", "demo:llama", "--format", "pt2", "--out", str(tmp_path / "llama.pt2")]) == 3
+    assert "error:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_air_offline_is_ge_runtime_unavailable(tmp_path, capsys):
+    """TorchAir is loaded offline here (its native modules are the project's stand-ins, the one test double:
+    CANN cannot exist on this host): the export GE graph is built with the fused ops, then GE's native .air
+    serialization raises GeRuntimeUnavailable, and nothing is written."""
+    from npu_attn_graph.cli import main
+    from npu_attn_graph.export import export_air
+    from npu_attn_graph.torchair_bridge import GeRuntimeUnavailable, load_torchair
+
+    if not load_torchair().offline:
+        pytest.skip("an NPU host: TorchAir writes the .air file")
+    from npu_attn_graph.demos import scenario_call
+
+    model, args, kwargs = scenario_call("bert", "sdpa", "prefill")
+    report = Report()
+    with pytest.raises(GeRuntimeUnavailable, match=r"TorchAir built the export GE graph \(2/2 sites fused\)") as info:
+        export_air(model, args, kwargs, f=tmp_path / "bert.air", options={"report": report})
+    assert str(info.value.__cause__).startswith("export needs the GE runtime")  # TorchAir's last step
+    assert [s.fused_op for s in report.sites] == ["npu_prompt_flash_attention"] * 2
+    assert list(tmp_path.iterdir()) == []
+    assert main(["export", "demo:bert", "--format", "air", "--out", str(tmp_path / "bert.air")]) == 3
+    assert "GeRuntimeUnavailable" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
