@@ -810,6 +810,10 @@ def _caches_as_outputs(program: torch.export.ExportedProgram) -> torch.export.Ex
     import torch.utils._pytree as pytree
 
     specs = program.graph_signature.output_specs
+    buffers = [s.target for s in specs if s.kind == OutputKind.BUFFER_MUTATION]
+    if buffers:
+        raise ValueError(f"buffers {buffers} are written in place: an ONNX graph has no state, so they would be "
+                         f"constants there; pass the caches as inputs (the new values become outputs)")
     if not any(s.kind == OutputKind.USER_INPUT_MUTATION for s in specs):
         return program
     for spec in specs:
