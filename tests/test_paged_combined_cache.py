@@ -44,6 +44,15 @@ def decode_select_value_first(q, k, v, kv_cache, slot_mapping, block_table, seq_
     return _read(q.unsqueeze(2), kv_cache[0], kv_cache[1], block_table, seq_lens).flatten(1)
 
 
+def decode_block_offset(q, k, v, kv_cache, slot_mapping, block_table, seq_lens):
+    """cache[slot // block_size, slot % block_size] = tokens into each half."""
+    key_cache, value_cache = kv_cache.unbind(0)
+    blocks, offsets = slot_mapping // BS, slot_mapping % BS
+    key_cache[blocks, offsets] = k
+    value_cache[blocks, offsets] = v
+    return _read(q.unsqueeze(2), key_cache, value_cache, block_table, seq_lens).flatten(1)
+
+
 def two_layers_list(q, k, v, kv_caches, slot_mapping, block_table, seq_lens):
     """One combined cache per layer, in a list; the layers share the slot mapping."""
     out = q
@@ -73,7 +82,7 @@ def run_both(fn, args):
     return report, ref
 
 
-@pytest.mark.parametrize("fn", [decode_unbind, decode_select_value_first])
+@pytest.mark.parametrize("fn", [decode_unbind, decode_select_value_first, decode_block_offset])
 def test_combined_cache_decode_writes_in_place_through_the_halves_and_reads_paged(fn):
     args = decode_args()
     report, ref = run_both(fn, args)

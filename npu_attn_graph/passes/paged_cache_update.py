@@ -176,12 +176,15 @@ def slot_write(node: torch.fx.Node) -> SlotWrite | None:
             return None
         if len(indices) == 2:  # cache[blocks, offsets] = tokens
             cache = cache_root(flat)
-            if not isinstance(cache, torch.fx.Node) or cache.op != "placeholder" or val(cache).dim() != 4 or \
-                    tuple(val(flat).shape) != tuple(val(cache).shape):
+            combined = isinstance(cache, torch.fx.Node) and _half_of(cache) is not None
+            if not isinstance(cache, torch.fx.Node) or (cache.op != "placeholder" and not combined) or \
+                    val(cache).dim() != 4 or tuple(val(flat).shape) != tuple(val(cache).shape):
                 return None
             slots = _block_offset_slots(*indices, static_int(val(cache).shape[1]))
             if slots is None or val(slots).dim() != 1:
                 return None
+            if combined:
+                return _combined_write(SlotWrite(node, None, cache, slots, tokens, "index_put(block, offset)", True))
             back, copy_back = _written_back(node, cache)
             return SlotWrite(node, back, cache, slots, tokens, "index_put(block, offset)", True, copy_back)
         slots, pattern, wraps = indices[0], "index_put(slot_mapping)", True
@@ -256,12 +259,17 @@ def _combined_reason(pair: SlotWritePair) -> str | None:
     if second.source is not first.scatter:
         return (f"the second half ({second.write.name}) is not taken from the first half's write-back "
                 f"{first.scatter.name}")
-    # first.scatter -> unbind -> getitem (or select) -> the second half -> its flat view, and the
-    # second select_scatter: nothing else.
-    select = second.cache.args[0] if is_call(second.cache, operator.getitem) else second.cache
-    allowed = {first.scatter: {select, second.scatter}, select: {second.cache}, second.cache: {second.write.args[0]}}
+    # first.scatter -> unbind -> getitem (or select) -> the second half -> its flat view (or the
+    # block/offset write itself), and the second select_scatter: nothing else.
+    half_users = {second.write.args[0], second.write}
+    if is_call(second.cache, operator.getitem):
+        unbind = second.cache.args[0]
+        allowed = {first.scatter: {unbind, second.scatter}, unbind: {second.cache}, second.cache: half_users}
+    else:
+        allowed = {first.scatter: {second.cache, second.scatter}, second.cache: half_users}
     for node, users in allowed.items():
-        other = [u.name for u in node.users if u not in users and not (node is select and not u.users)]
+        # unbind's getitems of the other half that nothing reads do not count
+        other = [u.name for u in node.users if u not in users and not (is_call(node, aten.unbind.int) and not u.users)]
         if other:
             return f"the combined cache is read between the writes by {other[0]}"
     if first.copy_back is not None:
