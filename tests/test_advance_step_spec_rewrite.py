@@ -254,3 +254,59 @@ def test_a_graph_that_reads_the_new_speculative_state_gets_the_op_before_its_fir
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert all(torch.equal(c, e) for c, e in zip(compiled, eager)), i
     assert _site(report).rewritten, report.table()
+
+
+# ============================================================================ the row evaluator against torch
+
+_X = torch.tensor([[3, -1, 3], [-1, -1, -1], [0, 2, 2], [5, 5, -1]])  # ties, -1 patterns, zeros
+_Y = torch.tensor([[1, 0], [2, 9], [0, 0], [7, 1]])
+_V = torch.tensor([2, 0, 1, 2])
+VOCABULARY = {
+    "compare": lambda x, y, v: (x == -1).long() + (x != 3).long() * 2 + (x >= v[:, None]).long() * 4,
+    "where_clamp": lambda x, y, v: torch.where(x > 0, x, v[:, None]).clamp(min=1, max=4),
+    "sum_amin_amax": lambda x, y, v: x.sum(1) * 100 + x.amin(1) * 10 + x.amax(dim=1),
+    "min_max_dim": lambda x, y, v: x.min(dim=1).indices * 10 + x.max(1).indices + x.min(1).values * 100,
+    "argmin_argmax": lambda x, y, v: x.argmin(1) * 10 + (x == -1).long().argmax(dim=1),
+    "cumsum_cumprod": lambda x, y, v: x.cumsum(1) * 10 + (x != -1).cumprod(dim=1),
+    "any_all": lambda x, y, v: (x == -1).any(1).long() + (x >= 0).all(dim=1).long() * 2,
+    "logical": lambda x, y, v: ((x > 0) & (x < 4)).long() + ((x == -1) | (x == 5)).long() * 2 + (~(x > 2)).long() * 4
+    + torch.logical_and(x > 0, x.bool()).long() * 8,
+    "maximum_cast": lambda x, y, v: torch.maximum(x, v[:, None]) + x.bool().long() * 10,
+    "cat_columns": lambda x, y, v: torch.cat([v[:, None], y, x], dim=1),
+    "cat_rows": lambda x, y, v: torch.cat([x, x + 1], dim=0),
+    "select_scatter": lambda x, y, v: torch.select_scatter(x, v, 1, -1),
+    "slice_scatter": lambda x, y, v: torch.slice_scatter(x, y, 1, 1, 3),
+    "gather_2d": lambda x, y, v: x.gather(1, y.clamp(max=2)),
+    "index_broadcast": lambda x, y, v: x[torch.arange(4)[:, None], y.clamp(max=2)] + x[torch.arange(4), v][:, None],
+    "expand": lambda x, y, v: v[:, None].expand(-1, 3) * 10 + x,
+    "first_rejected": lambda x, y, v: torch.where(x == -1, torch.arange(3), 3).min(dim=1).values,
+}
+
+
+@pytest.mark.parametrize("name", list(VOCABULARY))
+def test_the_row_evaluator_computes_what_torch_computes(name):
+    """Every operation the matcher reads, evaluated symbolically and then on the data, against torch:
+    the speculative match is only as sound as these meanings."""
+    import sympy
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from npu_attn_graph.passes.advance_step_to_fused import COL, ROW, _Evaluator
+
+    fn = VOCABULARY[name]
+    gm = make_fx(fn)(_X, _Y, _V)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    evaluator = _Evaluator(gm)
+    value = evaluator.rows(out)
+    data = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], (_X, _Y, _V)))
+    tensors = {evaluator.functions[n]: t for n, t in data.items() if n in evaluator.functions}
+    want = fn(_X, _Y, _V)
+    for i in range(want.shape[0]):
+        for j in range(want.shape[1] if want.dim() == 2 else 1):
+            e = next(e for lo, hi, e in value.pieces if lo <= i < hi).subs({ROW: i, COL: j}, simultaneous=True)
+            for _ in range(6):  # an index read from the data becomes a number once the data is in
+                e = e.replace(lambda x: isinstance(x, sympy.core.function.AppliedUndef) and x.func in tensors
+                              and all(a.is_Integer for a in x.args),
+                              lambda x: sympy.Integer(int(tensors[x.func][tuple(int(a) for a in x.args)])))
+            expected = want[i, j] if want.dim() == 2 else want[i]
+            assert e.is_Integer and int(e) == int(expected), (name, i, j, e, int(expected))
