@@ -346,16 +346,35 @@ def test_near_misses_are_left_alone_with_the_reason(variant):
     assert "npu_nsa_compress_attention_infer" not in code(report)
 
 
+def test_ge_target_rewrite_runs_equal_to_eager():
+    """The rewrite as made for TorchAir (the GE target: the NPU's dtype rules), run by torch, float16."""
+    from fuzz.oracle import ge_target_backend
+
+    model = NSACompressedAttention()
+    args = inputs(model, (20, 64, 33), dtype=torch.float16, seed=4)
+    report = Report()
+    with torch.no_grad():
+        out, selected = model(*args)
+        got, got_selected = torch.compile(model, backend=ge_target_backend(report), fullgraph=True)(*args)
+    (site,) = sites(report)
+    assert site.rewritten and site.fused_op == FUSED, report.table()
+    torch.testing.assert_close(got, out, rtol=2e-3, atol=2e-3)
+    assert torch.equal(got_selected, selected)
+
+
 # ----------------------------------------------------------------------------
 # One complete GE graph
 # ----------------------------------------------------------------------------
 
 
-def test_nsa_decode_is_one_complete_ge_graph_with_the_op(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_nsa_decode_is_one_complete_ge_graph_with_the_op(dtype, tmp_path):
+    """float16 goes in as it is; float32 (the NPU op takes float16/bfloat16) is computed in float16 with
+    casts around the op (fp32_attention's default for GE), and the precision column says so."""
     from test_ge_converters import attr_value, only_op, producer
 
     model = NSACompressedAttention()
-    args = inputs(model, (20, 64, 33), dtype=torch.float16, seed=4)
+    args = inputs(model, (20, 64, 33), dtype=dtype, seed=4)
     report = Report()
     with torch.no_grad():
         result = npu_attn_graph.to_ge_graph(model, *args, out_dir=tmp_path, options={"report": report})
@@ -376,3 +395,4 @@ def test_nsa_decode_is_one_complete_ge_graph_with_the_op(tmp_path):
     assert producer(graph, op, "blockTableOptional")[0].type in ("Data", "Cast")
     (site,) = sites(report)
     assert site.rewritten and site.fused_op == FUSED, report.table()
+    assert site.precision == (None if dtype == torch.float16 else "float32 via float16"), report.table()
