@@ -150,6 +150,46 @@ def test_read_only_combined_cache_is_a_paged_read():
     assert node.kwargs["sparse_mode"] == 3
 
 
+def two_writes_one_cache(q, k, v, kv_cache, slot_mapping, block_table, seq_lens):
+    """Two tokens per sequence written one after the other into the same combined cache."""
+    key_cache, value_cache = kv_cache.unbind(0)
+    previous = slot_mapping - 1
+    key_cache.view(-1, HKV, D)[previous] = k * 2
+    value_cache.view(-1, HKV, D)[previous] = v * 2
+    key_cache.view(-1, HKV, D)[slot_mapping] = k
+    value_cache.view(-1, HKV, D)[slot_mapping] = v
+    return _read(q.unsqueeze(2), key_cache, value_cache, block_table, seq_lens).flatten(1)
+
+
+def test_two_writes_into_one_combined_cache():
+    """Only the last pair's put-back is copied into the input: the first pair gets the functional
+    writer (its put-back is an intermediate value), and the second, whose halves come from that
+    value rather than the input, stays with the reason (not yet: one in-place chain)."""
+    args = decode_args()
+    report, ref = run_both(two_writes_one_cache, args)
+    torch.testing.assert_close(args[3], ref[3], rtol=0, atol=0)
+    writes = [s for s in report.sites if s.kind == "kv_update"]
+    assert [s.fused_op for s in writes] == ["npu_scatter_pa_kv_cache_functional"] * 2 + [None] * 2, report.table()
+    assert all("an earlier write not yet in the input" in s.reason for s in writes[2:]), report.table()
+
+
+def test_two_writes_into_one_combined_cache_in_ge(tmp_path):
+    """Functional writes: the second pair reads the first pair's put-back, not the input."""
+    pytest.importorskip("google.protobuf")
+    q, k, v, kv_cache, slots, block_table, seq_lens = decode_args(dtype=torch.float16)
+    with torch.no_grad():
+        result = npu_attn_graph.to_ge_graph(two_writes_one_cache, q, k, v, kv_cache, slots, block_table,
+                                            seq_lens.int(), out_dir=tmp_path)
+    assert result.single_graph, result.summary()
+    types = [op.type for op in result.graphs[0].graph_def.op]
+    assert types.count("ScatterPaKvCache") == 2, types
+    [gm] = result.report.graph_modules
+    scatters = [n for n in gm.graph.nodes if n.target is torch.ops.npu_attn.npu_scatter_pa_kv_cache_functional.default]
+    assert len(scatters) == 2
+    # the second writer's halves are selects of the first's put-back (select_scatter), not of the input
+    assert all(a.args[0].target is aten.select_scatter.default for a in scatters[1].args[2:4]), gm.graph
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 

@@ -352,7 +352,13 @@ def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: 
                 if user is not second.copy_back and user not in views_of(combined) and order[user] > last:
                     raise RewriteRefused(f"the combined cache's old value is read after the writes by {user.name} "
                                          f"(the in-place fused writer would change what it reads)")
-    halves = [rw.call(aten.select.int, (combined, 0, w.half)) for w in pair.writes]
+    if in_place and first.source is not combined:
+        raise RewriteRefused(f"the combined cache's halves are taken from {first.source.name}, an earlier write "
+                             f"not yet in the input (the in-place fused writer writes the input)")
+    # The current value: the input, or an earlier write's put-back (second's half of first.source is
+    # second's half of first.scatter, which only replaced first's half).
+    current = first.source
+    halves = [rw.call(aten.select.int, (current, 0, w.half)) for w in pair.writes]
     args = (_heads(rw, first), _heads(rw, second), halves[0], halves[1], _slots(rw, pair))
     if in_place:
         rw.call(SCATTER_PA_KV_CACHE.in_place, args, SCATTER_PA_KV_CACHE.extra_kwargs)
@@ -360,7 +366,7 @@ def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: 
         second.copy_back.meta["npu_attn_drop"] = True
     else:
         both = rw.call(SCATTER_PA_KV_CACHE.functional, args, SCATTER_PA_KV_CACHE.extra_kwargs)
-        new = combined
+        new = current
         for index, w in enumerate(pair.writes):
             new = rw.call(aten.select_scatter.default, (new, rw.call(operator.getitem, (both, index)), 0, w.half))
         rw.replace(second.scatter, new)
