@@ -85,15 +85,46 @@ def no_bonus_position(input_tokens, sampled_token_ids, input_positions, seq_lens
     slot_mapping.copy_(block_tables.gather(1, input_positions // BS) * BS + input_positions % BS)
 
 
-def _state(seed: int = 0) -> list[torch.Tensor]:
+def flat_view(input_tokens, sampled, input_positions, seq_lens, slot_mapping, block_tables, spec_token,
+              accepted_num):
+    """The op's flat layout, (num_seqs * T,) state viewed as (num_seqs, T) and updated through the views."""
+    num_valid = (sampled != -1).cumprod(dim=1).sum(dim=1)
+    tokens = input_tokens.view(NS, T)
+    tokens[:, 0] = sampled.gather(1, (num_valid - 1).clamp(min=0)[:, None])[:, 0]
+    tokens[:, 1:] = spec_token
+    positions = input_positions.view(NS, T)
+    positions += accepted_num[:, None] + 1
+    seq_lens.copy_(input_positions + 1)
+    slot_mapping.copy_((block_tables.gather(1, positions // BS) * BS + positions % BS).flatten())
+
+
+def flat_per_token(input_tokens, sampled, input_positions, seq_lens, slot_mapping, block_tables, spec_token,
+                   accepted_num):
+    """The flat layout as vLLM writes per-token code: each token's request index, then flat indexing."""
+    req = torch.arange(NS * T) // T
+    num_valid = (sampled != -1).cumprod(dim=1).sum(dim=1)
+    last = sampled.gather(1, (num_valid - 1).clamp(min=0)[:, None])
+    input_tokens.copy_(torch.cat([last, spec_token], dim=1).reshape(-1))
+    input_positions += (accepted_num + 1)[req]
+    seq_lens.copy_(input_positions + 1)
+    slot_mapping.copy_(block_tables[req, input_positions // BS] * BS + input_positions % BS)
+
+
+FLAT = (flat_view, flat_per_token)
+
+
+def _state(seed: int = 0, flat: bool = False) -> list[torch.Tensor]:
     rng = random.Random(seed)
     base = torch.tensor([rng.randint(0, 6) for _ in range(NS - 1)] + [0])  # the padding request starts at 0
     positions = base[:, None] + torch.arange(T)
     ids = list(range(NS * W))
     rng.shuffle(ids)
-    return [torch.zeros(NS, T, dtype=torch.long), torch.full((NS, T), -1), positions, positions + 1,
-            torch.zeros(NS, T, dtype=torch.long), torch.tensor(ids).reshape(NS, W),
-            torch.zeros(NS, SPEC, dtype=torch.long), torch.zeros(NS, dtype=torch.long)]
+    state = [torch.zeros(NS, T, dtype=torch.long), torch.full((NS, T), -1), positions, positions + 1,
+             torch.zeros(NS, T, dtype=torch.long), torch.tensor(ids).reshape(NS, W),
+             torch.zeros(NS, SPEC, dtype=torch.long), torch.zeros(NS, dtype=torch.long)]
+    for k in (0, 2, 3, 4) if flat else ():  # tokens, positions, lengths, slots
+        state[k] = state[k].reshape(-1).clone()
+    return state
 
 
 def _sample(rng: random.Random, rejection_sampler: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +148,7 @@ def _run(fn, target: str = "torch", rejection_sampler: bool = True, executor: st
     from fuzz.oracle import ge_target_backend
 
     torch._dynamo.reset()
-    eager, compiled = _state(), _state()
+    eager, compiled = _state(flat=fn in FLAT), _state(flat=fn in FLAT)
     report = Report()
     backend = ge_target_backend(report) if target == "ge" else "npu_attn"
     options = None if target == "ge" else {"report": report, "executor": executor}
@@ -146,8 +177,11 @@ def _site(report: Report):
     return site
 
 
-@pytest.mark.parametrize("target", ["torch", "ge"])
-@pytest.mark.parametrize("fn", [leading_run, first_rejected], ids=["leading_run", "first_rejected"])
+@pytest.mark.parametrize("fn,target", [
+    (leading_run, "torch"), (leading_run, "ge"), (first_rejected, "torch"), (first_rejected, "ge"),
+    (flat_view, "torch"), (flat_view, "ge"), (flat_per_token, "torch"),
+], ids=["leading_run-torch", "leading_run-ge", "first_rejected-torch", "first_rejected-ge", "flat_view-torch",
+        "flat_view-ge", "flat_per_token-torch"])
 def test_the_speculative_step_becomes_the_fused_op(fn, target):
     report = _run(fn, target)
     site = _site(report)
@@ -280,6 +314,8 @@ VOCABULARY = {
     "index_broadcast": lambda x, y, v: x[torch.arange(4)[:, None], y.clamp(max=2)] + x[torch.arange(4), v][:, None],
     "expand": lambda x, y, v: v[:, None].expand(-1, 3) * 10 + x,
     "first_rejected": lambda x, y, v: torch.where(x == -1, torch.arange(3), 3).min(dim=1).values,
+    "views": lambda x, y, v: x.reshape(-1).view(4, 3) * 10 + x.view(4, 3) + x.view(12).view(4, 3)[:, :1],
+    "flat": lambda x, y, v: x.reshape(-1)[(torch.arange(12) * 5) % 12] + v[torch.arange(12) // 3] * 10,
 }
 
 

@@ -35,8 +35,8 @@ updated in place, and drops the four copy-backs. Refused (with the reason)
 when something still reads a state tensor's old value after that point.
 
 The speculative form (spec_token, accepted_num; find_spec_step) is matched the
-same way on four (num_seqs, T) inputs, T = 1 + spec_num, a column index j joining
-the row index: with p = old input_positions[i, j] + accepted_num[i] + 1, the new
+same way on four state inputs of num_seqs * T values, T = 1 + spec_num, a
+column index j joining the row index: with p = old input_positions[i, j] + accepted_num[i] + 1, the new
 positions, seq_lens and slots must be p, p + 1 and the block-table slot of p, and
 input_tokens[i, 1:] = spec_token[i]. input_tokens[i, 0] must be the op's last
 token: the entry of sampled_token_ids[i] before its first -1 (the last entry when
@@ -52,7 +52,9 @@ A spelling equal to the op only under a precondition on the data is reported wit
 that precondition and left as written: ``sampled.gather(1, accepted_num[:, None])``
 (equal only if accepted_num[i] + 1 is the index of the first -1) and vLLM's
 ``(sampled != -1).sum(1) - 1`` (equal only if each row's -1 entries are a suffix).
-Only 2-D (num_seqs, T) state is matched, not the op's flat (num_seqs * T,) layout.
+Each state tensor may be 2-D (num_seqs, T) or the op's flat (num_seqs * T,) layout,
+read row-major as (num_seqs, T) (views between the two are in the vocabulary, and so
+is a 1-D table read at a per-token index such as ``arange(num_seqs * T) // T``).
 """
 
 from __future__ import annotations
@@ -269,10 +271,19 @@ class _Evaluator:
         if is_call(n, (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.view.default,
                        aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dims)):
             src = self.rows(a[0])
-            if src.rows != rows or (src.cols not in (None, 1) and src.cols != cols) or (cols not in (None, 1)
-                                                                                    and cols != src.cols):
-                raise _Unknown(f"{n.name}: view {val(a[0]).shape} -> {val(n).shape}")
-            return _Rows(rows, cols, tuple((x, y, e.subs(COL, 0)) for x, y, e in src.pieces))
+            if (src.rows, src.cols) == (rows, cols):
+                return src
+            if src.rows == rows and src.cols in (None, 1) and cols in (None, 1):  # (n,) <-> (n, 1)
+                return _Rows(rows, cols, tuple((x, y, e.subs(COL, 0)) for x, y, e in src.pieces))
+            if src.cols is None and cols and src.rows == rows * cols and \
+                    all(x % cols == 0 and y % cols == 0 for x, y, _ in src.pieces):  # (r * c,) -> (r, c), row-major
+                return _Rows(rows, cols, tuple((x // cols, y // cols, e.subs(ROW, ROW * cols + COL))
+                                               for x, y, e in src.pieces))
+            if src.cols and cols is None and rows == src.rows * src.cols:  # (r, c) -> (r * c,)
+                c = src.cols
+                return _Rows(rows, cols, tuple((x * c, y * c, e.subs({ROW: sympy.floor(ROW / c), COL: sympy.Mod(ROW, c)},
+                                                                      simultaneous=True)) for x, y, e in src.pieces))
+            raise _Unknown(f"{n.name}: view {val(a[0]).shape} -> {val(n).shape}")
         if is_call(n, (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.add.Scalar, aten.sub.Scalar,
                        aten.mul.Scalar)):
             alpha = n.kwargs.get("alpha", 1)
@@ -352,6 +363,10 @@ class _Evaluator:
         if is_call(n, aten.index.Tensor):
             table, indices = a[:2]
             t = self.rows(table)
+            if t.cols is None and len(indices) == 1 and len(t.pieces) == 1 and indices[0] is not None and \
+                    val(indices[0]).dtype != torch.bool:  # a 1-D table read at an index of any shape
+                index = self.operand(indices[0], rows, cols)
+                return _Rows(rows, cols, tuple((x, y, t.pieces[0][2].subs(ROW, e)) for x, y, e in index.pieces))
             if t.cols is None or len(indices) != 2 or len(t.pieces) != 1 or any(
                     i is None or val(i).dtype == torch.bool for i in indices):  # a mask selects, it does not index
                 raise _Unknown(f"{n.name}: index")
@@ -593,29 +608,55 @@ def find_spec_step(gm: torch.fx.GraphModule) -> StepSite | None:
     if len(copies) < 4:
         return None
     ev = _Evaluator(gm)
-    new: dict[torch.fx.Node, _Rows] = {}
+    evaluated: dict[torch.fx.Node, _Rows] = {}
     for target, copy in copies.items():
         try:
-            if (_shape(target)[1] or 1) < 2:
-                continue
-            new[target] = ev.rows(copy.args[1])
+            evaluated[target] = ev.rows(copy.args[1])
             ev.rows(target)
         except _Unknown:
             continue
     node_of = {f: node for node, f in ev.functions.items()}
+    # (num_seqs, T) from the 2-D int64 inputs (sampled_token_ids is one); each state tensor is
+    # read as (num_seqs, T): 2-D as it is, flat (num_seqs * T,) row-major, as the op reads it.
+    layouts = sorted({tuple(val(x).shape) for x in gm.graph.nodes if x.op == "placeholder" and
+                      isinstance(val(x), torch.Tensor) and val(x).dtype == torch.int64 and val(x).dim() == 2
+                      and all(isinstance(d, int) for d in val(x).shape) and val(x).shape[1] >= 2})
+    for ns, per_request in layouts:
+        new: dict[torch.fx.Node, _Rows] = {}
+        olds: dict[torch.fx.Node, sympy.Expr] = {}
+        for target, value in evaluated.items():
+            fn = ev.functions[target]
+            if (value.rows, value.cols) == (ns, per_request):
+                new[target], olds[target] = value, fn(ROW, COL)
+            elif (value.rows, value.cols) == (ns * per_request, None) and \
+                    all(x % per_request == 0 and y % per_request == 0 for x, y, _ in value.pieces):
+                new[target] = _Rows(ns, per_request, tuple(
+                    (x // per_request, y // per_request, e.subs(ROW, ROW * per_request + COL))
+                    for x, y, e in value.pieces))
+                olds[target] = fn(ROW * per_request + COL)
+        step = _spec_step_in(new, olds, ev, node_of, copies, ns, per_request)
+        if step is not None:
+            return step
+    return None
+
+
+def _spec_step_in(new: dict[torch.fx.Node, _Rows], olds: dict[torch.fx.Node, sympy.Expr], ev: _Evaluator,
+                  node_of: dict, copies: dict[torch.fx.Node, torch.fx.Node], ns: int,
+                  per_request: int) -> StepSite | None:
+    """find_spec_step for one (num_seqs, T): new maps each state input to its new value read as
+    (num_seqs, T), olds to its old value's expression there."""
 
     def inputs(expr: sympy.Expr, args: int, shape: tuple) -> list:
         return [f for f in expr.atoms(sympy.core.function.AppliedUndef)
                 if len(f.args) == args and tuple(val(node_of[f.func]).shape) == shape]
 
     for pos, pv in new.items():
-        ns, per_request = pv.rows, pv.cols
-        old = ev.functions[pos](ROW, COL)
+        old = olds[pos]
         accepted = inputs(sympy.expand(pv.pieces[0][2].subs(COL, 0) - old.subs(COL, 0) - 1), 1, (ns,))
         if len(accepted) != 1 or not _equal(pv, old + accepted[0] + 1):
             continue
         p = old + accepted[0] + 1
-        same = [x for x, v in new.items() if x is not pos and (v.rows, v.cols) == (ns, per_request)]
+        same = [x for x in new if x is not pos]
         seq = next((x for x in same if _equal(new[x], p + 1)), None)
         if seq is None:
             continue
