@@ -138,9 +138,10 @@ def _is_constant(node: object, memo: dict) -> bool:
     return memo[node]
 
 
-def _evaluate(root: torch.fx.Node, env: dict, identity: frozenset = frozenset()) -> torch.Tensor:
-    """root's value with the given nodes' values substituted, floats in float64 on the CPU;
-    nodes in `identity` pass their first argument through (a fill the probe leaves out)."""
+def _evaluate(root: torch.fx.Node | list, env: dict, identity: frozenset = frozenset()) -> torch.Tensor | list:
+    """root's value (or the values of a list of roots, sharing their common nodes) with the given
+    nodes' values substituted, floats in float64 on the CPU; nodes in `identity` pass their first
+    argument through (a fill the probe leaves out)."""
     memo = dict(env)
 
     def run(node):
@@ -172,7 +173,7 @@ def _evaluate(root: torch.fx.Node, env: dict, identity: frozenset = frozenset())
         return out
 
     with unset_fake_temporarily():
-        return run(root)
+        return [run(r) for r in root] if isinstance(root, list) else run(root)
 
 
 # ----------------------------------------------------------------------------
@@ -565,19 +566,6 @@ def _batch_axis(node: object, lengths: list, memo: dict, const_memo: dict) -> in
     return memo[node]
 
 
-def _rows(mask: torch.fx.Node, lengths: torch.fx.Node, values: list[int], shape: list[int]):
-    """For each value n of L[b] (every b takes every value in turn): (n, the mask's row b, broadcast to shape)."""
-    batch = shape[0]
-    dtype = val(lengths).dtype
-    for start in range(0, len(values), batch):
-        chunk = values[start:start + batch]
-        lens = torch.tensor(chunk + [chunk[-1]] * (batch - len(chunk)), dtype=dtype)
-        m = _evaluate(mask, {lengths: lens})
-        m = torch.broadcast_to(m, shape)
-        for i, n in enumerate(chunk):
-            yield n, m[i], lens, i
-
-
 def _prove_masks(site: NsaSite, const_memo: dict) -> None:
     d = site.dims
     lengths: list = []
@@ -610,20 +598,15 @@ def _prove_masks(site: NsaSite, const_memo: dict) -> None:
     if blocks < n_s_max:
         raise Refused(f"the importance has {blocks} selection blocks, the op ranks up to {n_s_max} "
                       f"(length {n_max})")
-    # The score mask: exactly l >= n.
-    pos = torch.arange(d["L"])
-    for n, row, _, _ in _rows(site.score_mask.args[1], site.lengths, values, score_shape):
-        want = (pos >= n).expand(row.shape)
-        if not torch.equal(row, want):
-            masked = sorted({int(x) for x in torch.nonzero(row.reshape(-1, d["L"]))[:, 1].tolist()})
-            raise Refused(f"the score mask is not 'l >= cmp_lens[b]' ({site.lengths.name}): for length {n} it masks "
-                          f"positions {masked[:3]}{'...' if len(masked) > 3 else ''} (want {n} .. {d['L'] - 1})")
-    # Zero fills of V: only positions >= n (decoded from a cache holding each slot's position).
+    # Zero fills of V may touch positions >= n only. Decoded from a cache holding each slot's position:
+    # block b * M + j holds positions j * page + o of batch b, coded b * L + position. Per element of
+    # the fill's mask (broadcast over the dims where it has size 1): does its group hold another batch's
+    # slot, and its smallest position.
+    value_checks = []
     for fill in site.value_fills:
         x = fill.args[0]
         blocks_total = d["B"] * d["M"]
-        shape = [blocks_total, *[int(s) for s in val(site.value.cache).shape[1:]]]
-        # Block b * M + j holds positions j * page + o of batch b, coded b * L + position.
+        shape = [blocks_total, *[int(n) for n in val(site.value.cache).shape[1:]]]
         code = torch.arange(d["B"]).view(-1, 1, 1) * d["L"] + torch.arange(d["M"]).view(1, -1, 1) * d["page"]
         code = code + torch.arange(d["page"]).view(1, 1, -1)
         cache = code.reshape(blocks_total, d["page"], 1).expand(blocks_total, d["page"], math.prod(shape[2:]))
@@ -631,29 +614,52 @@ def _prove_masks(site: NsaSite, const_memo: dict) -> None:
         where = _evaluate(x, {site.value.cache: cache.reshape(shape).double(), site.value.table: table},
                           frozenset(f for f in site.value_fills if f is not fill))
         owner, at = (where // d["L"]).long(), (where % d["L"]).long()
-        x_shape = [static_int(s) for s in val(x).shape]
-        for n, row, lens, i in _rows(fill.args[1], site.lengths, values, x_shape):
-            if bool((row & ((owner[i] != i) | (at[i] < n))).any()):
-                raise Refused(f"the gathered values are zeroed where the attention reads them (length {n})")
-    # The fills of the importance: +inf at {0, n_s - 2, n_s - 1}, -inf from n_s on, the rest kept.
+        x_shape = [static_int(n) for n in val(x).shape]
+        m_shape = [1] * (len(x_shape) - val(fill.args[1]).dim()) + [static_int(n) for n in val(fill.args[1]).shape]
+        spread = [i for i, (a, b) in enumerate(zip(m_shape, x_shape)) if a == 1 and b != 1]
+        wrong = owner != torch.arange(d["B"]).view(-1, *[1] * (len(x_shape) - 1))
+        nearest = at
+        if spread:
+            wrong, nearest = wrong.amax(dim=spread, keepdim=True), at.amin(dim=spread, keepdim=True)
+        value_checks.append((fill.args[1], [1 if i in spread else n for i, n in enumerate(x_shape)], wrong, nearest))
+    # Every mask, for every length the op accepts (each batch row takes each value in turn; the rows are
+    # independent, proved above), evaluated together per batch of values.
+    roots = [site.score_mask.args[1]] + [m for m, _, _, _ in value_checks] + [m for m, _ in site.fills]
+    pos = torch.arange(d["L"])
     s = torch.arange(blocks)
-    results: dict[int, torch.Tensor] = {}
-    for mask, fill in site.fills:
-        for n, row, _, _ in _rows(mask, site.lengths, values, imp_shape):
-            current = results.get(n, torch.full(imp_shape[1:], math.nan, dtype=torch.float64))
-            results[n] = torch.where(row, torch.tensor(fill, dtype=torch.float64), current)
-    for n in values:
-        n_s = math.ceil((n - 1 + q) / r)
-        want = torch.full([blocks], math.nan, dtype=torch.float64)
-        want[s >= n_s] = -math.inf
-        want[[x for x in (0, n_s - 2, n_s - 1) if 0 <= x < n_s]] = math.inf
-        got = results.get(n, torch.full(imp_shape[1:], math.nan, dtype=torch.float64))
-        want = want.expand(got.shape)
-        if not (torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~got.isnan()], want[~want.isnan()])):
-            row = got[0].tolist()
-            raise Refused(f"for length {n} (n_s = {n_s} selection blocks) the importance is filled "
-                          f"{_describe_fills(row)}; the op ranks +inf at blocks {sorted({0, max(n_s - 2, 0), n_s - 1})}"
-                          f" and -inf from block {n_s} on")
+    fill_values = [torch.tensor(fill, dtype=torch.float64) for _, fill in site.fills]
+    batch, dtype = d["B"], val(site.lengths).dtype
+    for start in range(0, len(values), batch):
+        chunk = values[start:start + batch]
+        lens = torch.tensor(chunk + [chunk[-1]] * (batch - len(chunk)), dtype=dtype)
+        got = _evaluate(roots, {site.lengths: lens})
+        score = torch.broadcast_to(got[0], score_shape)
+        checked = [torch.broadcast_to(m, shape) for m, (_, shape, _, _) in zip(got[1:], value_checks)]
+        filled = [torch.broadcast_to(m, imp_shape) for m in got[1 + len(value_checks):]]
+        for i, n in enumerate(chunk):
+            # The score mask: exactly l >= n.
+            if not torch.equal(score[i], (pos >= n).expand(score[i].shape)):
+                masked = sorted({int(x) for x in torch.nonzero(score[i].reshape(-1, d["L"]))[:, 1].tolist()})
+                raise Refused(f"the score mask is not 'l >= cmp_lens[b]' ({site.lengths.name}): for length {n} it "
+                              f"masks positions {masked[:3]}{'...' if len(masked) > 3 else ''} "
+                              f"(want {n} .. {d['L'] - 1})")
+            for m, (_, _, wrong, nearest) in zip(checked, value_checks):
+                if bool((m[i] & (wrong[i] | (nearest[i] < n))).any()):
+                    raise Refused(f"the gathered values are zeroed where the attention reads them (length {n})")
+            # The fills of the importance: +inf at {0, n_s - 2, n_s - 1}, -inf from n_s on, the rest kept.
+            result = torch.full(imp_shape[1:], math.nan, dtype=torch.float64)
+            for m, fill in zip(filled, fill_values):
+                result = torch.where(m[i], fill, result)
+            n_s = math.ceil((n - 1 + q) / r)
+            want = torch.full([blocks], math.nan, dtype=torch.float64)
+            want[s >= n_s] = -math.inf
+            want[[x for x in (0, n_s - 2, n_s - 1) if 0 <= x < n_s]] = math.inf
+            want = want.expand(result.shape)
+            if not (torch.equal(result.isnan(), want.isnan()) and
+                    torch.equal(result[~result.isnan()], want[~want.isnan()])):
+                raise Refused(f"for length {n} (n_s = {n_s} selection blocks) the importance is filled "
+                              f"{_describe_fills(result[0].tolist())}; the op ranks +inf at blocks "
+                              f"{sorted({0, max(n_s - 2, 0), n_s - 1})} and -inf from block {n_s} on")
 
 
 def _describe_fills(row: list) -> str:
