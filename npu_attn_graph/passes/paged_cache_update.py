@@ -29,7 +29,10 @@ take half 1 of that, write, select_scatter back, copy_ into the input. Its two
 halves pair like two caches when nothing else reads the chain between the
 writes. In place (eager executor) the writer gets the two halves of the input
 (select views, no copy) and writes through them; the final select_scatter's
-readers read the input and its copy_ goes, so no whole-cache copy remains. For
+readers read the input and its copy_ goes, so no whole-cache copy remains. Several
+pairs into one input chain their select_scatters and only the last is copied
+in: each writes in place in order (a reader of an intermediate value must come
+before the next write, which functionalization guarantees and the rule checks). For
 GE (functional writes) the outputs go back through the select_scatters the
 graph already had (no copy added), which TorchAir lowers to a copy and a
 scatter of the whole cache per step (the site's notes say so); unfused, the
@@ -336,6 +339,23 @@ def _name_site(site: Site, in_place: bool) -> None:
     site.layout = SCATTER_PA_KV_CACHE.layout
 
 
+def _next_link(node: torch.fx.Node, combined: torch.fx.Node) -> torch.fx.Node | None:
+    """The later write's select_scatter(node, x, 0, h), when node is an intermediate value of the
+    combined input's write chain."""
+    links = [u for u in node.users if is_call(u, aten.select_scatter.default) and u.args[0] is node and
+             u.args[2] == 0]
+    return links[0] if len(links) == 1 else None
+
+
+def _copied_into(node: torch.fx.Node, combined: torch.fx.Node) -> bool:
+    """node, or the chain of later writes' select_scatters from it, is copied into the input."""
+    while node is not None:
+        if any(is_call(u, aten.copy_.default) and u.args[0] is combined and u.args[1] is node for u in node.users):
+            return True
+        node = _next_link(node, combined)
+    return False
+
+
 def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
     """Both halves of a combined input: the writer gets the input's two halves (select views, no
     copy). In place, it writes through them into the input, readers of the written-back input read
@@ -343,7 +363,8 @@ def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: 
     the graph already had (copied into the input, for GE, as before: no copy added)."""
     first, second = pair.key, pair.value
     combined = first.combined
-    in_place = second.copy_back is not None and not ctx.functional_kv_writes
+    link = _next_link(second.scatter, combined)  # None: copied into the input (or never)
+    in_place = not ctx.functional_kv_writes and _copied_into(second.scatter, combined)
     if in_place:
         order = graph_order(first.write.graph)
         last = order[second.write]
@@ -352,9 +373,17 @@ def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: 
                 if user is not second.copy_back and user not in views_of(combined) and order[user] > last:
                     raise RewriteRefused(f"the combined cache's old value is read after the writes by {user.name} "
                                          f"(the in-place fused writer would change what it reads)")
-    if in_place and first.source is not combined:
-        raise RewriteRefused(f"the combined cache's halves are taken from {first.source.name}, an earlier write "
-                             f"not yet in the input (the in-place fused writer writes the input)")
+        if first.source is not combined:
+            raise RewriteRefused(f"the combined cache's halves are taken from {first.source.name}, an earlier "
+                                 f"write not yet in the input (the in-place fused writer writes the input)")
+        if link is not None:
+            # A later write follows: once the input holds this value, a reader of it must come before
+            # that write (which changes the input, in place too if it is fused).
+            for alias in views_of(second.scatter):
+                for user in alias.users:
+                    if user is not link and user not in views_of(second.scatter) and order[user] > order[link]:
+                        raise RewriteRefused(f"the combined cache written here is read by {user.name} after a "
+                                             f"later write into it ({link.name})")
     # The current value: the input, or an earlier write's put-back (second's half of first.source is
     # second's half of first.scatter, which only replaced first's half).
     current = first.source
@@ -363,7 +392,8 @@ def _rewrite_combined(rw: Rewrite, pair: SlotWritePair, ctx: PassContext, site: 
     if in_place:
         rw.call(SCATTER_PA_KV_CACHE.in_place, args, SCATTER_PA_KV_CACHE.extra_kwargs)
         rw.replace(second.scatter, combined)  # readers after the writes read the input, updated in place
-        second.copy_back.meta["npu_attn_drop"] = True
+        if second.copy_back is not None:
+            second.copy_back.meta["npu_attn_drop"] = True
     else:
         both = rw.call(SCATTER_PA_KV_CACHE.functional, args, SCATTER_PA_KV_CACHE.extra_kwargs)
         new = current
