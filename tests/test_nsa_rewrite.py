@@ -362,6 +362,27 @@ def test_ge_target_rewrite_runs_equal_to_eager():
     assert torch.equal(got_selected, selected)
 
 
+def test_plain_attention_whose_weights_feed_a_top_k_is_not_claimed():
+    """Heavy-hitter style (dense K/V, the weights summed over queries and top-k'd): not NSA's, so the
+    rule does not claim the softmax; the generic attention rule reads the site as it always did."""
+
+    def heavy_hitters(q, k, v):
+        p = (q @ k.transpose(-1, -2) * 0.125).softmax(-1)
+        return p @ v, p.sum(dim=-2).topk(2, dim=-1).indices
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 16, generator=g) for _ in range(3))
+    report = Report()
+    with torch.no_grad():
+        want = heavy_hitters(q, k, v)
+        got = torch.compile(heavy_hitters, backend="npu_attn", fullgraph=True,
+                            options={"executor": "eager", "report": report})(q, k, v)
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+    (site,) = sites(report)
+    assert site.pattern != PATTERN, report.table()
+
+
 # ----------------------------------------------------------------------------
 # One complete GE graph
 # ----------------------------------------------------------------------------

@@ -111,6 +111,9 @@ POINTWISE = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
              aten.logical_not.default, aten.logical_xor.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
              aten.bitwise_not.default, aten.bitwise_xor.Tensor, aten.where.self, aten.clamp.default,
              aten.clamp_min.default, aten.clamp_max.default, aten.minimum.default, aten.maximum.default) + CASTS
+# What the match follows from the probabilities to the sort (the check then reads it strictly).
+IMPORTANCE_OPS = VIEWS + CASTS + LINEAR + (aten.masked_fill.Scalar, aten.amax.default, aten.max.dim,
+                                           aten.mean.dim, aten.slice.Tensor, operator.getitem)
 PROBES = 2
 
 
@@ -220,6 +223,21 @@ def _users_through(node: torch.fx.Node, ops: tuple) -> list[torch.fx.Node]:
     return found
 
 
+def _reads_paged_values(bmm: torch.fx.Node) -> bool:
+    """The product's other operand is, through views, casts and fills, a block-table gather."""
+    todo, seen = list(bmm.args[:2]), set()
+    while todo and len(seen) < 32:
+        node = todo.pop()
+        if not isinstance(node, torch.fx.Node) or node in seen:
+            continue
+        seen.add(node)
+        if _gather_of(node) is not None:
+            return True
+        if is_call(node, VIEWS + CASTS + (aten.masked_fill.Scalar,)) or is_full_slice(node):
+            todo.append(node.args[0])
+    return False
+
+
 def _selection(sort_in: torch.fx.Node) -> tuple[torch.fx.Node | None, str | None]:
     """(the sort node, or None and why) for the node the top-k runs on."""
     for user in sort_in.users:
@@ -247,8 +265,10 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
     others = [u for u in readers if not is_call(u, aten.bmm.default)]
     if len(pv) != 1 or not others:
         return None
-    # Forward from the probabilities through anything until a masked_fill chain feeds a sort/topk.
-    sort_in, frontier, seen = None, list(others), set()
+    # Forward from the probabilities, through what an importance score is made of (linear ops, a
+    # reduction over the group, fills), to a sort/topk: only such a site is NSA's (a plain attention
+    # whose weights reach some other top-k is left to the attention rules).
+    sort_in, frontier, seen = None, [u for u in others if is_call(u, IMPORTANCE_OPS)], set()
     while frontier and sort_in is None:
         node = frontier.pop(0)
         if node in seen or len(seen) > 64:
@@ -258,8 +278,9 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
             if is_call(user, (aten.sort.stable, aten.sort.default, aten.topk.default)):
                 sort_in = node
                 break
-            frontier.append(user)
-    if sort_in is None:
+            if is_call(user, IMPORTANCE_OPS):
+                frontier.append(user)
+    if sort_in is None or not _reads_paged_values(pv[0]):
         return None
     output = _forward_views(pv[0])
     site = NsaSite(softmax=softmax, output=output, indices=output)
