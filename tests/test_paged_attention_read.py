@@ -384,6 +384,25 @@ def test_decode_step_with_the_paged_write_fuses_both():
     assert not [t for t in targets(graph_of(report)) if t in GATHERS]
 
 
+def test_decode_step_under_the_inductor_executor_fuses_both():
+    """Inductor's decompositions spell the mask's arange as prims.iota, and Inductor rejects ops
+    its decompositions remove (aten.clamp): the rewrite reads the one and inserts clamp_min/max."""
+    args = decode_inputs()
+    ref = [a.clone() for a in args]
+    expected = decode_step(*ref)
+    report = Report()
+    compiled = torch.compile(decode_step, backend="npu_attn", fullgraph=True,
+                             options={"executor": "inductor", "report": report})
+    out = compiled(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(args[3], ref[3], rtol=0, atol=0)
+    torch.testing.assert_close(args[4], ref[4], rtol=0, atol=0)
+    kinds = sorted((s.kind, s.fused_op) for s in report.sites)
+    assert kinds == [("attention", "npu_incre_flash_attention_paged"), ("kv_update", "npu_scatter_pa_kv_cache"),
+                     ("kv_update", "npu_scatter_pa_kv_cache")], report.table()
+    assert not [t for t in targets(graph_of(report)) if t in GATHERS]
+
+
 def _producer(graph, op, input_name):
     names = [d.name for d in op.input_desc]
     src = [s for s in op.input if not s.endswith(":-1")][names.index(input_name)]

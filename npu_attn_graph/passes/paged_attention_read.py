@@ -398,7 +398,8 @@ _CMP = {aten.lt.Tensor: "lt", aten.lt.Scalar: "lt", aten.le.Tensor: "le", aten.l
 _NOT = (aten.logical_not.default, aten.bitwise_not.default)
 _AND = (aten.logical_and.default, aten.bitwise_and.Tensor, aten.mul.Tensor)
 _OR = (aten.logical_or.default, aten.bitwise_or.Tensor)
-_ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+# prims.iota: how arange reaches the graph under Inductor's decompositions (executor "inductor").
+_ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step, torch.ops.prims.iota.default)
 
 
 def _read(x: object):
@@ -411,8 +412,11 @@ def _read(x: object):
     v = val(x)
     t = x.target if x.op == "call_function" else None
     if t in _ARANGES:
-        start = x.args[0] if t is not aten.arange.default else 0
-        step = x.args[2] if t is aten.arange.start_step else 1
+        if t is torch.ops.prims.iota.default:
+            start, step = x.kwargs.get("start", 0), x.kwargs.get("step", 1)
+        else:
+            start = x.args[0] if t is not aten.arange.default else 0
+            step = x.args[2] if t is aten.arange.start_step else 1
         if not isinstance(start, int) or step != 1:
             raise Refused("the mask's arange has a symbolic start or a step other than 1")
         return Affine(1, ((-1, 1),), const=start)
@@ -689,13 +693,23 @@ def _check(m: PagedRead) -> None:
                           f"included, in eager, and 0 from the op)")
 
 
+def _clamp(rw: Rewrite, ctx: PassContext, x: torch.fx.Node, low: int, high: object = None) -> torch.fx.Node:
+    """clamp in ops the consumer takes: aten.clamp for TorchAir (which has no clamp_max
+    converter), clamp_min/clamp_max for torch (Inductor lowers those, and rejects
+    aten.clamp, which its decompositions would have removed)."""
+    if ctx.target == "ge":
+        return rw.call(aten.clamp.default, (x, low) if high is None else (x, low, high))
+    x = rw.call(aten.clamp_min.default, (x, low))
+    return x if high is None else rw.call(aten.clamp_max.default, (x, high))
+
+
 def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torch.fx.Node]:
     node, op, k, v = m.node, m.op, m.key, m.value
     wrapper, lengths_kwarg = PAGED_WRAPPERS[op.name]
     mask = node.kwargs["atten_mask"]
     table = k.gather.table
     if val(table).dtype != torch.int32:
-        table = rw.call(aten._to_copy.default, (table,), {"dtype": torch.int32})
+        table = rw.call(torch.ops.prims.convert_element_type.default, (table, torch.int32))
     caches = []
     for p in (k, v):
         cache = p.gather.cache
@@ -707,15 +721,15 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
     if val(lens).dim() != 1:
         lens = rw.call(aten.view.default, (lens, [-1]))
     if val(lens).dtype not in (torch.int32, torch.int64):
-        lens = rw.call(aten._to_copy.default, (lens,), {"dtype": torch.int64})
+        lens = rw.call(torch.ops.prims.convert_element_type.default, (lens, torch.int64))
     if m.lengths.offset:
         lens = rw.call(aten.add.Tensor, (lens, m.lengths.offset))
     if m.lengths.causal:
         # Not clamped above: a length past the gathered capacity would move the causal
         # diagonal, so the op's own run-time check rejects it (eager keeps j < S_kv).
-        lens = rw.call(aten.clamp.default, (lens, 0))
+        lens = _clamp(rw, ctx, lens, 0)
     else:
-        lens = rw.call(aten.clamp.default, (lens, 0, rw.size(mask, -1)))
+        lens = _clamp(rw, ctx, lens, 0, rw.size(mask, -1))
     kwargs = {"block_table": table, lengths_kwarg: lens, "num_heads": node.kwargs[op.heads_kwarg],
               wrapper.scale_kwarg: node.kwargs[op.scale_kwarg], "input_layout": node.kwargs["input_layout"],
               "num_key_value_heads": node.kwargs.get("num_key_value_heads", 0), "block_size": k.block_size}
