@@ -314,6 +314,39 @@ def test_a_length_the_op_does_not_accept_is_a_clear_error():
     assert sites(report)[0].rewritten
 
 
+def test_the_lengths_wrapper_passes_opcheck_and_names_what_its_fake_refuses():
+    """The wrapper (kernels/nsa_compress_attention_lengths.py) is a real torch.library op: schema, fake
+    and AOT dispatch agree (opcheck; static batch: the wrapped op needs one length per batch, so its fake
+    refuses a symbolic batch by name). Its fake refuses, with the op's message, attributes no length can
+    satisfy: 9 selection blocks of 64 need (n - 1) * 16 + 32 >= 576, n >= 35, and the 2 x 16 table holds
+    32 compressed tokens; 4 blocks need n >= 15, which fits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from npu_attn_graph.kernels.nsa_compress_attention_lengths import (npu_nsa_compress_attention_infer_lengths,
+                                                                      smallest_valid_length)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 32, generator=g), torch.randn(6, 16, 64, generator=g), torch.randn(6, 16, 32,
+                                                                                                   generator=g)
+    table, lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([20, 32])
+    args = (q, k, v, 0.2, 4, 2, 64, 4, 16, 32, 16)
+    torch.library.opcheck(torch.ops.npu_attn.npu_nsa_compress_attention_infer_lengths.default, args,
+                          dict(block_table=table, actual_cmp_seq_kvlen=lens),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_static"))
+    assert smallest_valid_length(64, 4, 32, 16) == 15
+    out, selected = npu_nsa_compress_attention_infer_lengths(*args, block_table=table, actual_cmp_seq_kvlen=lens)
+    assert out.shape == (2, 4, 16) and selected.shape == (2, 2, 4) and selected.dtype == torch.int32
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in (q, k, v, table, lens)]
+        with pytest.raises(NpuAttnArgumentError, match="actual_cmp_seq_kvlen entries must be <= block_table"):
+            npu_nsa_compress_attention_infer_lengths(*fake[:3], 0.2, 4, 2, 64, 9, 16, 32, 16,
+                                                     block_table=fake[3], actual_cmp_seq_kvlen=fake[4])
+        with pytest.raises(NpuAttnArgumentError, match="actual_cmp_seq_kvlen.dtype"):
+            npu_nsa_compress_attention_infer_lengths(*fake[:3], 0.2, 4, 2, 64, 2, 16, 32, 16, block_table=fake[3],
+                                                     actual_cmp_seq_kvlen=fake[4].float())
+
+
 # ----------------------------------------------------------------------------
 # Near misses: left alone, listed once with what differs, values equal eager
 # ----------------------------------------------------------------------------
@@ -329,9 +362,19 @@ NEAR_MISSES = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(NEAR_MISSES))
+# Sites the op refuses: its validation's message is the reason (no length at all: the rule says why).
+OP_REFUSES = {
+    "head_dim_256": (dict(head_dim=256), "query.shape[2] (D) must be <= 192"),
+    "select_count_past_capacity": (dict(select_block_count=17), "select_block_count 17 needs (n - 1) * 16 + 32 "
+                                                                ">= 17 * 64, n >= 67, and the block table holds 64"),
+    "page_24": (dict(page_block_size=24, max_blocks=3), "page_block_size must be a multiple of 16"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(NEAR_MISSES) + sorted(OP_REFUSES))
 def test_near_misses_are_left_alone_with_the_reason(variant):
-    model = NSACompressedAttention(variant=variant)
+    kwargs, reason = OP_REFUSES.get(variant, (dict(variant=variant), NEAR_MISSES.get(variant)))
+    model = NSACompressedAttention(**kwargs)
     args = inputs(model, (20, 50, 33), seed=2)
     with torch.no_grad():
         out, selected = model(*args)
@@ -342,7 +385,7 @@ def test_near_misses_are_left_alone_with_the_reason(variant):
     listed = sites(report)
     assert len(listed) == 1, report.table()  # by the rule, not again as an unfused softmax
     (site,) = listed
-    assert not site.rewritten and site.pattern == PATTERN and NEAR_MISSES[variant] in site.reason, report.table()
+    assert not site.rewritten and site.pattern == PATTERN and reason in site.reason, report.table()
     assert "npu_nsa_compress_attention_infer" not in code(report)
 
 

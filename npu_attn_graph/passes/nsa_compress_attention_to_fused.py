@@ -314,20 +314,24 @@ def _match(softmax: torch.fx.Node) -> NsaSite | None:
         return site
     (slice_node,) = getters[0].users if len(getters[0].users) == 1 else (None,)
     rank = val(sort_in).dim()
-    if not is_call(slice_node, aten.slice.Tensor) or slice_node.args[1] % rank != rank - 1 or \
-            (slice_node.args[2] if len(slice_node.args) > 2 else 0) not in (0, None) or \
-            (slice_node.args[4] if len(slice_node.args) > 4 else 1) != 1:
-        site.reason = "the sorted indices are not taken as [..., :K]"
-        return site
-    end = slice_node
+    if is_call(slice_node, aten.slice.Tensor):
+        if slice_node.args[1] % rank != rank - 1 or \
+                (slice_node.args[2] if len(slice_node.args) > 2 else 0) not in (0, None) or \
+                (slice_node.args[4] if len(slice_node.args) > 4 else 1) != 1:
+            site.reason = "the sorted indices are not taken as [..., :K]"
+            return site
+        start = slice_node
+    else:  # every block ranked ([..., :K] with K = the block count leaves no slice)
+        start = getters[0]
+    end = start
     while len(end.users) == 1 and is_call(next(iter(end.users)), CASTS) and \
             not val(next(iter(end.users))).dtype.is_floating_point:
         end = next(iter(end.users))
     site.indices = end
-    site.count = static_int(val(slice_node).shape[-1]) or 0
+    site.count = static_int(val(start).shape[-1]) or 0
     site.importance = sort_in
-    site.internal = {sort, getters[0], slice_node, end}
-    node = slice_node
+    site.internal = {sort, getters[0], start, end}
+    node = start
     while node is not end:
         node = next(iter(node.users))
         site.internal.add(node)
@@ -621,8 +625,9 @@ def _prove_masks(site: NsaSite, const_memo: dict) -> None:
         n_max -= 1
     values = list(range(n_min, n_max + 1))
     if not values:
-        raise Refused(f"no compressed length is valid for the op with select_block_count {site.count} and block "
-                      f"table capacity {d['L']} (lengths {n_min} .. {n_max})")
+        raise Refused(f"no compressed length is valid for the op: select_block_count {site.count} needs "
+                      f"(n - 1) * {stride} + {cmp} >= {site.count} * {sel}, n >= {n_min}, and the block table "
+                      f"holds {d['L']} (at most {n_max} accepted)")
     blocks = imp_shape[2]
     n_s_max = math.ceil((n_max - 1 + q) / r)
     if blocks < n_s_max:
