@@ -329,8 +329,8 @@ from tests.models import MATRIX_LAYERS, build_matrix_model, prefill_call  # noqa
 from tests.test_export import STEPS, BufferDecode, InputDecode, _first_token, _new_caches  # noqa: E402
 
 # Gemma2's softcapped scores have no fused NPU op: its sites stay decomposed (the report says why).
-PREFILL = [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "eager"), ("gpt2", "eager"), ("bert", "eager"),
-           ("mistral", "eager"), ("gemma3", "eager"), ("gemma2", "eager")]
+PREFILL = [(family, attn) for family in ("llama", "qwen2", "gpt2", "bert", "mistral", "gemma3")
+           for attn in ("sdpa", "eager")] + [("gemma2", "eager")]
 FAST = {("llama", "eager")}
 
 
@@ -360,10 +360,12 @@ def test_model_prefill(family, attn):
     assert not any(n.domain for n in program.model_proto.graph.node)
 
 
-def test_static_cache_decode_steps_in_onnxruntime():
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), pytest.param("gpt2", "eager", marks=pytest.mark.slow),
+                                         pytest.param("qwen2", "eager", marks=pytest.mark.slow)])
+def test_static_cache_decode_steps_in_onnxruntime(family, attn):
     """One decode step exported with the caches as inputs and outputs (TensorScatter per cache write),
     then STEPS greedy steps in onnxruntime feeding the new caches back: logits and caches equal eager."""
-    model = build_matrix_model("llama", "sdpa")
+    model = build_matrix_model(family, attn)
     step = InputDecode(model)
     program = export_onnx(step, (_first_token(2), torch.tensor([0]), *_new_caches(model, 2)))
     counts = op_counts(program)
@@ -395,3 +397,23 @@ def test_caches_as_buffers_are_refused():
     model = build_matrix_model("llama", "sdpa")
     with pytest.raises(ValueError, match=r"buffers \['key_0'.* written in place"):
         export_onnx(BufferDecode(model, batch=2), (_first_token(2), torch.tensor([0])))
+
+
+def test_dynamic_batch_and_length():
+    """Symbolic batch and length (Mistral: the sliding-window band over symbolic dims), run at other sizes
+    with a left-padded row."""
+    model = build_matrix_model("mistral", "eager")
+    args, kwargs = prefill_call("mistral", model)
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=64)
+    program = export_onnx(model, args, kwargs, dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                               "attention_mask": {0: batch, 1: seq},
+                                                               "use_cache": None})
+    assert op_counts(program)["Attention"] == MATRIX_LAYERS and op_counts(program)["Softmax"] == 0
+    for b, s in ((3, 11), (1, 4)):
+        ids = torch.randint(3, 128, (b, s), generator=torch.Generator().manual_seed(b))
+        mask = torch.ones_like(ids)
+        mask[-1, : s // 3] = 0
+        with torch.no_grad():
+            want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = torch.from_numpy(run_onnx(program, [ids, mask])[0])
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL_MODEL, msg=lambda m: f"B={b}, S={s}: {m}")
