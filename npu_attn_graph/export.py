@@ -127,6 +127,7 @@ def rewrite_program(program: ExportedProgram, opts: BackendOptions, report: Repo
     gm.recompile()
     _rewrite(gm, opts, report, PassContext("inference", "torch", opts.fp32_attention))
     output_specs = _copies_as_mutations(gm.graph, program.graph_signature, mutations)
+    _iota_as_arange(gm.graph)
     gm.graph.eliminate_dead_code(is_impure_node=_impure)
     gm.graph.lint()
     gm.recompile()
@@ -158,6 +159,22 @@ def _drop_intermediate_assertions(graph: torch.fx.Graph) -> None:
     for node in list(graph.find_nodes(op="call_function", target=aten._assert_tensor_metadata.default)):
         if not node.users and not (isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder"):
             graph.erase_node(node)
+
+
+def _iota_as_arange(graph: torch.fx.Graph) -> None:
+    """prims.iota (the passes build the compressed causal mask with it) as aten.arange:
+    the same values, and an ATen op that exporters such as torch.onnx translate."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.prims.iota.default)):
+        length = node.args[0]
+        start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+        if not all(isinstance(x, int) for x in (length, start, step)) or node.kwargs.get("requires_grad", False):
+            continue
+        with graph.inserting_before(node):
+            arange = graph.call_function(aten.arange.start_step, (start, start + length * step, step),
+                                         {"dtype": node.kwargs["dtype"], "device": node.kwargs["device"]})
+        arange.meta.update(node.meta)
+        node.replace_all_uses_with(arange)
+        graph.erase_node(node)
 
 
 def _mutations_as_copies(graph: torch.fx.Graph, signature: ExportGraphSignature) -> dict[int, torch.fx.Node]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import subprocess
 import sys
 import textwrap
@@ -53,16 +54,23 @@ def compare_prefill(family, model, program, args, kwargs) -> None:
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
 
 
+@functools.lru_cache(maxsize=None)
+def exported_prefill(family: str, attn: str):
+    """(model, args, kwargs, program, report) of the family's prefill, exported once per test session."""
+    model = build_matrix_model(family, attn)
+    args, kwargs = prefill_call(family, model)
+    report = Report()
+    program = npu_attn_graph.export(model, args, kwargs, options={"report": report})
+    return model, args, kwargs, program, report
+
+
 PREFILL_CASES = [(family, attn) for family in ("llama", "qwen2", "gpt2", "bert", "mistral", "gemma3", "gemma2")
                  for attn in MATRIX_FAMILIES[family][2]]
 
 
 @pytest.mark.parametrize("family,attn", PREFILL_CASES, ids=[f"{f}-{a}" for f, a in PREFILL_CASES])
 def test_prefill_fused_and_equal_to_eager(family, attn):
-    model = build_matrix_model(family, attn)
-    args, kwargs = prefill_call(family, model)
-    report = Report()
-    program = npu_attn_graph.export(model, args, kwargs, options={"report": report})
+    model, args, kwargs, program, report = exported_prefill(family, attn)
     assert program.npu_attn_report is report
     attention_sites = [s for s in report.sites if s.kind == "attention"]
     assert len(attention_sites) == MATRIX_LAYERS, report.table()  # every layer listed, fused or not
@@ -89,9 +97,8 @@ def test_program_decomposed_before_export(family, attn):
 
 
 def test_program_decomposed_after_export_keeps_the_fused_ops():
-    model = build_matrix_model("llama", "eager")
-    args, kwargs = prefill_call("llama", model)
-    program = npu_attn_graph.export(model, args, kwargs).run_decompositions()
+    model, args, kwargs, exported, _ = exported_prefill("llama", "eager")
+    program = exported.run_decompositions()
     assert attention_count(program) == MATRIX_LAYERS
     compare_prefill("llama", model, program, args, kwargs)
 
@@ -266,9 +273,7 @@ sys.exit(1 if failures else 0)
 def test_pt2_round_trip_in_a_fresh_process(tmp_path):
     names = []
     for family, attn in (("llama", "sdpa"), ("gpt2", "eager")):
-        model = build_matrix_model(family, attn)
-        args, kwargs = prefill_call(family, model)
-        program = npu_attn_graph.export(model, args, kwargs)
+        model, args, kwargs, program, _ = exported_prefill(family, attn)
         name = str(tmp_path / f"{family}-{attn}")
         torch.export.save(program, name + ".pt2")
         with torch.no_grad():
@@ -443,3 +448,39 @@ def test_cli_export_help_has_an_example(capsys):
     assert info.value.code == 0
     printed = capsys.readouterr().out
     assert "Example:" in printed and "npu-attn-graph export" in printed and "{pt2,onnx,air}" in printed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_prefill_as_close_to_float32_as_eager(dtype):
+    """Half precision: the fused op and eager round differently, so each is compared with the float32
+    model; the exported program may be at most twice as far from it as eager is (plus one rounding step)."""
+    model = build_matrix_model("llama", "sdpa")
+    args, kwargs = prefill_call("llama", model)
+    with torch.no_grad():
+        reference = output(model(*args, **kwargs))
+        model = model.to(dtype)
+        program = npu_attn_graph.export(model, args, kwargs)
+        eager_error = (output(model(*args, **kwargs)).float() - reference).abs().max().item()
+        exported_error = (output(program.module()(*args, **kwargs)).float() - reference).abs().max().item()
+    assert attention_count(program) == MATRIX_LAYERS
+    ulp = torch.finfo(dtype).eps * reference.abs().max().item()
+    assert exported_error <= 2 * eager_error + ulp, (exported_error, eager_error)
+
+
+def test_cli_export_onnx_dispatch(tmp_path, monkeypatch, capsys):
+    """--format onnx reaches export_onnx (the ONNX helper's module, tested there) and writes FILE only."""
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from npu_attn_graph.cli import main
+
+    (tmp_path / "target.py").write_text(SDPA_TARGET)
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "target.py:make", "--format", "onnx", "--out", "a.onnx"]) == 0
+    assert "Attention x1" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["a.onnx", "target.py"]
+    import target
+
+    model, args = target.make()
+    session = onnxruntime.InferenceSession(str(tmp_path / "a.onnx"))
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    torch.testing.assert_close(torch.from_numpy(session.run(None, feeds)[0]), model(*args), rtol=1e-5, atol=1e-5)
