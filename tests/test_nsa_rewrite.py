@@ -109,15 +109,45 @@ class NSACompressedAttention(torch.nn.Module):
         return out, selected if self.variant == "int64" else selected.to(torch.int32)
 
 
-def inputs(model: NSACompressedAttention, lens=(20, 64, 33), dtype=torch.float32, seed: int = 0, garbage=None):
-    """Distinct random blocks per sequence, spare blocks, -1 in unused table columns; `garbage` fills
-    every slot the sequences do not use (unused blocks and the tail of the last block)."""
+class NSAMatmulWhere(NSACompressedAttention):
+    """Another author's spelling of the same computation: index_select gathers, matmuls, torch.where
+    for every mask, Eq. 9 as an (S, L) matrix of overlap counts built in forward and applied to the
+    group-summed probabilities with a matmul."""
+
+    def forward(self, q, k_cache, v_cache, block_table, cmp_lens):
+        b, hk, g = q.shape[0], self.kv_heads, self.heads // self.kv_heads
+        length = self.max_blocks * self.page
+        rows = block_table.flatten()
+        k = k_cache.index_select(0, rows).reshape(b, length, hk, self.head_dim).permute(0, 2, 3, 1)  # (B, Hk, D, L)
+        v = v_cache.index_select(0, rows).reshape(b, length, hk, self.v_dim).transpose(1, 2)  # (B, Hk, L, Dv)
+        keep = torch.arange(length)[None, :] < cmp_lens[:, None]
+        v = torch.where(keep[:, None, :, None], v, 0.0)
+        scores = (q.reshape(b, hk, g, self.head_dim) @ k) / self.head_dim ** 0.5
+        p = torch.where(keep[:, None, None, :], scores, float("-inf")).softmax(-1)
+        out = (p @ v).flatten(1, 2)
+        r, qn = self.l_sel // self.d, self.l // self.d
+        n_blocks = -(-((length - 1) * self.d + self.l) // self.l_sel)
+        s = torch.arange(n_blocks)
+        hit = r * (s[:, None, None] + 1) - torch.arange(r)[None, :, None] - torch.arange(qn)[None, None, :]
+        overlap = (hit[..., None] == torch.arange(length)).sum(dim=(1, 2)).to(p.dtype)  # (S, L)
+        importance = p.sum(dim=2) @ overlap.T
+        n_sel = (((cmp_lens - 1) * self.d + self.l) + self.l_sel - 1) // self.l_sel
+        forced = (s == 0) | (s == n_sel[:, None] - 2) | (s == n_sel[:, None] - 1)
+        importance = torch.where(forced[:, None, :], float("inf"), importance)
+        importance = torch.where((s < n_sel[:, None])[:, None, :], importance, float("-inf"))
+        return out, importance.sort(dim=-1, descending=True, stable=True).indices[..., :self.count].int()
+
+
+def inputs(model: NSACompressedAttention, lens=(20, 64, 33), dtype=torch.float32, seed: int = 0, garbage=None,
+           unused: int = -1):
+    """Distinct random blocks per sequence, spare blocks, `unused` in unused table columns; `garbage`
+    fills every slot the sequences do not use (unused blocks and the tail of the last block)."""
     g = torch.Generator().manual_seed(seed)
     b, page, width = len(lens), model.page, model.max_blocks
     need = [math.ceil(n / page) for n in lens]
     num_blocks = sum(need) + 3
     ids = torch.randperm(num_blocks, generator=g)
-    table = torch.full((b, width), -1, dtype=torch.int32)
+    table = torch.full((b, width), unused, dtype=torch.int32)
     used = 0
     for i, k in enumerate(need):
         table[i, :k] = ids[used:used + k].to(torch.int32)
@@ -184,6 +214,22 @@ def test_nsa_compressed_attention_becomes_the_op(name):
     # The dense gathers, the products, the softmax and the sort are gone.
     for gone in ("aten.index.Tensor", "aten.bmm", "aten._softmax", "aten.sort"):
         assert gone not in after, after
+
+
+def test_another_spelling_becomes_the_op():
+    """index_select, matmul, torch.where and Eq. 9 as a matrix: the proofs read what is computed."""
+    model = NSAMatmulWhere(heads=8, kv_heads=2, compress_block_size=32, compress_stride=16, select_block_size=32,
+                           select_block_count=3)
+    args = inputs(model, (30, 64, 17), seed=11, garbage=math.nan, unused=0)  # index_select takes no -1
+    with torch.no_grad():
+        out, selected = model(*args)
+    report = Report()
+    got, got_selected = compiled(model, *args, report=report)
+    (site,) = sites(report)
+    assert site.rewritten and site.fused_op == FUSED, report.table()
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_selected, selected)
+    assert "aten.where" not in code(report) and "aten.index_select" not in code(report)
 
 
 def test_the_block_sizes_passed_reproduce_the_programs_ratios():

@@ -120,8 +120,9 @@ POINTWISE = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
              aten.logical_not.default, aten.logical_xor.default, aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
              aten.bitwise_not.default, aten.bitwise_xor.Tensor, aten.where.self, aten.clamp.default,
              aten.clamp_min.default, aten.clamp_max.default, aten.minimum.default, aten.maximum.default) + CASTS
+FILLS = (aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self)
 # What the match follows from the probabilities to the sort (the check then reads it strictly).
-IMPORTANCE_OPS = VIEWS + CASTS + LINEAR + (aten.masked_fill.Scalar, aten.amax.default, aten.max.dim,
+IMPORTANCE_OPS = VIEWS + CASTS + LINEAR + FILLS + (aten.amax.default, aten.max.dim,
                                            aten.mean.dim, aten.slice.Tensor, operator.getitem)
 PROBES = 2
 
@@ -138,6 +139,32 @@ class Refused(Exception):
 UNSET = (aten.empty.memory_format, aten.empty_like.default, aten.empty_strided.default, aten.new_empty.default)
 
 
+@dataclass(frozen=True)
+class Fill:
+    """x with a constant written where a mask says: masked_fill(x, mask, value), or
+    where(mask, value, x) / where(mask, x, value) (negated: written where the mask is False)."""
+
+    node: torch.fx.Node
+    x: torch.fx.Node
+    mask: torch.fx.Node
+    negated: bool
+    value: float
+
+
+
+def _fill_of(node: object) -> Fill | None:
+    if is_call(node, (aten.masked_fill.Scalar, aten.masked_fill.Tensor)):
+        value = scalar_constant(node.args[2])
+        return Fill(node, node.args[0], node.args[1], False, value) if value is not None else None
+    if is_call(node, aten.where.self):
+        cond, a, b = node.args[:3]
+        for x, c, negated in ((b, a, False), (a, b, True)):
+            if isinstance(x, torch.fx.Node) and scalar_constant(c) is not None and \
+                    same_shape(val(x).shape, val(node).shape):
+                return Fill(node, x, cond, negated, scalar_constant(c))
+    return None
+
+
 def _is_constant(node: object, memo: dict) -> bool:
     """node is computed from constants only (no graph input, nothing random or uninitialised): its
     value is the same on every call, so evaluating it once proves what it is."""
@@ -150,10 +177,11 @@ def _is_constant(node: object, memo: dict) -> bool:
     return memo[node]
 
 
-def _evaluate(root: torch.fx.Node | list, env: dict, identity: frozenset = frozenset()) -> torch.Tensor | list:
+def _evaluate(root: torch.fx.Node | list, env: dict, identity: tuple = ()) -> torch.Tensor | list:
     """root's value (or the values of a list of roots, sharing their common nodes) with the given
-    nodes' values substituted, floats in float64 on the CPU; nodes in `identity` pass their first
-    argument through (a fill the probe leaves out)."""
+    nodes' values substituted, floats in float64 on the CPU; the Fills in `identity` pass their
+    input through (fills the probe leaves out)."""
+    skip = {f.node: f.x for f in identity}
     memo = dict(env)
 
     def run(node):
@@ -163,8 +191,8 @@ def _evaluate(root: torch.fx.Node | list, env: dict, identity: frozenset = froze
             return memo[node]
         if node.op != "call_function":
             raise Refused(f"{node.name} is a graph input the rule cannot evaluate")
-        if node in identity:
-            memo[node] = run(node.args[0])
+        if node in skip:
+            memo[node] = run(skip[node])
             return memo[node]
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), run)
         kwargs = dict(kwargs)
@@ -205,9 +233,9 @@ class NsaSite:
     key: object = None  # paged_attention_read.Gather
     value: object = None
     lengths: torch.fx.Node | None = None
-    score_mask: torch.fx.Node | None = None
-    value_fills: list = field(default_factory=list)
-    fills: list = field(default_factory=list)  # (mask, value) of the importance, in order
+    score_mask: Fill | None = None
+    value_fills: list = field(default_factory=list)  # Fills of the gathered V
+    fills: list = field(default_factory=list)  # Fills of the importance, in program order
     importance: torch.fx.Node | None = None
     sort: torch.fx.Node | None = None
     count: int = 0
@@ -242,7 +270,10 @@ def _reads_paged_values(bmm: torch.fx.Node) -> bool:
         seen.add(node)
         if _gather_of(node) is not None:
             return True
-        if is_call(node, VIEWS + CASTS + (aten.masked_fill.Scalar,)) or is_full_slice(node):
+        fill = _fill_of(node)
+        if fill is not None:
+            todo.append(fill.x)
+        elif is_call(node, VIEWS + CASTS) or is_full_slice(node):
             todo.append(node.args[0])
     return False
 
@@ -379,11 +410,12 @@ def _score_allowed(site: NsaSite, memo: dict):
             return [node.args[0]] if not is_call(node, aten.bmm.default) else list(node.args[:2])
         if is_call(node, (aten.mul.Tensor, aten.div.Tensor)) and scalar_constant(node.args[1]) is not None:
             return [node.args[0]]
-        if is_call(node, aten.masked_fill.Scalar):
+        fill = _fill_of(node)
+        if fill is not None:
             if site.score_mask is not None:
                 raise Refused("the scores are masked twice")
-            site.score_mask = node
-            return [node.args[0]]
+            site.score_mask = fill
+            return [fill.x]
         return "other"
     return allowed
 
@@ -394,9 +426,10 @@ def _pv_allowed(site: NsaSite):
             return [node.args[0]]
         if is_call(node, aten.bmm.default):
             return list(node.args[:2])
-        if is_call(node, aten.masked_fill.Scalar) and scalar_constant(node.args[2]) == 0.0:
-            site.value_fills.append(node)
-            return [node.args[0]]
+        fill = _fill_of(node)
+        if fill is not None and fill.value == 0.0:
+            site.value_fills.append(fill)
+            return [fill.x]
         return "other"
     return allowed
 
@@ -481,7 +514,7 @@ def _prove_scores(site: NsaSite, raw: torch.fx.Node) -> float:
         kc, k3 = _probe_caches(d, site.key.cache, d["Nkv"] * d["D"], g)
         table = torch.randperm(d["B"] * d["M"], generator=g).view(d["B"], d["M"]).to(val(site.key.table).dtype)
         got = _evaluate(raw, {site.query: q, site.key.cache: kc, site.key.table: table},
-                        frozenset({site.score_mask}))
+                        (site.score_mask,))
         keys = k3[table.long()].reshape(d["B"], d["L"], d["Nkv"], d["D"])
         qh = q.reshape(d["B"], d["Nkv"], d["G"], d["D"])
         want = torch.einsum("bkgd,blkd->bkgl", qh, keys).reshape(d["B"], d["N"], d["L"])
@@ -505,7 +538,7 @@ def _prove_output(site: NsaSite) -> None:
         vc, v3 = _probe_caches(d, site.value.cache, d["Nkv"] * d["Dv"], g)
         table = torch.randperm(d["B"] * d["M"], generator=g).view(d["B"], d["M"]).to(val(site.value.table).dtype)
         got = _evaluate(site.output, {site.softmax: p, site.value.cache: vc, site.value.table: table},
-                        frozenset(site.value_fills))
+                        tuple(site.value_fills))
         values = v3[table.long()].reshape(d["B"], d["L"], d["Nkv"], d["Dv"])
         want = torch.einsum("bkgl,blkd->bkgd", p.reshape(d["B"], d["Nkv"], d["G"], d["L"]), values)
         if got.numel() != want.numel() or not torch.allclose(got.reshape(-1), want.reshape(-1), rtol=1e-9,
@@ -603,11 +636,11 @@ def _batch_axis(node: object, lengths: list, memo: dict, const_memo: dict) -> in
 def _prove_masks(site: NsaSite, const_memo: dict) -> None:
     d = site.dims
     lengths: list = []
-    score_shape = [static_int(x) for x in val(site.score_mask).shape]
-    masks = [(site.score_mask.args[1], score_shape)]
-    masks += [(f.args[1], [static_int(x) for x in val(f).shape]) for f in site.value_fills]
+    score_shape = [static_int(x) for x in val(site.score_mask.node).shape]
+    masks = [(site.score_mask.mask, score_shape)]
+    masks += [(f.mask, [static_int(x) for x in val(f.node).shape]) for f in site.value_fills]
     imp_shape = [static_int(x) for x in val(site.importance).shape]
-    masks += [(m, imp_shape) for m, _ in site.fills]
+    masks += [(f.mask, imp_shape) for f in site.fills]
     for mask, shape in masks:
         memo: dict = {}
         axis = _batch_axis(mask, lengths, memo, const_memo)
@@ -639,7 +672,7 @@ def _prove_masks(site: NsaSite, const_memo: dict) -> None:
     # slot, and its smallest position.
     value_checks = []
     for fill in site.value_fills:
-        x = fill.args[0]
+        x = fill.x
         blocks_total = d["B"] * d["M"]
         shape = [blocks_total, *[int(n) for n in val(site.value.cache).shape[1:]]]
         code = torch.arange(d["B"]).view(-1, 1, 1) * d["L"] + torch.arange(d["M"]).view(1, -1, 1) * d["page"]
@@ -647,27 +680,28 @@ def _prove_masks(site: NsaSite, const_memo: dict) -> None:
         cache = code.reshape(blocks_total, d["page"], 1).expand(blocks_total, d["page"], math.prod(shape[2:]))
         table = torch.arange(blocks_total).view(d["B"], d["M"]).to(val(site.value.table).dtype)
         where = _evaluate(x, {site.value.cache: cache.reshape(shape).double(), site.value.table: table},
-                          frozenset(f for f in site.value_fills if f is not fill))
+                          tuple(f for f in site.value_fills if f is not fill))
         owner, at = (where // d["L"]).long(), (where % d["L"]).long()
         x_shape = [static_int(n) for n in val(x).shape]
-        m_shape = [1] * (len(x_shape) - val(fill.args[1]).dim()) + [static_int(n) for n in val(fill.args[1]).shape]
+        m_shape = [1] * (len(x_shape) - val(fill.mask).dim()) + [static_int(n) for n in val(fill.mask).shape]
         spread = [i for i, (a, b) in enumerate(zip(m_shape, x_shape)) if a == 1 and b != 1]
         wrong = owner != torch.arange(d["B"]).view(-1, *[1] * (len(x_shape) - 1))
         nearest = at
         if spread:
             wrong, nearest = wrong.amax(dim=spread, keepdim=True), at.amin(dim=spread, keepdim=True)
-        value_checks.append((fill.args[1], [1 if i in spread else n for i, n in enumerate(x_shape)], wrong, nearest))
+        value_checks.append((fill, [1 if i in spread else n for i, n in enumerate(x_shape)], wrong, nearest))
     # Every mask, for every length the op accepts (each batch row takes each value in turn; the rows are
     # independent, proved above), evaluated together per batch of values.
-    roots = [site.score_mask.args[1]] + [m for m, _, _, _ in value_checks] + [m for m, _ in site.fills]
+    fills = [site.score_mask] + [f for f, _, _, _ in value_checks] + site.fills
+    roots = [f.mask for f in fills]
     pos = torch.arange(d["L"])
     s = torch.arange(blocks)
-    fill_values = [torch.tensor(fill, dtype=torch.float64) for _, fill in site.fills]
+    fill_values = [torch.tensor(f.value, dtype=torch.float64) for f in site.fills]
     batch, dtype = d["B"], val(site.lengths).dtype
     for start in range(0, len(values), batch):
         chunk = values[start:start + batch]
         lens = torch.tensor(chunk + [chunk[-1]] * (batch - len(chunk)), dtype=dtype)
-        got = _evaluate(roots, {site.lengths: lens})
+        got = [~m if f.negated else m for m, f in zip(_evaluate(roots, {site.lengths: lens}), fills)]
         score = torch.broadcast_to(got[0], score_shape)
         checked = [torch.broadcast_to(m, shape) for m, (_, shape, _, _) in zip(got[1:], value_checks)]
         filled = [torch.broadcast_to(m, imp_shape) for m in got[1 + len(value_checks):]]
@@ -719,13 +753,11 @@ def _check(site: NsaSite, ctx: PassContext) -> None:
     memo: dict = {}
     # The fills of the importance, from the sort back.
     node = site.importance
-    while is_call(node, aten.masked_fill.Scalar):
-        fill = scalar_constant(node.args[2])
-        if fill is None:
-            raise Refused(f"the importance is filled with {node.args[2]}, not a constant")
-        site.fills.insert(0, (node.args[1], fill))
+    while _fill_of(node) is not None:
+        fill = _fill_of(node)
+        site.fills.insert(0, fill)
         site.internal.add(node)
-        node = node.args[0]
+        node = fill.x
     site.importance = node
     # Scores: back from the softmax to the query and the gathered keys.
     raw = site.softmax.args[0]
@@ -740,17 +772,17 @@ def _check(site: NsaSite, ctx: PassContext) -> None:
     # The fill must be on the scores themselves: between it and the softmax only casts, scalar scales and
     # reshapes of the same shape (a fill on a bmm operand would spread -inf over whole rows).
     node = raw
-    while node is not site.score_mask and (
+    while node is not site.score_mask.node and (
             _float_cast(node) or (is_call(node, (aten.mul.Tensor, aten.div.Tensor)) and
                                   scalar_constant(node.args[1]) is not None) or
             (is_call(node, (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default,
                             aten.alias.default)) and same_shape(val(node).shape, val(node.args[0]).shape))):
         node = node.args[0]
-    if node is not site.score_mask or not same_shape(val(site.score_mask).shape, val(site.softmax).shape):
-        raise Refused(f"the -inf fill ({site.score_mask.name}) is not on the scores the softmax reads "
+    if node is not site.score_mask.node or not same_shape(val(node).shape, val(site.softmax).shape):
+        raise Refused(f"the -inf fill ({site.score_mask.node.name}) is not on the scores the softmax reads "
                       f"{list(val(site.softmax).shape)}")
-    if scalar_constant(site.score_mask.args[2]) != -math.inf:
-        raise Refused(f"the masked scores are filled with {scalar_constant(site.score_mask.args[2])}, not -inf")
+    if site.score_mask.value != -math.inf:
+        raise Refused(f"the masked scores are filled with {site.score_mask.value}, not -inf")
     site.key, site.query = gathers[0], others[0]
     site.internal |= inner
     # Output: back from the output to the probabilities and the gathered values.
