@@ -275,17 +275,25 @@ def _keep_mask(spec: _Spec, q, k, q_seq: Any, kv_seq: Any):
         pre, nxt, right_down = band
         pre_inf, next_inf = pre >= INT_MAX, nxt >= INT_MAX
         plain_causal = pre_inf and nxt == 0 and q_len is None and kv_len is None
-        if plain_causal and (not right_down or _same_dim(q_seq, kv_seq)):
-            is_causal = True  # top-left causal; or S_q == S_kv, where both alignments agree
+        if plain_causal and _same_dim(q_seq, kv_seq):
+            is_causal = True  # S_q == S_kv: both alignments agree (and S_q == 1 keeps every key)
+        elif plain_causal and not right_down and isinstance(q_seq, int):
+            is_causal = True  # top-left causal, ONNX's alignment without nonpad_kv_seqlen
         elif not (pre_inf and next_inf):
             rel = op.Sub(j, i)  # (S_q, S_kv): key - query position
             if right_down:  # the diagonal anchored at each batch's bottom-right corner
                 shift = op.Sub(kv_len if kv_len is not None else skv, q_len if q_len is not None else sq)
                 rel = op.Sub(rel, shift)
+            in_band = None
             if not pre_inf:
-                keep_parts.append(op.GreaterOrEqual(rel, _i64([-pre])))
+                in_band = op.GreaterOrEqual(rel, _i64([-pre]))
             if not next_inf:
-                keep_parts.append(op.LessOrEqual(rel, _i64([nxt])))
+                below = op.LessOrEqual(rel, _i64([nxt]))
+                in_band = below if in_band is None else op.And(in_band, below)
+            if not isinstance(q_seq, int):
+                # A symbolic S_q may be 1 at run time, where the ops ignore sparse modes and bands.
+                in_band = op.Or(in_band, op.Equal(sq, _i64([1])))
+            keep_parts.append(in_band)
     keep = None
     for part in keep_parts:
         keep = part if keep is None else op.And(keep, part)

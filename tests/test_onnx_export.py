@@ -399,6 +399,7 @@ def test_caches_as_buffers_are_refused():
         export_onnx(BufferDecode(model, batch=2), (_first_token(2), torch.tensor([0])))
 
 
+@pytest.mark.slow
 def test_dynamic_batch_and_length():
     """Symbolic batch and length (Mistral: the sliding-window band over symbolic dims), run at other sizes
     with a left-padded row."""
@@ -417,3 +418,20 @@ def test_dynamic_batch_and_length():
             want = model(ids, attention_mask=mask, use_cache=False).logits
         got = torch.from_numpy(run_onnx(program, [ids, mask])[0])
         torch.testing.assert_close(got, want, rtol=0, atol=ATOL_MODEL, msg=lambda m: f"B={b}, S={s}: {m}")
+
+
+@pytest.mark.parametrize("sparse_mode,pre,nxt", [(2, INT_MAX, 0), (3, INT_MAX, 0), (4, 2, 1), (0, 1, 0)])
+def test_symbolic_query_length_of_one_ignores_the_band(sparse_mode, pre, nxt):
+    """fused_infer with a symbolic S_q: at S_q == 1 the op ignores sparse_mode and pre/next tokens,
+    at S_q > 1 it applies them; the ONNX graph does both."""
+    mask = CAUSAL_2048 if sparse_mode else _mask((1, 1, S, S + 2))
+    fn = lambda q, k, v, m: A.npu_fused_infer_attention_score(  # noqa: E731
+        q, k, v, atten_mask=m, num_heads=N, num_key_value_heads=NKV, scale=0.25, input_layout="BNSD",
+        sparse_mode=sparse_mode, pre_tokens=pre, next_tokens=nxt)
+    q, k, v = _qkv("BNSD", 3, S + 2)
+    s_q = torch.export.Dim("s_q", min=1, max=S)
+    program = export_onnx(torch.export.export(Call(fn), (q, k, v, mask), dynamic_shapes=(({2: s_q}, None, None, None),)))
+    for length in (1, 3, S):
+        q = _qkv("BNSD", length, S + 2, seed=length)[0]
+        got = torch.from_numpy(run_onnx(program, (q, k, v, mask))[0])
+        torch.testing.assert_close(got, fn(q, k, v, mask)[0], rtol=0, atol=ATOL_OP, msg=lambda m: f"S_q={length}: {m}")
