@@ -435,3 +435,15 @@ def test_symbolic_query_length_of_one_ignores_the_band(sparse_mode, pre, nxt):
         q = _qkv("BNSD", length, S + 2, seed=length)[0]
         got = torch.from_numpy(run_onnx(program, (q, k, v, mask))[0])
         torch.testing.assert_close(got, fn(q, k, v, mask)[0], rtol=0, atol=ATOL_OP, msg=lambda m: f"S_q={length}: {m}")
+
+
+def test_float16_attention():
+    """fp16 in, fp16 out: onnxruntime's fp16 Attention vs the fp64 reference (fp16 rounds to ~1e-3 here)."""
+    q, k, v = (x.half() for x in _qkv("BSND"))
+    fn = lambda q, k, v, m: A.npu_prompt_flash_attention(  # noqa: E731
+        q, k, v, atten_mask=m, input_layout="BSND", sparse_mode=3, **PFA)
+    program = export_onnx(torch.export.export(Call(fn), (q, k, v, CAUSAL_2048)))
+    got = torch.from_numpy(run_onnx(program, (q, k, v, CAUSAL_2048))[0])
+    assert got.dtype == torch.float16
+    want = fn(q.double(), k.double(), v.double(), CAUSAL_2048)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-3)
