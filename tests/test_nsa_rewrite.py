@@ -293,8 +293,9 @@ def test_two_layers_each_become_the_op():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_tolerance_of_float64(dtype):
     """fp16/bf16: eager rounds the scores and probabilities to the input dtype, the op accumulates in
-    fp32, so the outputs differ by about an output ulp (the op tests' tolerances, 2e-3 / 1.6e-2); the
-    selection is compared with float64 eager on the blocks' scores, as near-tied blocks may swap."""
+    fp32, so the outputs differ by about an output ulp (the op tests' tolerances, 2e-3 / 1.6e-2). The
+    selection equals float64 eager's here; in general blocks whose scores tie within the rounding may
+    swap (the rule's notes and README say so)."""
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     model = NSACompressedAttention()
     args = inputs(model, (20, 64, 33), dtype=dtype, seed=9)

@@ -48,7 +48,8 @@ spelling (random and uninitialised tensors are never constants):
   sum_{m<r, n<q} p[r (s + 1) - m - n]``, r = l'/d, q = l/d, summed over each group)
   for every (r, q) the op's block sizes allow. The op's results depend on l, d, l'
   only through (r, q), so the smallest (l, d, l') giving them is passed.
-- The masks are integer/boolean functions of one lengths tensor L and constants,
+- The masks (of masked_fill, or of torch.where with a constant branch) are
+  integer/boolean functions of one lengths tensor L and constants,
   through pointwise ops and views that keep each batch row in its own row (tracked:
   a mask row b reads L[b] only). So the mask is a function of L[b] alone, and it is
   evaluated for every length the op accepts (n in [n_min, min(L_max, 8192)]):
