@@ -436,6 +436,25 @@ def test_near_misses_are_left_alone_with_the_reason(variant):
     assert "npu_nsa_compress_attention_infer" not in code(report)
 
 
+def test_without_the_rule_the_site_is_still_listed():
+    """The passes option without nsa_compress_attention_to_fused: the attention is still one report row
+    (the generic rules' or the completeness check's), never silently dropped, and values equal eager."""
+    from npu_attn_graph.passes import PIPELINE
+
+    model = NSACompressedAttention()
+    args = inputs(model, (20, 50, 33), seed=2)
+    with torch.no_grad():
+        out, selected = model(*args)
+        report = Report()
+        passes = [p.name for p in PIPELINE if p.name != "nsa_compress_attention_to_fused"]
+        got, got_selected = torch.compile(model, backend="npu_attn", fullgraph=True,
+                                          options={"executor": "eager", "report": report, "passes": passes})(*args)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_selected, selected)
+    (site,) = sites(report)
+    assert site.pattern != PATTERN and not site.rewritten and site.reason, report.table()
+
+
 def test_ge_target_rewrite_runs_equal_to_eager():
     """The rewrite as made for TorchAir (the GE target: the NPU's dtype rules), run by torch, float16."""
     from fuzz.oracle import ge_target_backend
