@@ -447,3 +447,25 @@ def test_float16_attention():
     assert got.dtype == torch.float16
     want = fn(q.double(), k.double(), v.double(), CAUSAL_2048)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-3)
+
+
+class InPlaceWrites(torch.nn.Module):
+    """In-place writers, the caches read after the write (as the rewritten programs read them)."""
+
+    def forward(self, k, v, kc, vc, slots, cache, starts, new):
+        A.npu_scatter_pa_kv_cache(k, v, kc, vc, slots, cache_mode="Norm")
+        A.scatter_update_(cache, starts, new, -2)
+        return kc.sum(-1) + vc.sum(-1), cache * 2
+
+
+def test_in_place_writers_are_read_after_the_write():
+    inputs = (torch.randn(3, 2, 16), torch.randn(3, 2, 16), torch.zeros(3, BLOCK, 2, 16), torch.zeros(3, BLOCK, 2, 16),
+              torch.tensor([17, -1, 40], dtype=torch.int32), torch.zeros(B, NKV, 8, D), torch.tensor([1, 3]),
+              torch.randn(B, NKV, 2, D))
+    program = export_onnx(torch.export.export(InPlaceWrites(), inputs))
+    counts = op_counts(program)
+    assert counts["ScatterND"] == 2 and counts["TensorScatter"] == 1, counts
+    got = run_onnx(program, inputs)
+    want = InPlaceWrites()(*(x.clone() for x in inputs))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=ATOL_OP)
