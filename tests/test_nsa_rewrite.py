@@ -455,6 +455,21 @@ def test_without_the_rule_the_site_is_still_listed():
     assert site.pattern != PATTERN and not site.rewritten and site.reason, report.table()
 
 
+def test_symbolic_sizes_are_left_alone_with_the_reason():
+    """dynamic=True: the batch and cache sizes are symbols; the proofs need static shapes."""
+    model = NSACompressedAttention()
+    args = inputs(model, (20, 50, 33), seed=2)
+    report = Report()
+    with torch.no_grad():
+        out, selected = model(*args)
+        got, got_selected = torch.compile(model, backend="npu_attn", fullgraph=True, dynamic=True,
+                                          options={"executor": "eager", "report": report})(*args)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got_selected, selected)
+    (site,) = sites(report)
+    assert site.pattern == PATTERN and not site.rewritten and "symbolic sizes" in site.reason, report.table()
+
+
 def test_ge_target_rewrite_runs_equal_to_eager():
     """The rewrite as made for TorchAir (the GE target: the NPU's dtype rules), run by torch, float16."""
     from fuzz.oracle import ge_target_backend

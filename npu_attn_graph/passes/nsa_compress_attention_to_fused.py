@@ -752,6 +752,10 @@ def check_nsa(site: NsaSite, ctx: PassContext) -> str | None:
 
 def _check(site: NsaSite, ctx: PassContext) -> None:
     memo: dict = {}
+    shape = list(val(site.softmax).shape)
+    if any(static_int(n) is None for n in shape):
+        raise Refused(f"symbolic sizes {shape} (the rule proves static shapes only: compile with dynamic=False "
+                      f"or mark the batch static)")
     # The fills of the importance, from the sort back.
     node = site.importance
     while _fill_of(node) is not None:
