@@ -872,8 +872,8 @@ def rewrite_nsa(rw: Rewrite, site: NsaSite, ctx: PassContext, record: Site) -> l
         indices = rw.call(prims.convert_element_type.default, (indices, val(site.indices).dtype))
     wanted = val(site.indices)
     blocks = static_int(val(site.importance).shape[-1])
-    if not same_strides(val(indices), wanted) and blocks is not None and \
-            list(wanted.stride()) == list(torch.empty(list(val(site.importance).shape)).stride()):
+    sorted_strides = [math.prod(val(site.importance).shape[i + 1:]) for i in range(val(site.importance).dim())]
+    if not same_strides(val(indices), wanted) and blocks is not None and list(wanted.stride()) == sorted_strides:
         # The program's indices are [..., :K] of the (B, N_kv, S) sort result: the same slice of the
         # op's indices padded to S blocks, so readers see the strides they were traced with.
         padded = rw.call(aten.constant_pad_nd.default, (indices, [0, blocks - site.count], 0))
@@ -891,6 +891,9 @@ def rewrite_nsa(rw: Rewrite, site: NsaSite, ctx: PassContext, record: Site) -> l
         f"select_block_count {site.count}",
         "lengths the op does not accept raise its error at run time",
     ])
+    if val(site.query).dtype in (torch.float16, torch.bfloat16) or low is not None:
+        record.notes.append("the op accumulates in float32 where eager rounds to the half-precision dtype: blocks "
+                            "whose scores tie within that rounding may be selected differently")
     return [site.output, site.indices]
 
 
