@@ -770,6 +770,7 @@ def _functional_writers(program: torch.export.ExportedProgram) -> torch.export.E
 
     targets = {getattr(npu_attn, name).default: (getattr(npu_attn, f).default, pos)
                for name, (f, pos) in _IN_PLACE.items()}
+    _unwrap_auto_functionalized(program, targets)
     if not any(n.target in targets for n in program.graph.nodes):
         return program
     graph = program.graph
@@ -830,6 +831,60 @@ def _caches_as_outputs(program: torch.export.ExportedProgram) -> torch.export.Ex
     users = sum(s.kind == OutputKind.USER_OUTPUT for s in specs)
     program.module_call_graph[0].signature.out_spec = pytree.tree_flatten(tuple(range(users)))[1]
     return program
+
+
+def _unwrap_auto_functionalized(program: torch.export.ExportedProgram, targets: dict) -> None:
+    """A program decomposed after export holds each in-place writer as
+    ``auto_functionalized_v2(op, ..., _<arg>_base_index=i, _all_bases=[...])`` whose
+    item 1 + i is the new value of base i (torch.onnx cannot translate it): call the
+    functional twin on the bases instead, its result(s) standing for those items."""
+    import operator
+
+    graph = program.graph
+    hop = torch.ops.higher_order.auto_functionalized_v2
+    for node in [n for n in graph.nodes if n.target is hop and n.args and n.args[0] in targets]:
+        op = node.args[0]
+        functional, positions = targets[op]
+        kw = dict(node.kwargs)
+        bases = kw.pop("_all_bases")
+        schema = op._schema.arguments
+        new_bases: list[int] = []
+        for p in positions:
+            name = schema[p].name
+            if any(k.startswith(f"_{name}_") and k != f"_{name}_base_index" for k in kw):
+                raise OnnxTranslationError(op._schema.name.split("::")[-1], name,
+                                           "the in-place writer writes a view of its base; not translated")
+            index = kw.pop(f"_{name}_base_index")
+            kw[name] = bases[index]
+            new_bases.append(index)
+        kw = {k: v for k, v in kw.items() if not k.startswith("_")}
+        args = tuple(kw.pop(a.name) for a in schema if not a.kwarg_only and a.name in kw)
+        with graph.inserting_before(node):
+            new = graph.call_function(functional, args, kw)
+        vals = [bases[i].meta["val"] for i in new_bases]
+        if len(positions) == 1:
+            new.meta["val"] = vals[0].clone()
+            results = [new]
+        else:
+            new.meta["val"] = tuple(v.clone() for v in vals)
+            results = []
+            for i in range(len(positions)):
+                with graph.inserting_before(node):
+                    item = graph.call_function(operator.getitem, (new, i))
+                item.meta["val"] = new.meta["val"][i]
+                results.append(item)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise OnnxTranslationError(op._schema.name.split("::")[-1], "(auto_functionalized_v2)",
+                                           f"an unexpected reader {user} of the functionalized call")
+            index = user.args[1]
+            if index >= 1 and index - 1 in new_bases:
+                user.replace_all_uses_with(results[new_bases.index(index - 1)])
+            elif index == 0 and len(results) == 1 and user.users:
+                user.replace_all_uses_with(results[0])  # the op's return, an alias of the written base
+            graph.erase_node(user)
+        graph.erase_node(node)
+    program.graph_module.recompile()
 
 
 def export_onnx(model: torch.nn.Module | torch.export.ExportedProgram, args: tuple = (), kwargs: dict | None = None,
