@@ -80,6 +80,17 @@ def test_deselected_passes_still_list_every_site():
     assert not site.rewritten and site.reason == "the attention passes were not selected"
 
 
+def test_deselected_passes_still_list_every_sdpa_call():
+    """Without sdpa_to_fused (which lists every call it sees), an SDPA call was missing from the report."""
+    q = k = v = torch.randn(1, 2, 4, 16)
+    for options in ({"passes": []}, {"passes": ["eager_attention_to_fused"]}):
+        report = explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v,
+                         options=options)
+        (site,) = report.sites
+        assert site.kind == "attention" and site.pattern.startswith("sdpa:") and not site.rewritten, report.table()
+        assert site.reason == "the attention passes were not selected"
+
+
 def test_a_write_no_rule_covers_into_a_cache_input_is_listed():
     def step(q, k_cache, v_cache):
         k_cache.mul_(0.5)  # a cache-shaped input changed in place, not by a KV-cache write form

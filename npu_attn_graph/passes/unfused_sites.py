@@ -12,6 +12,9 @@ is left in the graph:
   from matching it (e.g. tanh: a logit softcap; cat: a sink column). Linear
   layers are 2-D matmuls (mm/addmm), so routers and classifiers are not
   attention-shaped.
+- SDPA: a scaled_dot_product_attention call (any of its ATen forms) left in
+  the graph, which happens only when sdpa_to_fused did not run (that rule
+  lists every call it sees, fused or refused).
 - KV caches: a graph input or buffer of floating dtype and rank >= 3 that the
   graph writes (the copy_ into it that AOT functionalization leaves) and that
   no rule has claimed.
@@ -28,6 +31,7 @@ from ..report import Report, Site, node_location
 from ._context import PassContext
 from ._fx import CLAIMED, SOFTMAXES, is_call, val
 from .eager_attention_to_fused import scale_factor
+from .sdpa_to_fused import SDPA_TARGETS
 
 aten = torch.ops.aten
 
@@ -192,6 +196,10 @@ def report_unfused_sites(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
                 continue
             reason = _attention_reason(node, selected, *paths)
             kind, pattern = "attention", "attention-shaped softmax"
+        elif is_call(node, tuple(SDPA_TARGETS)):
+            kind, pattern = "attention", f"sdpa:{_op_name(node)}"
+            reason = ("the attention passes were not selected" if "sdpa_to_fused" not in selected else
+                      "no rule listed this scaled_dot_product_attention call")
         elif is_call(node, aten.copy_.default) and _cache_shaped(node.args[0]):
             kind, pattern = "kv_update", "write into a graph input"
             reason = (f"no rule matches this write into {node.args[0].name} (shape "
