@@ -28,6 +28,9 @@ What each op becomes (opset 24):
   ``npu_scatter_nd_update`` -> ``ScatterND``; ``npu_scatter_pa_kv_cache``
   (Norm / PA_NZ) -> ``ScatterND`` into the slot view (negative slots skipped
   through a spare row, as the NPU skips them).
+- Softcapped attention (Gemma2), which no NPU op carries and the rules leave
+  unfused: folded after export into ``Attention(softcap=...)`` where the exported
+  graph has exactly that form (``_softcap_attention``).
 - Everything else (int8 quantisation, shared prefixes, left-padding sizes,
   softmax LSE outputs, the compressed-cache modes, training and MoE ops) fails
   with :class:`OnnxTranslationError` naming the op, the argument and why.
@@ -887,6 +890,114 @@ def _unwrap_auto_functionalized(program: torch.export.ExportedProgram, targets: 
     program.graph_module.recompile()
 
 
+def _scalar(value) -> float | None:
+    """A constant one-element value's number, else None."""
+    tensor = None if value is None else value.const_value
+    if tensor is None:
+        return None
+    array = tensor.numpy()
+    return float(array.reshape(-1)[0]) if array.size == 1 else None
+
+
+def _only_use(value, op_type: str):
+    """The single node reading ``value`` if it is an ``op_type`` node, else None."""
+    uses = list(value.uses())
+    if len(uses) != 1 or uses[0][0].op_type != op_type or uses[0][0].domain not in ("", "ai.onnx"):
+        return None
+    return uses[0][0]
+
+
+def _made_by(value, op_type: str):
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _softcap_site(softmax) -> dict | None:
+    """``MatMul(q, Transpose(k)) [* s] / c -> Tanh -> * c [+ mask] -> Softmax(-1) -> MatMul(., v)``,
+    every intermediate read once, q/k/v 4-D float: the parts, else None."""
+    axis = softmax.attributes.get("axis")
+    if axis is None or axis.as_int() not in (-1, 3):
+        return None
+    x, mask = softmax.inputs[0], None
+    add = _made_by(x, "Add")
+    if add is not None:
+        for i in (0, 1):
+            if _made_by(add.inputs[i], "Mul") is not None and _made_by(_made_by(add.inputs[i], "Mul").inputs[0], "Tanh"):
+                x, mask = add.inputs[i], add.inputs[1 - i]
+                break
+        else:
+            return None
+    capped = _made_by(x, "Mul")
+    if capped is None or _made_by(capped.inputs[0], "Tanh") is None:
+        return None
+    cap = _scalar(capped.inputs[1])
+    div = _made_by(_made_by(capped.inputs[0], "Tanh").inputs[0], "Div")
+    if div is None or cap is None or cap <= 0 or _scalar(div.inputs[1]) != cap:
+        return None
+    scores, scale = div.inputs[0], 1.0
+    mul = _made_by(scores, "Mul")
+    if mul is not None:
+        factor = [_scalar(i) for i in mul.inputs]
+        if factor[1] is not None:
+            scores, scale = mul.inputs[0], factor[1]
+        elif factor[0] is not None:
+            scores, scale = mul.inputs[1], factor[0]
+        else:
+            return None
+    matmul = _made_by(scores, "MatMul")
+    transpose = None if matmul is None else _made_by(matmul.inputs[1], "Transpose")
+    if transpose is None:
+        return None
+    perm = transpose.attributes.get("perm")
+    if perm is None or list(perm.as_ints()) != [0, 1, 3, 2]:
+        return None
+    out = _only_use(softmax.outputs[0], "MatMul")
+    if out is None or out.inputs[0] is not softmax.outputs[0]:
+        return None
+    q, k, v = matmul.inputs[0], transpose.inputs[0], out.inputs[1]
+    chain = [matmul, mul, div, _made_by(capped.inputs[0], "Tanh"), capped, add, softmax]
+    for node in chain:
+        if node is not None and node is not softmax and len(list(node.outputs[0].uses())) != 1:
+            return None
+    floats = {q.dtype, k.dtype, v.dtype}
+    if len(floats) != 1 or any(x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
+        return None
+    if mask is not None and mask.dtype != q.dtype:  # Attention adds a float mask of the query's type
+        return None
+    return dict(q=q, k=k, v=v, mask=mask, scale=scale, cap=cap, out=out)
+
+
+def _softcap_attention(model) -> int:
+    """Attention with a logit softcap (Gemma2's attn_logit_softcapping) as one ONNX
+    ``Attention(softcap=c)``: no NPU op applies a softcap, so the rules leave those
+    sites unfused and they reach ONNX decomposed. The Attention op applies scale,
+    then the softcap, then the mask, as the model does. Returns the count."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    graph, count = model.graph, 0
+    for softmax in [n for n in graph if n.op_type == "Softmax"]:
+        site = _softcap_site(softmax)
+        if site is None:
+            continue
+        inputs = [site["q"], site["k"], site["v"]] + ([site["mask"]] if site["mask"] is not None else [])
+        attention = ir.node("Attention", inputs, {"scale": site["scale"], "softcap": site["cap"], "is_causal": 0},
+                            num_outputs=1, version=OPSET)
+        old = site["out"].outputs[0]
+        attention.outputs[0].shape, attention.outputs[0].type = old.shape, old.type
+        graph.insert_before(site["out"], attention)
+        for i, output in enumerate(graph.outputs):
+            if output is old:  # the graph's output keeps its name
+                name, old.name = old.name, f"{old.name}_decomposed"
+                attention.outputs[0].name = name
+                graph.outputs[i] = attention.outputs[0]
+        ir.convenience.replace_all_uses_with(old, attention.outputs[0])
+        count += 1
+    if count:
+        RemoveUnusedNodesPass()(model)
+    return count
+
+
 def export_onnx(model: torch.nn.Module | torch.export.ExportedProgram, args: tuple = (), kwargs: dict | None = None,
                 *, f: str | os.PathLike | None = None, opset_version: int = OPSET,
                 dynamic_shapes: Any = None) -> "torch.onnx.ONNXProgram":
@@ -921,6 +1032,7 @@ def export_onnx(model: torch.nn.Module | torch.export.ExportedProgram, args: tup
         if cause is not None:
             raise OnnxTranslationError(cause.op, cause.argument, cause.why) from e
         raise
+    _softcap_attention(onnx_program.model)
     onnx.checker.check_model(onnx_program.model_proto, full_check=True)
     if f is not None:
         onnx_program.save(os.fspath(f))
