@@ -42,9 +42,9 @@ def _normalised(schema_text: str) -> str:
     return str(torch._C.parse_schema(schema_text)).split("::", 1)[-1]
 
 
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} is absent (shared/ is not beside this checkout)")
 def test_reference_copy_matches_shared_file():
-    if REFERENCE.exists():
-        assert LOCAL_COPY.read_text() == REFERENCE.read_text()
+    assert LOCAL_COPY.read_text() == REFERENCE.read_text()
 
 
 def _cached_wheel() -> Path | None:
