@@ -133,7 +133,7 @@ def rewrite_program(program: ExportedProgram, opts: BackendOptions, report: Repo
     gm.recompile()
     signature = ExportGraphSignature(input_specs=list(program.graph_signature.input_specs), output_specs=output_specs)
     verifiers = program.verifiers
-    if any(returns_mutated_input(n) for n in gm.graph.nodes):
+    if any(returns_mutated_input(n) or _writes_in_place(n) for n in gm.graph.nodes):
         # The ATen dialect's verifier admits functional ops only; the training IR's
         # (torch.export.export's own default dialect) admits in-place ops, as ours.
         verifiers = [TrainingIRVerifier]
@@ -152,7 +152,7 @@ def _copied_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
 
 def _impure(node: torch.fx.Node) -> bool:
     # Placeholders and in-place writers stay even when nothing reads them.
-    return node.op == "placeholder" or node.is_impure() or returns_mutated_input(node)
+    return node.op == "placeholder" or node.is_impure() or returns_mutated_input(node) or _writes_in_place(node)
 
 
 def _drop_intermediate_assertions(graph: torch.fx.Graph) -> None:
@@ -217,10 +217,15 @@ def _copies_as_mutations(graph: torch.fx.Graph, signature: ExportGraphSignature,
             continue
         writers = [n for n in graph.nodes if n.op == "call_function" and returns_mutated_input(n)
                    and cache_root(n) is target]
-        if not writers:
+        if writers:
+            values[i] = writers[-1]
+        elif any(_writes_in_place(n, target) for n in graph.nodes):
+            # A writer that returns nothing (npu_scatter_pa_kv_cache writes both caches):
+            # after it, the placeholder itself holds the new value.
+            values[i] = target
+        else:
             raise RuntimeError(f"npu_attn_graph.export: the program mutates {target.name}, but after the passes "
                                "neither a copy_ into it nor an in-place writer of it is left")
-        values[i] = writers[-1]
     output.args = (tuple(values),)
     specs = []
     for spec, value in zip(signature.output_specs, values):
@@ -229,6 +234,21 @@ def _copies_as_mutations(graph: torch.fx.Graph, signature: ExportGraphSignature,
             arg = TensorArgument(name=value.name)
         specs.append(OutputSpec(kind=spec.kind, arg=arg, target=spec.target))
     return specs
+
+
+def _writes_in_place(node: torch.fx.Node, target: torch.fx.Node | None = None) -> bool:
+    """node is an op whose schema marks an argument written in place, and that argument is target
+    (or a view of it; any argument when target is None)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) and not arg.kwarg_only else node.kwargs.get(arg.name)
+        if isinstance(value, torch.fx.Node) and (target is None or cache_root(value) is target):
+            return True
+    return False
 
 
 AIR_NAME = "npu_attn_export"

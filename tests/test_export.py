@@ -247,6 +247,38 @@ def test_static_cache_decode_inputs_saved_loaded_and_decomposed(tmp_path):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+def test_paged_decode_step_with_a_writer_that_returns_nothing(tmp_path):
+    """npu_scatter_pa_kv_cache writes both caches in place and returns nothing: the mutation
+    outputs are then the cache inputs themselves (before, export() raised). Saved, loaded and
+    exported to ONNX (Attention + ScatterND), it equals eager, caches included."""
+    from tests.test_paged_attention_read import decode_inputs, decode_step
+
+    class Step(torch.nn.Module):
+        def forward(self, *args):
+            return decode_step(*args)
+
+    args = decode_inputs()
+    ref = [a.clone() for a in args]
+    expected = decode_step(*ref)
+    report = Report()
+    program = npu_attn_graph.export(Step(), tuple(a.clone() for a in args), options={"report": report})
+    assert sorted((s.kind, s.fused_op) for s in report.sites) == [
+        ("attention", "npu_incre_flash_attention_paged"), ("kv_update", "npu_scatter_pa_kv_cache"),
+        ("kv_update", "npu_scatter_pa_kv_cache")], report.table()
+    torch.export.save(program, tmp_path / "paged.pt2")
+    for ep in (program, torch.export.load(tmp_path / "paged.pt2")):
+        mine = [a.clone() for a in args]
+        torch.testing.assert_close(ep.module()(*mine), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine[3], ref[3], rtol=0, atol=0)
+        torch.testing.assert_close(mine[4], ref[4], rtol=0, atol=0)
+    onnx_program = npu_attn_graph.export_onnx(program)
+    k_cache, v_cache, out = onnx_program(*[a.clone() for a in args])
+    assert "Attention" in {n.op_type for n in onnx_program.model_proto.graph.node}
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, ref[3], rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, ref[4], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # The pt2 round trip in a fresh process
 
