@@ -10,7 +10,7 @@ from torchair.ge import DataType, Tensor, TensorSpec, attr, custom_op
 from torchair.ge._ge_graph import dont_prune_me
 
 from .._torchair_offline_native import register_ir
-from ..kernels._library import INT_MAX
+from ..kernels._library import INT64_MAX, INT_MAX
 
 
 def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.DT_INT64) -> Tensor | None:
@@ -25,5 +25,5 @@ def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.D
     return ge.Const(list(value), dtype=dtype)
 
 
-__all__ = ["DataType", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
+__all__ = ["DataType", "INT64_MAX", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
            "int_list_input", "register_fx_node_ge_converter", "register_ir"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.sparse_flash_attention import INT64_MAX, resolved_attention_mode
-from ._ge import Tensor, attr, custom_op, register_fx_node_ge_converter, register_ir
+from ..kernels.sparse_flash_attention import resolved_attention_mode
+from ._ge import INT64_MAX, Tensor, attr, custom_op, register_fx_node_ge_converter, register_ir
 
 OP_TYPE = "SparseFlashAttention"
 INPUTS = [("query", "required"), ("key", "required"), ("value", "required"), ("sparse_indices", "required"),

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from . import _library
 from ._library import fail
 
-INF_TOKENS = 2**63 - 1
 # Query chunks with at least this many rows use torch's fused SDPA kernel.
 FUSED_MIN_ROWS = 16
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._attention_core import INF_TOKENS, AttentionProblem, Band, attention, paged_block_ids
+from ._attention_core import AttentionProblem, Band, attention, paged_block_ids
 from ._layouts import (
     Layout,
     batch_and_seq,
@@ -29,8 +29,8 @@ from ._layouts import (
     unpack_tnd,
 )
 from . import _library
-from ._library import (COMPRESSED_MASK_EXPRESSION, COMPRESSED_MASK_SIZE, LIB, check, fail, holds_once, register_npu,
-                       register_reference)
+from ._library import (COMPRESSED_MASK_EXPRESSION, COMPRESSED_MASK_SIZE, INT64_MAX, LIB, check, fail, holds_once,
+                       register_npu, register_reference)
 
 MAX_HEAD_DIM = 512
 MAX_HEADS = 256
@@ -76,8 +76,8 @@ class InferenceCall:
     kv_lens: Sequence[int] | None = None
     kv_lens_name: str = "actual_seq_lengths_kv"
     sparse_mode: int = 0
-    pre_tokens: int = INF_TOKENS
-    next_tokens: int = INF_TOKENS
+    pre_tokens: int = INT64_MAX
+    next_tokens: int = INT64_MAX
     block_table: torch.Tensor | None = None
     block_size: int = 0
     kv_padding_size: torch.Tensor | None = None
@@ -889,9 +889,9 @@ def _band(call: InferenceCall, g: Geometry) -> Band | None:
     if mode == 1:
         return None
     if mode == 2:
-        return Band(INF_TOKENS, 0, right_down=False)
+        return Band(INT64_MAX, 0, right_down=False)
     if mode == 3:
-        return Band(INF_TOKENS, 0, right_down=True)
+        return Band(INT64_MAX, 0, right_down=True)
     return Band(call.pre_tokens, call.next_tokens, right_down=True)
 
 

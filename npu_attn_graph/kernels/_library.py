@@ -37,6 +37,9 @@ COMPRESSED_MASK_EXPRESSION = (f"torch.triu(torch.ones({COMPRESSED_MASK_SIZE}, {C
 
 # torch_npu's "unbounded" default for pre_tokens/next_tokens (int32 max).
 INT_MAX = 2147483647
+# The int64 "unbounded" band of the newer ops (npu_sparse_flash_attention's
+# pre_tokens/next_tokens default) and of the reference kernels' Band.
+INT64_MAX = 2**63 - 1
 
 
 def holds_once(tensor: torch.Tensor, predicate: Callable[[torch.Tensor], bool]) -> bool:

@@ -141,12 +141,11 @@ import torch
 
 from . import _library
 from ._attention_core import paged_block_ids
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import INT64_MAX, check, define, fail, register_npu, register_reference
 
 __all__ = ["custom_npu_sparse_flash_attention", "npu_sparse_flash_attention", "resolved_attention_mode"]
 
 OP = "npu_sparse_flash_attention"
-INT64_MAX = 2**63 - 1
 HEAD_DIM = 512
 ROPE_DIM = 64
 KV_HEADS = 1
