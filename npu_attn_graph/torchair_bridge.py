@@ -91,7 +91,9 @@ def load_torchair(progress: Callable[[str], None] | None = None) -> TorchAir:
 
 
 def torch_npu_available() -> bool:
-    """True when torch_npu is importable here (an Ascend host with CANN)."""
+    """True when ``import torch_npu`` succeeds here (an Ascend host with CANN); it
+    imports torch_npu. Installed but failing to import (no CANN) counts as absent;
+    kernels._library.torch_npu_installed only checks that the package is installed."""
     if "torch_npu" in sys.modules:
         return True
     if importlib.util.find_spec("torch_npu") is None:

@@ -105,8 +105,10 @@ def define(name: str, schema: str, tags: tuple = ()) -> str:
     return f"{NAMESPACE}::{name}"
 
 
-def torch_npu_available() -> bool:
-    """True when torch_npu can be imported (an Ascend host with CANN)."""
+def torch_npu_installed() -> bool:
+    """True when a torch_npu package is installed (found by importlib; not imported,
+    so it may still fail to import without CANN). For "imports here", see
+    torchair_bridge.torch_npu_available."""
     return importlib.util.find_spec("torch_npu") is not None
 
 
@@ -120,6 +122,6 @@ def register_reference(qualname: str, fn: Callable) -> None:
 
 
 def register_npu(qualname: str, fn: Callable) -> None:
-    """Register the PrivateUse1 (Ascend) kernel when torch_npu is importable."""
-    if torch_npu_available():
+    """Register the PrivateUse1 (Ascend) kernel when torch_npu is installed."""
+    if torch_npu_installed():
         LIB.impl(qualname.split("::")[1], fn, "PrivateUse1")
