@@ -41,14 +41,8 @@ from .report import Report
 from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
 
 EXECUTORS = ("eager", "inductor", "torchair")
-# Passes whose rewrites Inductor does not handle correctly: it compiles the
-# alias-returning scatter_update_ inserted after AOT, but the caches come out
-# wrong (measured on the tiny Llama). With the Inductor executor the KV-cache
-# writes stay as index_put/index_copy, which Inductor makes in place itself.
-INDUCTOR_UNSUPPORTED = ("static_cache_update", "sliding_window_cache_update")
 OPTION_DOCS = {
-    "passes": f"list of pass names to run; they always run in the fixed order {list(PASSES)} (default: all "
-              "that the executor supports)",
+    "passes": f"list of pass names to run; they always run in the fixed order {list(PASSES)} (default: all)",
     "executor": f"one of {list(EXECUTORS)} (default: 'torchair' where torch_npu imports, else 'eager')",
     "report": "a Report to fill, or a callable receiving the Report after each graph",
     "torchair_config": "TorchAir CompilerConfig for executor 'torchair' (copied; our passes run before "
@@ -61,7 +55,7 @@ OPTION_DOCS = {
 
 @dataclass
 class BackendOptions:
-    passes: list[str] | None = None  # None: every pass the executor can run
+    passes: list[str] | None = None  # None: every pass
     executor: str | None = None  # None: "torchair" where torch_npu imports, else "eager"
     report: Report | Callable[[Report], Any] | None = None
     torchair_config: Any = None
@@ -82,18 +76,13 @@ class BackendOptions:
         if parsed.fp32_attention is None:
             parsed.fp32_attention = "float16" if parsed.executor == "torchair" else "keep"
         if parsed.passes is None:
-            parsed.passes = [p for p in PASSES if p not in INDUCTOR_UNSUPPORTED or parsed.executor != "inductor"]
+            parsed.passes = list(PASSES)
         if not isinstance(parsed.passes, (list, tuple)) or not all(p in PASSES for p in parsed.passes):
             raise ValueError(f"npu_attn backend: option 'passes' must be a list of names from {list(PASSES)}, "
                              f"got {parsed.passes!r}")
         if parsed.executor not in EXECUTORS:
             raise ValueError(f"npu_attn backend: option 'executor' must be one of {list(EXECUTORS)}, "
                              f"got {parsed.executor!r}")
-        if parsed.executor == "inductor" and set(parsed.passes) & set(INDUCTOR_UNSUPPORTED):
-            raise ValueError(f"npu_attn backend: passes {sorted(set(parsed.passes) & set(INDUCTOR_UNSUPPORTED))} "
-                             "cannot run with executor 'inductor': they write KV caches with in-place ops that "
-                             "return an alias of their input, which Inductor compiles into wrong cache contents "
-                             "when they are inserted after AOT (use executor 'eager')")
         if parsed.fp32_attention not in FP32_ATTENTION:
             raise ValueError(f"npu_attn backend: option 'fp32_attention' must be one of {list(FP32_ATTENTION)}, "
                              f"got {parsed.fp32_attention!r}")
@@ -123,19 +112,22 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
 def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions, report: Report):
     _rewrite_for_training(gm, example_inputs, opts, report)
 
+    inductor = opts.executor == "inductor"
+
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
-            _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention))
+            # Under Inductor, scatter_update (functional) and the graph's copy_ back into
+            # the cache, which Inductor compiles as an input mutation.
+            _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
+                                                        functional_alias_writes=inductor))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
         return compile_graph
 
-    extra = {}
-    if opts.executor == "inductor":
-        # Inductor lowers only graphs decomposed with its own table.
-        from torch._inductor.decomposition import select_decomp_table
-
-        extra["decompositions"] = select_decomp_table()
+    # No decompositions beyond AOT's own, for every executor: the passes see the
+    # same graph whatever runs it (Inductor's table, applied before them, would turn
+    # an eager softmax into amax/sub/exp/sum/div that no rule matches). The
+    # rewritten graph is decomposed for Inductor afterwards (_decompose_for_inductor).
     return aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
@@ -143,7 +135,6 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
         # Input mutations (KV caches) stay in the graph as copy_ nodes, so the
         # cache-update pass can turn them into in-place writes.
         keep_inference_input_mutations=True,
-        **extra,
     )(gm, example_inputs)
 
 
@@ -293,9 +284,28 @@ def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str)
     if executor == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
-        return compile_fx_inner(gm, example_inputs)
+        return compile_fx_inner(_decompose_for_inductor(gm, example_inputs), example_inputs)
     _fold_pass_constants(gm)
     return make_boxed_func(gm)  # AOT calls compiled graphs with a boxed (list) argument
+
+
+def _decompose_for_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
+    """The rewritten graph traced again through Inductor's decompositions, which it
+    lowers only after (it refuses an op its table decomposes, such as aten.clamp or
+    aten._to_copy that a rewrite inserted). Our ops have no decomposition: they stay
+    as calls, which Inductor runs as extern kernels."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode()
+    fake_inputs = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not
+                   isinstance(x, torch._subclasses.FakeTensor) else x for x in example_inputs]
+    with fake_mode, torch._dynamo.utils.preserve_rng_state():
+        decomposed = make_fx(torch.fx.Interpreter(gm).run, decomposition_table=select_decomp_table(),
+                             record_module_stack=True)(*fake_inputs)
+    return decomposed
 
 
 def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:

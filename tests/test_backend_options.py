@@ -36,9 +36,6 @@ BAD = {
                        ["option 'fp32_attention' must be one of ['keep', 'float16', 'bfloat16', 'unfused']",
                         "got 'float8'"]),
     "report": ({"report": 42}, ["option 'report' must be a Report or a callable", "got 42 (int)"]),
-    "inductor with static_cache_update": (
-        {"executor": "inductor", "passes": ["sdpa_to_fused", "static_cache_update"]},
-        ["passes ['static_cache_update'] cannot run with executor 'inductor'"]),
     "torchair with fp32 keep": ({"executor": "torchair", "fp32_attention": "keep"},
                                 ["fp32_attention='keep' cannot be used with executor 'torchair'"]),
     "torchair_config without torchair": ({"executor": "eager", "torchair_config": NotAConfig()},

@@ -28,6 +28,12 @@ class PassContext:
     # "float16"/"bfloat16" fuse it with casts around the fused op (attention_precision),
     # "unfused" leaves it as plain math.
     fp32_attention: str = "keep"
+    # For the "torch" target too, the KV-cache writers that return an alias of the cache
+    # (scatter_update_) are replaced by their functional twin plus the graph's copy_ back:
+    # Inductor compiles that pair as an input mutation, while the in-place writer inserted
+    # after AOT comes out as wrong cache contents there. (Writers returning nothing, such
+    # as npu_scatter_pa_kv_cache, stay in place: Inductor runs them as mutating externs.)
+    functional_alias_writes: bool = False
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -39,6 +45,11 @@ class PassContext:
     @property
     def functional_kv_writes(self) -> bool:
         return self.target == "ge"
+
+    @property
+    def functional_scatter_update(self) -> bool:
+        """Whether cache writes use scatter_update (functional) rather than scatter_update_."""
+        return self.functional_kv_writes or self.functional_alias_writes
 
     @property
     def attention_cast_dtype(self) -> torch.dtype | None:

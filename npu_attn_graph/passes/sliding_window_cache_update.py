@@ -91,7 +91,7 @@ def rewrite_step(rw: Rewrite, step: WindowStep, ctx: PassContext, site: Site) ->
     head = rw.call(aten.slice.Tensor, (step.cache, step.dim, 0, 1))
     shifted = rw.call(aten.cat.default, ([tail, head], step.dim))
     # The shifted tensor is new: the write can go into it in place (functional for GE).
-    written = fused_write(rw, step.write, shifted, in_place=not ctx.functional_kv_writes)
+    written = fused_write(rw, step.write, shifted, in_place=not ctx.functional_scatter_update)
     rw.replace(step.write.node, written)
     dead = [step.write.node, step.roll]
     for user in step.write.node.users:
@@ -163,7 +163,7 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
         site.fused_op = "scatter_update"
         site.layout = "BNSD" if val(fill.cache).dim() == 4 and fill.dim == 2 else f"axis {fill.dim}"
         return [fill.copy]
-    if ctx.functional_kv_writes:  # GE: the functional writer, copied back (TorchAir writes in place)
+    if ctx.functional_scatter_update:  # the functional writer, copied back (GE / Inductor write in place)
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
         rw.replace(fill.value, written)
         site.fused_op = "scatter_update"

@@ -326,8 +326,8 @@ def rewrite_write(rw: Rewrite, write: SequenceWrite, ctx: PassContext, site: Sit
     in_place_reason = None
     if write.copy_back is None and not write.fresh:
         in_place = False  # out of place: the caller's tensor must not change
-    elif ctx.functional_kv_writes:
-        in_place = False  # GE: TorchAir makes the functional writer + copy_ one in-place write
+    elif ctx.functional_scatter_update:
+        in_place = False  # GE: TorchAir makes the functional writer + copy_ one in-place write; Inductor: a mutation
     else:
         in_place_reason = _old_cache_read_after(write)
         in_place = in_place_reason is None
