@@ -34,6 +34,13 @@ def val(node: object) -> Any:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def dynamo_val(node: object) -> Any:
+    """val(node) on dynamo's graph (before AOT), where only nodes a pass made carry
+    meta["val"]: dynamo's own nodes carry their fake value as meta["example_value"]."""
+    found = val(node)
+    return found if found is not None or not isinstance(node, torch.fx.Node) else node.meta.get("example_value")
+
+
 def is_call(node: object, targets: object) -> bool:
     """node is a call_function of `targets` (one target or a tuple of them)."""
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":

@@ -25,7 +25,7 @@ import torch
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, fake_result, insert_call
+from ._fx import SITE, fake_result, insert_call, val
 from .registry import ATTENTION_OPS, FusedAttentionOp
 
 aten = torch.ops.aten
@@ -37,7 +37,7 @@ def _swaps_seq_and_heads(node: object) -> bool:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     if node.target is aten.transpose.int:
-        return tuple(node.args[1:3]) in SEQ_HEAD_SWAPS and node.args[0].meta["val"].dim() == 4
+        return tuple(node.args[1:3]) in SEQ_HEAD_SWAPS and val(node.args[0]).dim() == 4
     return node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]
 
 
@@ -47,10 +47,6 @@ def _output(node: torch.fx.Node, op: FusedAttentionOp) -> torch.fx.Node | None:
         return node
     outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == op.output_index]
     return outs[0] if len(outs) == 1 else None
-
-
-def _fake(node: torch.fx.Node):
-    return node.meta["val"]
 
 
 def _retarget(gm: torch.fx.GraphModule, node: torch.fx.Node, out: torch.fx.Node, args: tuple,
@@ -124,7 +120,7 @@ def attention_layout(gm: torch.fx.GraphModule, report: Report, ctx: PassContext)
             pairs = _contiguous_copy_of_transpose(out)
             if pairs and only_swapped and "BNSD_BSND" in op.layouts:
                 view = _retarget(gm, node, out, node.args, "BNSD_BSND")
-            elif pairs and _fake(query).shape[2] == 1:
+            elif pairs and val(query).shape[2] == 1:
                 for _, copy in pairs:
                     _single_token_view(gm, out, copy)
                 changed += 1

@@ -52,7 +52,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels.fusion_attention_packed import npu_fusion_attention_packed
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import is_call, val
+from ._fx import dynamo_val, is_call
 
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
@@ -84,7 +84,7 @@ def from_packed_positions(mask: object, limit: int = 200) -> bool:
         if not isinstance(node, torch.fx.Node) or node in seen:
             continue
         seen.add(node)
-        v = _value(node)
+        v = dynamo_val(node)
         if not isinstance(v, torch.Tensor):
             continue  # sizes (sym_size of input_ids) carry no positions
         if node.op == "placeholder":
@@ -130,11 +130,6 @@ def _candidates(gm: torch.fx.GraphModule):
                        args.get("scale", 1.0), False)
 
 
-def _value(node: object):
-    return val(node) if val(node) is not None else (node.meta.get("example_value") if isinstance(
-        node, torch.fx.Node) else None)
-
-
 def packed_output(query, key, value, keep, scale: float):
     """The training SDPA rewrite's call (BNSD, boolean keep-mask) through the packed op."""
     return npu_fusion_attention_packed(query, key, value, keep.logical_not(), query.shape[1], scale)[0]
@@ -145,7 +140,7 @@ def training_packed_to_tnd(gm: torch.fx.GraphModule, report: Report, ctx: PassCo
     npu_fusion_attention_packed; returns how many."""
     changed = 0
     for node, q, k, v, heads, mask, scale, mask_is_keep in list(_candidates(gm)):
-        q_val, k_val = _value(q), _value(k)
+        q_val, k_val = dynamo_val(q), dynamo_val(k)
         if q_val is None or k_val is None or q_val.dim() != 4 or \
                 not statically_known_true(q_val.shape[2] == k_val.shape[2]) or not from_packed_positions(mask):
             continue

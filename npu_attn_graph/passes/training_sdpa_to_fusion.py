@@ -28,6 +28,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import COMPRESSED_MASK_SIZE
 from ..report import Report, Site, node_location
 from ._context import PassContext
+from ._fx import dynamo_val
 from .training_eager_attention_to_fusion import AUTOCAST, mark_autocast_regions, mark_left_in_training
 from .training_packed_to_tnd import mark_site
 
@@ -47,12 +48,8 @@ def fusion_attention_output(query, key, value, atten_mask, scale: float, sparse_
                                                    sparse_mode=sparse_mode)[0]
 
 
-def _example(node: object):
-    return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
-
-
 def _reason_and_mode(args: dict) -> tuple[str | None, int]:
-    q, k, mask = _example(args["query"]), _example(args["key"]), args["attn_mask"]
+    q, k, mask = dynamo_val(args["query"]), dynamo_val(args["key"]), args["attn_mask"]
     if args["dropout_p"] != 0:
         return f"dropout_p={args['dropout_p']} (npu_fusion_attention's dropout RNG differs from torch's)", 0
     if q is None or k is None or q.dim() != 4 or k.dim() != 4:
@@ -62,7 +59,7 @@ def _reason_and_mode(args: dict) -> tuple[str | None, int]:
     if mask is not None:
         if args["is_causal"]:
             return "both attn_mask and is_causal given", 0
-        if _example(mask) is None or _example(mask).dtype != torch.bool:
+        if dynamo_val(mask) is None or dynamo_val(mask).dtype != torch.bool:
             return "a float attn_mask (only boolean masks are converted in training graphs)", 0
         return None, 1
     if args["is_causal"]:
@@ -85,7 +82,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
         site = Site(kind="attention", graph=graph_name, layer=layer, source=source, pattern="sdpa(training)")
         report.sites.append(site)
         site.reason, sparse_mode = _reason_and_mode(args)
-        q_value = _example(args["query"])
+        q_value = dynamo_val(args["query"])
         if site.reason is None and (node.meta.get(AUTOCAST) or (
                 q_value is not None and torch.is_autocast_enabled(q_value.device.type))):
             site.reason = ("inside torch.autocast: SDPA runs in autocast's dtype, which npu_fusion_attention (not an "
@@ -95,7 +92,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
             # kernels, or its math decomposition) is not listed again after AOT.
             mark_left_in_training(node, site)
             continue
-        q = _example(args["query"])
+        q = dynamo_val(args["query"])
         scale = args["scale"] if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         with gm.graph.inserting_before(node):
             fused = gm.graph.call_function(
@@ -107,7 +104,7 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
         gm.graph.erase_node(node)
         site.fused_op, site.layout = "npu_fusion_attention", "BNSD"
         site.sparse_mode = sparse_mode
-        site.gqa_ratio = q.shape[1] // _example(args["key"]).shape[1]
+        site.gqa_ratio = q.shape[1] // dynamo_val(args["key"]).shape[1]
         changed += 1
     if changed:
         gm.graph.lint()
