@@ -151,7 +151,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         paths += _write_pictures(stage / "pictures", report, notes)
         paths = [out / p.relative_to(stage) if p.is_relative_to(stage) else p for p in paths]
         notes = [note.replace(str(stage), str(out)) for note in notes]
-        summary = _summary(args.target, result, paths + [out / MANIFEST], notes)
+        summary = _summary(args.target, result, paths + [out / "summary.txt", out / MANIFEST], notes)
         (stage / "summary.txt").write_text(summary + "\n")
         _install(stage, out, manifest, say)
     finally:
@@ -452,7 +452,9 @@ def _write_report(out: Path, result) -> list[Path]:
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     counts = out / "ge" / "op_types.txt"
     counts.write_text("".join(f"{n:5d}  {t}\n" for t, n in result.op_type_counts.most_common()))
-    return [out / "report.txt", out / "report.json", counts] + [g.pbtxt_path for g in result.graphs]
+    # Each graph's TorchAir dump (<name>.pbtxt) and GE protobuf as text (<name>.ge.txt, ge_graph writes it beside).
+    return [out / "report.txt", out / "report.json", counts] + [
+        path for g in result.graphs for path in (g.pbtxt_path, g.pbtxt_path.with_name(f"{g.name}.ge.txt"))]
 
 
 def _write_pictures(pictures_dir: Path, report, notes: list[str]) -> list[Path]:

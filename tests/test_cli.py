@@ -126,6 +126,11 @@ def test_dump_writes_everything_inside_out_only(tmp_path, monkeypatch, capsys):
     for stage in ("before", "after"):
         assert (out / "pictures" / f"attention_{stage}.svg").is_file()
         assert (out / "pictures" / f"attention_{stage}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The printed "files:" list (also in summary.txt) names every file the dump wrote, and only those.
+    listed = printed.split("\nfiles:\n", 1)[1].split()
+    assert sorted(listed) == sorted(str(p) for p in out.rglob("*") if p.is_file())
+    assert str(out / "summary.txt") in listed and list((out / "ge").glob("*.ge.txt"))
+    assert (out / "summary.txt").read_text() == printed
 
 
 def test_dump_refuses_a_non_empty_out_without_force(tmp_path, capsys):
