@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from npu_attn_graph import to_ge_graph
-from npu_attn_graph.demos import DECODERS, IMPLEMENTATIONS, scenario_call
+from npu_attn_graph.demo_models import DECODERS, IMPLEMENTATIONS, scenario_call
 
 INTERESTING = ("PromptFlashAttention", "IncreFlashAttention", "FusedInferAttentionScore", "BatchMatMul",
                "BatchMatMulV2", "SoftmaxV2", "Scatter", "TensorMove", "Assign")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .demos import DEMO_HELP
+from .demo_models import DEMO_HELP
 from .targets import FORMS, TargetError, load_target
 
 PROG = "npu-attn-graph"
@@ -165,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _ops_demo(args)
     import torch
 
-    from .demos import _transformers, build
+    from .demo_models import _transformers, build
     from .report import Report
 
     transformers = _transformers()
@@ -198,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _ops_demo(args: argparse.Namespace) -> int:
-    from .demo import FP32_TOLERANCE, format_results, run_demo
+    from .op_tour import FP32_TOLERANCE, format_results, run_demo
 
     print(f"npu_attn_graph op tour: tiny GQA decoder attention (B=2, N=8, KV heads 2, D=64), prompt 24 + "
           f"{args.new_tokens} decode steps, reference kernels on CPU")

@@ -45,7 +45,7 @@ def _factory(spec: str) -> Callable:
     if not sep or not location or not name:
         raise TargetError(f"TARGET {spec!r} is not one of {FORMS}")
     if location == "demo":
-        from .demos import DEMOS
+        from .demo_models import DEMOS
 
         if name not in DEMOS:
             raise TargetError(f"{spec}: no built-in demo {name!r}; choose one of {sorted(DEMOS)}")

@@ -1,4 +1,4 @@
-"""The tests' models are the package's built-in demo models (npu_attn_graph.demos)."""
+"""The tests' models are the package's built-in demo models (npu_attn_graph.demo_models)."""
 
 import dataclasses
 import functools
@@ -11,7 +11,7 @@ import transformers
 
 from npu_attn_graph import Report
 
-from npu_attn_graph.demos import DECODERS, IMPLEMENTATIONS, LAYERS, build, scenario_call  # noqa: F401
+from npu_attn_graph.demo_models import DECODERS, IMPLEMENTATIONS, LAYERS, build, scenario_call  # noqa: F401
 
 SCENARIOS = [(kind, attn, scenario) for kind in DECODERS for attn in IMPLEMENTATIONS
              for scenario in ("prefill", "static_prefill", "static_decode")] + \

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from npu_attn_graph.demo import FP32_TOLERANCE, run_demo
+from npu_attn_graph.op_tour import FP32_TOLERANCE, run_demo
 
 
 def test_demo_steps_match_sdpa():

@@ -454,7 +454,7 @@ def test_air_offline_is_ge_runtime_unavailable(tmp_path, capsys):
 
     if not load_torchair().offline:
         pytest.skip("an NPU host: TorchAir writes the .air file")
-    from npu_attn_graph.demos import scenario_call
+    from npu_attn_graph.demo_models import scenario_call
 
     model, args, kwargs = scenario_call("bert", "sdpa", "prefill")
     report = Report()
