@@ -9,7 +9,7 @@ which needs CANN and an NPU. Offline there is no runtime, so:
   built for the newest CANN);
 * the GE operator registry knows exactly the op types that npu_attn_graph's
   converters emit through TorchAir's custom-op builder, with the IR
-  definitions the converters declare (see ``register_ir``);
+  definitions the converters declare (``converters._ge.register_ir``);
 * everything that would load, compile, run or export a graph raises
   :class:`GeRuntimeUnavailable`: offline mode never pretends to run a graph.
 
@@ -20,6 +20,7 @@ runtime cannot exist on a host without an NPU.
 from __future__ import annotations
 
 import enum
+import sys
 from types import ModuleType
 
 NATIVE_MODULES = (
@@ -44,21 +45,15 @@ def _unavailable(what: str):
     return call
 
 
-# GE IR definitions, in the format of TorchAir's get_registered_ir_def:
-# op type -> ([(input, "required"|"optional"|"dynamic")], [(output, "required"|"dynamic")], [(attr, type)]).
-_IR_REGISTRY: dict[str, tuple[list, list, list]] = {}
-
-
-def register_ir(op_type: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
-                attrs: list[tuple[str, str]]) -> None:
-    """Declare a GE op type's IR for the offline registry (converters call this
-    for the op types they build with TorchAir's custom-op builder)."""
-    _IR_REGISTRY[op_type] = (list(inputs), list(outputs), list(attrs))
+# Where the converters declare the GE IR of the op types they build (GE_IR); read
+# only once the converters are loaded (they load after TorchAir), never imported here.
+_CONVERTERS_GE = __name__.rsplit(".", 1)[0] + ".converters._ge"
 
 
 def _get_registered_ir_def(op_type: str):
-    if op_type in _IR_REGISTRY:
-        return ("SUCCESS", *_IR_REGISTRY[op_type])
+    declared = getattr(sys.modules.get(_CONVERTERS_GE), "GE_IR", {})
+    if op_type in declared:
+        return ("SUCCESS", *declared[op_type])
     # Neither "SUCCESS" nor "ERROR": TorchAir reads this as "registry not
     # queryable" and neither auto-generates converters nor compiles callbacks.
     return ("None", [], [], [])

@@ -9,8 +9,20 @@ from torchair._ge_concrete_graph import ge_apis as ge  # TorchAir's generated GE
 from torchair.ge import DataType, Tensor, TensorSpec, attr, custom_op
 from torchair.ge._ge_graph import dont_prune_me
 
-from .._torchair_offline_native import register_ir
 from ..kernels._library import INT64_MAX, INT_MAX
+
+# The GE IR of each op type the converters build with custom_op, in the format of
+# TorchAir's get_registered_ir_def: op type -> ([(input, "required"|"optional"|"dynamic")],
+# [(output, "required"|"dynamic")], [(attr, type)]). TorchAir defines no such registry of
+# its own: on an NPU host CANN's op registry holds these; offline, TorchAir's stand-in
+# native module (_torchair_offline_native) answers from this table.
+GE_IR: dict[str, tuple[list, list, list]] = {}
+
+
+def register_ir(op_type: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+                attrs: list[tuple[str, str]]) -> None:
+    """Declare the GE IR a converter builds op_type with (see GE_IR)."""
+    GE_IR[op_type] = (list(inputs), list(outputs), list(attrs))
 
 
 def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.DT_INT64) -> Tensor | None:
@@ -25,5 +37,5 @@ def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.D
     return ge.Const(list(value), dtype=dtype)
 
 
-__all__ = ["DataType", "INT64_MAX", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
+__all__ = ["DataType", "GE_IR", "INT64_MAX", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
            "int_list_input", "register_fx_node_ge_converter", "register_ir"]
