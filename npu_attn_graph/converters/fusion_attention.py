@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._fusion import unsupported_fusion_arguments
-from ._ge import INT_MAX, Tensor, TensorSpec, ge, int_list_input, register_fx_node_ge_converter
+from ._ge import INT_MAX, Tensor, ge, int_list_input, register_fx_node_ge_converter
 
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_fusion_attention.default)
