@@ -193,7 +193,7 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
         def optimize_graph_without_runtime(self, *args, **kwargs):
             try:
                 super().optimize_graph_without_runtime(*args, **kwargs)
-            except Exception as error:
+            except Exception:
                 if recorder.has_unconverted(self):  # placeholders can trip TorchAir's GE passes
                     recorder.built(self, optimized=False)
                     return
