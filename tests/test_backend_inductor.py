@@ -13,7 +13,7 @@ import torch
 from npu_attn_graph import Report
 from npu_attn_graph.backend import NpuAttnBackend
 
-from models import build
+from models import assert_caches_close, build, generate_static_both_ways
 
 RTOL, ATOL = 1e-5, 1e-5
 INDUCTOR = dict(executor="inductor")
@@ -86,3 +86,19 @@ def test_llama_eager_attention_prefill_is_fused_and_equals_eager():
         [(s.kind, s.reason) for s in report.sites]
     assert {s.fused_op for s in report.sites} == {"npu_prompt_flash_attention"}
     assert "aten.amax" not in report.code_after[-1] and "aten._softmax" not in report.code_after[-1]
+
+
+def test_static_cache_generate_equals_eager():
+    """Real transformers: greedy generate() with a StaticCache, whose prefill creates the
+    caches inside the graph; tokens and caches equal eager, every site fused."""
+    pytest.importorskip("transformers")
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    report = Report()
+    expected, actual, eager_cache, cache = generate_static_both_ways(
+        model, NpuAttnBackend(report=report, **INDUCTOR), ids, 3)
+    assert torch.equal(actual, expected)
+    assert_caches_close(cache, eager_cache, rtol=1e-4, atol=1e-5)
+    assert report.sites and all(s.rewritten for s in report.sites), [(s.kind, s.reason) for s in report.sites]
+    writes = [s for s in report.sites if s.kind == "kv_update"]
+    assert len(writes) == 2 * 2 * model.config.num_hidden_layers  # K and V, prefill and decode graphs

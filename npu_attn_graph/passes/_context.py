@@ -30,9 +30,12 @@ class PassContext:
     fp32_attention: str = "keep"
     # For the "torch" target too, the KV-cache writers that return an alias of the cache
     # (scatter_update_) are replaced by their functional twin plus the graph's copy_ back:
-    # Inductor compiles that pair as an input mutation, while the in-place writer inserted
-    # after AOT comes out as wrong cache contents there. (Writers returning nothing, such
-    # as npu_scatter_pa_kv_cache, stay in place: Inductor runs them as mutating externs.)
+    # Inductor compiles that pair as an input mutation, while the in-place writer comes out
+    # as wrong cache contents there, even functionalized into auto_functionalized_v2:
+    # Inductor (torch 2.13) takes the op's returned alias for a new buffer and reuses the
+    # written cache's storage for another buffer while the cache is live (measured on a
+    # StaticCache prefill, whose caches the graph creates). (Writers returning nothing,
+    # such as npu_scatter_pa_kv_cache, stay in place: Inductor runs them as mutating externs.)
     functional_alias_writes: bool = False
 
     def __post_init__(self) -> None:
