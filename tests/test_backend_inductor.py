@@ -9,14 +9,13 @@ Each case runs the same inputs eagerly and compiled (fp32, ~1e-5)."""
 
 import pytest
 import torch
+from models import assert_caches_close, build, generate_static_both_ways
 
 from npu_attn_graph import Report
 from npu_attn_graph.backend import NpuAttnBackend
 
-from models import assert_caches_close, build, generate_static_both_ways
-
 RTOL, ATOL = 1e-5, 1e-5
-INDUCTOR = dict(executor="inductor")
+INDUCTOR = {"executor": "inductor"}
 
 
 def _eager_attention(q, k, v, mask):
