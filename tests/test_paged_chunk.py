@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 import npu_attn_graph
 from npu_attn_graph import NpuAttnArgumentError, Report
-from test_paged_attention_read import (BS, D, GATHERS, H, HKV, MAXB, NB, PAGED_OPS, S_KV, _is_arg, _source,
-                                       compile_eager, graph_of, make_inputs, repeat_kv, targets)
+from test_paged_attention_read import (BS, D, GATHERS, H, HKV, NB, PAGED_OPS, S_KV, _is_arg, _source,
+                                       assert_left_dense, compile_eager, graph_of, make_inputs, repeat_kv,
+                                       targets)
 
 S_Q = 3
 FIA = "npu_fused_infer_attention_score_paged"
@@ -291,19 +292,7 @@ REFUSALS = {
 @pytest.mark.parametrize("name", list(REFUSALS))
 def test_chunks_not_provably_right_down_causal_stay_dense_with_the_reason(name):
     fn, reason = REFUSALS[name]
-    args = make_inputs(q_len=S_Q, seq_lens=(5, 40, 64))
-    expected = fn(*args)
-    report = Report()
-    out = compile_eager(fn, report)(*args)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    [site] = [s for s in report.sites if s.kind == "attention"]
-    assert site.pattern == "paged:gather-attention", report.table()
-    assert site.fused_op is not None and not site.fused_op.endswith("_paged"), report.table()
-    note = next(n for n in site.notes if n.startswith("paged read left as the dense gather"))
-    assert reason in note, note
-    graph = graph_of(report)
-    assert not [n for n in graph.nodes if n.target in PAGED_OPS]
-    assert [t for t in targets(graph) if t in GATHERS]
+    assert_left_dense(fn, make_inputs(q_len=S_Q, seq_lens=(5, 40, 64)), reason)
 
 
 # --- GE ------------------------------------------------------------------------------------------
