@@ -177,13 +177,10 @@ def test_each_spelling_reads_the_caches_through_block_table(name):
     assert node.kwargs["num_key_value_heads"] in (0, kv_heads) and node.kwargs["num_heads"] == H
 
 
-@pytest.mark.parametrize("name", ["index-view-sdpa-gqa", "index_select-handwritten", "heads-first-cache"])
-def test_nan_in_unused_blocks_and_past_the_lengths_never_reaches_the_output(name):
-    """Blocks no table names, table entries past a sequence's blocks and positions past its
-    length hold NaN; the fused op must give what eager gives on clean caches."""
-    fn, form, kv_heads, fused = SPELLINGS[name]
-    q, k_cache, v_cache, block_table, seq_lens = make_inputs(form, kv_heads, seq_lens=(5, 17, 33))
-    expected = fn(q, k_cache, v_cache, block_table, seq_lens)
+def dirty_caches(k_cache, v_cache, block_table, seq_lens, heads_first=False):
+    """Copies of the caches with NaN/inf in every block no table row uses and NaN past each
+    sequence's length in its last block, and the table with row 0 padded by -1 past its
+    first block (as vLLM pads unused entries)."""
     used = {int(x) for row, n in zip(block_table, seq_lens) for x in row[: math.ceil(int(n) / BS)]}
     dirty_k, dirty_v = k_cache.clone(), v_cache.clone()
     for blk in range(NB):
@@ -192,12 +189,21 @@ def test_nan_in_unused_blocks_and_past_the_lengths_never_reaches_the_output(name
     for row, n in zip(block_table, seq_lens):  # the tail of each last used block
         n = int(n)
         last = int(row[(n - 1) // BS])
-        if form == "bhsd":
-            dirty_k[last, :, n % BS or BS:], dirty_v[last, :, n % BS or BS:] = float("nan"), float("nan")
-        else:
-            dirty_k[last, n % BS or BS:], dirty_v[last, n % BS or BS:] = float("nan"), float("nan")
+        tail = (last, slice(None), slice(n % BS or BS, None)) if heads_first else (last, slice(n % BS or BS, None))
+        dirty_k[tail], dirty_v[tail] = float("nan"), float("nan")
     table = block_table.clone()
-    table[0, 1:] = -1  # vLLM pads unused entries
+    table[0, 1:] = -1
+    return dirty_k, dirty_v, table
+
+
+@pytest.mark.parametrize("name", ["index-view-sdpa-gqa", "index_select-handwritten", "heads-first-cache"])
+def test_nan_in_unused_blocks_and_past_the_lengths_never_reaches_the_output(name):
+    """Blocks no table names, table entries past a sequence's blocks and positions past its
+    length hold NaN; the fused op must give what eager gives on clean caches."""
+    fn, form, kv_heads, fused = SPELLINGS[name]
+    q, k_cache, v_cache, block_table, seq_lens = make_inputs(form, kv_heads, seq_lens=(5, 17, 33))
+    expected = fn(q, k_cache, v_cache, block_table, seq_lens)
+    dirty_k, dirty_v, table = dirty_caches(k_cache, v_cache, block_table, seq_lens, heads_first=form == "bhsd")
     report = Report()
     out = compile_eager(fn, report)(q, dirty_k, dirty_v, table, seq_lens)
     assert_paged(report, fused)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import npu_attn_graph
 from npu_attn_graph import NpuAttnArgumentError, Report
-from test_paged_attention_read import (BS, D, GATHERS, H, HKV, NB, PAGED_OPS, S_KV, _is_arg, _source,
-                                       assert_left_dense, compile_eager, graph_of, make_inputs, repeat_kv,
-                                       targets)
+from test_paged_attention_read import (BS, D, GATHERS, H, HKV, PAGED_OPS, S_KV, _is_arg, _source,
+                                       assert_left_dense, compile_eager, dirty_caches, graph_of, make_inputs,
+                                       repeat_kv, targets)
 
 S_Q = 3
 FIA = "npu_fused_infer_attention_score_paged"
@@ -147,17 +147,7 @@ def test_nan_in_unused_blocks_and_past_the_lengths_never_reaches_the_output(name
     fn, args = chunk_inputs(name, seq_lens=(5, 17, 33))
     q, k_cache, v_cache, block_table, seq_lens = args
     expected = fn(*args)
-    used = {int(x) for row, n in zip(block_table, seq_lens) for x in row[: math.ceil(int(n) / BS)]}
-    dirty_k, dirty_v = k_cache.clone(), v_cache.clone()
-    for blk in range(NB):
-        if blk not in used:
-            dirty_k[blk], dirty_v[blk] = float("nan"), float("inf")
-    for row, n in zip(block_table, seq_lens):  # the tail of each last used block
-        n = int(n)
-        last = int(row[(n - 1) // BS])
-        dirty_k[last, n % BS or BS:], dirty_v[last, n % BS or BS:] = float("nan"), float("nan")
-    table = block_table.clone()
-    table[0, 1:] = -1  # vLLM pads unused entries
+    dirty_k, dirty_v, table = dirty_caches(k_cache, v_cache, block_table, seq_lens)
     report = Report()
     out = compile_eager(fn, report)(q, dirty_k, dirty_v, table, seq_lens)
     assert_causal_paged(report)
