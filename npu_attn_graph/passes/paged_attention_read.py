@@ -398,7 +398,7 @@ _CMP = {aten.lt.Tensor: "lt", aten.lt.Scalar: "lt", aten.le.Tensor: "le", aten.l
 _NOT = (aten.logical_not.default, aten.bitwise_not.default)
 _AND = (aten.logical_and.default, aten.bitwise_and.Tensor, aten.mul.Tensor)
 _OR = (aten.logical_or.default, aten.bitwise_or.Tensor)
-# prims.iota: how arange reaches the graph under Inductor's decompositions (executor "inductor").
+# prims.iota: how arange reaches a graph decomposed with Inductor's table.
 _ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step, torch.ops.prims.iota.default)
 
 
@@ -693,16 +693,6 @@ def _check(m: PagedRead) -> None:
                           f"included, in eager, and 0 from the op)")
 
 
-def _clamp(rw: Rewrite, ctx: PassContext, x: torch.fx.Node, low: int, high: object = None) -> torch.fx.Node:
-    """clamp in ops the consumer takes: aten.clamp for TorchAir (which has no clamp_max
-    converter), clamp_min/clamp_max for torch (Inductor lowers those, and rejects
-    aten.clamp, which its decompositions would have removed)."""
-    if ctx.target == "ge":
-        return rw.call(aten.clamp.default, (x, low) if high is None else (x, low, high))
-    x = rw.call(aten.clamp_min.default, (x, low))
-    return x if high is None else rw.call(aten.clamp_max.default, (x, high))
-
-
 def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torch.fx.Node]:
     node, op, k, v = m.node, m.op, m.key, m.value
     wrapper, lengths_kwarg = PAGED_WRAPPERS[op.name]
@@ -727,9 +717,9 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
     if m.lengths.causal:
         # Not clamped above: a length past the gathered capacity would move the causal
         # diagonal, so the op's own run-time check rejects it (eager keeps j < S_kv).
-        lens = _clamp(rw, ctx, lens, 0)
+        lens = rw.call(aten.clamp.default, (lens, 0))
     else:
-        lens = _clamp(rw, ctx, lens, 0, rw.size(mask, -1))
+        lens = rw.call(aten.clamp.default, (lens, 0, rw.size(mask, -1)))
     kwargs = {"block_table": table, lengths_kwarg: lens, "num_heads": node.kwargs[op.heads_kwarg],
               wrapper.scale_kwarg: node.kwargs[op.scale_kwarg], "input_layout": node.kwargs["input_layout"],
               "num_key_value_heads": node.kwargs.get("num_key_value_heads", 0), "block_size": k.block_size}
