@@ -20,15 +20,28 @@ small:
 - title: "<layer>: before (N nodes)" / "after (M nodes)", N and M counting
   the boxes.
 
-Without the `dot` program the `.dot` sources are written next to where the
-pictures would have gone and a RuntimeError says how to install Graphviz.
+Renderers (`renderer=`), both Graphviz's `dot` layout given the same DOT
+source: "pygraphviz" lays out and renders in-process with the Graphviz
+libraries bundled in the pygraphviz wheel (Graphviz 14.1; the `pictures`
+extra, so a pip install alone draws); "dot" runs Graphviz's `dot` program (a
+system package, e.g. Debian's graphviz).  "auto" (the default) takes
+pygraphviz when it is installed, else `dot` from PATH: the bundled Graphviz
+is newer than the distributions' (Debian and Ubuntu ship 2.42/2.43, whose
+labels touch their box borders) and draws the same on every machine.  With
+neither, the `.dot` sources are written next to where the pictures would
+have gone and a RuntimeError says how to get a renderer.  PNG text needs
+any system font (fontconfig's; SVG text is drawn by the viewer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
+import os
 import re
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +52,11 @@ from .report import Report, node_location
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
            torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "bool"}
 _FUSED, _REMOVED, _ADDED = "#ffb347", "#f8c8d0", "#d8f3dc"
+RENDERERS = ("auto", "dot", "pygraphviz")
+_HOW = {"dot": "Graphviz program 'dot' not found on PATH",
+        "pygraphviz": "pygraphviz (Graphviz bundled in its wheel) not installed"}
+_INSTALL = ("pip install pygraphviz (the npu_attn_graph[pictures] extra), or install Graphviz "
+            "(Debian/Ubuntu: apt-get install graphviz), or render them with `dot -Tsvg`")
 
 
 def _norm(layer: str) -> str:
@@ -121,11 +139,66 @@ def _digraph(graph: torch.fx.Graph, layer: str, title: str, tint: set[str], tint
     return g, len(boxes)
 
 
+def _have_pygraphviz() -> bool:
+    try:  # a real import: a wheel whose bundled libraries do not load counts as missing
+        import pygraphviz  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_renderer(renderer: str = "auto") -> str | None:
+    """The renderer that `renderer` names, if it can run here: "auto" is "pygraphviz" when that is
+    installed, else "dot" when the `dot` program is on PATH; None when the named one (or, for "auto",
+    either) is missing. ValueError for a name not in RENDERERS."""
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}; got {renderer!r}")
+    have = {"dot": shutil.which("dot") is not None, "pygraphviz": _have_pygraphviz()}
+    if renderer == "auto":
+        return next((r for r in ("pygraphviz", "dot") if have[r]), None)
+    return renderer if have[renderer] else None
+
+
+def _render(g, renderer: str, fmt: str) -> bytes:
+    if renderer == "dot":
+        return g.pipe(format=fmt)
+    import pygraphviz
+
+    graph = pygraphviz.AGraph(string=g.source)
+    with _quiet_fontconfig():
+        graph.layout(prog="dot")  # in-process: the wheel's libgvc and dot layout plugin, no program is run
+        return graph.draw(format=fmt)
+
+
+@contextlib.contextmanager
+def _quiet_fontconfig():
+    """Drop the 'Fontconfig warning:' lines that the wheel's older fontconfig writes to fd 2 (C stderr)
+    when it reads a newer system configuration (e.g. an unknown <reset-dirs> element); anything else
+    written to fd 2 meanwhile is passed on."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None under pythonw
+            stream.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().splitlines(keepends=True)
+                    if not line.startswith(b"Fontconfig warning:")]
+            os.write(2, b"".join(kept))
+
+
 def draw_attention_layer(before: torch.fx.Graph, after: torch.fx.Graph, layer: str, out_dir: Path,
-                         stem: str = "attention") -> list[Path]:
+                         stem: str = "attention", renderer: str = "auto") -> list[Path]:
     """Draw `layer`'s nodes of `before` and `after`; write {stem}_{before,after}.{svg,png}
-    in `out_dir` and return their paths. ValueError if the layer has no node in
-    `before`; RuntimeError (after writing the .dot sources) if `dot` is missing."""
+    in `out_dir` and return their paths. `renderer`: one of RENDERERS (see the module
+    docstring). ValueError if the layer has no node in `before` or for an unknown
+    renderer; RuntimeError (after writing the .dot sources) if the renderer is missing."""
+    chosen = choose_renderer(renderer)
     layer, out_dir = _norm(layer), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names_before = {n.name for n in before.nodes}
@@ -136,18 +209,18 @@ def draw_attention_layer(before: torch.fx.Graph, after: torch.fx.Graph, layer: s
                                     "orange: npu_attn op, green: added by the rewrite"))]
     if pictures[0][2] == 0:
         raise ValueError(f"no node of the graph lies in layer {layer!r}")
-    if shutil.which("dot") is None:
+    if chosen is None:
         sources = [out_dir / f"{stem}_{tag}.dot" for tag, _, _ in pictures]
         for path, (_, g, _) in zip(sources, pictures):
             path.write_text(g.source)
-        raise RuntimeError("Graphviz program 'dot' not found on PATH; wrote the sources "
-                           f"{', '.join(map(str, sources))} instead. Install Graphviz "
-                           "(Debian/Ubuntu: apt-get install graphviz) or render them with `dot -Tsvg`.")
+        missing = " and ".join(_HOW[r] for r in (("pygraphviz", "dot") if renderer == "auto" else (renderer,)))
+        raise RuntimeError(f"{missing}; wrote the sources {', '.join(map(str, sources))} instead. "
+                           f"To draw them: {_INSTALL}.")
     paths = []
     for tag, g, _ in pictures:
         for fmt in ("svg", "png"):
             path = out_dir / f"{stem}_{tag}.{fmt}"
-            path.write_bytes(g.pipe(format=fmt))
+            path.write_bytes(_render(g, chosen, fmt))
             paths.append(path)
     return paths
 
@@ -159,12 +232,13 @@ def pick_attention_layer(report: Report) -> str | None:
     return chosen.layer if chosen else None
 
 
-def draw_report(report: Report, out_dir: Path, layer: str | None = None, stem: str = "attention") -> list[Path]:
+def draw_report(report: Report, out_dir: Path, layer: str | None = None, stem: str = "attention",
+                renderer: str = "auto") -> list[Path]:
     """draw_attention_layer on the first graph of `report` holding `layer` (default: pick_attention_layer)."""
     layer = layer or pick_attention_layer(report)
     if layer is None:
         raise ValueError("the report has no attention site")
     for before, after in zip(report.graphs_before, report.graphs_after):  # copies taken around the passes
         if any(_in_layer(n, _norm(layer)) for n in before.nodes):
-            return draw_attention_layer(before, after, layer, out_dir, stem)
+            return draw_attention_layer(before, after, layer, out_dir, stem, renderer)
     raise ValueError(f"no graph of the report holds layer {layer!r}")
