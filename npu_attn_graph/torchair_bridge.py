@@ -114,6 +114,7 @@ def _load(progress: Callable[[str], None]) -> TorchAir:
         import torch_npu
         import torchair
 
+        _follow_aot_input_flattening(torchair)
         return TorchAir(torchair, "npu", str(Path(torch_npu.__file__).parent))
     if "torchair" in sys.modules:
         raise TorchAirUnavailable("a module named 'torchair' is already imported but torch_npu is not: "
@@ -122,7 +123,52 @@ def _load(progress: Callable[[str], None]) -> TorchAir:
     wheel = _find_or_fetch_wheel(progress)
     package_dir = _unpack_torchair(wheel, progress)
     module = _import_offline(package_dir)
+    _follow_aot_input_flattening(module)
     return TorchAir(module, "offline", str(wheel))
+
+
+def _follow_aot_input_flattening(torchair: ModuleType) -> None:
+    """Make TorchAir's per-input attributes (parameter and static-input marks) land
+    on the inputs AOT autograd hands its compilers when dynamo's inputs hold tensor
+    subclasses or opaque objects (a DTensor tensor-parallel model: DTensor parameters
+    and the DeviceMesh).
+
+    TorchAir 2.13 reads the attributes from dynamo's example inputs and sets them again
+    on AOT's, indexed from the end (``npu_fx_compiler._get_inputs_custom_attr``). AOT
+    flattens every subclass input into its inner values (a DTensor into its local
+    tensor and its DeviceMesh, the mesh a FakeScriptObject while tracing), so the
+    indices miss: a parameter mark falls on a FakeScriptObject, whose ``__setattr__``
+    raises ("Tried to call __setattr__ with attr '_dynamo_static_input_type' on a
+    FakeScriptObject"), and no GE graph is built. Here the indices count AOT's flattened
+    inputs (``__tensor_flatten__``, recursively, as AOT does): a subclass parameter's
+    marks go to its inner tensors, opaque objects get none. Inputs without a subclass
+    or opaque object keep TorchAir's own function. Applied on NPU hosts too: the
+    mismatch is between TorchAir and torch, not offline-specific."""
+    from torch._opaque_base import OpaqueBase
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    compiler = importlib.import_module(f"{torchair.__name__}.npu_fx_compiler")
+    original = getattr(compiler, "_get_inputs_custom_attr", None)
+    if original is None or getattr(original, "_npu_attn_graph_flattening", False):
+        return  # another TorchAir (no such function), or already done
+
+    def leaves(value) -> list:
+        if not is_traceable_wrapper_subclass(value):
+            return [value]
+        names, _ = value.__tensor_flatten__()
+        return [leaf for name in names for leaf in leaves(getattr(value, name))]
+
+    def inputs_custom_attr(example_inputs):
+        if not any(is_traceable_wrapper_subclass(x) or isinstance(x, OpaqueBase) for x in example_inputs):
+            return original(example_inputs)
+        flat: list[dict] = []
+        for value in example_inputs:
+            marks = original([value]).get(-1, {}) if isinstance(value, torch.Tensor) else {}
+            flat += [marks if isinstance(leaf, torch.Tensor) else {} for leaf in leaves(value)]
+        return {i - len(flat): marks for i, marks in enumerate(flat) if marks}
+
+    inputs_custom_attr._npu_attn_graph_flattening = True
+    compiler._get_inputs_custom_attr = inputs_custom_attr
 
 
 def _require_protobuf() -> None:
