@@ -1,0 +1,135 @@
+"""Tensor parallelism: a tiny Llama (4 heads, 2 KV heads) split over 2 gloo ranks on CPU.
+
+The ranks are started the way users start them: torch.multiprocessing (spawn) with a
+file:// rendezvous (no port to pick). Each rank runs examples/tensor_parallel.py's
+run_rank once (module fixture): DTensor TP (transformers' plan, torch's
+parallelize_module) compiled with backend="npu_attn" generating with a StaticCache; the
+mini-vLLM model split by hand (column/row-parallel linears, functional all_reduce, paged
+caches per rank) served by its engine; to_ge_graph of a decode step of each. The tests
+read each rank's results. Real torch.distributed (gloo) and real TorchAir converters;
+only HCCL and the GE runtime are absent (TorchAir offline names the gloo group itself).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples import tensor_parallel as tp_example  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("google.protobuf")
+WORLD = 2
+TIMEOUT_S = 600  # a safety net only: about 50 s of CPU per rank, minutes on a loaded 2-core machine
+LAYERS = 2
+
+
+def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
+    # The processes inherit nothing but sys.path: one thread each, on a 2-core machine.
+    torch.set_num_threads(1)
+    tp_example.spawned(rank, world_size, init_method, out_dir)
+
+
+def run_ranks(tmp: Path, world: int = WORLD, timeout: float = TIMEOUT_S) -> list[dict]:
+    """Start `world` ranks, wait at most `timeout` s; every process is gone when this returns."""
+    init = f"file://{tmp / 'rendezvous'}"
+    context = mp.start_processes(_worker, args=(world, init, str(tmp)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {world} ranks did not finish within {timeout} s")
+    finally:
+        for process in context.processes:  # on a failure or timeout: no process outlives the test
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("tp"))
+
+
+@pytest.mark.parametrize("part", ["dtensor", "paged"])
+def test_tokens_equal_single_process_eager(ranks, part):
+    for r in ranks:
+        assert r[part]["tokens"] == r[part]["expected_tokens"], (r["rank"], part)
+
+
+def test_dtensor_logits_equal_single_process_eager(ranks):
+    # Every generate() step's logits (the first step's are the prefill's), fp32: 1e-5.
+    for r in ranks:
+        d = r["dtensor"]
+        assert d["logits_close"], (r["rank"], d["logits_max_abs_diff"])
+
+
+def test_each_rank_fuses_with_its_local_head_counts(ranks):
+    for r in ranks:
+        d = r["dtensor"]
+        assert (d["local_heads"], d["local_kv_heads"]) == (2, 1)  # GQA: 4/2 heads split over 2 ranks
+        attention = [s for s in d["sites"] if s["kind"] == "attention"]
+        writes = [s for s in d["sites"] if s["kind"] == "kv_update"]
+        # generate(): a prefill graph and a decode graph, 2 layers each; K and V written per layer.
+        assert [s["fused_op"] for s in attention] == ["npu_prompt_flash_attention"] * LAYERS + \
+            ["npu_incre_flash_attention"] * LAYERS, d["table"]
+        assert all(s["gqa_ratio"] == 2 for s in attention), d["table"]
+        assert len(writes) == 4 * LAYERS and all(s["fused_op"] == "scatter_update_" for s in writes), d["table"]
+        assert d["graphs"] == 2 and d["graph_breaks"] == [], d["table"]
+        p = r["paged"]
+        assert p["local_kv_heads"] == 1
+        fused = sorted(s["fused_op"] for s in p["sites"] if s["fused_op"])
+        assert len(fused) == len(p["sites"]), p["table"]
+        assert fused.count("npu_scatter_pa_kv_cache") == 4 * LAYERS and \
+            fused.count("npu_incre_flash_attention_paged") == LAYERS and \
+            fused.count("npu_prompt_flash_attention_packed") == LAYERS, p["table"]
+        assert all(s["gqa_ratio"] == 2 for s in p["sites"] if s["kind"] == "attention"), p["table"]
+
+
+def test_collectives_stay_functional_collectives(ranks):
+    for r in ranks:
+        # DTensor: o_proj and down_proj all_reduce per layer, lm_head's output all_gathered, per graph.
+        assert r["dtensor"]["collectives"] == {"all_reduce": 2 * LAYERS * 2, "all_gather_into_tensor": 2,
+                                               "wait_tensor": 2 * (2 * LAYERS + 1)}
+        assert r["paged"]["collectives"] == {"all_reduce": 2 * LAYERS * 2, "wait_tensor": 2 * LAYERS * 2}
+
+
+@pytest.mark.parametrize("part", ["dtensor", "paged"])
+def test_one_complete_ge_graph_per_rank_with_hcom_ops(ranks, part):
+    for r in ranks:
+        ge = r[part]["ge"]
+        assert ge["single_graph"] and not ge["failures"] and not ge["unconverted"], r[part]["ge_summary"]
+        assert ge["sites_fused"] == ge["sites"] > 0, r[part]["ge_summary"]
+        types = ge["op_types"]
+        assert types.get("HcomAllReduce") == 2 * LAYERS and types.get("IncreFlashAttention") == LAYERS, types
+        # TorchAir names a gloo group by its tag and ranks (on an NPU: the HCCL communicator's name).
+        assert len(ge["groups"]) == 1 and ge["groups"][0].endswith("rank_list=0,1"), ge["groups"]
+    types = ranks[0][part]["ge"]["op_types"]
+    if part == "dtensor":
+        assert types.get("HcomAllGather") == 1 and types.get("Scatter") == 2 * LAYERS, types
+    else:
+        assert types.get("ScatterPaKvCache") == LAYERS and types.get("AdvanceStep") == 1, types
+    assert all(r[part]["ge"]["op_types"] == types for r in ranks)  # the ranks build the same graph
+
+
+def test_a_shard_without_whole_heads_is_a_clear_error():
+    from examples.mini_vllm import PagedCausalLM
+    from examples.mini_vllm.tensor_parallel import shard
+    from npu_attn_graph.demo_models import build
+
+    model = PagedCausalLM.from_hf(build("llama", "sdpa"))
+    with pytest.raises(ValueError, match=r"num_kv_heads = 2 must be divisible by world_size = 4"):
+        shard(model, 0, 4)
+    with pytest.raises(ValueError, match=r"rank = 2 must be in \[0, 2\)"):
+        shard(model, 2, 2)
