@@ -148,7 +148,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
         say("writing FX graphs, report and pictures")
         notes: list[str] = []
         paths = _write_fx(stage / "fx", report) + _write_report(stage, result)
-        paths += _write_pictures(stage / "pictures", report, notes)
+        paths += _write_pictures(stage / "pictures", report, notes, args.renderer)
         paths = [out / p.relative_to(stage) if p.is_relative_to(stage) else p for p in paths]
         notes = [note.replace(str(stage), str(out)) for note in notes]
         summary = _summary(args.target, result, paths + [out / "summary.txt", out / MANIFEST], notes)
@@ -457,7 +457,7 @@ def _write_report(out: Path, result) -> list[Path]:
         path for g in result.graphs for path in (g.pbtxt_path, g.pbtxt_path.with_name(f"{g.name}.ge.txt"))]
 
 
-def _write_pictures(pictures_dir: Path, report, notes: list[str]) -> list[Path]:
+def _write_pictures(pictures_dir: Path, report, notes: list[str], renderer: str = "auto") -> list[Path]:
     from .pictures import draw_report, pick_attention_layer
 
     if pick_attention_layer(report) is None:
@@ -465,8 +465,8 @@ def _write_pictures(pictures_dir: Path, report, notes: list[str]) -> list[Path]:
         return []
     pictures_dir.mkdir()
     try:
-        return draw_report(report, pictures_dir)
-    except (RuntimeError, ValueError) as error:  # e.g. Graphviz's dot missing: the rest of the dump stands
+        return draw_report(report, pictures_dir, renderer=renderer)
+    except (RuntimeError, ValueError) as error:  # e.g. no Graphviz at all: the rest of the dump stands
         notes.append(f"pictures: not drawn: {' '.join(str(error).split())}")
         return sorted(pictures_dir.iterdir())
 
@@ -510,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--force", action="store_true",
                       help=f"write into a non-empty --out: replace or remove only the files an earlier dump wrote "
                            f"(listed in {MANIFEST} and unchanged since); refuse if any other file is in the way")
+    dump.add_argument("--renderer", choices=("auto", "dot", "pygraphviz"), default="auto",
+                      help="who draws the pictures: pygraphviz (Graphviz bundled in its wheel, the 'pictures' "
+                           "extra), dot (Graphviz's program on PATH), auto (default: pygraphviz if installed, "
+                           "else dot); with neither, the .dot sources are written instead")
 
     check = command("check", cmd_check, "Exit 0 only if every attention and KV-cache site is fused and the model "
                     "becomes exactly one GE graph; otherwise print why and exit 1 (a CI gate).",

@@ -222,3 +222,25 @@ def test_fontconfig_warnings_are_dropped_from_stderr(capfd):
         os.write(2, b'Fontconfig warning: "/etc/fonts/conf.d/05-reset-dirs-sample.conf", line 6: unknown\n')
         os.write(2, b"something else\n")
     assert capfd.readouterr().err == "something else\n"
+
+
+def test_dump_renderer_option(tmp_path, monkeypatch, capsys):
+    """`dump --renderer`: parsed with choices, and passed to the pictures (here: dot forced on a
+    machine without it -> a note and the .dot sources, the rest of the dump stands)."""
+    from npu_attn_graph.cli import _write_pictures, build_parser
+
+    report = report_of("llama")
+    parser = build_parser()
+    assert parser.parse_args(["dump", "demo:llama", "--out", "d"]).renderer == "auto"
+    assert parser.parse_args(["dump", "demo:llama", "--out", "d", "--renderer", "dot"]).renderer == "dot"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dump", "demo:llama", "--out", "d", "--renderer", "cairo"])
+    assert "invalid choice: 'cairo'" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    notes: list[str] = []
+    paths = _write_pictures(tmp_path / "dot", report, notes, "dot")
+    assert [p.name for p in paths] == ["attention_after.dot", "attention_before.dot"]
+    assert len(notes) == 1 and notes[0].startswith("pictures: not drawn: Graphviz program 'dot' not found on PATH")
+    paths = _write_pictures(tmp_path / "auto", report, notes, "auto")  # pygraphviz, no dot needed
+    assert sorted(p.name for p in paths) == ["attention_after.png", "attention_after.svg", "attention_before.png",
+                                             "attention_before.svg"] and len(notes) == 1
