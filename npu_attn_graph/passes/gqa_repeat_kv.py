@@ -17,8 +17,8 @@ Rule = pattern + condition + replacement:
 from __future__ import annotations
 
 import torch
-from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg, is_match
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.operator_schemas import normalize_function
 
 from ..report import Report
 from ._context import PassContext
@@ -28,16 +28,23 @@ from .registry import ATTENTION_OPS
 aten = torch.ops.aten
 npu_attn = torch.ops.npu_attn
 
+# A pattern is (target, args, kwargs), each argument a pattern, ANY, KV (the
+# repeated tensor, captured) or a constant. They are matched as Inductor's
+# pattern matcher matches CallFunction patterns (same arity, the pattern's
+# keywords, constants equal, every node below the root used once), without
+# importing it: that import costs seconds on the first compile, which
+# aot_eager's does not pay (bench/compile_overhead.py).
+ANY, KV = object(), object()
 # BNSD key/value (B, Nkv, S, D) -> (B, Nkv * G, S, D): transformers' repeat_kv,
 # x[:, :, None].expand(B, Nkv, G, S, D).reshape(B, Nkv * G, S, D), or repeat_interleave.
-_expanded = CallFunction(aten.expand.default, CallFunction(aten.unsqueeze.default, KeywordArg("kv"), 2), Ignored())
-_copied = CallFunction(aten.clone.default, _expanded, memory_format=Ignored())
+_expanded = (aten.expand.default, ((aten.unsqueeze.default, (KV, 2), {}), ANY), {})
+_copied = (aten.clone.default, (_expanded,), {"memory_format": ANY})
 REPEAT_KV_PATTERNS = (
-    CallFunction(aten._unsafe_view.default, _copied, Ignored()),
-    CallFunction(aten.view.default, _copied, Ignored()),
-    CallFunction(aten.reshape.default, _copied, Ignored()),
-    CallFunction(aten.reshape.default, _expanded, Ignored()),
-    CallFunction(aten.repeat_interleave.self_int, KeywordArg("kv"), Ignored(), 1),
+    (aten._unsafe_view.default, (_copied, ANY), {}),
+    (aten.view.default, (_copied, ANY), {}),
+    (aten.reshape.default, (_copied, ANY), {}),
+    (aten.reshape.default, (_expanded, ANY), {}),
+    (aten.repeat_interleave.self_int, (KV, ANY, 1), {}),
 )
 _MERGES = (aten._unsafe_view.default, aten.view.default, aten.reshape.default)
 
@@ -60,14 +67,38 @@ def _repeat_with_full_slices(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.
     return skip_full_slices(unsqueeze.args[0]), expand
 
 
+def _match(pattern: object, node: object, found: dict[str, object], root: bool = False) -> bool:
+    """node matches pattern; records the KV node as found["kv"] and the expand node as found["expand"]."""
+    if pattern is ANY:
+        return True
+    if pattern is KV:
+        found["kv"] = node
+        return True
+    if not isinstance(pattern, tuple):  # a constant argument
+        return not isinstance(node, torch.fx.Node) and node == pattern
+    target, args, kwargs = pattern
+    if not (is_call(node, target) and len(node.args) == len(args) and (root or len(node.users) == 1)):
+        return False
+    node_args, node_kwargs = node.args, node.kwargs
+    if len(node_kwargs) < len(kwargs):  # keywords the call leaves to their defaults
+        normalized = normalize_function(target, node.args, node.kwargs)
+        if normalized is None or len(normalized.args) != len(args) or len(normalized.kwargs) < len(kwargs):
+            return False
+        node_args, node_kwargs = normalized
+    node_kwargs = {k: v for k, v in node_kwargs.items() if k in kwargs}
+    if list(node_kwargs) != list(kwargs):
+        return False
+    if target is aten.expand.default:
+        found["expand"] = node
+    return all(_match(p, n, found) for p, n in zip((*args, *kwargs.values()), (*node_args, *node_kwargs.values())))
+
+
 def _repeat(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
     """(source, expand node or None for repeat_interleave) if node has a repeat's form."""
     for pattern in REPEAT_KV_PATTERNS:
-        match = pattern.match(node)
-        if is_match(match):
-            if node.target is aten.repeat_interleave.self_int:
-                return match.kwargs["kv"], None
-            return match.kwargs["kv"], next(n for n in match.nodes if n.target is aten.expand.default)
+        found: dict[str, object] = {}
+        if _match(pattern, node, found, root=True):
+            return found["kv"], found.get("expand")
     return _repeat_with_full_slices(node)
 
 
