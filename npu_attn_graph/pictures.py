@@ -26,8 +26,8 @@ libraries bundled in the pygraphviz wheel (Graphviz 14.1; the `pictures`
 extra, so a pip install alone draws); "dot" runs Graphviz's `dot` program (a
 system package, e.g. Debian's graphviz).  "auto" (the default) takes
 pygraphviz when it is installed, else `dot` from PATH: the bundled Graphviz
-is newer than the distributions' (Debian and Ubuntu ship 2.42/2.43, whose
-labels touch their box borders) and draws the same on every machine.  With
+is newer than the distributions' (Debian 12 ships 2.42, whose labels touch
+their box borders) and draws the same on every machine.  With
 neither, the `.dot` sources are written next to where the pictures would
 have gone and a RuntimeError says how to get a renderer.  PNG text needs
 any system font (fontconfig's; SVG text is drawn by the viewer).
