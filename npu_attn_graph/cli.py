@@ -103,6 +103,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
     from .backend import explain
+    from .traffic import report_lines
 
     say = _Steps()
     target = _load(args.target, say)
@@ -110,6 +111,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with torch.no_grad():  # the eager executor: the report needs no GE graph, on any host
         report = explain(target.model, *target.args, options={"executor": "eager"}, **target.kwargs)
     print(report.table())
+    print("\n".join(report_lines(report)))
     return 0
 
 
@@ -432,12 +434,16 @@ def _write_fx(fx_dir: Path, report) -> list[Path]:
 
 
 def _write_report(out: Path, result) -> list[Path]:
+    from .traffic import report_lines
+
     report = result.report
     lines = [report.table(), ""]
     left = report.left_alone()
     lines.append(f"sites left alone: {len(left)}")
     lines += [f"  {s.kind} {s.layer} ({s.source}) {s.pattern}: {s.reason}" for s in left]
     lines += ["", "GE conversion:", result.summary()]
+    traffic = report.traffic(result.graphs)
+    lines += [""] + report_lines(report, result.graphs)
     (out / "report.txt").write_text("\n".join(lines) + "\n")
     data = {
         "sites": [asdict(s) for s in report.sites],
@@ -448,6 +454,9 @@ def _write_report(out: Path, result) -> list[Path]:
                        "unconverted": [asdict(n) for n in g.unconverted]} for g in result.graphs],
         "single_ge_graph": result.single_graph,
         "torchair": result.torchair,
+        "traffic": [{"graph": t.graph, "bytes": t.total, "ideal_bytes": t.ideal.total, "ratio": t.ratio,
+                     "top_ops": [asdict(o) for o in t.top(3)], "whole_cache_ops": [asdict(o) for o in t.whole_cache()]}
+                    for t in traffic],
     }
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     counts = out / "ge" / "op_types.txt"
@@ -478,6 +487,10 @@ def _summary(spec: str, result, paths: list[Path], notes: list[str]) -> str:
              f"{result.graph_count} GE graph(s), {verdict}"]
     top = ", ".join(f"{t} x{n}" for t, n in result.op_type_counts.most_common(8))
     lines.append(f"GE op types (top): {top}")
+    for t in report.traffic(result.graphs):
+        flagged = t.whole_cache()
+        lines.append(f"{t.graph} bytes per call: {t.total / 2 ** 20:.2f} MiB, {t.ratio:.3f}x ideal"
+                     + (f"; {len(flagged)} op(s) move a whole KV cache (report.txt)" if flagged else ""))
     lines.append(result.torchair)
     lines += notes
     lines.append("files:")

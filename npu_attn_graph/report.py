@@ -77,6 +77,13 @@ class Report:
             lines.append(f"recompile: {r}")
         return "\n".join(lines)
 
+    def traffic(self, ge_graphs: list | None = None) -> list:
+        """Bytes moved per call by each graph after the passes (and each GE graph of to_ge_graph's result),
+        against the ideal, with the ops that move a whole KV cache: npu_attn_graph.traffic."""
+        from .traffic import report_traffic
+
+        return report_traffic(self, ge_graphs)
+
     def __str__(self) -> str:
         return self.table()
 
