@@ -30,7 +30,8 @@ is newer than the distributions' (Debian 12 ships 2.42, whose labels touch
 their box borders) and draws the same on every machine.  With
 neither, the `.dot` sources are written next to where the pictures would
 have gone and a RuntimeError says how to get a renderer.  PNG text needs
-any system font (fontconfig's; SVG text is drawn by the viewer).
+some system font (fontconfig's): without one only the SVGs, whose text the
+viewer draws, are written and a RuntimeError says so.
 """
 
 from __future__ import annotations
@@ -170,6 +171,42 @@ def _render(g, renderer: str, fmt: str) -> bytes:
         return graph.draw(format=fmt)
 
 
+def _fonts_found() -> bool:
+    """Whether the fontconfig bundled in the pygraphviz wheel finds any font for the PNG text (a bare
+    container has none, and cairo would draw a box for every letter). Asked through the wheel's own
+    library, as pango will; True when it cannot be asked (macOS and Windows always have fonts)."""
+    import ctypes
+    import glob
+
+    import pygraphviz
+
+    libs = glob.glob(os.path.join(os.path.dirname(pygraphviz.__file__), os.pardir, "pygraphviz.libs",
+                                  "libfontconfig*.so*"))
+    if not libs:
+        return True
+
+    class FontSet(ctypes.Structure):  # FcFontSet
+        _fields_ = [("nfont", ctypes.c_int), ("sfont", ctypes.c_int), ("fonts", ctypes.c_void_p)]
+
+    try:
+        fc = ctypes.CDLL(libs[0])
+        fc.FcInitLoadConfigAndFonts.restype = ctypes.c_void_p
+        fc.FcConfigGetFonts.restype = ctypes.POINTER(FontSet)
+        fc.FcConfigGetFonts.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        fc.FcConfigDestroy.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return True
+    with _quiet_fontconfig():
+        config = fc.FcInitLoadConfigAndFonts()
+    if not config:
+        return True
+    try:
+        system = fc.FcConfigGetFonts(config, 0)  # FcSetSystem
+        return bool(system) and system.contents.nfont > 0
+    finally:
+        fc.FcConfigDestroy(config)
+
+
 @contextlib.contextmanager
 def _quiet_fontconfig():
     """Drop the 'Fontconfig warning:' lines that the wheel's older fontconfig writes to fd 2 (C stderr)
@@ -197,7 +234,8 @@ def draw_attention_layer(before: torch.fx.Graph, after: torch.fx.Graph, layer: s
     """Draw `layer`'s nodes of `before` and `after`; write {stem}_{before,after}.{svg,png}
     in `out_dir` and return their paths. `renderer`: one of RENDERERS (see the module
     docstring). ValueError if the layer has no node in `before` or for an unknown
-    renderer; RuntimeError (after writing the .dot sources) if the renderer is missing."""
+    renderer; RuntimeError (after writing the .dot sources) if the renderer is missing, or
+    (after writing the SVGs) if pygraphviz's fontconfig finds no font for the PNG text."""
     chosen = choose_renderer(renderer)
     layer, out_dir = _norm(layer), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,12 +254,17 @@ def draw_attention_layer(before: torch.fx.Graph, after: torch.fx.Graph, layer: s
         missing = " and ".join(_HOW[r] for r in (("pygraphviz", "dot") if renderer == "auto" else (renderer,)))
         raise RuntimeError(f"{missing}; wrote the sources {', '.join(map(str, sources))} instead. "
                            f"To draw them: {_INSTALL}.")
+    formats = ("svg", "png") if chosen == "dot" or _fonts_found() else ("svg",)
     paths = []
     for tag, g, _ in pictures:
-        for fmt in ("svg", "png"):
+        for fmt in formats:
             path = out_dir / f"{stem}_{tag}.{fmt}"
             path.write_bytes(_render(g, chosen, fmt))
             paths.append(path)
+    if "png" not in formats:
+        raise RuntimeError(f"wrote {', '.join(map(str, paths))} but no PNG: fontconfig finds no font for its text "
+                           "(every letter would be a box); install any font (Debian/Ubuntu: apt-get install "
+                           "fonts-dejavu-core) and draw again")
     return paths
 
 

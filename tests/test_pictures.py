@@ -244,3 +244,25 @@ def test_dump_renderer_option(tmp_path, monkeypatch, capsys):
     paths = _write_pictures(tmp_path / "auto", report, notes, "auto")  # pygraphviz, no dot needed
     assert sorted(p.name for p in paths) == ["attention_after.png", "attention_after.svg", "attention_before.png",
                                              "attention_before.svg"] and len(notes) == 1
+
+
+def test_no_font_for_png_text(tmp_path, monkeypatch):
+    """A machine where fontconfig finds no font (a bare container): pygraphviz would draw a box for every
+    letter of the PNG, so only the SVGs are written and the error says how to get a font. The font
+    probe asks the wheel's own fontconfig, here with a configuration that lists no font folder."""
+    from npu_attn_graph import pictures
+
+    if not pictures._have_pygraphviz():
+        pytest.skip("pygraphviz is not installed")
+    assert pictures._fonts_found()  # the machines this suite runs on have fonts (Graphviz's package brings one)
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(f'<?xml version="1.0"?>\n<fontconfig><cachedir>{tmp_path / "cache"}</cachedir></fontconfig>\n')
+    with monkeypatch.context() as mp:
+        mp.setenv("FONTCONFIG_FILE", str(conf))  # read by each new fontconfig configuration, as the probe makes
+        assert not pictures._fonts_found()
+    report = report_of("llama")
+    monkeypatch.setattr(pictures, "_fonts_found", lambda: False)
+    with pytest.raises(RuntimeError, match=r"attention_after.svg but no PNG: fontconfig finds no font .*apt-get "
+                                           r"install fonts-dejavu-core"):
+        draw_report(report, tmp_path / "out", renderer="pygraphviz")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["attention_after.svg", "attention_before.svg"]
