@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -107,15 +108,42 @@ def dtensor_llama(rank: int, world_size: int, ge_dir: Path | None) -> dict[str, 
         "recompiles": report.recompiles, "collectives": _collectives(report), "table": report.table(),
     }
     # One decode step after an eager prefill, as a GE graph.
-    cache = static_cache()
+    step_args, step_kwargs = _decode_step_call(model, ids)
     with torch.no_grad():
-        step = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(PROMPT_LEN))
-        token = step.logits[:, -1:].argmax(-1)
-        result = npu_attn_graph.to_ge_graph(model, token, past_key_values=cache, use_cache=True,
-                                            cache_position=torch.tensor([PROMPT_LEN]), out_dir=ge_dir)
+        result = npu_attn_graph.to_ge_graph(model, *step_args, out_dir=ge_dir, **step_kwargs)
     out["ge"] = _ge(result)
     out["ge_summary"] = result.summary()
     return out
+
+
+def _decode_step_call(model, ids: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+    """The arguments of one StaticCache decode step, after an eager prefill of `ids`."""
+    import transformers
+
+    cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+    with torch.no_grad():
+        step = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+    token = step.logits[:, -1:].argmax(-1)
+    return (token,), {"past_key_values": cache, "use_cache": True, "cache_position": torch.tensor([ids.shape[1]])}
+
+
+def dtensor_decode_step():
+    """A TARGET for ``npu-attn-graph check|explain|dump`` on each rank, under torchrun:
+
+        torchrun --nproc_per_node 2 -m npu_attn_graph check examples/tensor_parallel.py:dtensor_decode_step
+
+    This rank's DTensor-parallel tiny Llama and one StaticCache decode step (joins the
+    gloo group torchrun describes, if the process has none yet)."""
+    from npu_attn_graph.demo_models import build
+    from npu_attn_graph.tensor_parallel import parallelize
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    model = build("llama", "sdpa")
+    parallelize(model, torch.distributed.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),)))
+    torch.manual_seed(1)
+    args, kwargs = _decode_step_call(model, torch.randint(1, 128, (2, PROMPT_LEN)))
+    return model, args, kwargs
 
 
 def paged_engine(rank: int, world_size: int, ge_dir: Path | None) -> dict[str, Any]:
@@ -161,9 +189,11 @@ def run_rank(out_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     ge_root = out_dir / f"ge{rank}" if out_dir is not None else None
-    results = {"rank": rank, "world_size": world_size,
-               "dtensor": dtensor_llama(rank, world_size, ge_root / "dtensor" if ge_root else None),
-               "paged": paged_engine(rank, world_size, ge_root / "paged" if ge_root else None)}
+    results: dict[str, Any] = {"rank": rank, "world_size": world_size, "cpu_seconds": {}}
+    for part, run in (("dtensor", dtensor_llama), ("paged", paged_engine)):
+        start = time.process_time()  # this process's CPU time: comparable on a loaded machine
+        results[part] = run(rank, world_size, ge_root / part if ge_root else None)
+        results["cpu_seconds"][part] = round(time.process_time() - start, 1)
     if out_dir is not None:
         (out_dir / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     if not quiet:
@@ -175,7 +205,7 @@ def run_rank(out_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]
 
 
 def spawned(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
-    """torch.multiprocessing entry point (the tests): a file:// or tcp:// rendezvous."""
+    """A torch.multiprocessing entry point: a file:// or tcp:// rendezvous."""
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     try:

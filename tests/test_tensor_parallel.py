@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,28 @@ LAYERS = 2
 
 
 def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from npu_attn_graph.tensor_parallel import parallelize
+
     # The processes inherit nothing but sys.path: one thread each, on a 2-core machine.
     torch.set_num_threads(1)
-    tp_example.spawned(rank, world_size, init_method, out_dir)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=120))
+    try:
+        results = tp_example.run_rank(Path(out_dir), quiet=True)
+        # A split that would cut a KV head in two is refused before anything is traced.
+        config = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=6, num_key_value_heads=3, head_dim=16)
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (world_size,))
+        try:
+            parallelize(transformers.LlamaForCausalLM(config), mesh)
+            results["uneven_error"] = None
+        except ValueError as error:
+            results["uneven_error"] = str(error)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(tmp: Path, world: int = WORLD, timeout: float = TIMEOUT_S) -> list[dict]:
@@ -86,7 +106,8 @@ def test_each_rank_fuses_with_its_local_head_counts(ranks):
             ["npu_incre_flash_attention"] * LAYERS, d["table"]
         assert all(s["gqa_ratio"] == 2 for s in attention), d["table"]
         assert len(writes) == 4 * LAYERS and all(s["fused_op"] == "scatter_update_" for s in writes), d["table"]
-        assert d["graphs"] == 2 and d["graph_breaks"] == [], d["table"]
+        # The decode graph is dynamo's one recompile (after the prefill's); the decode steps reuse it.
+        assert d["graphs"] == 2 and d["graph_breaks"] == [] and len(d["recompiles"]) == 1, d["table"]
         p = r["paged"]
         assert p["local_kv_heads"] == 1
         fused = sorted(s["fused_op"] for s in p["sites"] if s["fused_op"])
@@ -121,6 +142,35 @@ def test_one_complete_ge_graph_per_rank_with_hcom_ops(ranks, part):
     else:
         assert types.get("ScatterPaKvCache") == LAYERS and types.get("AdvanceStep") == 1, types
     assert all(r[part]["ge"]["op_types"] == types for r in ranks)  # the ranks build the same graph
+
+
+def test_parallelize_refuses_a_split_without_whole_kv_heads(ranks):
+    for r in ranks:
+        assert r["uneven_error"] == ("tensor_parallel: config.num_key_value_heads = 3 must be divisible by the mesh "
+                                     "size 2 (each rank holds whole heads)")
+
+
+def test_a_rank_with_uneven_query_heads_per_kv_head_is_fused_exactly():
+    """Rank 0 of an uneven split of 4 query heads over 2 KV heads (query heads 0-2, KV heads
+    0-1: 3 local heads, not divisible by 2 local KV heads) maps each query head to its KV
+    head by an index. No GQA ratio fits, so the site is fused as plain multi-head attention
+    over the gathered K/V (ratio 1, the gather kept), and equals eager."""
+    import torch.nn.functional as F
+
+    from npu_attn_graph import NpuAttnBackend, Report
+
+    def rank0_attention(q, k, v):
+        kv_of_head = torch.tensor([0, 0, 1])
+        return F.scaled_dot_product_attention(q, k.index_select(1, kv_of_head), v.index_select(1, kv_of_head),
+                                              is_causal=True)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 3, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    report = Report()
+    out = torch.compile(rank0_attention, backend=NpuAttnBackend(executor="eager", report=report))(q, k, v)
+    torch.testing.assert_close(out, rank0_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    [site] = report.sites
+    assert (site.fused_op, site.gqa_ratio) == ("npu_prompt_flash_attention", 1), report.table()
 
 
 def test_a_shard_without_whole_heads_is_a_clear_error():
