@@ -44,7 +44,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -160,7 +160,7 @@ def choose_renderer(renderer: str = "auto") -> str | None:
     return renderer if have[renderer] else None
 
 
-def _render(g, renderer: str, fmt: str) -> bytes:
+def _render(g: Any, renderer: str, fmt: str) -> bytes:  # g: a graphviz.Digraph
     if renderer == "dot":
         return g.pipe(format=fmt)
     import pygraphviz
@@ -208,7 +208,7 @@ def _fonts_found() -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_fontconfig():
+def _quiet_fontconfig() -> Iterator[None]:
     """Drop the 'Fontconfig warning:' lines that the wheel's older fontconfig writes to fd 2 (C stderr)
     when it reads a newer system configuration (e.g. an unknown <reset-dirs> element); anything else
     written to fd 2 meanwhile is passed on."""
