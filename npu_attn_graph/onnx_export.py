@@ -207,7 +207,7 @@ def _refuse_set(op: str, bound: dict, names: Sequence[str], why: str) -> None:
 
 
 def _band(spec: _Spec, q_seq: Any) -> tuple[int, int, bool] | None:
-    """(pre, next, right_down) as the ops apply it (kernels/_inference._band); None: no band.
+    """(pre, next, right_down) as the ops apply it (kernels/_inference_kernel._band); None: no band.
     The single-query path ignores sparse modes and pre/next tokens."""
     if spec.incremental or q_seq == 1:
         return None

@@ -4,6 +4,10 @@ The op modules translate their arguments (layouts, paged caches, quantisation,
 sparse modes) into one canonical problem and call :func:`attention`. The query
 is processed in row chunks so that the fp32 score block never exceeds a fixed
 budget: extra memory is O(chunk x S_kv) per head, whatever the sequence length.
+The pieces every attention kernel shares live here too: :class:`Structure`
+(valid ranges, bands, prefix keys -> masks and key windows; the training kernel
+uses it as well), :func:`exp_scores` (the chunked softmax step, also the sparse
+kernel's), :func:`chunk_rows` and :func:`compute_dtype`.
 
 Conventions (those of the NPU ops, not of torch SDPA):
 - ``mask`` True means "masked out".
@@ -35,6 +39,8 @@ from ._library import fail
 
 # Query chunks with at least this many rows use torch's fused SDPA kernel.
 FUSED_MIN_ROWS = 16
+# Band bounds at or past this are "unbounded" (and keep int64 arithmetic safe).
+UNBOUNDED = 2**40
 
 
 @dataclass(frozen=True)
@@ -119,9 +125,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(batch: int, heads: int, kv_len: int, budget_bytes: int) -> int:
+def chunk_rows(batch: int, heads: int, kv_len: int, budget_bytes: int | None = None) -> int:
+    """Query rows per chunk so that one fp32 (B, N, rows, kv_len) score block fits the budget
+    (default: _library.SCORE_BLOCK_BYTES, read at call time so tests can shrink it)."""
     per_row = max(1, batch * heads * kv_len * 4)
-    return max(1, budget_bytes // per_row)
+    return max(1, (budget_bytes or _library.SCORE_BLOCK_BYTES) // per_row)
+
+
+def exp_scores(
+    scores: torch.Tensor, sink: torch.Tensor | None = None, *, sink_in_max: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunked softmax's shared step: scores (.., keys), -inf where masked, become
+    exp(scores - m) IN PLACE. Returns (m, kept, total, safe), each (.., 1):
+
+    m     the row max (with the sink's logit when sink_in_max), 0 where it is infinite
+          (a row with nothing to attend to), so that such a row exponentiates to zeros;
+    kept  sum_j exp(s_j - m) over the kept scores;
+    total kept + exp(sink - m) with a sink (broadcastable to m), else kept;
+    safe  total, with 1 where it is 0: the divisor for P = exp(s - m) / safe.
+    """
+    m = scores.amax(dim=-1, keepdim=True)
+    if sink is not None and sink_in_max:
+        m = torch.maximum(m, sink)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    scores.sub_(m).exp_()
+    kept = scores.sum(dim=-1, keepdim=True)
+    total = kept if sink is None else kept + torch.exp(sink - m)
+    safe = torch.where(total == 0, torch.ones_like(total), total)  # (with a sink: a -inf sink)
+    return m, kept, total, safe
 
 
 def attention(
@@ -146,12 +177,13 @@ def attention(
         (ke - ks) - (qe - qs) if band is not None and band.right_down else 0
         for (qs, qe), (ks, ke) in zip(q_ranges, kv_ranges)
     ]
+    bands = [None if band is None else (band.pre_tokens, band.next_tokens, shift) for shift in shifts]
+    structure = Structure(q_ranges, kv_ranges, bands, device)
     # Structural masking (ragged lengths, ranges, bands) is only built when some
     # row needs it; the common dense case skips it entirely.
     needs_structure = band is not None or any(
         r != (0, q_len) for r in q_ranges
     ) or any(r != (0, kv_len) for r in kv_ranges)
-    geometry = _Geometry(q_ranges, kv_ranges, shifts, device) if needs_structure else None
 
     out = torch.zeros(batch, heads, q_len, source.value_dim, dtype=dtype, device=device)
     lse = (
@@ -159,7 +191,7 @@ def attention(
         if want_lse
         else None
     )
-    chunk = _chunk_rows(batch, heads, kv_len, score_block_bytes or _library.SCORE_BLOCK_BYTES)
+    chunk = chunk_rows(batch, heads, kv_len, score_block_bytes)
     # Chunks of many rows over dense keys go through torch's fused SDPA kernel
     # (same math, faster GEMMs); decode-sized chunks, paged keys, softmax_lse
     # and quantised probabilities take the explicit path below.
@@ -182,7 +214,7 @@ def attention(
 
     for r0 in range(first_row, last_row, chunk):
         r1 = min(last_row, r0 + chunk)
-        lo, hi = _key_window(r0, r1, q_ranges, kv_ranges, shifts, band)
+        lo, hi = structure.window(r0, r1)
         if hi <= lo:
             continue
         rows = r1 - r0
@@ -191,11 +223,11 @@ def attention(
         if problem.mask is not None:
             masked = problem.mask[..., r0:r1, lo:hi]
         if needs_structure:
-            structural = geometry.mask(r0, r1, lo, hi, band)
+            structural = structure.mask(r0, r1, lo, hi)
             masked = structural if masked is None else (masked | structural)
         # Keys outside a computed batch's valid range may be garbage (NaN/inf): such
         # chunks read each batch's own keys only.
-        windows = geometry.read_windows(r0, r1, lo, hi) if needs_structure else None
+        windows = structure.read_windows(r0, r1, lo, hi) if needs_structure else None
         if use_fused and rows >= FUSED_MIN_ROWS:
             qf = q[:, :, r0:r1].to(dtype)
             if windows is None:
@@ -221,25 +253,17 @@ def attention(
             scores += bias
         if masked is not None:
             scores.masked_fill_(masked, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        scores.sub_(row_max).exp_()
-        row_sum = scores.sum(dim=-1, keepdim=True)
+        # The sink joins the denominator only (row_max is the kept scores' max, 0 for
+        # an empty row, as on the NPU); row_sum is the kept scores' sum.
+        row_max, row_sum, _, safe_sum = exp_scores(scores, sink)
         empty = row_sum == 0
-        if sink is None:
-            safe_sum = torch.where(empty, torch.ones_like(row_sum), row_sum)
-        else:
-            # The sink joins the denominator only (row_max is the kept scores' max,
-            # 0 for an empty row, as on the NPU); the sum is then > 0 for every row.
-            safe_sum = row_sum + torch.exp(sink - row_max)
-            safe_sum = torch.where(safe_sum == 0, torch.ones_like(safe_sum), safe_sum)  # a -inf sink
         if problem.prob_quant_scale is not None:
             scores.div_(safe_sum).mul_(problem.prob_quant_scale).round_().clamp_(-128, 127)
         probs = scores.view(batch, kv_heads, group * rows, hi - lo)
         oc = None
         for a, b, vc in source.value_chunks(lo, hi, dtype):
             # P is 0 outside a batch's range, but 0 * NaN is not 0.
-            sub = None if windows is None else geometry.read_windows(r0, r1, a, b)
+            sub = None if windows is None else structure.read_windows(r0, r1, a, b)
             part = (torch.matmul(probs[..., a - lo : b - lo], vc) if sub is None
                     else _product_within(probs[..., a - lo : b - lo], vc, a, sub))
             oc = part if oc is None else oc.add_(part)
@@ -342,62 +366,88 @@ def _product_within(
     return torch.matmul(probs, torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=device)))
 
 
-def _key_window(
-    r0: int,
-    r1: int,
-    q_ranges: Sequence[tuple[int, int]],
-    kv_ranges: Sequence[tuple[int, int]],
-    shifts: Sequence[int],
-    band: Band | None,
-) -> tuple[int, int]:
-    """The union over batches of the keys any valid row in [r0, r1) may attend to."""
-    lo, hi = None, None
-    for (qs, qe), (ks, ke), shift in zip(q_ranges, kv_ranges, shifts):
-        first, last = max(r0, qs), min(r1, qe) - 1
-        if last < first or ke <= ks:
-            continue
-        b_lo, b_hi = ks, ke
-        if band is not None:
-            b_lo = max(b_lo, ks + (first - qs) + shift - band.pre_tokens)
-            b_hi = min(b_hi, ks + (last - qs) + shift + band.next_tokens + 1)
-        if b_hi <= b_lo:
-            continue
-        lo = b_lo if lo is None else min(lo, b_lo)
-        hi = b_hi if hi is None else max(hi, b_hi)
-    return (0, 0) if lo is None else (lo, hi)
+class Structure:
+    """Which keys each query row may attend to: per-batch valid ranges, a diagonal band per
+    batch and prefix keys. Shared by the inference, training and packed kernels.
 
-
-class _Geometry:
-    """Per-batch valid row/key ranges and diagonal shifts, as (B, 1, 1, 1) tensors."""
+    Key j is kept for row i of batch b iff q_ranges[b] holds i, kv_ranges[b] holds j and,
+    when bands[b] = (pre, next, shift) is given,
+    -pre <= (j - kv_start) - (i - q_start) - shift <= next, or j < kv_start + prefix[b].
+    (prefix: the prefix keys every valid row of a banded batch also keeps.)
+    """
 
     def __init__(
         self,
         q_ranges: Sequence[tuple[int, int]],
         kv_ranges: Sequence[tuple[int, int]],
-        shifts: Sequence[int],
+        bands: Sequence[tuple[int, int, int] | None],
         device: torch.device,
+        prefix: Sequence[int] | None = None,
     ) -> None:
-        def column(values: Sequence[int]) -> torch.Tensor:
-            return torch.tensor(list(values), device=device).view(-1, 1, 1, 1)
-
         self.q_ranges, self.kv_ranges = list(q_ranges), list(kv_ranges)
-        self.q_start = column([s for s, _ in q_ranges])
-        self.q_end = column([e for _, e in q_ranges])
-        self.kv_start = column([s for s, _ in kv_ranges])
-        self.kv_end = column([e for _, e in kv_ranges])
-        self.shift = column(shifts)
+        # Bounds at or past UNBOUNDED cut nothing (no sequence is that long): clamping
+        # them keeps the int64 index arithmetic below from overflowing.
+        self.bands = [None if band is None else (_bounded(band[0]), _bounded(band[1]), band[2]) for band in bands]
+        self.has_band = any(band is not None for band in self.bands)
+        self.prefix = list(prefix) if prefix is not None else None
         self.device = device
+        self._columns: dict[str, torch.Tensor] | None = None
 
-    def mask(self, r0: int, r1: int, lo: int, hi: int, band: Band | None) -> torch.Tensor:
-        """(B, 1, rows, keys) bool, True where ranges or the band mask out."""
+    def _column(self, name: str) -> torch.Tensor:
+        """Per-batch values as (B, 1, 1, 1) int64 tensors, built on first use."""
+        if self._columns is None:
+            open_band = (UNBOUNDED, UNBOUNDED, 0)
+            bands = [band or open_band for band in self.bands]
+            values = {
+                "q_start": [s for s, _ in self.q_ranges], "q_end": [e for _, e in self.q_ranges],
+                "kv_start": [s for s, _ in self.kv_ranges], "kv_end": [e for _, e in self.kv_ranges],
+                "pre": [b[0] for b in bands], "next": [b[1] for b in bands], "shift": [b[2] for b in bands],
+            }
+            if self.prefix is not None:
+                values["prefix"] = self.prefix
+            self._columns = {key: torch.tensor(v, dtype=torch.int64, device=self.device).view(-1, 1, 1, 1)
+                             for key, v in values.items()}
+        return self._columns[name]
+
+    def mask(self, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor:
+        """(B, 1, rows, keys) bool, True = masked out."""
+        # Each row keeps one key interval [first, last] (plus the prefix keys): compare
+        # the key index against per-row bounds rather than building (rows, keys) index grids.
+        col = self._column
         i = torch.arange(r0, r1, device=self.device).view(1, 1, -1, 1)
         j = torch.arange(lo, hi, device=self.device).view(1, 1, 1, -1)
-        masked = (i < self.q_start) | (i >= self.q_end) | (j < self.kv_start) | (j >= self.kv_end)
-        if band is not None:
-            diagonal = (j - self.kv_start) - (i - self.q_start) - self.shift
-            masked |= diagonal > band.next_tokens
-            masked |= -diagonal > band.pre_tokens
+        first, last = col("kv_start"), col("kv_end") - 1
+        if self.has_band:
+            diagonal = i - col("q_start") + col("kv_start") + col("shift")
+            first = torch.maximum(diagonal - col("pre"), first)
+            last = torch.minimum(diagonal + col("next"), last)
+        invalid_row = (i < col("q_start")) | (i >= col("q_end"))
+        last = torch.where(invalid_row, -1, last)  # rows outside the batch's range keep nothing
+        masked = (j > last) | (j < first)
+        if self.has_band and self.prefix is not None:
+            masked &= (j >= col("kv_start") + col("prefix")) | invalid_row
         return masked
+
+    def window(self, r0: int, r1: int) -> tuple[int, int]:
+        """The union over batches of the keys any valid row in [r0, r1) may attend to."""
+        lo, hi = None, None
+        for b, ((qs, qe), (ks, ke)) in enumerate(zip(self.q_ranges, self.kv_ranges)):
+            first, last = max(r0, qs), min(r1, qe) - 1
+            if last < first or ke <= ks:
+                continue
+            b_lo, b_hi = ks, ke
+            band = self.bands[b]
+            if band is not None:
+                pre, nxt, shift = band
+                b_lo = max(b_lo, ks + (first - qs) + shift - pre)
+                b_hi = min(b_hi, ks + (last - qs) + shift + nxt + 1)
+                if self.prefix is not None and self.prefix[b] > 0:
+                    b_lo, b_hi = ks, max(b_hi, min(ks + self.prefix[b], ke))
+            if b_hi <= b_lo:
+                continue
+            lo = b_lo if lo is None else min(lo, b_lo)
+            hi = b_hi if hi is None else max(hi, b_hi)
+        return (0, 0) if lo is None else (lo, hi)
 
     def read_windows(self, r0: int, r1: int, lo: int, hi: int) -> list[tuple[int, int]] | None:
         """Per batch, the keys of [lo, hi) that rows [r0, r1) may read: its valid
@@ -413,6 +463,10 @@ class _Geometry:
             partial = partial or (s, e) != (lo, hi)
             windows.append((s, max(s, e)))
         return windows if partial else None
+
+
+def _bounded(x: int) -> int:
+    return max(-UNBOUNDED, min(UNBOUNDED, x))
 
 
 def paged_block_ids(

@@ -1,6 +1,7 @@
 """Query/key/value layouts of the NPU attention ops, and conversion to BNSD.
 
 B batch, S sequence, N heads, D head dim, H = N * D, T = total tokens (TND).
+Shared by the inference, training and packed attention kernels.
 Composite layouts such as "BNSD_BSND" name the input and the output layout.
 """
 
@@ -57,10 +58,14 @@ def batch_and_seq(shape: Sequence[int], layout: str) -> tuple[int, int]:
 
 
 def to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    """View a BSH/BSND/BNSD tensor as (B, N, S, D) (no copy)."""
+    """A BSH/SBH/BSND/BNSD tensor as (B, N, S, D): a view when the strides allow (always for
+    contiguous inputs), else a copy."""
     if layout == "BSH":
         b, s, h = x.shape
-        return x.view(b, s, heads, h // heads).transpose(1, 2)
+        return x.reshape(b, s, heads, h // heads).transpose(1, 2)
+    if layout == "SBH":
+        s, b, h = x.shape
+        return x.reshape(s, b, heads, h // heads).permute(1, 2, 0, 3)
     if layout == "BSND":
         return x.transpose(1, 2)
     if layout == "BNSD":
@@ -70,10 +75,12 @@ def to_bnsd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
 
 
 def from_bnsd(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """(B, N, S, D) -> the output layout, contiguous."""
+    """(B, N, S, D) -> a contiguous tensor in the (dense) output layout."""
+    b, n, s, d = x.shape
     if layout == "BSH":
-        b, n, s, d = x.shape
         return x.transpose(1, 2).reshape(b, s, n * d)
+    if layout == "SBH":
+        return x.permute(2, 0, 1, 3).reshape(s, b, n * d)
     if layout == "BSND":
         return x.transpose(1, 2).contiguous()
     return x.contiguous()
@@ -98,6 +105,18 @@ def output_shape(
     if layout.output == "BSH":
         return [b, s, n * value_dim]
     return [b, n, s, value_dim]
+
+
+def check_cumulative(op: str, name: str, values: Sequence[int], total: object,
+                     where: str = "input_layout TND") -> None:
+    """Cumulative lengths [l0, l0+l1, ...] of a packed layout: not empty, non-decreasing
+    from 0, the last entry the token count."""
+    check(len(values) > 0, op, name, f"must not be empty for {where}", list(values))
+    prev = 0
+    for x in values:
+        check(x >= prev, op, name, f"must be cumulative (non-decreasing, >= 0) for {where}", list(values))
+        prev = x
+    check(values[-1] == total, op, name, f"last entry must equal the token count T={total}", values[-1])
 
 
 def segments(cumulative: Sequence[int]) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import importlib.util
 import weakref
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -125,3 +125,12 @@ def register_npu(qualname: str, fn: Callable) -> None:
     """Register the PrivateUse1 (Ascend) kernel when torch_npu is installed."""
     if torch_npu_installed():
         LIB.impl(qualname.split("::")[1], fn, "PrivateUse1")
+
+
+def int_list(values: Sequence[int] | torch.Tensor | None) -> list[int] | None:
+    """torch_npu accepts lists or 1-D tensors for the length arguments."""
+    if values is None:
+        return None
+    if isinstance(values, torch.Tensor):
+        return [int(x) for x in values.tolist()]
+    return list(values)

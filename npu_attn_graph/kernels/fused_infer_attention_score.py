@@ -44,9 +44,10 @@ from typing import Sequence
 
 import torch
 
-from ._inference import Antiquant, InferenceCall, int_list, register_inference_op
+from ._inference import Antiquant, InferenceCall
+from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define
+from ._library import check, define, int_list
 from .incre_flash_attention import split_combined_antiquant
 
 __all__ = ["npu_fused_infer_attention_score"]

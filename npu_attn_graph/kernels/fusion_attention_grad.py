@@ -34,18 +34,9 @@ from typing import Sequence
 
 import torch
 
-from ._inference import int_list
-from ._library import INT_MAX, LIB, check, define, register_npu, register_reference
-from .fusion_attention import (
-    FusionCall,
-    Geometry,
-    backward,
-    build_problem,
-    output_from_bnsd,
-    output_to_bnsd,
-    stats_from_layout,
-    validate,
-)
+from ._fusion_args import FusionCall, Geometry, validate
+from ._fusion_kernel import backward, build_problem, output_from_bnsd, output_to_bnsd, stats_from_layout
+from ._library import INT_MAX, LIB, check, define, int_list, register_npu, register_reference
 
 __all__ = ["npu_fusion_attention_grad"]
 

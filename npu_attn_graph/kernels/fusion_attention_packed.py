@@ -44,7 +44,7 @@ import dataclasses
 import torch
 
 from ._library import COMPRESSED_MASK_SIZE, LIB, check, define, register_npu, register_reference
-from .fusion_attention import Geometry, _call, validate
+from ._fusion_args import Geometry, forward_call, validate
 
 OP = "npu_fusion_attention_packed"
 GRAD_OP = "npu_fusion_attention_packed_grad"
@@ -63,7 +63,7 @@ GRAD_QUALNAME = define(GRAD_OP, "(Tensor query, Tensor key, Tensor value, Tensor
 
 def _validate(op: str, query, key, value, atten_mask, head_num, scale) -> Geometry:
     """npu_fusion_attention's own checks of the BNSD call the op is defined as, named `op`."""
-    call = _call(query, key, value, head_num, "BNSD", atten_mask=atten_mask, scale=scale, sparse_mode=1)
+    call = forward_call(query, key, value, head_num, "BNSD", atten_mask=atten_mask, scale=scale, sparse_mode=1)
     check(isinstance(atten_mask, torch.Tensor), op, "atten_mask", "must be a tensor (True = masked out)",
           type(atten_mask).__name__)
     return validate(dataclasses.replace(call, op=op))

@@ -36,9 +36,10 @@ from typing import Sequence
 
 import torch
 
-from ._inference import Antiquant, InferenceCall, int_list, register_inference_op
+from ._inference import Antiquant, InferenceCall
+from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define
+from ._library import check, define, int_list
 
 __all__ = ["npu_incre_flash_attention"]
 

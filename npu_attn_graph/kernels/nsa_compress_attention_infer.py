@@ -90,9 +90,9 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import _library
-from ._attention_core import paged_block_ids
-from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES, int_list
-from ._library import check, define, npu_rules_apply, register_npu, register_reference
+from ._attention_core import compute_dtype, paged_block_ids
+from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES
+from ._library import check, define, int_list, npu_rules_apply, register_npu, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer"]
 
@@ -263,7 +263,7 @@ def _reference(query, key, value, scale_value, head_num, key_value_head_num, sel
     # Raises on a used entry outside [0, block_num); unused entries (e.g. -1) become block 0.
     block_ids = paged_block_ids(OP, block_table, plan.cmp_lens, page_block_size, key.shape[0], "actual_cmp_seq_kvlen")
     device = query.device
-    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(query.dtype)
     kv, g, dk, dv = plan.kv_heads, plan.group, plan.qk_dim, plan.v_dim
     weights = _overlap_weights(select_block_size, compress_block_size, compress_stride)
     ratio = select_block_size // compress_stride

@@ -47,7 +47,7 @@ import torch
 
 from . import fused_infer_attention_score as _fia
 from . import incre_flash_attention as _ifa
-from ._inference import empty_outputs
+from ._inference_kernel import empty_outputs
 from ._library import INT_MAX, LIB, check, define, register_reference
 
 __all__ = ["npu_fused_infer_attention_score_paged", "npu_incre_flash_attention_paged"]

@@ -73,7 +73,8 @@ import torch
 
 from . import fused_infer_attention_score as _fia
 from . import prompt_flash_attention as _pfa
-from ._inference import empty_outputs, validate
+from ._inference import validate
+from ._inference_kernel import empty_outputs
 from ._layouts import batch_and_seq, from_bnsd, parse_layout, to_bnsd
 from ._library import COMPRESSED_MASK_SIZE, INT_MAX, LIB, define, register_npu, register_reference
 

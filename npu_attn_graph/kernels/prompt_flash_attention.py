@@ -28,9 +28,10 @@ from typing import Sequence
 
 import torch
 
-from ._inference import InferenceCall, int_list, register_inference_op
+from ._inference import InferenceCall
+from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import define
+from ._library import define, int_list
 
 __all__ = ["npu_prompt_flash_attention"]
 
