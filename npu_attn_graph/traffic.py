@@ -236,7 +236,6 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
         if n.op == "call_function" and n.target in WRITER_OPS:
             caches.update(_root(n.args[i]) for i in WRITER_OPS[n.target].cache_args)
     caches = {c for c in caches if isinstance(c, torch.fx.Node)}
-    cache_bytes = min((tensor_bytes(_val(c)) for c in caches), default=0)
     # Functional writes copied back into their own cache input: one in-place write (TorchAir, Inductor).
     in_place_pairs: dict[torch.fx.Node, torch.fx.Node] = {}
     for n in nodes:
@@ -249,7 +248,12 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
                     or (src.target in _FUNCTIONAL_WRITERS and src.args[0] is dst)):
                 in_place_pairs[n] = src
     paired_writers = set(in_place_pairs.values())
-    derived = _derived_from(nodes, caches, cache_bytes // 2)
+    for n in nodes:  # a functional write into a fresh tensor nothing else reads (a shifted window): in place
+        if n.op == "call_function" and (n.target in WRITER_OPS or n.target in _FUNCTIONAL_WRITERS):
+            target = n.args[WRITER_OPS[n.target].cache_args[0]] if n.target in WRITER_OPS else n.args[0]
+            if isinstance(target, torch.fx.Node) and target.op == "call_function" and len(target.users) == 1:
+                paired_writers.add(n)
+    derived = _derived_from(nodes, caches)
 
     ops, ideal, fp32_cache_casts = [], Ideal(), 0
     for n in nodes:
@@ -302,8 +306,10 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
         written = _out_bytes(n)
         if n.target is aten.copy_.default and args:
             read, written = tensor_bytes(_val(n.args[1])), tensor_bytes(_val(n.args[0]))
-        if cache_bytes and max(read, written) >= cache_bytes // 2 and (
-                any(a in derived for a in args) or n.target is aten.copy_.default and _root(n.args[0]) in caches):
+        sources = [derived[a] for a in args if a in derived]
+        if n.target is aten.copy_.default and _root(n.args[0]) in caches:
+            sources.append(tensor_bytes(_val(_root(n.args[0]))))
+        if sources and max(read, written) >= min(sources) // 2:
             flag, note = _classify(n)
         ops.append(OpBytes(n.name, _target(n), read, written, note, flag))
     ideal.weights = _weight_bytes(nodes, caches)
@@ -319,12 +325,15 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
     return Traffic("fx", ops, ideal, valid_kv, notes)
 
 
-def _derived_from(nodes: list[torch.fx.Node], roots: set[torch.fx.Node], size: int) -> set[torch.fx.Node]:
-    """The nodes holding a whole cache's worth (at least `size` bytes) of values made from a cache."""
-    derived = set(roots)
+def _derived_from(nodes: list[torch.fx.Node], roots: set[torch.fx.Node]) -> dict[torch.fx.Node, int]:
+    """The nodes holding at least half a cache's worth of values made from that cache -> the cache's bytes."""
+    derived = {r: tensor_bytes(_val(r)) for r in roots}
     for n in nodes:
-        if n.op == "call_function" and any(a in derived for a in _tensor_args(n)) and _out_bytes(n) >= size:
-            derived.add(n)
+        if n.op != "call_function":
+            continue
+        sizes = [derived[a] for a in _tensor_args(n) if a in derived]
+        if sizes and _out_bytes(n) >= min(sizes) // 2:
+            derived[n] = min(sizes)
     return derived
 
 
@@ -447,25 +456,23 @@ def ge_traffic(graph_def: Any, ideal: Ideal, valid_kv: int | None = None, kv_len
         return total
 
     ops: list[OpBytes] = []
-    cache_bytes = 0
-    for op in graph_def.op:
-        if op.type in _GE_IN_PLACE:
-            cache_bytes = max(cache_bytes, input_bytes(op.input[0]) if op.type != "ScatterPaKvCache" else 0)
     notes = []
-    # Outputs holding a whole cache's worth of values made from a cache (the Data inputs the writers update).
-    derived = {op.input[0].rsplit(":", 1)[0] for op in graph_def.op if op.type in _GE_IN_PLACE
-               and op.type != "ScatterPaKvCache"}
-    for op in graph_def.op:  # the Data inputs attention reads its K/V from, through any chain of first inputs
+    # Outputs holding at least half a cache's worth of values made from a cache -> that cache's bytes
+    # (seeds: what the in-place writers update, and the Data inputs attention reads its K/V from).
+    derived: dict[str, int] = {}
+    for op in graph_def.op:
+        if op.type == "Scatter" and op.input:  # the KV writer (ScatterNdUpdate: MoE's permutation)
+            derived[op.input[0].rsplit(":", 1)[0]] = input_bytes(op.input[0])
         for ref in op.input[1:3] if op.type in _GE_ATTENTION else ():
             source = by_name.get(ref.rsplit(":", 1)[0]) if ref else None
             while source is not None and source.type != "Data" and source.input:
                 source = by_name.get(source.input[0].rsplit(":", 1)[0])
             if source is not None and source.type == "Data":
-                derived.add(source.name)
+                derived[source.name] = input_bytes(f"{source.name}:0")
     for op in graph_def.op:
-        if op.type not in _GE_ATTENTION and any(ref.rsplit(":", 1)[0] in derived for ref in op.input if ref) \
-                and out_bytes(op) >= cache_bytes // 2:
-            derived.add(op.name)
+        sizes = [derived[ref.rsplit(":", 1)[0]] for ref in op.input if ref and ref.rsplit(":", 1)[0] in derived]
+        if op.type not in _GE_ATTENTION and op.name not in derived and sizes and out_bytes(op) >= min(sizes) // 2:
+            derived[op.name] = min(sizes)
     for op in graph_def.op:
         if op.type in _GE_FREE:
             continue
@@ -493,8 +500,8 @@ def ge_traffic(graph_def: Any, ideal: Ideal, valid_kv: int | None = None, kv_len
             ops.append(OpBytes(op.name, op.type, read, new, "in place"))
             continue
         read = sum(input_bytes(ref) for ref in inputs)
-        if cache_bytes and max(read, written) >= cache_bytes // 2 and \
-                any(ref.rsplit(":", 1)[0] in derived for ref in inputs):
+        sizes = [derived[ref.rsplit(":", 1)[0]] for ref in inputs if ref.rsplit(":", 1)[0] in derived]
+        if sizes and max(read, written) >= min(sizes) // 2:
             kind = {"Cast": "cast", "TensorMove": "copy", "Assign": "copy", "Roll": "roll",
                     "BroadcastTo": "repeat_kv", "Tile": "repeat_kv", "ConcatV2": "repeat_kv"}.get(op.type, "other")
             flag, note = kind, f"{op.type} of a whole KV cache"
