@@ -160,15 +160,15 @@ def choose_renderer(renderer: str = "auto") -> str | None:
     return renderer if have[renderer] else None
 
 
-def _render(g: Any, renderer: str, fmt: str) -> bytes:  # g: a graphviz.Digraph
+def _render(g: Any, renderer: str, formats: tuple[str, ...]) -> list[bytes]:  # g: a graphviz.Digraph
     if renderer == "dot":
-        return g.pipe(format=fmt)
+        return [g.pipe(format=fmt) for fmt in formats]
     import pygraphviz
 
     graph = pygraphviz.AGraph(string=g.source)
     with _quiet_fontconfig():
-        graph.layout(prog="dot")  # in-process: the wheel's libgvc and dot layout plugin, no program is run
-        return graph.draw(format=fmt)
+        graph.layout(prog="dot")  # in-process, once for all formats: the wheel's libgvc and dot layout plugin
+        return [graph.draw(format=fmt) for fmt in formats]
 
 
 def _fonts_found() -> bool:
@@ -257,9 +257,9 @@ def draw_attention_layer(before: torch.fx.Graph, after: torch.fx.Graph, layer: s
     formats = ("svg", "png") if chosen == "dot" or _fonts_found() else ("svg",)
     paths = []
     for tag, g, _ in pictures:
-        for fmt in formats:
+        for fmt, data in zip(formats, _render(g, chosen, formats)):
             path = out_dir / f"{stem}_{tag}.{fmt}"
-            path.write_bytes(_render(g, chosen, fmt))
+            path.write_bytes(data)
             paths.append(path)
     if "png" not in formats:
         raise RuntimeError(f"wrote {', '.join(map(str, paths))} but no PNG: fontconfig finds no font for its text "
