@@ -235,6 +235,9 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
     for n in nodes:
         if n.op == "call_function" and n.target in WRITER_OPS:
             caches.update(_root(n.args[i]) for i in WRITER_OPS[n.target].cache_args)
+        elif n.op == "call_function" and (n.target in _FUNCTIONAL_WRITERS or n.target in _IN_PLACE_WRITERS) \
+                and isinstance(_root(n.args[0]), torch.fx.Node) and _root(n.args[0]).op == "placeholder":
+            caches.add(_root(n.args[0]))  # an un-rewritten cache write (index_copy into a cache input)
     caches = {c for c in caches if isinstance(c, torch.fx.Node)}
     # Functional writes copied back into their own cache input: one in-place write (TorchAir, Inductor).
     in_place_pairs: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -243,14 +246,15 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
             dst, src = n.args[0], n.args[1]
             while isinstance(src, torch.fx.Node) and src.target is operator.getitem:
                 src = src.args[0]
-            if isinstance(src, torch.fx.Node) and src.op == "call_function" and (
-                    (src.target in WRITER_OPS and dst in [src.args[i] for i in WRITER_OPS[src.target].cache_args])
-                    or (src.target in _FUNCTIONAL_WRITERS and src.args[0] is dst)):
+            # Only our writers: TorchAir turns writer + copy_ into one in-place GE write (tested); an
+            # aten functional write (index_copy) and its copy_ count as the whole copies they are.
+            if isinstance(src, torch.fx.Node) and src.op == "call_function" and \
+                    src.target in WRITER_OPS and dst in [src.args[i] for i in WRITER_OPS[src.target].cache_args]:
                 in_place_pairs[n] = src
     paired_writers = set(in_place_pairs.values())
     for n in nodes:  # a functional write into a fresh tensor nothing else reads (a shifted window): in place
-        if n.op == "call_function" and (n.target in WRITER_OPS or n.target in _FUNCTIONAL_WRITERS):
-            target = n.args[WRITER_OPS[n.target].cache_args[0]] if n.target in WRITER_OPS else n.args[0]
+        if n.op == "call_function" and n.target in WRITER_OPS:
+            target = n.args[WRITER_OPS[n.target].cache_args[0]]
             if isinstance(target, torch.fx.Node) and target.op == "call_function" and len(target.users) == 1:
                 paired_writers.add(n)
     derived = _derived_from(nodes, caches)
