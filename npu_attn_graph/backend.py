@@ -35,7 +35,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from ._logging import graphs_log, log
 from .passes import PASSES, PassContext, run_passes, run_pre_aot_passes
-from .passes._context import FP32_ATTENTION
+from .passes._context import FP32_ATTENTION, SLIDING_WINDOW_CACHE
 from .passes._fx import CONSTANT
 from .report import Report
 from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
@@ -50,6 +50,10 @@ OPTION_DOCS = {
     "fp32_attention": f"one of {list(FP32_ATTENTION)}: float32 attention sites are fused as float32 ('keep'), "
                       "computed in float16/bfloat16 inside the fused op, or left as plain math ('unfused') "
                       "(default: 'float16' with executor 'torchair', else 'keep')",
+    "sliding_window_cache": f"one of {list(SLIDING_WINDOW_CACHE)}: a full sliding-window KV cache takes a decode "
+                            "token by shifting the window one slot, in eager's order ('shift', the default), or "
+                            "into slot position mod W with no shift ('ring': the cache tensors then hold the "
+                            "window rotated; see the README)",
 }
 
 
@@ -60,6 +64,7 @@ class BackendOptions:
     report: Report | Callable[[Report], Any] | None = None
     torchair_config: Any = None
     fp32_attention: str | None = None
+    sliding_window_cache: str = "shift"
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -86,6 +91,9 @@ class BackendOptions:
         if parsed.fp32_attention not in FP32_ATTENTION:
             raise ValueError(f"npu_attn backend: option 'fp32_attention' must be one of {list(FP32_ATTENTION)}, "
                              f"got {parsed.fp32_attention!r}")
+        if parsed.sliding_window_cache not in SLIDING_WINDOW_CACHE:
+            raise ValueError(f"npu_attn backend: option 'sliding_window_cache' must be one of "
+                             f"{list(SLIDING_WINDOW_CACHE)}, got {parsed.sliding_window_cache!r}")
         if parsed.executor == "torchair" and parsed.fp32_attention == "keep":
             raise ValueError("npu_attn backend: fp32_attention='keep' cannot be used with executor 'torchair': "
                              "the NPU's inference attention ops take float16/bfloat16 only, and a GE graph must "
@@ -113,13 +121,16 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     inductor = opts.executor == "inductor"
+    sources = input_sources(gm)
 
     def compiler(graph_name: str):
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
             # Under Inductor, scatter_update (functional) and the graph's copy_ back into
             # the cache, which Inductor compiles as an input mutation.
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
-                                                        functional_alias_writes=inductor))
+                                                        functional_alias_writes=inductor,
+                                                        sliding_window_cache=opts.sliding_window_cache,
+                                                        input_sources=sources))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
         return compile_graph
@@ -267,13 +278,26 @@ def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], 
         graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
         say(f"npu_attn passes on the {graph_name} graph ({len(aten_gm.graph.nodes)} ATen nodes)")
         # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
-        _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention))
+        _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention,
+                                                    sliding_window_cache=opts.sliding_window_cache,
+                                                    input_sources=sources))
         if user_pass is not None:
             user_pass(aten_gm, aten_inputs, torchair_config)
         say(f"TorchAir: converting the {graph_name} graph into a GE graph")
 
+    sources = input_sources(gm)
     config.post_grad_custom_pre_pass = npu_attn_passes
     return torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)
+
+
+def input_sources(gm: torch.fx.GraphModule) -> tuple[str | None, ...]:
+    """dynamo's source name of each input of its graph, in order (the ATen graph's
+    inputs after AOT, for an inference graph); None where an input has none."""
+    names = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        names.append(source.name if isinstance(getattr(source, "name", None), str) else None)
+    return tuple(names)
 
 
 def _needs_gradients(example_inputs: list[Any]) -> bool:

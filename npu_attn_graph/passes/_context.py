@@ -9,6 +9,7 @@ import torch
 
 TARGETS = ("torch", "ge")
 FP32_ATTENTION = ("keep", "float16", "bfloat16", "unfused")
+SLIDING_WINDOW_CACHE = ("shift", "ring")
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,20 @@ class PassContext:
     # StaticCache prefill, whose caches the graph creates). (Writers returning nothing,
     # such as npu_scatter_pa_kv_cache, stay in place: Inductor runs them as mutating externs.)
     functional_alias_writes: bool = False
+    # How a full sliding-window cache takes a decode token: "shift" keeps eager's
+    # order (the window moves by one slot, a copy of the cache per step); "ring"
+    # writes slot position mod W in place (sliding_window_ring; opt-in).
+    sliding_window_cache: str = "shift"
+    # dynamo's source name of each graph input ("L['kwargs']['past_key_values'].layers[0].keys"),
+    # in placeholder order, where the backend knows them (None for an input without one).
+    input_sources: tuple = ()
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"PassContext: target must be one of {list(TARGETS)}, got {self.target!r}")
+        if self.sliding_window_cache not in SLIDING_WINDOW_CACHE:
+            raise ValueError(f"PassContext: sliding_window_cache must be one of {list(SLIDING_WINDOW_CACHE)}, "
+                             f"got {self.sliding_window_cache!r}")
         if self.fp32_attention not in FP32_ATTENTION:
             raise ValueError(f"PassContext: fp32_attention must be one of {list(FP32_ATTENTION)}, "
                              f"got {self.fp32_attention!r}")

@@ -19,12 +19,12 @@ what roll(-1) is, in ops TorchAir converts: aten.roll has no GE converter),
 and the write becomes scatter_update_ into that fresh tensor (torch) or the
 functional scatter_update (GE); the copy back stays.
 
-What this does not do: the cache keeps eager's order, so every full step
-still moves the window by one slot, a copy of the cache. A ring buffer
-(slot = position mod W) would avoid the move, but it leaves the cache
-tensors in another order than eager's, which the next call, other graphs and
-the caller all read, and transformers' layer does not put the token position
-into the graph to derive the slot from. The report's note says so.
+What this does not do by default: the cache keeps eager's order, so every
+full step still moves the window by one slot, a copy of the cache. The
+opt-in sliding_window_cache="ring" (sliding_window_ring) writes slot
+position mod W instead, with no move; it leaves the cache tensors in another
+order than eager's, which is why it is not the default. The report's note
+says which.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, cache_root, is_call, val
 from ._rules import Rule, RuleStats, apply_rules
 from .registry import SCATTER_UPDATE
+from .sliding_window_ring import (RING_NOTE, SlidingWindowRingError, permute_ring_masks, ring_decode, ring_fill_value,
+                                  unrotate_reads)
 from .static_cache_update import ALLOCATIONS, SequenceWrite, _copy_back, fused_write, parse_write
 
 aten = torch.ops.aten
@@ -82,10 +84,17 @@ def match_roll(node: torch.fx.Node) -> WindowStep | None:
 
 
 def check_step(step: WindowStep, ctx: PassContext) -> str | None:
-    return step.reason or step.write.start_reason
+    reason = step.reason or step.write.start_reason
+    if reason is not None and ctx.sliding_window_cache == "ring":
+        # Left in eager's order, this window would disagree with the ring every other graph keeps.
+        raise SlidingWindowRingError(f"sliding_window_cache='ring': the window step at {step.roll.name} cannot be "
+                                     f"written as a ring: {reason}")
+    return reason
 
 
 def rewrite_step(rw: Rewrite, step: WindowStep, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
+    if ctx.sliding_window_cache == "ring":
+        return ring_decode(rw, step, ctx, site)
     length = rw.size(step.cache, step.dim)
     tail = rw.call(aten.slice.Tensor, (step.cache, step.dim, 1, length))
     head = rw.call(aten.slice.Tensor, (step.cache, step.dim, 0, 1))
@@ -150,7 +159,9 @@ def match_fill(node: torch.fx.Node) -> WindowFill | None:
 
 
 def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
-    value = fill.value
+    value = ring_fill_value(rw, fill, ctx) if ctx.sliding_window_cache == "ring" else fill.value
+    if ctx.sliding_window_cache == "ring":
+        site.notes.append(RING_NOTE)
     if val(value).dtype != val(fill.cache).dtype:
         value = rw.call(aten._to_copy.default, (value,), {"dtype": val(fill.cache).dtype})
     device = val(fill.cache).device
@@ -165,8 +176,12 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
         return [fill.copy]
     if ctx.functional_scatter_update:  # the functional writer, copied back (GE / Inductor write in place)
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
-        rw.replace(fill.value, written)
         site.fused_op = "scatter_update"
+        if ctx.sliding_window_cache == "ring":  # the rotated value reads the slice: retarget the copy back itself
+            source = fill.copy.args[1]
+            fill.copy.update_arg(1, written)
+            return [source, fill.value]
+        rw.replace(fill.value, written)
         return [fill.value]
     rw.call(SCATTER_UPDATE.in_place, (fill.cache, starts, value, axis))
     fill.copy.meta["npu_attn_drop"] = True
@@ -182,7 +197,13 @@ WINDOW_FILL_RULE = Rule(
 
 
 def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
+    ring = ctx.sliding_window_cache == "ring"
+    if ring:
+        unrotate_reads(gm, ctx, is_window_step=lambda node: match_roll(node) is not None
+                       if is_call(node, aten.roll.default) else False)
     stats = apply_rules(gm, (SLIDING_WINDOW_RULE, WINDOW_FILL_RULE), report, ctx)
+    if ring:
+        permute_ring_masks(gm)
     for node in list(gm.graph.nodes):
         if node.meta.pop("npu_attn_drop", False):
             gm.graph.erase_node(node)
