@@ -41,6 +41,19 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
 
     # The processes inherit nothing but sys.path: one thread each, on a 2-core machine.
     torch.set_num_threads(1)
+    # Where TorchAir puts its per-input marks on AOT's inputs (torchair_bridge's fix): recorded, not changed.
+    from npu_attn_graph.torchair_bridge import load_torchair
+
+    compiler = sys.modules[f"{load_torchair().module.__name__}.npu_fx_compiler"]
+    set_marks, marks = compiler._set_inputs_custom_attr, []
+
+    def recording_set_marks(example_inputs, inputs_custom_attr):
+        n = len(example_inputs)
+        marks.append([[type(x).__name__, sorted(inputs_custom_attr.get(i - n, {})), list(getattr(x, "shape", []))]
+                      for i, x in enumerate(example_inputs)])
+        return set_marks(example_inputs, inputs_custom_attr)
+
+    compiler._set_inputs_custom_attr = recording_set_marks
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     try:
@@ -54,6 +67,7 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
             results["uneven_error"] = None
         except ValueError as error:
             results["uneven_error"] = str(error)
+        results["input_marks"] = marks
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
@@ -142,6 +156,25 @@ def test_one_complete_ge_graph_per_rank_with_hcom_ops(ranks, part):
     else:
         assert types.get("ScatterPaKvCache") == LAYERS and types.get("AdvanceStep") == 1, types
     assert all(r[part]["ge"]["op_types"] == types for r in ranks)  # the ranks build the same graph
+
+
+def test_torchair_marks_land_on_tensors_only(ranks):
+    # AOT flattens each DTensor parameter into its local tensor and its DeviceMesh (a
+    # FakeScriptObject while tracing); TorchAir's marks must follow (before the fix: a mark
+    # on a FakeScriptObject, an AttributeError and no GE graph).
+    for r in ranks:
+        [dtensor_graph, paged_graph] = r["input_marks"]
+        meshes = [marks for kind, marks, _ in dtensor_graph if kind == "FakeScriptObject"]
+        assert len(meshes) == 7 * LAYERS + 1 + 1 and not any(meshes)  # one per DTensor weight, lm_head, the mesh
+        # The parameter mark: exactly the 21 parameters (embedding, 2 norms and 7 projections per layer, the
+        # final norm, lm_head), with their local shapes; only the decode token has no mark at all (the caches,
+        # their lengths and inv_freq are static inputs).
+        parameters = [shape for _, marks, shape in dtensor_graph if "_torchair_is_parameter" in marks]
+        assert len(parameters) == 1 + 9 * LAYERS + 1 + 1 and [32, 64] in parameters and [64, 32] in parameters, \
+            parameters
+        assert [(kind, shape) for kind, marks, shape in dtensor_graph if not marks and kind != "FakeScriptObject"] \
+            == [("FakeTensor", [2, 1])]
+        assert all(kind == "FakeTensor" for kind, _, _ in paged_graph)  # no subclass: TorchAir's own marks
 
 
 def test_parallelize_refuses_a_split_without_whole_kv_heads(ranks):
