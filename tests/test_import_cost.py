@@ -22,8 +22,9 @@ import json, sys
 import torch
 after_torch = set(sys.modules)
 
-def heavy_since_torch():
-    return sorted(m for m in set(sys.modules) - after_torch if any(m == h or m.startswith(h + ".") for h in {HEAVY!r}))
+def heavy_since_torch():  # the HEAVY entries loaded (a module or its submodules) since import torch
+    loaded = set(sys.modules) - after_torch
+    return sorted(h for h in {HEAVY!r} if any(m == h or m.startswith(h + ".") for m in loaded))
 
 result = {{}}
 import npu_attn_graph
