@@ -62,8 +62,10 @@ def test_import_loads_nothing_heavy_and_lazy_names_resolve():
     assert result["backend"] is True
 
 
-def test_unknown_attribute_is_an_attribute_error():
+def test_submodules_resolve_as_attributes_and_unknown_names_raise():
     import npu_attn_graph
+
+    assert npu_attn_graph.backend.BackendOptions.__module__ == "npu_attn_graph.backend"
 
     with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         npu_attn_graph.no_such_name
