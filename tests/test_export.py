@@ -21,7 +21,7 @@ from npu_attn_graph import Report
 
 transformers = pytest.importorskip("transformers")
 
-from tests.models import MATRIX_FAMILIES, MATRIX_LAYERS, build_matrix_model, prefill_call  # noqa: E402
+from tests.models import MATRIX_FAMILIES, MATRIX_LAYERS, WINDOW, build_matrix_model, prefill_call  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5  # fp32 logits (the issue asks atol 1e-4 or tighter)
 ATTENTION_OPS = ("npu_prompt_flash_attention", "npu_incre_flash_attention", "npu_fused_infer_attention_score")
@@ -139,6 +139,18 @@ def _kv_shape(model) -> tuple[int, int]:
     return heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def static_cache(model) -> "transformers.StaticCache":
+    """A StaticCache of CACHE_LEN whose sliding-window layers are full-length StaticLayers, as transformers'
+    own export recipe (TorchExportableModuleWithHybridCache) builds it: the window is then the mask's band.
+    transformers' StaticSlidingWindowLayer keeps its fill level as a Python int (its write branch, the mask's
+    query offset and, without position_ids, the positions), which torch.export bakes in at the traced step."""
+    cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, transformers.cache_utils.StaticSlidingWindowLayer):
+            cache.layers[i] = transformers.cache_utils.StaticLayer(CACHE_LEN)
+    return cache
+
+
 class BufferDecode(torch.nn.Module):
     """One decode step of a transformers model whose StaticCache tensors are this module's buffers
     (as transformers' TorchExportableModuleWithStaticCache holds them)."""
@@ -146,7 +158,7 @@ class BufferDecode(torch.nn.Module):
     def __init__(self, model, batch: int):
         super().__init__()
         self.model = model
-        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+        self.cache = static_cache(model)
         self.cache.early_initialization(batch, *_kv_shape(model), torch.float32, torch.device("cpu"))
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"key_{i}", layer.keys, persistent=False)
@@ -165,7 +177,7 @@ class InputDecode(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+        self.cache = static_cache(model)
 
     def forward(self, ids, cache_position, *caches):
         for i, layer in enumerate(self.cache.layers):
@@ -200,13 +212,72 @@ def run_steps(step_a, step_b, caches_a=(), caches_b=(), batch: int = 2) -> None:
 def _assert_decode_program(program, report, family):
     counts = fused_counts(program)
     assert counts["scatter_update_"] == 2 * MATRIX_LAYERS, report.table()  # in place, no copy back
-    assert attention_count(program) == MATRIX_LAYERS, report.table()
+    attention_sites = [s for s in report.sites if s.kind == "attention"]
+    assert len(attention_sites) == MATRIX_LAYERS, report.table()
+    if family == "gemma2":  # logit softcapping: no NPU op computes it, the sites stay with the reason
+        assert attention_count(program) == 0 and all("softcap" in s.reason for s in attention_sites), report.table()
+    else:
+        assert attention_count(program) == MATRIX_LAYERS, report.table()
     mutations = [s for s in program.graph_signature.output_specs if s.kind.name.endswith("MUTATION")]
     assert len(mutations) >= 2 * MATRIX_LAYERS
     writers = {n.name for n in program.graph.nodes if "scatter_update_" in str(n.target)}
     cache_mutations = [s for s in mutations if s.arg.name in writers]
     assert len(cache_mutations) == 2 * MATRIX_LAYERS  # each cache's mutation is its writer's result
     assert not any(n.target is torch.ops.aten.copy_.default for n in program.graph.nodes)
+
+
+# Every decoder family of the issue, each attention implementation transformers has for it. BERT is an
+# encoder: no decode step.
+DECODE_CASES = [(family, attn) for family in ("llama", "qwen2", "gpt2", "mistral", "gemma3", "gemma2")
+                for attn in MATRIX_FAMILIES[family][2]]
+SLIDING = ("mistral", "gemma3", "gemma2")
+
+
+@functools.lru_cache(maxsize=None)
+def exported_decode(family: str, attn: str):
+    """(model, program, report): one StaticCache decode step, caches as inputs written in place, traced at
+    position 0 and exported once per test session (tests/test_onnx_export.py takes it to ONNX)."""
+    model = build_matrix_model(family, attn)
+    report = Report()
+    program = npu_attn_graph.export(InputDecode(model), (_first_token(2), torch.tensor([0]), *_new_caches(model, 2)),
+                                    options={"report": report})
+    return model, program, report
+
+
+def eager_steps(model, steps: int = STEPS) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(tokens fed, logits, final caches) of `steps` greedy eager steps of InputDecode from empty caches."""
+    step, caches, token = InputDecode(model), _new_caches(model, 2), _first_token(2)
+    tokens, logits = [], []
+    with torch.no_grad():
+        for position in range(steps):
+            tokens.append(token)
+            logits.append(step(token, torch.tensor([position]), *caches))
+            token = logits[-1][:, -1:].argmax(-1)
+    return tokens, logits, caches
+
+
+@pytest.mark.parametrize("family,attn", DECODE_CASES, ids=[f"{f}-{a}" for f, a in DECODE_CASES])
+def test_static_cache_decode_inputs(family, attn):
+    """The decode step traced at position 0 serves every position: STEPS greedy steps of .module(), each fed
+    its own token, equal eager, caches included. For the sliding-window families the steps run past the
+    window (WINDOW < STEPS), where the window is the mask's band over full-length caches."""
+    model, program, report = exported_decode(family, attn)
+    _assert_decode_program(program, report, family)
+    mine, theirs = _new_caches(model, 2), _new_caches(model, 2)
+    run_steps(program.module(), InputDecode(model), mine, theirs)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"cache {i}: {m}")
+    assert theirs[0].abs().sum() > 0  # the steps did write the caches
+    if family in SLIDING:
+        # The eager reference itself (full-length caches) equals transformers' own StaticCache, whose
+        # sliding layers keep only the last WINDOW positions, over the same steps.
+        assert WINDOW < STEPS
+        tokens, logits, _ = eager_steps(model)
+        cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LEN)
+        with torch.no_grad():
+            for position, (token, expected) in enumerate(zip(tokens, logits)):
+                actual = model(token, past_key_values=cache, cache_position=torch.tensor([position])).logits
+                torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{position}: {m}")
 
 
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("gpt2", "eager")])
@@ -225,24 +296,15 @@ def test_static_cache_decode_buffers(family, attn):
     assert buffers["key_0"].abs().sum() > 0  # the steps did write the caches
 
 
-def test_static_cache_decode_inputs_saved_loaded_and_decomposed(tmp_path):
-    model = build_matrix_model("llama", "sdpa")
-    step = InputDecode(model)
-    report = Report()
-    program = npu_attn_graph.export(step, (_first_token(2), torch.tensor([0]), *_new_caches(model, 2)),
-                                    options={"report": report})
-    _assert_decode_program(program, report, "llama")
-    torch.export.save(program, tmp_path / "decode.pt2")
-    loaded = torch.export.load(tmp_path / "decode.pt2")
-    assert fused_counts(loaded) == fused_counts(program)
-    mine, theirs = _new_caches(model, 2), _new_caches(model, 2)
-    run_steps(loaded.module(), step, mine, theirs)
-    for i, (a, b) in enumerate(zip(mine, theirs)):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"cache {i}: {m}")
-    # Decomposed again, the in-place writers become auto_functionalized calls of the same op.
+def test_static_cache_decode_decomposed_after_export():
+    """Decomposed again (save/load: test_pt2_round_trip_in_a_fresh_process), the in-place writers become
+    auto_functionalized calls of the same op; the program still equals eager, caches included."""
+    model, program, _ = exported_decode("llama", "sdpa")
     decomposed = program.run_decompositions()
+    assert sum(n.target is torch.ops.higher_order.auto_functionalized_v2 for n in decomposed.graph.nodes) == \
+        2 * MATRIX_LAYERS
     mine, theirs = _new_caches(model, 2), _new_caches(model, 2)
-    run_steps(decomposed.module(), step, mine, theirs)
+    run_steps(decomposed.module(), InputDecode(model), mine, theirs)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
@@ -287,36 +349,69 @@ ROUND_TRIP = """
 import sys, torch
 import npu_attn_graph  # registers the npu_attn ops: torch.export.load needs them
 import transformers.modeling_outputs  # the programs return transformers' output types (pytree nodes)
+def close(actual, expected):
+    diff = (actual - expected).abs().max().item()
+    return diff, diff <= 1e-5 + 1e-4 * expected.abs().max().item()
 failures = []
 for name in sys.argv[1:]:
     data = torch.load(name + ".inputs", weights_only=False)
     program = torch.export.load(name + ".pt2")
     fused = sum(str(n.target).startswith("npu_attn.") for n in program.graph.nodes)
-    out = program.module()(*data["args"], **data["kwargs"])
-    out = out if isinstance(out, torch.Tensor) else out[0]
-    diff = (out - data["expected"]).abs().max().item()
-    print(name, fused, diff)
-    if fused < data["fused"] or not diff <= 1e-5 + 1e-4 * data["expected"].abs().max().item():
+    module = program.module()
+    with torch.no_grad():
+        if "tokens" in data:  # decode steps: eager's tokens fed in turn, the caches written in place
+            caches = [torch.zeros_like(c) for c in data["caches"]]
+            results = [close(module(t, torch.tensor([p]), *caches), e)
+                       for p, (t, e) in enumerate(zip(data["tokens"], data["expected"]))]
+            results += [close(a, b) for a, b in zip(caches, data["caches"])]
+        else:
+            out = module(*data["args"], **data["kwargs"])
+            out, expected = out if isinstance(out, torch.Tensor) else out[0], data["expected"]
+            if "valid" in data:  # right padding (BERT): the padded rows are undefined
+                out, expected = out[data["valid"]], expected[data["valid"]]
+            results = [close(out, expected)]
+    print(name.rsplit("/", 1)[-1], fused, max(d for d, _ in results))
+    if fused != data["fused"] or not all(ok for _, ok in results):
         failures.append(name)
 sys.exit(1 if failures else 0)
 """
 
 
+# One program per family of each kind, the attention implementations alternated, so that every family and
+# every (family, attention) pair with a decode step is loaded once (each load costs ~1 s of CPU).
+ROUND_TRIP_PREFILL = [("llama", "eager"), ("qwen2", "sdpa"), ("gpt2", "eager"), ("bert", "sdpa"),
+                      ("mistral", "eager"), ("gemma3", "sdpa"), ("gemma2", "eager")]
+ROUND_TRIP_DECODE = [("llama", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("mistral", "sdpa"),
+                     ("gemma3", "eager"), ("gemma2", "eager")]
+ROUND_TRIP_STEPS = 2  # the second step reads what the first wrote; test_static_cache_decode_inputs runs STEPS
+
+
 def test_pt2_round_trip_in_a_fresh_process(tmp_path):
+    """Prefill and decode programs from above, saved, loaded in one fresh process and run: equal to eager
+    (prefill logits; decode logits at each step and the caches after them), with the same fused ops."""
     names = []
-    for family, attn in (("llama", "sdpa"), ("gpt2", "eager")):
-        model, args, kwargs, program, _ = exported_prefill(family, attn)
-        name = str(tmp_path / f"{family}-{attn}")
-        torch.export.save(program, name + ".pt2")
-        with torch.no_grad():
-            expected = output(model(*args, **kwargs))
-        torch.save({"args": args, "kwargs": kwargs, "expected": expected, "fused": MATRIX_LAYERS}, name + ".inputs")
-        names.append(name)
+    for kind, cases in (("prefill", ROUND_TRIP_PREFILL), ("decode", ROUND_TRIP_DECODE)):
+        for family, attn in cases:
+            name = str(tmp_path / f"{kind}-{family}-{attn}")
+            if kind == "prefill":
+                model, args, kwargs, program, _ = exported_prefill(family, attn)
+                with torch.no_grad():
+                    expected = output(model(*args, **kwargs))
+                data = {"args": args, "kwargs": kwargs, "expected": expected}
+                if family == "bert":
+                    data["valid"] = kwargs["attention_mask"].bool()
+            else:
+                model, program, _ = exported_decode(family, attn)
+                tokens, logits, caches = eager_steps(model, ROUND_TRIP_STEPS)
+                data = {"tokens": tokens, "expected": logits, "caches": caches}
+            data["fused"] = sum(fused_counts(program).values())
+            torch.export.save(program, name + ".pt2")
+            torch.save(data, name + ".inputs")
+            names.append(name)
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(ROUND_TRIP), *names], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(int(line.split()[1]) == MATRIX_LAYERS for line in lines), result.stdout
+    assert len(result.stdout.strip().splitlines()) == len(names), result.stdout
 
 
 # ---------------------------------------------------------------------------

@@ -326,7 +326,10 @@ def test_translation_table_with_torch_onnx_directly(tmp_path):
 transformers = pytest.importorskip("transformers")
 
 from tests.models import MATRIX_LAYERS, build_matrix_model, prefill_call  # noqa: E402
-from tests.test_export import STEPS, BufferDecode, InputDecode, _first_token, _new_caches  # noqa: E402
+# test_export as pytest imports it (tests/ is on sys.path): its exported decode programs are cached once
+# per session for both files.
+from test_export import (DECODE_CASES, STEPS, BufferDecode, InputDecode, _first_token, _new_caches,  # noqa: E402
+                         exported_decode)
 
 # Gemma2's softcapped scores have no fused NPU op: the rules leave them, and export_onnx folds them
 # into Attention(softcap=...).
@@ -358,22 +361,27 @@ def test_model_prefill(family, attn):
     assert not any(n.domain for n in program.model_proto.graph.node)
 
 
-@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), pytest.param("gpt2", "eager", marks=pytest.mark.slow),
-                                         pytest.param("qwen2", "eager", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family,attn", [pytest.param(*c, marks=() if c == ("llama", "sdpa") else pytest.mark.slow)
+                                         for c in DECODE_CASES], ids=[f"{f}-{a}" for f, a in DECODE_CASES])
 def test_static_cache_decode_steps_in_onnxruntime(family, attn):
-    """One decode step exported with the caches as inputs and outputs (TensorScatter per cache write),
-    then STEPS greedy steps in onnxruntime feeding the new caches back: logits and caches equal eager."""
-    model = build_matrix_model(family, attn)
-    step = InputDecode(model)
-    program = export_onnx(step, (_first_token(2), torch.tensor([0]), *_new_caches(model, 2)))
+    """One decode step (test_export's program, traced at position 0) exported with the caches as inputs and
+    outputs (TensorScatter per cache write), then STEPS greedy steps in onnxruntime feeding the new caches
+    back: logits and caches equal eager. The sliding-window families run past the window (a band mask)."""
+    model, exported, _ = exported_decode(family, attn)
+    program = export_onnx(exported)
     counts = op_counts(program)
     assert counts["TensorScatter"] == 2 * MATRIX_LAYERS and counts["ScatterND"] == 0, counts
-    assert counts["Attention"] == MATRIX_LAYERS and counts["Softmax"] == 0, counts
+    assert counts["Attention"] == MATRIX_LAYERS and counts["Softmax"] == 0, counts  # no MatMul-Softmax-MatMul
     graph = program.model_proto.graph
+    if family == "gemma2":  # the softcapped scores folded into Attention(softcap=...); the one Tanh left
+        caps = [a.f for n in graph.node if n.op_type == "Attention" for a in n.attribute if a.name == "softcap"]
+        assert caps == [model.config.attn_logit_softcapping] * MATRIX_LAYERS, caps
+        assert counts["Tanh"] == 1, counts  # is the final logits' softcap (final_logit_softcapping)
     assert len(graph.output) == 2 * MATRIX_LAYERS + 1  # the new caches, then the logits
 
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
+    step = InputDecode(model)
     mine = [c.numpy() for c in _new_caches(model, 2)]
     theirs = _new_caches(model, 2)
     token_a = token_b = _first_token(2)
