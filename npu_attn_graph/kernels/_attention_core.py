@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import _library
-from ._library import fail
+from ._library import COMPRESSED_MASK_SIZE, fail, holds_once
 
 # Query chunks with at least this many rows use torch's fused SDPA kernel.
 FUSED_MIN_ROWS = 16
@@ -467,6 +467,39 @@ class Structure:
 
 def _bounded(x: int) -> int:
     return max(-UNBOUNDED, min(UNBOUNDED, x))
+
+
+def holds_compressed_pattern(mask: torch.Tensor, rows: int = COMPRESSED_MASK_SIZE) -> bool:
+    """Whether a compressed mask (bool or integer, nonzero = masked, any leading dims of 1)
+    holds the pattern the sparse modes read instead of its data: triu(ones(2048, 2048), 1);
+    with rows=3072 (the training op's sparse_mode 6) stacked over a (1024, 2048) block whose
+    left half is 0 and right half 1. Checked once per tensor version (_library.holds_once):
+    a model hands the same constant mask to every layer and every call."""
+    predicate = _PATTERNS.get(rows)
+    if predicate is None:
+        predicate = _PATTERNS[rows] = _pattern_predicate(rows)
+    return holds_once(mask, predicate)
+
+
+def _pattern_predicate(rows: int) -> Callable[[torch.Tensor], bool]:
+    size = COMPRESSED_MASK_SIZE
+
+    def holds(mask: torch.Tensor) -> bool:
+        mask = mask.reshape(rows, size)
+        cols = torch.arange(size, device=mask.device).view(1, -1)
+        # Compared a block of rows at a time: no full-size expected pattern is built.
+        for r0 in range(0, rows, 256):
+            i = torch.arange(r0, min(rows, r0 + 256), device=mask.device).view(-1, 1)
+            expected = torch.where(i < size, cols > i, cols >= size // 2)
+            if not torch.equal(mask[r0:r0 + 256] != 0, expected):
+                return False
+        return True
+
+    return holds
+
+
+# One predicate per row count: holds_once remembers the tensors that passed it.
+_PATTERNS: dict[int, Callable[[torch.Tensor], bool]] = {}
 
 
 def paged_block_ids(

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from ._library import COMPRESSED_MASK_SIZE, INT_MAX, check, fail, holds_once, npu_rules_apply
+from ._attention_core import holds_compressed_pattern
+from ._library import COMPRESSED_MASK_SIZE, INT_MAX, check, fail, npu_rules_apply
 
 FORWARD_OP = "npu_fusion_attention"
 LAYOUTS = ("BSH", "SBH", "BSND", "BNSD", "TND")
@@ -373,32 +374,10 @@ def _check_sink(call: FusionCall, g: Geometry) -> None:
           tuple(sink.shape))
 
 
-def _holds_pattern(rows: int):
-    """Predicate: the (rows, 2048) mask is triu(ones(2048, 2048), 1), stacked
-    for 3072 rows over a (1024, 2048) block whose left half is 0 and right half 1."""
-    size = COMPRESSED_MASK_SIZE
-
-    def holds(mask: torch.Tensor) -> bool:
-        mask = mask.reshape(rows, size)
-        cols = torch.arange(size, device=mask.device).view(1, -1)
-        # Compared a block of rows at a time: no full-size expected pattern is built.
-        for r0 in range(0, rows, 256):
-            i = torch.arange(r0, min(rows, r0 + 256), device=mask.device).view(-1, 1)
-            expected = torch.where(i < size, cols > i, cols >= size // 2)
-            if not torch.equal(mask[r0:r0 + 256] != 0, expected):
-                return False
-        return True
-
-    return holds
-
-
-_HOLDS_PATTERN = {size: _holds_pattern(size) for size in (COMPRESSED_MASK_SIZE, PREFIX_COMPRESSED_ROWS)}
-
-
 def check_compressed_mask(call: FusionCall) -> None:
     """Modes 2/3/4/7/8 read triu(ones(2048, 2048), 1) as a pattern; mode 6 reads it
     stacked over a (1024, 2048) block whose left half is 0 and right half 1."""
     rows = PREFIX_COMPRESSED_ROWS if call.sparse_mode == 6 else COMPRESSED_MASK_SIZE
-    if not holds_once(call.atten_mask, _HOLDS_PATTERN[rows]):
+    if not holds_compressed_pattern(call.atten_mask, rows):
         fail(call.op, "atten_mask", f"must hold the compressed pattern for sparse_mode {call.sparse_mode}",
              "a different pattern")

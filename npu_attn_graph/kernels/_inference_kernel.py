@@ -14,11 +14,10 @@ from typing import Callable, Sequence
 import torch
 
 from . import _library
-from ._attention_core import AttentionProblem, Band, attention, compute_dtype, paged_block_ids
+from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
 from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
-from ._library import (COMPRESSED_MASK_EXPRESSION, COMPRESSED_MASK_SIZE, INT64_MAX, LIB, check, fail, holds_once,
-                       register_npu, register_reference)
+from ._library import (COMPRESSED_MASK_EXPRESSION, INT64_MAX, LIB, check, fail, register_npu, register_reference)
 
 
 def register_inference_op(qualname: str, build_call: Callable[..., InferenceCall], npu_kernel: Callable,
@@ -259,24 +258,9 @@ def _normalise_mask(call: InferenceCall, g: Geometry) -> torch.Tensor | None:
     return mask[..., : g.q_seq, :]
 
 
-# Compressed masks already checked, with the tensor version they had then: a
-# model passes the same constant mask to every layer and every call.
-_CAUSAL_PATTERNS: dict[torch.device, torch.Tensor] = {}
-
-
-def _is_causal_pattern(mask: torch.Tensor) -> bool:
-    size = COMPRESSED_MASK_SIZE
-    expected = _CAUSAL_PATTERNS.get(mask.device)
-    if expected is None:
-        expected = torch.triu(torch.ones(size, size, dtype=torch.bool, device=mask.device), diagonal=1)
-        _CAUSAL_PATTERNS[mask.device] = expected
-    flat = mask.reshape(size, size)
-    return torch.equal(flat if flat.dtype == torch.bool else flat != 0, expected)
-
-
 def _check_compressed_mask(call: InferenceCall, mask: torch.Tensor) -> None:
     """Modes 2/3/4 read the 2048x2048 mask as a pattern; it must be triu(1)."""
-    if not holds_once(mask, _is_causal_pattern):
+    if not holds_compressed_pattern(mask):
         fail(call.op, "atten_mask", f"must be {COMPRESSED_MASK_EXPRESSION} for sparse_mode {call.sparse_mode}",
              "a different pattern")
 
