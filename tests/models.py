@@ -391,3 +391,24 @@ def matrix_markdown(results: list[CaseResult]) -> str:
     for r in results:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in matrix_row(r)) + " |")
     return "\n".join(lines)
+
+
+SLIDING_FAMILIES = {  # name -> (config class, model class, attention, extra config)
+    "mistral": ("MistralConfig", "MistralForCausalLM", "sdpa", {}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", "sdpa", {}),
+    "gemma2-eager": ("Gemma2Config", "Gemma2ForCausalLM", "eager", {}),
+    "gpt-oss-eager": ("GptOssConfig", "GptOssForCausalLM", "eager", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def sliding_window_model(name: str, window: int) -> torch.nn.Module:
+    """A tiny random 2-layer sliding-window model (tests of sliding-window caches)."""
+    import transformers as T
+
+    config_cls, model_cls, attn, extra = SLIDING_FAMILIES[name]
+    torch.manual_seed(0)
+    cfg = getattr(T, config_cls)(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 max_position_embeddings=256, sliding_window=window, **extra)
+    cfg._attn_implementation = attn
+    return getattr(T, model_cls)(cfg).eval()

@@ -10,26 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from models import sliding_window_model
 
 from npu_attn_graph import Report, to_ge_graph
 
 WINDOW, PROMPT, NEW_TOKENS = 4, 5, 14  # the window fills at token 4 and slides for 3.5 windows more
 
 
-def _model(name: str):
-    config_cls, model_cls, attn, extra = {
-        "mistral": (T.MistralConfig, T.MistralForCausalLM, "sdpa", {}),
-        "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, "sdpa", {}),
-        "gemma2-eager": (T.Gemma2Config, T.Gemma2ForCausalLM, "eager", {}),
-        "gpt-oss-eager": (T.GptOssConfig, T.GptOssForCausalLM, "eager",
-                          {"num_local_experts": 4, "num_experts_per_tok": 2}),
-    }[name]
-    torch.manual_seed(0)
-    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                     sliding_window=WINDOW, **extra)
-    cfg._attn_implementation = attn
-    return model_cls(cfg).eval()
+def _model(name: str, window: int = WINDOW):
+    return sliding_window_model(name, window)
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma3", "gemma2-eager", "gpt-oss-eager"])
