@@ -107,9 +107,10 @@ def _slots(cache: torch.fx.Node, dim: int) -> int:
     return slots
 
 
-def _where(cache: torch.fx.Node) -> str:
-    source = cache.meta.get("stack_trace", "").strip().splitlines()
-    return f"{cache.name}" + (f" ({source[-2].strip()})" if len(source) >= 2 else "")
+def _where(node: torch.fx.Node) -> str:
+    """The node's name and its program line, for errors."""
+    source = node.meta.get("stack_trace", "").strip().splitlines()
+    return f"{node.name}" + (f" ({source[-2].strip()})" if len(source) >= 2 else "")
 
 
 def require_seen(gm: torch.fx.GraphModule, ctx: PassContext, cache: torch.fx.Node, what: str) -> torch.fx.Node:
@@ -295,6 +296,22 @@ def ring_fill_value(rw, fill, ctx: PassContext) -> torch.fx.Node:
     return rw.call(aten.index_select.default, (fill.value, fill.dim, order))
 
 
+def _insert_order(gm: torch.fx.GraphModule, before: torch.fx.Node, slots: int, seen: torch.fx.Node, sign: int,
+                  extra: int, device: torch.device) -> torch.fx.Node:
+    """(arange(slots) + sign * seen + extra) mod slots, inserted before `before` (outside a
+    Rewrite: the passes that call it have already committed to the ring)."""
+    def add(target, args, kwargs=None):
+        return insert_call(gm, target, args, kwargs, before=before)
+
+    index = add(aten.arange.start_step, (0, slots, 1), {"dtype": torch.int64, "device": device})
+    count = add(aten.scalar_tensor.default, (seen,), {"dtype": torch.int64, "device": device})
+    shifted = add(aten.add.Tensor if sign > 0 else aten.sub.Tensor, (index, count))
+    if extra:
+        shifted = add(aten.add.Tensor, (shifted, extra))
+    modulus = add(aten.scalar_tensor.default, (slots,), {"dtype": torch.int64, "device": device})
+    return add(aten.remainder.Tensor, (shifted, modulus))
+
+
 def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -> None:
     """Before the rules: in a graph where a ring window is full, every read of it
     other than a decode step's shift (and the writes into it) reads it un-rotated."""
@@ -315,16 +332,9 @@ def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -
         if full is None:
             raise SlidingWindowRingError(f"sliding_window_cache='ring': {_where(cache)} is read in a graph whose "
                                          f"guards do not decide whether the window is full ({val(seen)} >= {slots})")
-        first = min(reads, key=lambda n: list(gm.graph.nodes).index(n))
-        device = val(cache).device
-        index = insert_call(gm, aten.arange.start_step, (0, slots, 1), {"dtype": torch.int64, "device": device},
-                            before=first)
-        count = insert_call(gm, aten.scalar_tensor.default, (seen,), {"dtype": torch.int64, "device": device},
-                            before=first)
-        shifted = insert_call(gm, aten.add.Tensor, (index, count), before=first)
-        modulus = insert_call(gm, aten.scalar_tensor.default, (slots,), {"dtype": torch.int64, "device": device},
-                              before=first)
-        order = insert_call(gm, aten.remainder.Tensor, (shifted, modulus), before=first)
+        position = {n: i for i, n in enumerate(gm.graph.nodes)}
+        first = min(reads, key=position.__getitem__)
+        order = _insert_order(gm, first, slots, seen, sign=1, extra=0, device=val(cache).device)
         eager = insert_call(gm, aten.index_select.default, (cache, 2, order), before=first)
         for read in reads:
             read.replace_input_with(cache, eager)
@@ -340,8 +350,7 @@ def permute_ring_masks(gm: torch.fx.GraphModule) -> None:
             continue
         op = ATTENTION_OPS[op_node.target]
         counts = {ring.get(op.key_arg, (None,))[0], ring.get(op.value_arg, (None,))[0]}
-        where = op_node.meta.get("stack_trace", "").strip().splitlines()
-        at = f"{op_node.name}" + (f" ({where[-2].strip()})" if len(where) >= 2 else "")
+        at = _where(op_node)
         if len(counts) != 1 or None in counts:
             raise SlidingWindowRingError(f"sliding_window_cache='ring': attention {at} reads a ring window as only "
                                          f"one of its key and value; the other would be in another order")
@@ -365,16 +374,7 @@ def permute_ring_masks(gm: torch.fx.GraphModule) -> None:
             if val(mask).shape[-1] != slots:
                 raise SlidingWindowRingError(f"sliding_window_cache='ring': attention {at} has a {name} over "
                                              f"{val(mask).shape[-1]} keys for a window of {slots}")
-            device = val(mask).device
-            index = insert_call(gm, aten.arange.start_step, (0, slots, 1), {"dtype": torch.int64, "device": device},
-                                before=op_node)
-            count = insert_call(gm, aten.scalar_tensor.default, (seen,), {"dtype": torch.int64, "device": device},
-                                before=op_node)
             # ring slot j holds eager slot (j - seen - 1) mod W
-            shifted = insert_call(gm, aten.sub.Tensor, (
-                insert_call(gm, aten.sub.Tensor, (index, count), before=op_node), 1), before=op_node)
-            modulus = insert_call(gm, aten.scalar_tensor.default, (slots,), {"dtype": torch.int64, "device": device},
-                                  before=op_node)
-            order = insert_call(gm, aten.remainder.Tensor, (shifted, modulus), before=op_node)
+            order = _insert_order(gm, op_node, slots, seen, sign=-1, extra=-1, device=val(mask).device)
             permuted = insert_call(gm, aten.index_select.default, (mask, val(mask).dim() - 1, order), before=op_node)
             op_node.update_kwarg(name, permuted)
