@@ -412,3 +412,15 @@ def sliding_window_model(name: str, window: int) -> torch.nn.Module:
                                  max_position_embeddings=256, sliding_window=window, **extra)
     cfg._attn_implementation = attn
     return getattr(T, model_cls)(cfg).eval()
+
+
+def static_decode_to_ge(model, ids: torch.Tensor, out_dir):
+    """to_ge_graph of one StaticCache decode step after an eager prefill of `ids`."""
+    from npu_attn_graph import to_ge_graph
+
+    length = ids.shape[1]
+    with torch.no_grad():
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        token = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(length)).logits[:, -1:]
+        return to_ge_graph(model, token.argmax(-1), past_key_values=cache, use_cache=True,
+                           cache_position=torch.tensor([length]), out_dir=out_dir)

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from npu_attn_graph import to_ge_graph
 from npu_attn_graph.traffic import fx_traffic
 
 ops = torch.ops.npu_attn
@@ -57,16 +56,12 @@ def test_traffic_of_a_hand_made_graph_equals_the_hand_count():
 
 
 def _decode_ge(dtype, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from models import build
+    pytest.importorskip("transformers")
+    from models import build, static_decode_to_ge
 
     model = build("llama", "sdpa").to(dtype)
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        token = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(7)).logits[:, -1:]
-        result = to_ge_graph(model, token.argmax(-1), past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([7]), out_dir=tmp_path)
+    result = static_decode_to_ge(model, ids, tmp_path)
     assert result.single_graph, result.summary()
     fx, ge = result.report.traffic(result.graphs)
     return result, fx, ge

@@ -16,7 +16,7 @@ from npu_attn_graph import to_ge_graph
 
 pytest.importorskip("transformers")
 
-from models import LAYERS, SCENARIOS, build, scenario_call  # noqa: E402
+from models import LAYERS, SCENARIOS, build, scenario_call, static_decode_to_ge  # noqa: E402
 
 ATTENTION_TYPES = {"PromptFlashAttention", "IncreFlashAttention", "FusedInferAttentionScore"}
 # GE op types of attention left as plain math (TorchAir's converters for bmm / softmax).
@@ -97,14 +97,9 @@ def test_float16_model_decode_reads_the_cache_without_any_copy(tmp_path):
     """A float16 Llama decode step: each IncreFlashAttention reads its key and
     value straight from the in-place Scatter on the cache input: no cast, no
     copy of the cache anywhere in the GE graph."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     model = build("llama", "sdpa").half()
-    ids = torch.randint(1, 128, (2, 7))
-    with torch.no_grad():
-        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
-        token = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(7)).logits[:, -1:]
-        result = to_ge_graph(model, token.argmax(-1), past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([7]), out_dir=tmp_path)
+    result = static_decode_to_ge(model, torch.randint(1, 128, (2, 7)), tmp_path)
     assert result.single_graph, result.summary()
     graph_def = result.graphs[0].graph_def
     ops = producers(graph_def)
