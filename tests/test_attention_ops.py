@@ -455,7 +455,7 @@ def test_ifa_paged_with_mask_and_pse():
 
 @pytest.mark.parametrize("pad", [2, 0, -3])
 def test_ifa_kv_padding(pad):
-    b, n, skv, d = 3, 4, 12, 16
+    b, n, skv = 3, 4, 12
     q, k, v, kw = problem("BSH", b=b, n=n, gqa=2, sq=1, skv=skv)
     lens = [5, 10, 11]
     out = check_ifa(q, k, v, scale_value=0.25, actual_seq_lengths=lens,

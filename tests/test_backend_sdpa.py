@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import npu_attn_graph
 from npu_attn_graph import Report, explain
 
 transformers = pytest.importorskip("transformers")

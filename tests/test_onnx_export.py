@@ -16,7 +16,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import npu_attn_graph  # noqa: E402
 from npu_attn_graph import export_onnx, onnx_translation_table  # noqa: E402
 from npu_attn_graph.onnx_export import OnnxTranslationError  # noqa: E402
 

@@ -12,7 +12,6 @@ every decoy alone with a reason that names what differs.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
