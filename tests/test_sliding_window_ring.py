@@ -74,13 +74,12 @@ def test_generate_in_a_ring_equals_eager_with_no_window_copy(name):
         str(n.target) for gm in decode for n in gm.graph.nodes
         if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
         and tuple(n.meta["val"].shape) in windows and "scatter_update" not in str(n.target)]
+    assert copies == [], copies
     if name == "gemma2-eager":
-        # Softcapped attention stays unfused (no NPU op has a softcap): it reads the window in
-        # eager order through one gather per cache, which the report says.
-        assert sorted(set(copies)) == ["aten.index_select.default"], copies
-        assert any("gather" in " ".join(s.notes) for s in sliding), report.table()
+        # Softcapped attention stays unfused (no NPU op has a softcap); it reads the ring as it
+        # is, with its additive mask permuted into ring order along the key axis.
+        assert any("in ring order" in " ".join(s.notes) for s in sliding), report.table()
     else:
-        assert copies == [], copies
         assert all(s.rewritten for s in report.sites), report.table()
 
 

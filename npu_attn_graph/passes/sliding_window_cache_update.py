@@ -38,8 +38,8 @@ from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, cache_root, is_call, val
 from ._rules import Rule, RuleStats, apply_rules
 from .registry import SCATTER_UPDATE
-from .sliding_window_ring import (RING_NOTE, SlidingWindowRingError, permute_ring_masks, ring_decode, ring_fill_value,
-                                  unrotate_reads)
+from .sliding_window_ring import (RING_NOTE, SlidingWindowRingError, order_unfused_reads, permute_ring_masks, ring_decode,
+                                  ring_fill_value, unrotate_reads)
 from .static_cache_update import ALLOCATIONS, SequenceWrite, _copy_back, fused_write, parse_write
 
 aten = torch.ops.aten
@@ -203,6 +203,7 @@ def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: P
                        if is_call(node, aten.roll.default) else False)
     stats = apply_rules(gm, (SLIDING_WINDOW_RULE, WINDOW_FILL_RULE), report, ctx)
     if ring:
+        order_unfused_reads(gm)
         permute_ring_masks(gm)
     for node in list(gm.graph.nodes):
         if node.meta.pop("npu_attn_drop", False):

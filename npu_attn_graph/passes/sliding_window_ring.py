@@ -18,6 +18,10 @@ writes that one slot in place:
 - a write of the last W positions (a prefill longer than the window, or
   several tokens into a full window): the W values go in rotated, slot
   (seen + n + k) mod W for value k, n the number of new tokens;
+- other ops reading a decode-written window (an attention left unfused) read
+  it as it is when _key_order proves their result does not depend on the key
+  order, with what meets the key axis from outside (the mask) permuted; else
+  un-rotated through a gather;
 - any other read of a full window (several tokens appended to it read the
   window in eager order) reads it un-rotated: index_select by
   (k + seen) mod W, a copy, but not on the decode path;
@@ -46,6 +50,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._context import PassContext
 from ._fx import CLAIMED, insert_call, is_call, val
+from ._key_order import KeyOrderUnproven, key_order_region
 from .registry import ATTENTION_OPS, SCATTER_UPDATE
 
 aten = torch.ops.aten
@@ -54,6 +59,7 @@ RING_NOTE = ("ring buffer (sliding_window_cache='ring'): the token at position p
              "no shift of the window; the cache tensors hold the window rotated (window_in_eager_order reads them "
              "in eager order)")
 RING_ATTENTION = "npu_attn_ring_attention"  # meta: fused attention op -> {arg index: seen node}
+RING_UNFUSED = "npu_attn_ring_unfused"  # meta: a decode-written window other ops read -> (seen, W, dim, site)
 
 
 class SlidingWindowRingError(ValueError):
@@ -237,17 +243,8 @@ def ring_decode(rw, step, ctx: PassContext, site) -> list[torch.fx.Node]:
     in_place = not ctx.functional_scatter_update
     writer = SCATTER_UPDATE.in_place if in_place else SCATTER_UPDATE.functional
     written = rw.call(writer, (step.cache, slot, states, axis))
-    if plain:
-        # Readers that are not a fused attention op (an attention left unfused, say) read the
-        # window in eager order: a gather, ring slot (seen + 1 + k) mod W for eager slot k.
-        order = _rotation(rw, slots, rw.call(aten.add.Tensor, (_int_tensor(rw, seen, device), 1)), device)
-        eager = rw.call(aten.index_select.default, (written, step.dim, order))
-        for reader in plain:
-            for copy in copies:
-                if copy in reader.all_input_nodes:
-                    reader.replace_input_with(copy, eager)
-        site.notes.append(f"read by {len(plain)} node(s) other than a fused attention op ({plain[0].name}, ...): "
-                          f"they read the window in eager order through a gather, a copy of the window per step")
+    if plain:  # after the rules: read in ring order where provable, else un-rotated (order_unfused_reads)
+        written.meta[RING_UNFUSED] = (seen, slots, step.dim, site)
     for copy in copies:
         rw.replace(copy, written)
     rw.replace(write.node, written)
@@ -378,3 +375,48 @@ def permute_ring_masks(gm: torch.fx.GraphModule) -> None:
             order = _insert_order(gm, op_node, slots, seen, sign=-1, extra=-1, device=val(mask).device)
             permuted = insert_call(gm, aten.index_select.default, (mask, val(mask).dim() - 1, order), before=op_node)
             op_node.update_kwarg(name, permuted)
+
+
+def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
+    """After the rules: ops other than a fused attention op that read a decode-written
+    window (an attention left unfused, e.g. Gemma2's softcap). Where every such read
+    provably does not depend on the key order (_key_order: views, element-wise math,
+    softmax, the contraction with the values), they read the ring as it is and the
+    tensors they meet along the key axis (the mask) are permuted into ring order;
+    otherwise each window is read un-rotated, a gather of the window per step."""
+    windows = [n for n in gm.graph.nodes if RING_UNFUSED in n.meta]
+    if not windows:
+        return
+    info = {n: n.meta.pop(RING_UNFUSED) for n in windows}
+    skip = {u for n in windows for u in n.users
+            if RING_ATTENTION in u.meta or (is_call(u, (aten.copy_.default, aten.copy.default)) and u.args[1] is n)}
+    # windows with the same token count and size are in the same order
+    starts = {n: (dim, (seen, slots)) for n, (seen, slots, dim, _) in info.items()}
+    try:
+        plan = key_order_region(gm.graph, starts, skip)
+    except KeyOrderUnproven as why:
+        for window, (seen, slots, dim, site) in info.items():
+            readers = [u for u in window.users if u not in skip]
+            position = {n: i for i, n in enumerate(gm.graph.nodes)}
+            first = min(readers, key=position.__getitem__)
+            # eager slot k is ring slot (k + seen + 1) mod W
+            order = _insert_order(gm, first, slots, seen, sign=1, extra=1, device=val(window).device)
+            eager = insert_call(gm, aten.index_select.default, (window, dim, order), before=first)
+            for reader in readers:
+                reader.replace_input_with(window, eager)
+            site.notes.append(f"read by {len(readers)} node(s) other than a fused attention op ({readers[0].name}, "
+                              f"...) in a way that may depend on the key order ({why}): they read the window in "
+                              f"eager order through a gather, a copy of the window per step")
+        return
+    for user, operand, dim, (seen, slots) in plan.foreign:
+        # ring slot j holds eager slot (j - seen - 1) mod W
+        order = _insert_order(gm, user, slots, seen, sign=-1, extra=-1, device=val(operand).device)
+        user.replace_input_with(operand, insert_call(gm, aten.index_select.default, (operand, dim, order),
+                                                     before=user))
+    permuted = sorted({operand.name for _, operand, _, _ in plan.foreign})
+    for window, (_, _, _, site) in info.items():
+        readers = [u.name for u in window.users if u not in skip]
+        site.notes.append(f"read by op(s) other than a fused attention op ({', '.join(readers)}), in ring order: "
+                          f"the key order does not change their result once the tensors they meet along the key "
+                          f"axis ({', '.join(permuted) or 'none'}) are permuted the same way (a gather of those, "
+                          f"not of the window)")
