@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import sys
 from types import ModuleType
+from typing import Any
 
 NATIVE_MODULES = (
     "torchair.core._torchair",
@@ -66,13 +67,14 @@ class _TorchNpuGraphBase:
     load = compile = run = auto_tune = set_hint_shape = summary = _unavailable("TorchNpuGraph")
 
 
-_TorchDataType = enum.IntEnum("TorchDataType", [
+# (functional API: the enum is named as TorchAir's, the variable kept private here)
+_TorchDataType = enum.IntEnum("TorchDataType", [  # type: ignore[misc]
     "BOOL", "UINT8", "INT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BF16", "FLOAT16",
     "FLOAT32", "FLOAT64", "COMPLEX64", "COMPLEX128"])
 
 
 def _torchair_module(name: str) -> ModuleType:
-    module = ModuleType(name, __doc__)
+    module: Any = ModuleType(name, __doc__)  # attributes set below, as the native module has them
     module.TorchNpuGraphBase = _TorchNpuGraphBase
     module.TorchDataType = _TorchDataType
     module.get_registered_ir_def = _get_registered_ir_def
@@ -90,7 +92,7 @@ def make_native_module(name: str) -> ModuleType:
     """The stand-in for one of NATIVE_MODULES."""
     if name == "torchair.core._torchair":
         return _torchair_module(name)
-    module = ModuleType(name, __doc__)
+    module: Any = ModuleType(name, __doc__)  # a module-level __getattr__ (PEP 562) set below
 
     def runtime_entry(attr: str):
         if attr.startswith("__"):  # import machinery probes (__path__, __spec__, ...)

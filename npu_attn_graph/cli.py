@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .demo_models import DEMO_HELP
 from .targets import FORMS, TargetError, load_target
@@ -172,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     transformers = _transformers()
     say = _Steps()
-    model = build("llama", "sdpa")
+    model: Any = build("llama", "sdpa")  # a transformers model: generate() is not nn.Module's
     torch.manual_seed(0)
     prompt = torch.randint(1, 128, (2, 7))
     generate = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens, do_sample=False,
@@ -187,8 +187,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say("compiling with torch.compile(backend='npu_attn') and generating")
         eager_forward = model.forward
         # The model lives on the CPU: the eager executor runs the fused ops' reference kernels.
+        # torch.compile's annotation of options allows str/int/bool/callable values only; the backend takes a Report
         model.forward = torch.compile(model.forward, backend="npu_attn",
-                                      options={"report": report, "executor": "eager"})
+                                      options={"report": report, "executor": "eager"})  # type: ignore[dict-item]
         actual = model.generate(prompt, past_key_values=transformers.StaticCache(config=model.config,
                                                                                  max_cache_len=64), **generate)
         model.forward = eager_forward

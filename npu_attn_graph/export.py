@@ -45,7 +45,7 @@ import reprlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch._export.verifier import TrainingIRVerifier
@@ -96,7 +96,7 @@ def export(model: torch.nn.Module | ExportedProgram, args: tuple = (), kwargs: d
                          f"got {type(model).__name__}")
     program = program.run_decompositions(aot_decompositions())
     program = rewrite_program(program, opts, report)
-    program.npu_attn_report = report
+    program.npu_attn_report = report  # type: ignore[attr-defined]  # the report rides on the program it describes
     return program
 
 
@@ -125,6 +125,7 @@ def rewrite_program(program: ExportedProgram, opts: BackendOptions, report: Repo
     _drop_intermediate_assertions(gm.graph)
     mutations = _mutations_as_copies(gm.graph, program.graph_signature)
     gm.recompile()
+    assert opts.fp32_attention is not None  # BackendOptions.parse filled in the default
     _rewrite(gm, opts, report, PassContext("inference", "torch", opts.fp32_attention))
     output_specs = _copies_as_mutations(gm.graph, program.graph_signature, mutations)
     _iota_as_arange(gm.graph)
@@ -181,12 +182,13 @@ def _mutations_as_copies(graph: torch.fx.Graph, signature: ExportGraphSignature)
     """Each mutation output -> copy_(its input, new value) before the output node;
     returns {output index: the mutated placeholder}."""
     placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
-    names = {**{buffer: name for name, buffer in signature.inputs_to_buffers.items()},
-             **{spec.target: spec.arg.name for spec in signature.input_specs
-                if spec.kind.name == "USER_INPUT" and isinstance(spec.arg, TensorArgument)}}
+    names: dict[str | None, str] = {
+        **{buffer: name for name, buffer in signature.inputs_to_buffers.items()},
+        **{spec.target: spec.arg.name for spec in signature.input_specs
+           if spec.kind.name == "USER_INPUT" and isinstance(spec.arg, TensorArgument)}}
     output = graph.output_node()
-    values = list(output.args[0])
-    mutations = {}
+    values = list(cast(Sequence[torch.fx.Node], output.args[0]))  # the output node holds a tuple of values
+    mutations: dict[int, torch.fx.Node] = {}
     for i, spec in enumerate(signature.output_specs):
         if spec.kind not in MUTATIONS:
             continue
@@ -204,7 +206,7 @@ def _copies_as_mutations(graph: torch.fx.Graph, signature: ExportGraphSignature,
     """The copy_ nodes back into mutation outputs (see the module docstring);
     returns the output specs naming the new output nodes."""
     output = graph.output_node()
-    values = list(output.args[0])
+    values: list[torch.fx.node.Argument] = list(cast(Sequence[torch.fx.node.Argument], output.args[0]))
     for i, target in mutations.items():
         copies = [u for u in target.users if u.op == "call_function" and u.target is aten.copy_.default
                   and u.args[0] is target]
@@ -212,7 +214,7 @@ def _copies_as_mutations(graph: torch.fx.Graph, signature: ExportGraphSignature,
             copy = copies[-1]
             values[i] = copy.args[1]
             for c in copies:
-                c.replace_all_uses_with(c.args[1])
+                c.replace_all_uses_with(cast(torch.fx.Node, c.args[1]))  # copy_(target, value node)
                 graph.erase_node(c)
             continue
         writers = [n for n in graph.nodes if n.op == "call_function" and returns_mutated_input(n)

@@ -141,16 +141,16 @@ class _Recorder:
         finally:
             fx2ge_converter.GeConcreteGraph = original
 
-    def unconverted(self, concrete, node: torch.fx.Node | None, target, error: Exception) -> None:
+    def unconverted(self, concrete: Any, node: torch.fx.Node | None, target: object, error: Exception) -> None:
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         self._pending.setdefault(id(concrete), []).append(
             UnconvertedNode(concrete.graph.name, node.name if node is not None else "-", _target_name(target),
                             reason))
 
-    def has_unconverted(self, concrete) -> bool:
+    def has_unconverted(self, concrete: Any) -> bool:
         return bool(self._pending.get(id(concrete)))
 
-    def built(self, concrete, optimized: bool) -> None:
+    def built(self, concrete: Any, optimized: bool) -> None:
         from torchair._ge_concrete_graph.ge_ir_pb2 import GraphDef
 
         graph_def = GraphDef()
@@ -173,7 +173,7 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
     from torchair._ge_concrete_graph.fx2ge_converter import set_ge_outputs
 
     class RecordingGeConcreteGraph(base):
-        def parse_node(self, target, args, kwargs, meta_outputs):
+        def parse_node(self, target: Any, args: Any, kwargs: Any, meta_outputs: Any) -> Any:
             try:
                 return super().parse_node(target, args, kwargs, meta_outputs)
             except Exception as error:  # TorchAir's reason, whatever its type
@@ -190,7 +190,7 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
                     set_ge_outputs(placeholder, meta_outputs)
                 return placeholder
 
-        def optimize_graph_without_runtime(self, *args, **kwargs):
+        def optimize_graph_without_runtime(self, *args: Any, **kwargs: Any) -> None:
             try:
                 super().optimize_graph_without_runtime(*args, **kwargs)
             except Exception:
@@ -203,7 +203,7 @@ def _recording_class(base: type, recorder: _Recorder) -> type:
     return RecordingGeConcreteGraph
 
 
-def _target_name(target) -> str:
+def _target_name(target: object) -> str:
     text = str(target)
     return text if not text.startswith("<") else getattr(target, "__name__", text)
 
@@ -233,7 +233,7 @@ def to_ge_graph(model: Callable, *args: Any, options: dict[str, Any] | None = No
     recorder = _Recorder(out)
     report = opts.report if isinstance(opts.report, Report) else Report()
 
-    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]):
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         say(f"dynamo graph of {len(gm.graph.nodes)} FX nodes: AOT autograd through TorchAir")
         with recorder.recording():
             try:

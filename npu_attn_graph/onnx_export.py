@@ -745,8 +745,8 @@ def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
 # ----------------------------------------------------------------------------
 
 
-def _find_cause(error: BaseException) -> OnnxTranslationError | None:
-    seen = set()
+def _find_cause(error: BaseException | None) -> OnnxTranslationError | None:
+    seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, OnnxTranslationError):
             return error
@@ -1014,7 +1014,6 @@ def export_onnx(model: torch.nn.Module | torch.export.ExportedProgram, args: tup
     if opset_version < OPSET:
         raise ValueError(f"opset_version: must be >= {OPSET} (Attention with the onnx 1.23 semantics and "
                          f"TensorScatter), got {opset_version}")
-    program = model
     if not isinstance(model, torch.export.ExportedProgram):
         from .export import export
 
@@ -1022,16 +1021,19 @@ def export_onnx(model: torch.nn.Module | torch.export.ExportedProgram, args: tup
     else:
         import copy
 
-        program = copy.deepcopy(program)  # the caller's program is left as it was
+        program = copy.deepcopy(model)  # the caller's program is left as it was
     program = _caches_as_outputs(_functional_writers(program))
     try:
+        # torch's annotation, dict[Callable, ...], is invariant in its key: our OpOverload-keyed table is refused
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset_version,
-                                         custom_translation_table=onnx_translation_table(), verbose=False)
+                                         custom_translation_table=onnx_translation_table(),  # type: ignore[arg-type]
+                                         verbose=False)
     except Exception as e:  # torch.onnx wraps the translation's error; surface ours
         cause = _find_cause(e)
         if cause is not None:
             raise OnnxTranslationError(cause.op, cause.argument, cause.why) from e
         raise
+    assert onnx_program is not None  # None only from the TorchScript exporter (dynamo=False)
     _softcap_attention(onnx_program.model)
     onnx.checker.check_model(onnx_program.model_proto, full_check=True)
     if f is not None:

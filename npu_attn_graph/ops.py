@@ -8,7 +8,9 @@ Code written against torch_npu runs on CPU (or CUDA) by changing one import::
 
 Every function has torch_npu's name and signature and calls the matching
 ``torch.ops.npu_attn`` op, whose kernel is the device-generic reference off
-the NPU and torch_npu itself on an Ascend host. ``custom`` holds the seeds'
+the NPU and torch_npu itself on an Ascend host. The functions are generated from
+the registered schemas (kernels/_dropin.py), so each signature is written once,
+in its kernel module's ``define`` call. ``custom`` holds the seeds'
 ``custom.*`` forms (e.g. ``custom.npu_sparse_flash_attention`` of seed 004),
 thin wrappers over the same ops.
 """

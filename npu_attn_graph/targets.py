@@ -70,6 +70,8 @@ def _import_file(location: str):
         raise TargetError(f"file not found: {location}")
     module_name = f"npu_attn_graph_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TargetError(f"{location}: not a Python file (no import loader for it)")
     module = importlib.util.module_from_spec(spec)
     _prepend_to_path(str(path.resolve().parent))
     sys.modules[module_name] = module

@@ -36,7 +36,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -147,18 +147,18 @@ def _follow_aot_input_flattening(torchair: ModuleType) -> None:
     from torch._opaque_base import OpaqueBase
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    compiler = importlib.import_module(f"{torchair.__name__}.npu_fx_compiler")
+    compiler: Any = importlib.import_module(f"{torchair.__name__}.npu_fx_compiler")  # TorchAir's, patched below
     original = getattr(compiler, "_get_inputs_custom_attr", None)
     if original is None or getattr(original, "_npu_attn_graph_flattening", False):
         return  # another TorchAir (no such function), or already done
 
-    def leaves(value) -> list:
+    def leaves(value: Any) -> list:
         if not is_traceable_wrapper_subclass(value):
             return [value]
         names, _ = value.__tensor_flatten__()
         return [leaf for name in names for leaf in leaves(getattr(value, name))]
 
-    def inputs_custom_attr(example_inputs):
+    def inputs_custom_attr(example_inputs: list[Any]) -> dict[int, dict]:
         if not any(is_traceable_wrapper_subclass(x) or isinstance(x, OpaqueBase) for x in example_inputs):
             return original(example_inputs)
         flat: list[dict] = []
@@ -167,7 +167,7 @@ def _follow_aot_input_flattening(torchair: ModuleType) -> None:
             flat += [marks if isinstance(leaf, torch.Tensor) else {} for leaf in leaves(value)]
         return {i - len(flat): marks for i, marks in enumerate(flat) if marks}
 
-    inputs_custom_attr._npu_attn_graph_flattening = True
+    inputs_custom_attr._npu_attn_graph_flattening = True  # type: ignore[attr-defined]  # marks the patch as done
     compiler._get_inputs_custom_attr = inputs_custom_attr
 
 

@@ -103,8 +103,35 @@ def assert_signature_matches(fn, schema: torch._C.FunctionSchema) -> None:
             assert p.default is inspect.Parameter.empty, p.name
 
 
+@pytest.mark.skipif(not REFERENCE.exists(), reason=f"{REFERENCE} is absent (shared/ is not beside this checkout)")
 @pytest.mark.parametrize("name", IMPLEMENTED)
-def test_public_function_signature_matches_schema(name):
-    """The drop-in function takes the schema's arguments, in order, with its defaults."""
+def test_public_function_signature_matches_torch_npu_yaml(name):
+    """The drop-in function, generated from the registered schema, takes torch_npu's own
+    arguments (the yaml's schema, not ours): names, order, keyword-only split and defaults."""
+    reference = torch._C.parse_schema("npu::" + _reference_schemas()[name])
+    assert_signature_matches(getattr(ops, name), reference)
 
-    assert_signature_matches(getattr(ops, name), getattr(torch.ops.npu_attn, name).default._schema)
+
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_public_function_is_generated_from_the_registered_schema(name):
+    """No hand-written copy of a signature: the function is dropin()'s, its docstring
+    opens with the registered schema and its annotations follow the schema's types."""
+    from npu_attn_graph.kernels._dropin import annotation, schema_text
+
+    fn = getattr(ops, name)
+    schema = getattr(torch.ops.npu_attn, name).default._schema
+    assert fn.__code__.co_filename == f"<npu_attn_graph dropin {name}>"
+    assert " ".join(inspect.getdoc(fn).split("``")[1].split()) == schema_text(schema)
+    params = inspect.signature(fn).parameters
+    assert {p: params[p].annotation for p in params} == {a.name: annotation(a.type) for a in schema.arguments}
+
+
+def test_int_list_arguments_take_a_tensor():
+    """torch_npu's Python API takes an int[] as a list or a 1-D tensor; so do the drop-ins."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 4, 16) for _ in range(3))
+    kwargs = dict(num_heads=1, input_layout="BNSD", scale_value=0.5)
+    as_list = ops.npu_prompt_flash_attention(q, k, v, actual_seq_lengths=[4, 2], **kwargs)
+    as_tensor = ops.npu_prompt_flash_attention(q, k, v, actual_seq_lengths=torch.tensor([4, 2]), **kwargs)
+    assert torch.equal(as_list, as_tensor)
+    assert as_list[1, :, 2:].abs().sum() == 0  # rows past batch 1's length 2 are 0: the lengths were read

@@ -121,10 +121,21 @@ def register_reference(qualname: str, fn: Callable) -> None:
     LIB.impl(qualname.split("::")[1], fn, "CompositeExplicitAutograd")
 
 
-def register_npu(qualname: str, fn: Callable) -> None:
-    """Register the PrivateUse1 (Ascend) kernel when torch_npu is installed."""
+def register_npu(qualname: str, fn: Callable | None = None) -> None:
+    """Register the PrivateUse1 (Ascend) kernel when torch_npu is installed; without
+    fn, torch_npu's own op of the same name (torch.ops.npu.<name>)."""
     if torch_npu_installed():
-        LIB.impl(qualname.split("::")[1], fn, "PrivateUse1")
+        name = qualname.split("::")[1]
+        LIB.impl(name, fn or _torch_npu_op(name), "PrivateUse1")
+
+
+def _torch_npu_op(name: str) -> Callable:
+    def kernel(*args, **kwargs):
+        import torch_npu  # noqa: F401  (registers torch.ops.npu)
+
+        return getattr(torch.ops.npu, name)(*args, **kwargs)
+
+    return kernel
 
 
 def int_list(values: Sequence[int] | torch.Tensor | None) -> list[int] | None:

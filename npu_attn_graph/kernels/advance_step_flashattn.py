@@ -1,11 +1,7 @@
 """npu_advance_step_flashattn: vLLM's multi-step decode bookkeeping, in place.
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_advance_step_flashattn(Tensor(a!) input_tokens, Tensor sampled_token_ids,
-        Tensor(b!) input_positions, Tensor(c!) seq_lens, Tensor(d!) slot_mapping,
-        Tensor block_tables, int num_seqs, int num_queries, int block_size, *,
-        Tensor? spec_token=None, Tensor? accepted_num=None) -> ()
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 Updates ``input_tokens``, ``input_positions``, ``seq_lens`` and ``slot_mapping`` in
 place for the next decode step and returns nothing. Every tensor is int64.
@@ -74,10 +70,11 @@ The NPU kernel requires contiguous tensors; the reference kernel accepts any str
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["npu_advance_step_flashattn"]
@@ -264,35 +261,13 @@ register_reference(QUALNAME, _reference)
 register_npu(QUALNAME, _npu)
 
 
-def npu_advance_step_flashattn(
-    input_tokens: torch.Tensor,
-    sampled_token_ids: torch.Tensor,
-    input_positions: torch.Tensor,
-    seq_lens: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    block_tables: torch.Tensor,
-    num_seqs: int,
-    num_queries: int,
-    block_size: int,
-    *,
-    spec_token: Optional[torch.Tensor] = None,
-    accepted_num: Optional[torch.Tensor] = None,
-) -> None:
-    """``npu_advance_step_flashattn(Tensor(a!) input_tokens, Tensor sampled_token_ids,
-    Tensor(b!) input_positions, Tensor(c!) seq_lens, Tensor(d!) slot_mapping, Tensor block_tables,
-    int num_seqs, int num_queries, int block_size, *, Tensor? spec_token=None,
-    Tensor? accepted_num=None) -> ()``
-
-    Advances vLLM's decode inputs by one step, in place (returns None). Without speculation,
-    for i < num_queries with p = old seq_lens[i]: input_tokens[i] = sampled_token_ids[i, 0],
-    input_positions[i] = p, seq_lens[i] = p + 1, slot_mapping[i] =
-    block_tables[i, p // block_size] * block_size + p % block_size; padding rows
-    num_queries <= i < num_seqs get token 0, position 0 and slot -1. With spec_token and
-    accepted_num, every token j of request i moves to position input_positions[i, j] +
-    accepted_num[i] + 1 (seq_lens = position + 1, slot from block_tables), input_tokens[i, 0]
-    becomes the last non-rejected (-1) sampled token and input_tokens[i, 1:] = spec_token[i].
-    See the module docstring for shapes, constraints and the choices made.
-    """
-    torch.ops.npu_attn.npu_advance_step_flashattn(
-        input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
-        num_queries, block_size, spec_token=spec_token, accepted_num=accepted_num)
+npu_advance_step_flashattn = dropin(QUALNAME, __name__, """\
+Advances vLLM's decode inputs by one step, in place (returns None). Without speculation,
+for i < num_queries with p = old seq_lens[i]: input_tokens[i] = sampled_token_ids[i, 0],
+input_positions[i] = p, seq_lens[i] = p + 1, slot_mapping[i] =
+block_tables[i, p // block_size] * block_size + p % block_size; padding rows
+num_queries <= i < num_seqs get token 0, position 0 and slot -1. With spec_token and
+accepted_num, every token j of request i moves to position input_positions[i, j] +
+accepted_num[i] + 1 (seq_lens = position + 1, slot from block_tables), input_tokens[i, 0]
+becomes the last non-rejected (-1) sampled token and input_tokens[i, 1:] = spec_token[i].
+See the module docstring for shapes, constraints and the choices made.""")

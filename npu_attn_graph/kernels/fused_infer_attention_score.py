@@ -1,22 +1,7 @@
 """npu_fused_infer_attention_score: the unified inference attention op.
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_fused_infer_attention_score(Tensor query, Tensor key, Tensor value, *,
-        Tensor? pse_shift=None, Tensor? atten_mask=None, SymInt[]? actual_seq_lengths=None,
-        SymInt[]? actual_seq_lengths_kv=None, Tensor? dequant_scale1=None,
-        Tensor? quant_scale1=None, Tensor? dequant_scale2=None, Tensor? quant_scale2=None,
-        Tensor? quant_offset2=None, Tensor? antiquant_scale=None, Tensor? antiquant_offset=None,
-        Tensor? key_antiquant_scale=None, Tensor? key_antiquant_offset=None,
-        Tensor? value_antiquant_scale=None, Tensor? value_antiquant_offset=None,
-        Tensor? block_table=None, Tensor? query_padding_size=None, Tensor? kv_padding_size=None,
-        Tensor? key_shared_prefix=None, Tensor? value_shared_prefix=None,
-        SymInt[]? actual_shared_prefix_len=None, Tensor? query_rope=None, Tensor? key_rope=None,
-        Tensor? key_rope_antiquant_scale=None, int num_heads=1, float scale=1.0,
-        int pre_tokens=2147483647, int next_tokens=2147483647, str input_layout="BSH",
-        int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0,
-        int antiquant_mode=0, int key_antiquant_mode=0, int value_antiquant_mode=0,
-        bool softmax_lse_flag=False) -> (Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 Query S == 1 takes the incremental path (sparse_mode, pre/next tokens ignored;
 masks (B, KV_S)-shaped), S > 1 the prompt path (sparse modes 0-4 as in
@@ -40,14 +25,13 @@ NaN/inf without reaching the outputs.
 
 from __future__ import annotations
 
-from typing import Sequence
 
-import torch
 
 from ._inference import Antiquant, InferenceCall
 from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define, int_list
+from ._dropin import dropin
+from ._library import check, define
 from .incre_flash_attention import split_combined_antiquant
 
 __all__ = ["npu_fused_infer_attention_score"]
@@ -130,64 +114,4 @@ def _npu(query, key, value, **kwargs):
 register_inference_op(QUALNAME, _call, _npu, returns_lse=True)
 
 
-def npu_fused_infer_attention_score(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    pse_shift: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    actual_seq_lengths: Sequence[int] | None = None,
-    actual_seq_lengths_kv: Sequence[int] | None = None,
-    dequant_scale1: torch.Tensor | None = None,
-    quant_scale1: torch.Tensor | None = None,
-    dequant_scale2: torch.Tensor | None = None,
-    quant_scale2: torch.Tensor | None = None,
-    quant_offset2: torch.Tensor | None = None,
-    antiquant_scale: torch.Tensor | None = None,
-    antiquant_offset: torch.Tensor | None = None,
-    key_antiquant_scale: torch.Tensor | None = None,
-    key_antiquant_offset: torch.Tensor | None = None,
-    value_antiquant_scale: torch.Tensor | None = None,
-    value_antiquant_offset: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    query_padding_size: torch.Tensor | None = None,
-    kv_padding_size: torch.Tensor | None = None,
-    key_shared_prefix: torch.Tensor | None = None,
-    value_shared_prefix: torch.Tensor | None = None,
-    actual_shared_prefix_len: Sequence[int] | None = None,
-    query_rope: torch.Tensor | None = None,
-    key_rope: torch.Tensor | None = None,
-    key_rope_antiquant_scale: torch.Tensor | None = None,
-    num_heads: int = 1,
-    scale: float = 1.0,
-    pre_tokens: int = 2147483647,
-    next_tokens: int = 2147483647,
-    input_layout: str = "BSH",
-    num_key_value_heads: int = 0,
-    sparse_mode: int = 0,
-    inner_precise: int = 0,
-    block_size: int = 0,
-    antiquant_mode: int = 0,
-    key_antiquant_mode: int = 0,
-    value_antiquant_mode: int = 0,
-    softmax_lse_flag: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch_npu.npu_fused_infer_attention_score, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_fused_infer_attention_score(
-        query, key, value, pse_shift=pse_shift, atten_mask=atten_mask,
-        actual_seq_lengths=int_list(actual_seq_lengths), actual_seq_lengths_kv=int_list(actual_seq_lengths_kv),
-        dequant_scale1=dequant_scale1, quant_scale1=quant_scale1, dequant_scale2=dequant_scale2,
-        quant_scale2=quant_scale2, quant_offset2=quant_offset2, antiquant_scale=antiquant_scale,
-        antiquant_offset=antiquant_offset, key_antiquant_scale=key_antiquant_scale,
-        key_antiquant_offset=key_antiquant_offset, value_antiquant_scale=value_antiquant_scale,
-        value_antiquant_offset=value_antiquant_offset, block_table=block_table,
-        query_padding_size=query_padding_size, kv_padding_size=kv_padding_size,
-        key_shared_prefix=key_shared_prefix, value_shared_prefix=value_shared_prefix,
-        actual_shared_prefix_len=int_list(actual_shared_prefix_len), query_rope=query_rope, key_rope=key_rope,
-        key_rope_antiquant_scale=key_rope_antiquant_scale, num_heads=num_heads, scale=scale,
-        pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
-        num_key_value_heads=num_key_value_heads, sparse_mode=sparse_mode, inner_precise=inner_precise,
-        block_size=block_size, antiquant_mode=antiquant_mode, key_antiquant_mode=key_antiquant_mode,
-        value_antiquant_mode=value_antiquant_mode, softmax_lse_flag=softmax_lse_flag,
-    )
+npu_fused_infer_attention_score = dropin(QUALNAME, __name__)

@@ -1,23 +1,8 @@
 """npu_fused_infer_attention_score_v2: the unified inference attention op, v2 argument set.
 
-Schema (torch_npu 2.13.0, namespace npu_attn; read from the wheel's
-torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml)::
-
-    npu_fused_infer_attention_score_v2(Tensor query, Tensor key, Tensor value, *,
-        Tensor? query_rope=None, Tensor? key_rope=None, Tensor? pse_shift=None, Tensor? atten_mask=None,
-        SymInt[]? actual_seq_qlen=None, SymInt[]? actual_seq_kvlen=None, Tensor? block_table=None,
-        Tensor? dequant_scale_query=None, Tensor? dequant_scale_key=None, Tensor? dequant_offset_key=None,
-        Tensor? dequant_scale_value=None, Tensor? dequant_offset_value=None,
-        Tensor? dequant_scale_key_rope=None, Tensor? quant_scale_out=None, Tensor? quant_offset_out=None,
-        Tensor? quant_scale_p=None, Tensor? learnable_sink=None, int num_query_heads=1,
-        int num_key_value_heads=0, float softmax_scale=1.0, int pre_tokens=2147483647,
-        int next_tokens=2147483647, str input_layout="BSH", int sparse_mode=0, int block_size=0,
-        int query_quant_mode=0, int key_quant_mode=0, int value_quant_mode=0, int inner_precise=0,
-        bool return_softmax_lse=False, int? query_dtype=None, int? key_dtype=None, int? value_dtype=None,
-        int? query_rope_dtype=None, int? key_rope_dtype=None, int? key_shared_prefix_dtype=None,
-        int? value_shared_prefix_dtype=None, int? dequant_scale_query_dtype=None,
-        int? dequant_scale_key_dtype=None, int? dequant_scale_value_dtype=None,
-        int? dequant_scale_key_rope_dtype=None, int? out_dtype=None) -> (Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace npu_attn; read from the wheel's
+torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml), written once, in the ``define``
+call below; the drop-in function's docstring shows it.
 
 The same computation as npu_fused_infer_attention_score (see that module and
 _inference.InferenceCall), under new argument names, without shared prefix,
@@ -76,14 +61,14 @@ Q_S is 1; int8 key/value need dequant_scale_key.
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
 from ._inference import Antiquant, InferenceCall
 from ._inference_kernel import register_inference_op
 from ._layouts import batch_and_seq, layout_rank, parse_layout
-from ._library import check, define, int_list
+from ._dropin import dropin
+from ._library import check, define
 
 __all__ = ["npu_fused_infer_attention_score_v2"]
 
@@ -199,70 +184,4 @@ def _npu(query, key, value, **kwargs):
 register_inference_op(QUALNAME, _call, _npu, returns_lse=True)
 
 
-def npu_fused_infer_attention_score_v2(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    query_rope: torch.Tensor | None = None,
-    key_rope: torch.Tensor | None = None,
-    pse_shift: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    actual_seq_qlen: Sequence[int] | None = None,
-    actual_seq_kvlen: Sequence[int] | None = None,
-    block_table: torch.Tensor | None = None,
-    dequant_scale_query: torch.Tensor | None = None,
-    dequant_scale_key: torch.Tensor | None = None,
-    dequant_offset_key: torch.Tensor | None = None,
-    dequant_scale_value: torch.Tensor | None = None,
-    dequant_offset_value: torch.Tensor | None = None,
-    dequant_scale_key_rope: torch.Tensor | None = None,
-    quant_scale_out: torch.Tensor | None = None,
-    quant_offset_out: torch.Tensor | None = None,
-    quant_scale_p: torch.Tensor | None = None,
-    learnable_sink: torch.Tensor | None = None,
-    num_query_heads: int = 1,
-    num_key_value_heads: int = 0,
-    softmax_scale: float = 1.0,
-    pre_tokens: int = 2147483647,
-    next_tokens: int = 2147483647,
-    input_layout: str = "BSH",
-    sparse_mode: int = 0,
-    block_size: int = 0,
-    query_quant_mode: int = 0,
-    key_quant_mode: int = 0,
-    value_quant_mode: int = 0,
-    inner_precise: int = 0,
-    return_softmax_lse: bool = False,
-    query_dtype: int | None = None,
-    key_dtype: int | None = None,
-    value_dtype: int | None = None,
-    query_rope_dtype: int | None = None,
-    key_rope_dtype: int | None = None,
-    key_shared_prefix_dtype: int | None = None,
-    value_shared_prefix_dtype: int | None = None,
-    dequant_scale_query_dtype: int | None = None,
-    dequant_scale_key_dtype: int | None = None,
-    dequant_scale_value_dtype: int | None = None,
-    dequant_scale_key_rope_dtype: int | None = None,
-    out_dtype: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch_npu.npu_fused_infer_attention_score_v2, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_fused_infer_attention_score_v2(
-        query, key, value, query_rope=query_rope, key_rope=key_rope, pse_shift=pse_shift, atten_mask=atten_mask,
-        actual_seq_qlen=int_list(actual_seq_qlen), actual_seq_kvlen=int_list(actual_seq_kvlen),
-        block_table=block_table, dequant_scale_query=dequant_scale_query, dequant_scale_key=dequant_scale_key,
-        dequant_offset_key=dequant_offset_key, dequant_scale_value=dequant_scale_value,
-        dequant_offset_value=dequant_offset_value, dequant_scale_key_rope=dequant_scale_key_rope,
-        quant_scale_out=quant_scale_out, quant_offset_out=quant_offset_out, quant_scale_p=quant_scale_p,
-        learnable_sink=learnable_sink, num_query_heads=num_query_heads, num_key_value_heads=num_key_value_heads,
-        softmax_scale=softmax_scale, pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
-        sparse_mode=sparse_mode, block_size=block_size, query_quant_mode=query_quant_mode,
-        key_quant_mode=key_quant_mode, value_quant_mode=value_quant_mode, inner_precise=inner_precise,
-        return_softmax_lse=return_softmax_lse, query_dtype=query_dtype, key_dtype=key_dtype,
-        value_dtype=value_dtype, query_rope_dtype=query_rope_dtype, key_rope_dtype=key_rope_dtype,
-        key_shared_prefix_dtype=key_shared_prefix_dtype, value_shared_prefix_dtype=value_shared_prefix_dtype,
-        dequant_scale_query_dtype=dequant_scale_query_dtype, dequant_scale_key_dtype=dequant_scale_key_dtype,
-        dequant_scale_value_dtype=dequant_scale_value_dtype,
-        dequant_scale_key_rope_dtype=dequant_scale_key_rope_dtype, out_dtype=out_dtype,
-    )
+npu_fused_infer_attention_score_v2 = dropin(QUALNAME, __name__)

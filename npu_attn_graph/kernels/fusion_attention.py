@@ -1,14 +1,7 @@
 """npu_fusion_attention: the training flash-attention forward (FlashAttentionScore).
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_fusion_attention(Tensor query, Tensor key, Tensor value, int head_num, str input_layout,
-        Tensor? pse=None, Tensor? padding_mask=None, Tensor? atten_mask=None, float scale=1.,
-        float keep_prob=1., int pre_tockens=2147483647, int next_tockens=2147483647,
-        int inner_precise=0, int[]? prefix=None, int[]? actual_seq_qlen=None,
-        int[]? actual_seq_kvlen=None, int sparse_mode=0, bool gen_mask_parallel=True,
-        bool sync=False, str softmax_layout="", Tensor? sink=None, Tensor? dropout_mask=None,
-        int seed=0, int offset=0) -> (Tensor, Tensor, Tensor, Tensor, int, int, int)
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 Computation, per batch b and query head n (GQA: head n reads key/value head n // (Nq/Nkv))::
 
@@ -94,14 +87,14 @@ _layouts.py); this module holds the schema, the registrations and the autograd f
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
 from . import fusion_attention_grad  # noqa: F401  (the autograd formula calls the grad op)
 from ._fusion_args import FORWARD_OP, forward_call, validate
 from ._fusion_kernel import build_problem, forward, output_from_bnsd, stats_to_layout
-from ._library import LIB, define, int_list, register_npu, register_reference
+from ._dropin import dropin
+from ._library import LIB, define, register_npu, register_reference
 
 __all__ = ["npu_fusion_attention"]
 
@@ -196,38 +189,4 @@ def _backward(ctx, grad_out, _grad_max, _grad_sum, _grad_softmax_out, _seed, _of
 torch.library.register_autograd(QUALNAME, _backward, setup_context=_setup_context, lib=LIB)
 
 
-def npu_fusion_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    head_num: int,
-    input_layout: str,
-    pse: torch.Tensor | None = None,
-    padding_mask: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    scale: float = 1.0,
-    keep_prob: float = 1.0,
-    pre_tockens: int = 2147483647,
-    next_tockens: int = 2147483647,
-    inner_precise: int = 0,
-    prefix: Sequence[int] | None = None,
-    actual_seq_qlen: Sequence[int] | None = None,
-    actual_seq_kvlen: Sequence[int] | None = None,
-    sparse_mode: int = 0,
-    gen_mask_parallel: bool = True,
-    sync: bool = False,
-    softmax_layout: str = "",
-    sink: torch.Tensor | None = None,
-    dropout_mask: torch.Tensor | None = None,
-    seed: int = 0,
-    offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int]:
-    """torch_npu.npu_fusion_attention, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_fusion_attention(
-        query, key, value, head_num, input_layout, pse=pse, padding_mask=padding_mask, atten_mask=atten_mask,
-        scale=scale, keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens,
-        inner_precise=inner_precise, prefix=int_list(prefix), actual_seq_qlen=int_list(actual_seq_qlen),
-        actual_seq_kvlen=int_list(actual_seq_kvlen), sparse_mode=sparse_mode,
-        gen_mask_parallel=gen_mask_parallel, sync=sync, softmax_layout=softmax_layout, sink=sink,
-        dropout_mask=dropout_mask, seed=seed, offset=offset,
-    )
+npu_fusion_attention = dropin(QUALNAME, __name__)

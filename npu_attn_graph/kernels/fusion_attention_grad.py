@@ -1,16 +1,7 @@
 """npu_fusion_attention_grad: the training flash-attention backward (FlashAttentionScoreGrad).
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_fusion_attention_grad(Tensor query, Tensor key, Tensor value, Tensor dy, int head_num,
-        str input_layout, *, Tensor? pse=None, Tensor? padding_mask=None, Tensor? atten_mask=None,
-        Tensor? softmax_max=None, Tensor? softmax_sum=None, Tensor? softmax_in=None,
-        Tensor? attention_in=None, float scale_value=1., float keep_prob=1.,
-        int pre_tockens=2147483647, int next_tockens=2147483647, int inner_precise=0, int seed=0,
-        int offset=0, int numels=0, int[]? prefix=None, int[]? actual_seq_qlen=None,
-        int[]? actual_seq_kvlen=None, int sparse_mode=0, bool gen_mask_parallel=True,
-        bool sync=False, str softmax_layout="", Tensor? sink=None)
-        -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 Gradients of npu_fusion_attention (same arguments and semantics, see fusion_attention.py)
 with respect to query, key, value, pse and sink, given dy = dL/d attention_out. As on the
@@ -30,13 +21,13 @@ The reference processes the query in row chunks (O(chunk x Skv) extra memory per
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
 from ._fusion_args import FusionCall, Geometry, validate
 from ._fusion_kernel import backward, build_problem, output_from_bnsd, output_to_bnsd, stats_from_layout
-from ._library import INT_MAX, LIB, check, define, int_list, register_npu, register_reference
+from ._dropin import dropin
+from ._library import INT_MAX, LIB, check, define, register_npu, register_reference
 
 __all__ = ["npu_fusion_attention_grad"]
 
@@ -130,45 +121,4 @@ register_reference(QUALNAME, _reference)
 register_npu(QUALNAME, _npu)
 
 
-def npu_fusion_attention_grad(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    dy: torch.Tensor,
-    head_num: int,
-    input_layout: str,
-    *,
-    pse: torch.Tensor | None = None,
-    padding_mask: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    softmax_max: torch.Tensor | None = None,
-    softmax_sum: torch.Tensor | None = None,
-    softmax_in: torch.Tensor | None = None,
-    attention_in: torch.Tensor | None = None,
-    scale_value: float = 1.0,
-    keep_prob: float = 1.0,
-    pre_tockens: int = 2147483647,
-    next_tockens: int = 2147483647,
-    inner_precise: int = 0,
-    seed: int = 0,
-    offset: int = 0,
-    numels: int = 0,
-    prefix: Sequence[int] | None = None,
-    actual_seq_qlen: Sequence[int] | None = None,
-    actual_seq_kvlen: Sequence[int] | None = None,
-    sparse_mode: int = 0,
-    gen_mask_parallel: bool = True,
-    sync: bool = False,
-    softmax_layout: str = "",
-    sink: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch_npu.npu_fusion_attention_grad, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_fusion_attention_grad(
-        query, key, value, dy, head_num, input_layout, pse=pse, padding_mask=padding_mask, atten_mask=atten_mask,
-        softmax_max=softmax_max, softmax_sum=softmax_sum, softmax_in=softmax_in, attention_in=attention_in,
-        scale_value=scale_value, keep_prob=keep_prob, pre_tockens=pre_tockens, next_tockens=next_tockens,
-        inner_precise=inner_precise, seed=seed, offset=offset, numels=numels, prefix=int_list(prefix),
-        actual_seq_qlen=int_list(actual_seq_qlen), actual_seq_kvlen=int_list(actual_seq_kvlen),
-        sparse_mode=sparse_mode, gen_mask_parallel=gen_mask_parallel, sync=sync, softmax_layout=softmax_layout,
-        sink=sink,
-    )
+npu_fusion_attention_grad = dropin(QUALNAME, __name__)

@@ -1,16 +1,10 @@
 """npu_fusion_attention_packed (+ _grad): npu_fusion_attention over a packed batch, TND at run time.
 
-Not a torch_npu op: the training pass ``training_packed_to_tnd`` puts it where a
-training site's mask comes from packed-sequence ids (transformers'
-DataCollatorWithFlattening batches), because TND's cumulative lengths are ``int[]``
-host values that a compiled graph cannot hold (they, and their number, change
-every batch). Schemas (namespace npu_attn)::
-
-    npu_fusion_attention_packed(Tensor query, Tensor key, Tensor value, Tensor atten_mask,
-        SymInt head_num, float scale) -> (Tensor, Tensor, Tensor)
-    npu_fusion_attention_packed_grad(Tensor query, Tensor key, Tensor value, Tensor dy,
-        Tensor atten_mask, Tensor attention_in, Tensor softmax_max, Tensor softmax_sum,
-        SymInt head_num, float scale) -> (Tensor, Tensor, Tensor)
+Not a torch_npu op: the training pass ``training_packed_to_tnd`` puts it where a training
+site's mask comes from packed-sequence ids (transformers' DataCollatorWithFlattening
+batches), because TND's cumulative lengths are ``int[]`` host values that a compiled graph
+cannot hold (they, and their number, change every batch). Schemas (namespace npu_attn): each
+written once, in its ``define`` call below; the drop-in functions' docstrings show them.
 
 Definition: npu_fusion_attention_packed(q, k, v, M, N, s) is
 ``npu_fusion_attention(q, k, v, N, "BNSD", atten_mask=M, scale=s, sparse_mode=1)[:3]``
@@ -43,6 +37,7 @@ import dataclasses
 
 import torch
 
+from ._dropin import dropin
 from ._library import COMPRESSED_MASK_SIZE, LIB, check, define, register_npu, register_reference
 from ._fusion_args import Geometry, forward_call, validate
 
@@ -213,17 +208,9 @@ def _backward(ctx, grad_out, _grad_max, _grad_sum):
 torch.library.register_autograd(QUALNAME, _backward, setup_context=_setup_context, lib=LIB)
 
 
-def npu_fusion_attention_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                atten_mask: torch.Tensor, head_num: int, scale: float
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """npu_attn.npu_fusion_attention_packed (see the module docstring)."""
-    return torch.ops.npu_attn.npu_fusion_attention_packed(query, key, value, atten_mask, head_num, scale)
+npu_fusion_attention_packed = dropin(QUALNAME, __name__, """\
+npu_attn.npu_fusion_attention_packed (see the module docstring).""")
 
 
-def npu_fusion_attention_packed_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                     dy: torch.Tensor, atten_mask: torch.Tensor, attention_in: torch.Tensor,
-                                     softmax_max: torch.Tensor, softmax_sum: torch.Tensor, head_num: int,
-                                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """npu_attn.npu_fusion_attention_packed_grad (see the module docstring)."""
-    return torch.ops.npu_attn.npu_fusion_attention_packed_grad(query, key, value, dy, atten_mask, attention_in,
-                                                               softmax_max, softmax_sum, head_num, scale)
+npu_fusion_attention_packed_grad = dropin(GRAD_QUALNAME, __name__, """\
+npu_attn.npu_fusion_attention_packed_grad (see the module docstring).""")

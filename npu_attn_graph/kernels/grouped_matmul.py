@@ -1,16 +1,8 @@
 """``npu_grouped_matmul``: several matmuls in one op, the MoE experts' matmul.
 
-Schema (torch_npu 2.13.0, namespace ``npu_attn``; the wheel's
-torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml, the Tensor group_list
-overload)::
-
-    npu_grouped_matmul(Tensor[] x, Tensor[] weight, *, Tensor[]? bias=None, Tensor[]? scale=None,
-        Tensor[]? offset=None, Tensor[]? antiquant_scale=None, Tensor[]? antiquant_offset=None,
-        Tensor[]? per_token_scale=None, Tensor? group_list=None, Tensor[]? activation_input=None,
-        Tensor[]? activation_quant_scale=None, Tensor[]? activation_quant_offset=None, int? split_item=0,
-        int? group_type=None, int? group_list_type=0, int? act_type=0, int[]? tuning_config=None,
-        int? output_dtype=None, int? x_dtype=None, int? weight_dtype=None, int? scale_dtype=None,
-        int? per_token_scale_dtype=None) -> Tensor[]
+Schema: torch_npu 2.13.0's (namespace ``npu_attn``; the wheel's
+torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml, the Tensor group_list overload),
+written once, in the ``define`` call below; the drop-in function's docstring shows it.
 
 Semantics (torch_npu docs of npu_grouped_matmul; CANN's GroupedMatmul IR):
 group i computes ``y_i = x_i @ weight_i (+ bias_i)``.
@@ -45,6 +37,7 @@ from typing import Sequence
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, npu_rules_apply, register_npu, register_reference
 
 __all__ = ["npu_grouped_matmul"]
@@ -221,38 +214,13 @@ def _ref(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
     return [out]
 
 
-def _npu(x, weight, **kwargs):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    return torch.ops.npu.npu_grouped_matmul(x, weight, **kwargs)
-
-
 register_reference(NPU_GROUPED_MATMUL, _ref)
-register_npu(NPU_GROUPED_MATMUL, _npu)
+register_npu(NPU_GROUPED_MATMUL)
 
 
-def npu_grouped_matmul(
-    x: list[torch.Tensor], weight: list[torch.Tensor], *, bias: list[torch.Tensor] | None = None,
-    scale: list[torch.Tensor] | None = None, offset: list[torch.Tensor] | None = None,
-    antiquant_scale: list[torch.Tensor] | None = None, antiquant_offset: list[torch.Tensor] | None = None,
-    per_token_scale: list[torch.Tensor] | None = None, group_list: torch.Tensor | None = None,
-    activation_input: list[torch.Tensor] | None = None, activation_quant_scale: list[torch.Tensor] | None = None,
-    activation_quant_offset: list[torch.Tensor] | None = None, split_item: int | None = 0,
-    group_type: int | None = None, group_list_type: int | None = 0, act_type: int | None = 0,
-    tuning_config: list[int] | None = None, output_dtype: int | None = None, x_dtype: int | None = None,
-    weight_dtype: int | None = None, scale_dtype: int | None = None, per_token_scale_dtype: int | None = None,
-) -> list[torch.Tensor]:
-    """torch_npu.npu_grouped_matmul (the Tensor group_list overload; schema in the module
-    docstring): ``y_i = x_i @ weight_i (+ bias_i)`` per group. With group_list
-    (group_type 0, split_item 2/3) x is one (M, K) tensor whose rows are split in order
-    into the groups (group_list: cumulative ends, or counts with group_list_type 1) and
-    the result is one (M, N) tensor. Non-quantised float16/bfloat16/float32 only; the
-    rules are in the module docstring."""
-    return torch.ops.npu_attn.npu_grouped_matmul(
-        x, weight, bias=bias, scale=scale, offset=offset, antiquant_scale=antiquant_scale,
-        antiquant_offset=antiquant_offset, per_token_scale=per_token_scale, group_list=group_list,
-        activation_input=activation_input, activation_quant_scale=activation_quant_scale,
-        activation_quant_offset=activation_quant_offset, split_item=split_item, group_type=group_type,
-        group_list_type=group_list_type, act_type=act_type, tuning_config=tuning_config,
-        output_dtype=output_dtype, x_dtype=x_dtype, weight_dtype=weight_dtype, scale_dtype=scale_dtype,
-        per_token_scale_dtype=per_token_scale_dtype)
+npu_grouped_matmul = dropin(NPU_GROUPED_MATMUL, __name__, """\
+torch_npu.npu_grouped_matmul (the Tensor group_list overload): ``y_i = x_i @ weight_i
+(+ bias_i)`` per group. With group_list (group_type 0, split_item 2/3) x is one (M, K)
+tensor whose rows are split in order into the groups (group_list: cumulative ends, or
+counts with group_list_type 1) and the result is one (M, N) tensor. Non-quantised
+float16/bfloat16/float32 only; the rules are in the module docstring.""")

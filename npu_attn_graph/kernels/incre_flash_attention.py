@@ -1,15 +1,7 @@
 """npu_incre_flash_attention: incremental (decode) flash attention, query S == 1.
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_incre_flash_attention(Tensor query, Tensor key, Tensor value, *,
-        Tensor? padding_mask=None, Tensor? atten_mask=None, Tensor? pse_shift=None,
-        SymInt[]? actual_seq_lengths=None, Tensor? antiquant_scale=None,
-        Tensor? antiquant_offset=None, Tensor? block_table=None, Tensor? dequant_scale1=None,
-        Tensor? quant_scale1=None, Tensor? dequant_scale2=None, Tensor? quant_scale2=None,
-        Tensor? quant_offset2=None, Tensor? kv_padding_size=None, int num_heads=1,
-        float scale_value=1.0, str input_layout="BSH", int num_key_value_heads=0,
-        int block_size=0, int inner_precise=1) -> Tensor
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 out = softmax(scale_value * q K^T + pse_shift, masked) V with:
 - actual_seq_lengths: the valid KV length of each batch (KV right padding), or
@@ -32,14 +24,14 @@ out = softmax(scale_value * q K^T + pse_shift, masked) V with:
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import torch
 
 from ._inference import Antiquant, InferenceCall
 from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import check, define, int_list
+from ._dropin import dropin
+from ._library import check, define
 
 __all__ = ["npu_incre_flash_attention"]
 
@@ -107,38 +99,4 @@ def _npu(query, key, value, **kwargs):
 register_inference_op(QUALNAME, _call, _npu, returns_lse=False)
 
 
-def npu_incre_flash_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    padding_mask: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    pse_shift: torch.Tensor | None = None,
-    actual_seq_lengths: Sequence[int] | None = None,
-    antiquant_scale: torch.Tensor | None = None,
-    antiquant_offset: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
-    dequant_scale1: torch.Tensor | None = None,
-    quant_scale1: torch.Tensor | None = None,
-    dequant_scale2: torch.Tensor | None = None,
-    quant_scale2: torch.Tensor | None = None,
-    quant_offset2: torch.Tensor | None = None,
-    kv_padding_size: torch.Tensor | None = None,
-    num_heads: int = 1,
-    scale_value: float = 1.0,
-    input_layout: str = "BSH",
-    num_key_value_heads: int = 0,
-    block_size: int = 0,
-    inner_precise: int = 1,
-) -> torch.Tensor:
-    """torch_npu.npu_incre_flash_attention, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_incre_flash_attention(
-        query, key, value, padding_mask=padding_mask, atten_mask=atten_mask, pse_shift=pse_shift,
-        actual_seq_lengths=int_list(actual_seq_lengths), antiquant_scale=antiquant_scale,
-        antiquant_offset=antiquant_offset, block_table=block_table, dequant_scale1=dequant_scale1,
-        quant_scale1=quant_scale1, dequant_scale2=dequant_scale2, quant_scale2=quant_scale2,
-        quant_offset2=quant_offset2, kv_padding_size=kv_padding_size, num_heads=num_heads,
-        scale_value=scale_value, input_layout=input_layout, num_key_value_heads=num_key_value_heads,
-        block_size=block_size, inner_precise=inner_precise,
-    )
+npu_incre_flash_attention = dropin(QUALNAME, __name__)

@@ -1,9 +1,8 @@
 """``npu_moe_compute_expert_tokens``: each expert's last row in expert-sorted rows.
 
-Schema (torch_npu 2.13.0, namespace ``npu_attn``; the wheel's
-torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml)::
-
-    npu_moe_compute_expert_tokens(Tensor sorted_expert_for_source_row, int num_expert) -> Tensor
+Schema: torch_npu 2.13.0's (namespace ``npu_attn``; the wheel's
+torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml), written once, in the ``define``
+call below; the drop-in function's docstring shows it.
 
 Semantics (torch_npu doc; CANN aclnnMoeComputeExpertTokens, "binary search for
 the last row each expert processes"): for the ascending expert ids of the
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["npu_moe_compute_expert_tokens"]
@@ -62,21 +62,11 @@ def _ref(sorted_expert_for_source_row, num_expert):
     return torch.searchsorted(rows, experts, right=True).to(rows.dtype)
 
 
-def _npu(sorted_expert_for_source_row, num_expert):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    return torch.ops.npu.npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert)
-
-
 register_reference(NPU_MOE_COMPUTE_EXPERT_TOKENS, _ref)
-register_npu(NPU_MOE_COMPUTE_EXPERT_TOKENS, _npu)
+register_npu(NPU_MOE_COMPUTE_EXPERT_TOKENS)
 
 
-def npu_moe_compute_expert_tokens(sorted_expert_for_source_row: torch.Tensor, num_expert: int) -> torch.Tensor:
-    """``npu_moe_compute_expert_tokens(Tensor sorted_expert_for_source_row, int num_expert) -> Tensor``
-
-    For ascending int32 expert ids (values in [0, num_expert)), ``out[e]`` = the number of
-    ids at most e: the end of expert e's rows, i.e. npu_grouped_matmul's cumulative
-    group_list. Output (num_expert,) int32.
-    """
-    return torch.ops.npu_attn.npu_moe_compute_expert_tokens(sorted_expert_for_source_row, num_expert)
+npu_moe_compute_expert_tokens = dropin(NPU_MOE_COMPUTE_EXPERT_TOKENS, __name__, """\
+For ascending int32 expert ids (values in [0, num_expert)), ``out[e]`` = the number of
+ids at most e: the end of expert e's rows, i.e. npu_grouped_matmul's cumulative
+group_list. Output (num_expert,) int32.""")

@@ -1,10 +1,8 @@
 """``npu_moe_gating_top_k_softmax_v2``: a MoE router's softmax and top-k in one op.
 
-Schema (torch_npu 2.13.0, namespace ``npu_attn``; the wheel's
-torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml)::
-
-    npu_moe_gating_top_k_softmax_v2(Tensor x, *, int k=1, Tensor? finished=None, int? renorm=0,
-                                    bool? output_softmax=False) -> (Tensor, Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace ``npu_attn``; the wheel's
+torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml), written once, in the ``define``
+call below; the drop-in function's docstring shows it.
 
 Semantics (CANN aclnnMoeGatingTopKSoftmaxV2, ops-transformer moe_gating_top_k_softmax_v2):
 
@@ -36,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, npu_rules_apply, register_npu, register_reference
 
 __all__ = ["npu_moe_gating_top_k_softmax_v2"]
@@ -98,31 +97,11 @@ def _ref(x, *, k=1, finished=None, renorm=0, output_softmax=False):
     return y.to(x.dtype), index, softmax_result
 
 
-def _npu(x, *, k=1, finished=None, renorm=0, output_softmax=False):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    return torch.ops.npu.npu_moe_gating_top_k_softmax_v2(x, k=k, finished=finished, renorm=renorm,
-                                                          output_softmax=output_softmax)
-
-
 register_reference(NPU_MOE_GATING_TOP_K_SOFTMAX_V2, _ref)
-register_npu(NPU_MOE_GATING_TOP_K_SOFTMAX_V2, _npu)
+register_npu(NPU_MOE_GATING_TOP_K_SOFTMAX_V2)
 
 
-def npu_moe_gating_top_k_softmax_v2(
-    x: torch.Tensor,
-    *,
-    k: int = 1,
-    finished: torch.Tensor | None = None,
-    renorm: int | None = 0,
-    output_softmax: bool | None = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``npu_moe_gating_top_k_softmax_v2(Tensor x, *, int k=1, Tensor? finished=None, int? renorm=0,
-    bool? output_softmax=False) -> (Tensor, Tensor, Tensor)``
-
-    A router's expert choice: renorm 0 takes the top k of softmax(x) (and returns the
-    softmax, float32, when output_softmax); renorm 1 softmaxes the top k logits. Returns
-    (y: the k weights in x's dtype, expert_idx: int32, softmax_result).
-    """
-    return torch.ops.npu_attn.npu_moe_gating_top_k_softmax_v2(x, k=k, finished=finished, renorm=renorm,
-                                                              output_softmax=output_softmax)
+npu_moe_gating_top_k_softmax_v2 = dropin(NPU_MOE_GATING_TOP_K_SOFTMAX_V2, __name__, """\
+A router's expert choice: renorm 0 takes the top k of softmax(x) (and returns the
+softmax, float32, when output_softmax); renorm 1 softmaxes the top k logits. Returns
+(y: the k weights in x's dtype, expert_idx: int32, softmax_result).""")

@@ -1,13 +1,7 @@
 """npu_nsa_compress_attention_infer: Native Sparse Attention's compressed attention (decode).
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_nsa_compress_attention_infer(Tensor query, Tensor key, Tensor value, float scale_value,
-        int head_num, int key_value_head_num, int select_block_size, int select_block_count,
-        int page_block_size, int compress_block_size, int compress_stride, *, str layout='TND',
-        Tensor? atten_mask=None, Tensor? block_table=None, Tensor? topk_mask=None,
-        int[]? actual_seq_qlen=None, int[]? actual_cmp_seq_kvlen=None,
-        int[]? actual_sel_seq_kvlen=None) -> (Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 One decode query per sequence (query S == 1, layout TND: query (T = B, N, D)) attends
 to that sequence's compressed keys/values, stored in a paged cache: key
@@ -85,14 +79,15 @@ reference kernel accepts any strides.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple
 
 import torch
 
 from . import _library
 from ._attention_core import compute_dtype, paged_block_ids
 from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES
-from ._library import check, define, int_list, npu_rules_apply, register_npu, register_reference
+from ._dropin import dropin
+from ._library import check, define, npu_rules_apply, register_npu, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer"]
 
@@ -331,43 +326,10 @@ register_reference(QUALNAME, _reference)
 register_npu(QUALNAME, _npu)
 
 
-def npu_nsa_compress_attention_infer(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    scale_value: float,
-    head_num: int,
-    key_value_head_num: int,
-    select_block_size: int,
-    select_block_count: int,
-    page_block_size: int,
-    compress_block_size: int,
-    compress_stride: int,
-    *,
-    layout: str = "TND",
-    atten_mask: Optional[torch.Tensor] = None,
-    block_table: Optional[torch.Tensor] = None,
-    topk_mask: Optional[torch.Tensor] = None,
-    actual_seq_qlen: Optional[Sequence[int]] = None,
-    actual_cmp_seq_kvlen: Optional[Sequence[int]] = None,
-    actual_sel_seq_kvlen: Optional[Sequence[int]] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``npu_nsa_compress_attention_infer(Tensor query, Tensor key, Tensor value, float scale_value,
-    int head_num, int key_value_head_num, int select_block_size, int select_block_count,
-    int page_block_size, int compress_block_size, int compress_stride, *, str layout='TND',
-    Tensor? atten_mask=None, Tensor? block_table=None, Tensor? topk_mask=None,
-    int[]? actual_seq_qlen=None, int[]? actual_cmp_seq_kvlen=None,
-    int[]? actual_sel_seq_kvlen=None) -> (Tensor, Tensor)``
-
-    NSA compressed attention for one decode token per sequence over a paged compressed KV
-    cache. Returns (attention_out (T, N, Dv) in the query dtype, topk_indices
-    (T, N_kv, select_block_count) int32): softmax(scale_value * q K^T) V, and the
-    selection blocks with the highest importance score (NSA Eq. 9 with j = s + 1, summed
-    over each GQA group; blocks 0, n_s - 2 and n_s - 1 always first). Length arguments
-    accept lists or 1-D tensors. See the module docstring for every rule and choice.
-    """
-    return torch.ops.npu_attn.npu_nsa_compress_attention_infer(
-        query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-        page_block_size, compress_block_size, compress_stride, layout=layout, atten_mask=atten_mask,
-        block_table=block_table, topk_mask=topk_mask, actual_seq_qlen=int_list(actual_seq_qlen),
-        actual_cmp_seq_kvlen=int_list(actual_cmp_seq_kvlen), actual_sel_seq_kvlen=int_list(actual_sel_seq_kvlen))
+npu_nsa_compress_attention_infer = dropin(QUALNAME, __name__, """\
+NSA compressed attention for one decode token per sequence over a paged compressed KV
+cache. Returns (attention_out (T, N, Dv) in the query dtype, topk_indices
+(T, N_kv, select_block_count) int32): softmax(scale_value * q K^T) V, and the
+selection blocks with the highest importance score (NSA Eq. 9 with j = s + 1, summed
+over each GQA group; blocks 0, n_s - 2 and n_s - 1 always first). Length arguments
+accept lists or 1-D tensors. See the module docstring for every rule and choice.""")

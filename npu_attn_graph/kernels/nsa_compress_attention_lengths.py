@@ -1,12 +1,9 @@
 """NSA compressed attention with the compressed KV lengths as a tensor: a thin wrapper over
 npu_nsa_compress_attention_infer.
 
-Not a torch_npu op (the NSA rewrite's, passes/nsa_compress_attention_to_fused.py)::
-
-    npu_nsa_compress_attention_infer_lengths(Tensor query, Tensor key, Tensor value, float scale_value,
-        int head_num, int key_value_head_num, int select_block_size, int select_block_count,
-        int page_block_size, int compress_block_size, int compress_stride, *, Tensor block_table,
-        Tensor actual_cmp_seq_kvlen, str layout='TND') -> (Tensor, Tensor)
+Not a torch_npu op (the NSA rewrite's, passes/nsa_compress_attention_to_fused.py); its
+schema is written once, in the ``define`` call below; the drop-in function's docstring shows
+it.
 
 By definition it is npu_nsa_compress_attention_infer called with the same arguments and
 ``actual_cmp_seq_kvlen=lengths.tolist()``. Why a wrapper: the op takes the per-batch
@@ -34,6 +31,7 @@ import math
 import torch
 
 from . import nsa_compress_attention_infer  # noqa: F401 (the wrapped op, registered first)
+from ._dropin import dropin
 from ._library import LIB, check, define, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer_lengths", "smallest_valid_length"]
@@ -91,14 +89,5 @@ def _reference(query, key, value, scale_value, head_num, key_value_head_num, sel
 register_reference(QUALNAME, _reference)
 
 
-def npu_nsa_compress_attention_infer_lengths(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                             scale_value: float, head_num: int, key_value_head_num: int,
-                                             select_block_size: int, select_block_count: int, page_block_size: int,
-                                             compress_block_size: int, compress_stride: int, *,
-                                             block_table: torch.Tensor, actual_cmp_seq_kvlen: torch.Tensor,
-                                             layout: str = "TND") -> tuple[torch.Tensor, torch.Tensor]:
-    """npu_nsa_compress_attention_infer with the compressed KV lengths as a tensor (see module docstring)."""
-    return torch.ops.npu_attn.npu_nsa_compress_attention_infer_lengths(
-        query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-        page_block_size, compress_block_size, compress_stride, block_table=block_table,
-        actual_cmp_seq_kvlen=actual_cmp_seq_kvlen, layout=layout)
+npu_nsa_compress_attention_infer_lengths = dropin(QUALNAME, __name__, """\
+npu_nsa_compress_attention_infer with the compressed KV lengths as a tensor (see module docstring).""")

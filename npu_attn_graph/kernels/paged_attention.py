@@ -1,21 +1,15 @@
 """Paged attention with the KV lengths as a tensor: thin wrappers over the two inference ops.
 
-Not torch_npu ops (the paged-read rewrite's, passes/paged_attention_read.py)::
-
-    npu_incre_flash_attention_paged(Tensor query, Tensor key, Tensor value, *, Tensor block_table,
-        Tensor actual_seq_lengths, Tensor? atten_mask=None, Tensor? pse_shift=None, int num_heads=1,
-        float scale_value=1.0, str input_layout="BSH", int num_key_value_heads=0, int block_size=0,
-        int inner_precise=1) -> Tensor
-    npu_fused_infer_attention_score_paged(Tensor query, Tensor key, Tensor value, *, Tensor block_table,
-        Tensor actual_seq_lengths_kv, Tensor? pse_shift=None, Tensor? atten_mask=None, int num_heads=1,
-        float scale=1.0, int pre_tokens=2147483647, int next_tokens=2147483647, str input_layout="BSH",
-        int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0,
-        bool softmax_lse_flag=False) -> (Tensor, Tensor)
+Not torch_npu ops (the paged-read rewrite's, passes/paged_attention_read.py); schemas each
+written once, in its ``define`` call below; the drop-in functions' docstrings show them.
 
 Each is, by definition, the wrapped op (npu_incre_flash_attention /
 npu_fused_infer_attention_score) called with the same arguments and
 ``actual_seq_lengths(_kv)=lengths.tolist()``: paged K/V through block_table and
-block_size, caches (blocknum, blocksize, H) or (blocknum, numKvHeads, blocksize, D).
+block_size, caches (blocknum, blocksize, H) or (blocknum, numKvHeads, blocksize, D);
+without block_table, dense K/V of which each batch's first lengths[b] positions
+are read (a StaticCache: nothing past the lengths is read, by the reference
+kernel either).
 
 Why a wrapper: the torch_npu ops take the per-batch KV lengths as ``SymInt[]``,
 host values, while a paged model holds them in a tensor (vLLM's seq_lens) that
@@ -48,6 +42,7 @@ import torch
 from . import fused_infer_attention_score as _fia
 from . import incre_flash_attention as _ifa
 from ._inference_kernel import empty_outputs
+from ._dropin import dropin
 from ._library import INT_MAX, LIB, check, define, register_reference
 
 __all__ = ["npu_fused_infer_attention_score_paged", "npu_incre_flash_attention_paged"]
@@ -58,13 +53,13 @@ LENGTH_DTYPES = (torch.int32, torch.int64)
 
 INCRE_QUALNAME = define(
     INCRE_OP,
-    '(Tensor query, Tensor key, Tensor value, *, Tensor block_table, Tensor actual_seq_lengths, '
+    '(Tensor query, Tensor key, Tensor value, *, Tensor? block_table=None, Tensor actual_seq_lengths, '
     'Tensor? atten_mask=None, Tensor? pse_shift=None, int num_heads=1, float scale_value=1.0, '
     'str input_layout="BSH", int num_key_value_heads=0, int block_size=0, int inner_precise=1) -> Tensor',
 )
 FIA_QUALNAME = define(
     FIA_OP,
-    '(Tensor query, Tensor key, Tensor value, *, Tensor block_table, Tensor actual_seq_lengths_kv, '
+    '(Tensor query, Tensor key, Tensor value, *, Tensor? block_table=None, Tensor actual_seq_lengths_kv, '
     'Tensor? pse_shift=None, Tensor? atten_mask=None, int num_heads=1, float scale=1.0, '
     f'int pre_tokens={INT_MAX}, int next_tokens={INT_MAX}, str input_layout="BSH", '
     'int num_key_value_heads=0, int sparse_mode=0, int inner_precise=0, int block_size=0, '
@@ -87,26 +82,26 @@ def _host(lengths: torch.Tensor) -> list[int]:
 
 
 @torch.library.register_fake(INCRE_QUALNAME, lib=LIB)
-def _incre_fake(query, key, value, *, block_table, actual_seq_lengths, **kwargs):
+def _incre_fake(query, key, value, *, block_table=None, actual_seq_lengths, **kwargs):
     lens = _placeholder(INCRE_OP, "actual_seq_lengths", actual_seq_lengths)
     call = _ifa._call(query, key, value, block_table=block_table, actual_seq_lengths=lens, **kwargs)
     return empty_outputs(call)[0]
 
 
-def _incre_reference(query, key, value, *, block_table, actual_seq_lengths, **kwargs):
+def _incre_reference(query, key, value, *, block_table=None, actual_seq_lengths, **kwargs):
     _placeholder(INCRE_OP, "actual_seq_lengths", actual_seq_lengths)
     return torch.ops.npu_attn.npu_incre_flash_attention(
         query, key, value, block_table=block_table, actual_seq_lengths=_host(actual_seq_lengths), **kwargs)
 
 
 @torch.library.register_fake(FIA_QUALNAME, lib=LIB)
-def _fia_fake(query, key, value, *, block_table, actual_seq_lengths_kv, **kwargs):
+def _fia_fake(query, key, value, *, block_table=None, actual_seq_lengths_kv, **kwargs):
     lens = _placeholder(FIA_OP, "actual_seq_lengths_kv", actual_seq_lengths_kv)
     call = _fia._call(query, key, value, block_table=block_table, actual_seq_lengths_kv=lens, **kwargs)
     return empty_outputs(call)
 
 
-def _fia_reference(query, key, value, *, block_table, actual_seq_lengths_kv, **kwargs):
+def _fia_reference(query, key, value, *, block_table=None, actual_seq_lengths_kv, **kwargs):
     _placeholder(FIA_OP, "actual_seq_lengths_kv", actual_seq_lengths_kv)
     return torch.ops.npu_attn.npu_fused_infer_attention_score(
         query, key, value, block_table=block_table, actual_seq_lengths_kv=_host(actual_seq_lengths_kv), **kwargs)
@@ -116,13 +111,9 @@ register_reference(INCRE_QUALNAME, _incre_reference)
 register_reference(FIA_QUALNAME, _fia_reference)
 
 
-def npu_incre_flash_attention_paged(query, key, value, *, block_table, actual_seq_lengths, **kwargs):
-    """npu_incre_flash_attention with the KV lengths as a tensor (see module docstring)."""
-    return torch.ops.npu_attn.npu_incre_flash_attention_paged(
-        query, key, value, block_table=block_table, actual_seq_lengths=actual_seq_lengths, **kwargs)
+npu_incre_flash_attention_paged = dropin(INCRE_QUALNAME, __name__, """\
+npu_incre_flash_attention with the KV lengths as a tensor (see module docstring).""")
 
 
-def npu_fused_infer_attention_score_paged(query, key, value, *, block_table, actual_seq_lengths_kv, **kwargs):
-    """npu_fused_infer_attention_score with the KV lengths as a tensor (see module docstring)."""
-    return torch.ops.npu_attn.npu_fused_infer_attention_score_paged(
-        query, key, value, block_table=block_table, actual_seq_lengths_kv=actual_seq_lengths_kv, **kwargs)
+npu_fused_infer_attention_score_paged = dropin(FIA_QUALNAME, __name__, """\
+npu_fused_infer_attention_score with the KV lengths as a tensor (see module docstring).""")

@@ -1,12 +1,7 @@
 """Packed (varlen) inference prefill: the prompt / fused-infer op with a bool mask, TND at run time.
 
-Not torch_npu ops (the rewrite of passes/packed_prefill_to_tnd.py)::
-
-    npu_prompt_flash_attention_packed(Tensor query, Tensor key, Tensor value, Tensor atten_mask, *,
-        int num_heads=1, float scale_value=1.0, str input_layout="BSH", int num_key_value_heads=0) -> Tensor
-    npu_fused_infer_attention_score_packed(Tensor query, Tensor key, Tensor value, Tensor atten_mask, *,
-        int num_heads=1, float scale=1.0, str input_layout="BSH", int num_key_value_heads=0)
-        -> (Tensor, Tensor)
+Not torch_npu ops (the rewrite of passes/packed_prefill_to_tnd.py); schemas each written
+once, in its ``define`` call below; the drop-in functions' docstrings show them.
 
 Definition: each is the wrapped op called with the same arguments, the mask and
 ``sparse_mode=1`` (mask only)::
@@ -76,6 +71,7 @@ from . import prompt_flash_attention as _pfa
 from ._inference import validate
 from ._inference_kernel import empty_outputs
 from ._layouts import batch_and_seq, from_bnsd, parse_layout, to_bnsd
+from ._dropin import dropin
 from ._library import COMPRESSED_MASK_SIZE, INT_MAX, LIB, define, register_npu, register_reference
 
 __all__ = ["PATHS", "PackedPlan", "npu_fused_infer_attention_score_packed", "npu_prompt_flash_attention_packed",
@@ -299,17 +295,9 @@ register_reference(FIA_QUALNAME, _fia_kernel)
 register_npu(FIA_QUALNAME, _fia_kernel)
 
 
-def npu_prompt_flash_attention_packed(query, key, value, atten_mask, *, num_heads=1, scale_value=1.0,
-                                      input_layout="BSH", num_key_value_heads=0):
-    """npu_attn.npu_prompt_flash_attention_packed (see the module docstring)."""
-    return torch.ops.npu_attn.npu_prompt_flash_attention_packed(
-        query, key, value, atten_mask, num_heads=num_heads, scale_value=scale_value, input_layout=input_layout,
-        num_key_value_heads=num_key_value_heads)
+npu_prompt_flash_attention_packed = dropin(PROMPT_QUALNAME, __name__, """\
+npu_attn.npu_prompt_flash_attention_packed (see the module docstring).""")
 
 
-def npu_fused_infer_attention_score_packed(query, key, value, atten_mask, *, num_heads=1, scale=1.0,
-                                           input_layout="BSH", num_key_value_heads=0):
-    """npu_attn.npu_fused_infer_attention_score_packed (see the module docstring)."""
-    return torch.ops.npu_attn.npu_fused_infer_attention_score_packed(
-        query, key, value, atten_mask, num_heads=num_heads, scale=scale, input_layout=input_layout,
-        num_key_value_heads=num_key_value_heads)
+npu_fused_infer_attention_score_packed = dropin(FIA_QUALNAME, __name__, """\
+npu_attn.npu_fused_infer_attention_score_packed (see the module docstring).""")

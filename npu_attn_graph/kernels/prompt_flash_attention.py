@@ -1,14 +1,7 @@
 """npu_prompt_flash_attention: full (prefill) flash attention.
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_prompt_flash_attention(Tensor query, Tensor key, Tensor value, *,
-        Tensor? padding_mask=None, Tensor? atten_mask=None, Tensor? pse_shift=None,
-        int[]? actual_seq_lengths=None, Tensor? deq_scale1=None, Tensor? quant_scale1=None,
-        Tensor? deq_scale2=None, Tensor? quant_scale2=None, Tensor? quant_offset2=None,
-        int num_heads=1, float scale_value=1.0, int pre_tokens=2147483647, int next_tokens=0,
-        str input_layout="BSH", int num_key_value_heads=0, int[]? actual_seq_lengths_kv=None,
-        int sparse_mode=0) -> Tensor
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 out = softmax(scale_value * Q K^T + pse_shift, masked) V per head, with:
 - atten_mask True/1 = masked out; sparse_mode 0 (mask + pre/next band anchored
@@ -24,14 +17,13 @@ Rows past a batch's actual length, and rows with nothing to attend to, are 0.
 
 from __future__ import annotations
 
-from typing import Sequence
 
-import torch
 
 from ._inference import InferenceCall
 from ._inference_kernel import register_inference_op
 from ._layouts import parse_layout
-from ._library import define, int_list
+from ._dropin import dropin
+from ._library import define
 
 __all__ = ["npu_prompt_flash_attention"]
 
@@ -76,36 +68,5 @@ def _npu(query, key, value, **kwargs):
 register_inference_op(QUALNAME, _call, _npu, returns_lse=False)
 
 
-def npu_prompt_flash_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    *,
-    padding_mask: torch.Tensor | None = None,
-    atten_mask: torch.Tensor | None = None,
-    pse_shift: torch.Tensor | None = None,
-    actual_seq_lengths: Sequence[int] | None = None,
-    deq_scale1: torch.Tensor | None = None,
-    quant_scale1: torch.Tensor | None = None,
-    deq_scale2: torch.Tensor | None = None,
-    quant_scale2: torch.Tensor | None = None,
-    quant_offset2: torch.Tensor | None = None,
-    num_heads: int = 1,
-    scale_value: float = 1.0,
-    pre_tokens: int = 2147483647,
-    next_tokens: int = 0,
-    input_layout: str = "BSH",
-    num_key_value_heads: int = 0,
-    actual_seq_lengths_kv: Sequence[int] | None = None,
-    sparse_mode: int = 0,
-) -> torch.Tensor:
-    """torch_npu.npu_prompt_flash_attention, runnable on any device (see module docstring)."""
-    return torch.ops.npu_attn.npu_prompt_flash_attention(
-        query, key, value, padding_mask=padding_mask, atten_mask=atten_mask, pse_shift=pse_shift,
-        actual_seq_lengths=int_list(actual_seq_lengths), deq_scale1=deq_scale1, quant_scale1=quant_scale1,
-        deq_scale2=deq_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2, num_heads=num_heads,
-        scale_value=scale_value, pre_tokens=pre_tokens, next_tokens=next_tokens, input_layout=input_layout,
-        num_key_value_heads=num_key_value_heads, actual_seq_lengths_kv=int_list(actual_seq_lengths_kv),
-        sparse_mode=sparse_mode,
-    )
+npu_prompt_flash_attention = dropin(QUALNAME, __name__)
 

@@ -1,9 +1,7 @@
 """``npu_scatter_nd_update`` / ``npu_scatter_nd_update_``: tf.scatter_nd_update on the NPU.
 
-Schemas (torch_npu 2.13.0, namespace ``npu_attn``)::
-
-    npu_scatter_nd_update(Tensor self, Tensor indices, Tensor updates) -> Tensor
-    npu_scatter_nd_update_(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)
+Schemas: torch_npu 2.13.0's (namespace ``npu_attn``), each written once, in its ``define``
+call below; the drop-in functions' docstrings show them.
 
 Semantics: with a = indices.shape[-1] (1 <= a <= self.dim()),
 ``out[tuple(indices[p])] = updates[p]`` for every prefix position p of
@@ -16,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["npu_scatter_nd_update", "npu_scatter_nd_update_"]
@@ -70,27 +69,17 @@ def _ref(self, indices, updates):
     return out
 
 
-def _npu(self, indices, updates):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    return torch.ops.npu.npu_scatter_nd_update(self, indices, updates)
-
-
 register_reference(NPU_SCATTER_ND_UPDATE, _ref)
-register_npu(NPU_SCATTER_ND_UPDATE, _npu)
+register_npu(NPU_SCATTER_ND_UPDATE)
 
 
-def npu_scatter_nd_update(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """``npu_scatter_nd_update(Tensor self, Tensor indices, Tensor updates) -> Tensor``
-
-    tf.scatter_nd_update: returns a copy of ``self`` with ``out[tuple(indices[p])] =
-    updates[p]`` for every position p of indices.shape[:-1]; ``self`` is untouched.
-    Rules: indices int32/int64, at least 2-D, a = indices.shape[-1] in [1, self.dim()];
-    updates.shape == indices.shape[:-1] + self.shape[a:]; self 1-D to 8-D, dtype fp32,
-    fp16, bool, bf16, int64, int8 (float64 on the reference kernel), updates same dtype.
-    The reference kernel also requires every index in range (the NPU does not check).
-    """
-    return torch.ops.npu_attn.npu_scatter_nd_update(self, indices, updates)
+npu_scatter_nd_update = dropin(NPU_SCATTER_ND_UPDATE, __name__, """\
+tf.scatter_nd_update: returns a copy of ``self`` with ``out[tuple(indices[p])] =
+updates[p]`` for every position p of indices.shape[:-1]; ``self`` is untouched.
+Rules: indices int32/int64, at least 2-D, a = indices.shape[-1] in [1, self.dim()];
+updates.shape == indices.shape[:-1] + self.shape[a:]; self 1-D to 8-D, dtype fp32,
+fp16, bool, bf16, int64, int8 (float64 on the reference kernel), updates same dtype.
+The reference kernel also requires every index in range (the NPU does not check).""")
 
 
 # ---------------------------------------------------------------------------- in place
@@ -112,22 +101,12 @@ def _ref_(self, indices, updates):
     return self
 
 
-def _npu_(self, indices, updates):
-    import torch_npu  # noqa: F401
-
-    return torch.ops.npu.npu_scatter_nd_update_(self, indices, updates)
-
-
 register_reference(NPU_SCATTER_ND_UPDATE_, _ref_)
-register_npu(NPU_SCATTER_ND_UPDATE_, _npu_)
+register_npu(NPU_SCATTER_ND_UPDATE_)
 
 
-def npu_scatter_nd_update_(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
-    """``npu_scatter_nd_update_(Tensor(a!) self, Tensor indices, Tensor updates) -> Tensor(a!)``
-
-    In-place :func:`npu_scatter_nd_update` (same rules): writes into ``self`` (same
-    storage) and returns ``self``. Not functionalizable by AOT autograd (its return
-    aliases a mutated input); use ``self.copy_(npu_scatter_nd_update(...))`` under
-    torch.compile.
-    """
-    return torch.ops.npu_attn.npu_scatter_nd_update_(self, indices, updates)
+npu_scatter_nd_update_ = dropin(NPU_SCATTER_ND_UPDATE_, __name__, """\
+In-place :func:`npu_scatter_nd_update` (same rules): writes into ``self`` (same
+storage) and returns ``self``. Not functionalizable by AOT autograd (its return
+aliases a mutated input); use ``self.copy_(npu_scatter_nd_update(...))`` under
+torch.compile.""")

@@ -1,13 +1,7 @@
 """``npu_scatter_pa_kv_cache`` (in place) and ``npu_scatter_pa_kv_cache_functional``.
 
-Schemas (torch_npu 2.13.0, namespace ``npu_attn``)::
-
-    npu_scatter_pa_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache,
-        Tensor slot_mapping, *, Tensor? compress_lens=None, Tensor? compress_seq_offsets=None,
-        Tensor? seq_lens=None, str? cache_mode='PA_NZ') -> ()
-    npu_scatter_pa_kv_cache_functional(Tensor key, Tensor value, Tensor key_cache, Tensor value_cache,
-        Tensor slot_mapping, *, Tensor? compress_lens=None, Tensor? compress_seq_offsets=None,
-        Tensor? seq_lens=None, str? cache_mode='PA_NZ') -> (Tensor, Tensor)
+Schemas: torch_npu 2.13.0's (namespace ``npu_attn``), each written once, in its ``define``
+call below; the drop-in functions' docstrings show them.
 
 Writes each new token's key/value into a paged KV cache. A slot is
 ``block_id * block_size + offset_in_block``; num_slots = num_blocks * block_size.
@@ -65,6 +59,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["npu_scatter_pa_kv_cache", "npu_scatter_pa_kv_cache_functional"]
@@ -349,46 +344,17 @@ def _ref(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None
            compress_seq_offsets, seq_lens, cache_mode)
 
 
-def _npu(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None, compress_seq_offsets=None,
-         seq_lens=None, cache_mode="PA_NZ"):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    torch.ops.npu.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping,
-                                          compress_lens=compress_lens, compress_seq_offsets=compress_seq_offsets,
-                                          seq_lens=seq_lens, cache_mode=cache_mode)
-
-
 register_reference(NPU_SCATTER_PA_KV_CACHE, _ref)
-register_npu(NPU_SCATTER_PA_KV_CACHE, _npu)
+register_npu(NPU_SCATTER_PA_KV_CACHE)
 
 
-def npu_scatter_pa_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    *,
-    compress_lens: Optional[torch.Tensor] = None,
-    compress_seq_offsets: Optional[torch.Tensor] = None,
-    seq_lens: Optional[torch.Tensor] = None,
-    cache_mode: Optional[str] = "PA_NZ",
-) -> None:
-    """``npu_scatter_pa_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache,
-    Tensor slot_mapping, *, Tensor? compress_lens=None, Tensor? compress_seq_offsets=None,
-    Tensor? seq_lens=None, str? cache_mode='PA_NZ') -> ()``
-
-    Writes key/value tokens into ``key_cache`` / ``value_cache`` in place and returns None.
-    cache_mode "Norm"/None: ``key_cache.view(-1, N, Dk)[slot_mapping[t]] = key[t]``;
-    "PA_NZ": ``key_cache[slot // bs, :, slot % bs, :] = key[t].reshape(N*Dk//c0, c0)`` with
-    c0 = 32 // element_size. Negative slots are skipped. With compress_lens/seq_lens
-    (and compress_seq_offsets) the Alibi (and Rope) compression rules of the CANN kernels
-    apply; see the module docstring for the full rules and the choices made.
-    """
-    torch.ops.npu_attn.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping,
-                                               compress_lens=compress_lens,
-                                               compress_seq_offsets=compress_seq_offsets, seq_lens=seq_lens,
-                                               cache_mode=cache_mode)
+npu_scatter_pa_kv_cache = dropin(NPU_SCATTER_PA_KV_CACHE, __name__, """\
+Writes key/value tokens into ``key_cache`` / ``value_cache`` in place and returns None.
+cache_mode "Norm"/None: ``key_cache.view(-1, N, Dk)[slot_mapping[t]] = key[t]``;
+"PA_NZ": ``key_cache[slot // bs, :, slot % bs, :] = key[t].reshape(N*Dk//c0, c0)`` with
+c0 = 32 // element_size. Negative slots are skipped. With compress_lens/seq_lens
+(and compress_seq_offsets) the Alibi (and Rope) compression rules of the CANN kernels
+apply; see the module docstring for the full rules and the choices made.""")
 
 
 # ---------------------------------------------------------------------------- functional
@@ -416,38 +382,10 @@ def _ref_functional(key, value, key_cache, value_cache, slot_mapping, *, compres
     return key_out, value_out
 
 
-def _npu_functional(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
-                    compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
-    import torch_npu  # noqa: F401
-
-    return torch.ops.npu.npu_scatter_pa_kv_cache_functional(
-        key, value, key_cache, value_cache, slot_mapping, compress_lens=compress_lens,
-        compress_seq_offsets=compress_seq_offsets, seq_lens=seq_lens, cache_mode=cache_mode)
-
-
 register_reference(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL, _ref_functional)
-register_npu(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL, _npu_functional)
+register_npu(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL)
 
 
-def npu_scatter_pa_kv_cache_functional(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    *,
-    compress_lens: Optional[torch.Tensor] = None,
-    compress_seq_offsets: Optional[torch.Tensor] = None,
-    seq_lens: Optional[torch.Tensor] = None,
-    cache_mode: Optional[str] = "PA_NZ",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``npu_scatter_pa_kv_cache_functional(Tensor key, Tensor value, Tensor key_cache, Tensor value_cache,
-    Tensor slot_mapping, *, Tensor? compress_lens=None, Tensor? compress_seq_offsets=None,
-    Tensor? seq_lens=None, str? cache_mode='PA_NZ') -> (Tensor, Tensor)``
-
-    Same rules as :func:`npu_scatter_pa_kv_cache`, but returns updated copies
-    (key_cache', value_cache') and leaves every input untouched.
-    """
-    return torch.ops.npu_attn.npu_scatter_pa_kv_cache_functional(
-        key, value, key_cache, value_cache, slot_mapping, compress_lens=compress_lens,
-        compress_seq_offsets=compress_seq_offsets, seq_lens=seq_lens, cache_mode=cache_mode)
+npu_scatter_pa_kv_cache_functional = dropin(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL, __name__, """\
+Same rules as :func:`npu_scatter_pa_kv_cache`, but returns updated copies
+(key_cache', value_cache') and leaves every input untouched.""")

@@ -1,9 +1,7 @@
 """``scatter_update`` / ``scatter_update_``: torch_npu's KV-cache row update (the CANN Scatter op).
 
-Schemas (torch_npu 2.13.0, namespace ``npu_attn``)::
-
-    scatter_update(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor
-    scatter_update_(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)
+Schemas: torch_npu 2.13.0's (namespace ``npu_attn``), each written once, in its ``define``
+call below; the drop-in functions' docstrings show them.
 
 Semantics (CANN Scatter, shown for axis = -2 of a 4-D ``self`` (a, b, c, d)):
 
@@ -23,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._dropin import dropin
 from ._library import check, define, fail, register_npu, register_reference
 
 __all__ = ["scatter_update", "scatter_update_"]
@@ -106,32 +105,22 @@ def _scatter_update_ref(self, indices, updates, axis):
     return out
 
 
-def _scatter_update_npu(self, indices, updates, axis):
-    import torch_npu  # noqa: F401  (registers torch.ops.npu)
-
-    return torch.ops.npu.scatter_update(self, indices, updates, axis)
-
-
 register_reference(SCATTER_UPDATE, _scatter_update_ref)
-register_npu(SCATTER_UPDATE, _scatter_update_npu)
+register_npu(SCATTER_UPDATE)
 
 
-def scatter_update(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> torch.Tensor:
-    """``scatter_update(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor``
-
-    Returns a copy of ``self`` with ``updates`` written at the start offsets ``indices``
-    along ``axis``; ``self`` is left untouched. With 1-D ``indices`` (n,):
-    ``out[i, ..., indices[i] + k, ...] = updates[i, ..., k, ...]``; with 2-D ``indices``
-    (n, 2): ``out[indices[i, 0], ..., indices[i, 1] + k, ...] = updates[i, ..., k, ...]``
-    (k < updates.shape[axis], the position along ``axis``). ``self`` is 2-D to 8-D;
-    ``updates`` has its rank, updates.shape[0] == indices.shape[0] <= self.shape[0],
-    and its dims other than 0 and ``axis`` equal those of ``self``. ``axis`` may be
-    negative but not the batch dim 0. Dtypes: int8, fp16, fp32, bf16, int32 (and
-    float64 on the reference kernel); indices int32/int64.
-    Raises NpuAttnArgumentError when a shape/dtype rule or (reference kernel) an
-    index range does not hold.
-    """
-    return torch.ops.npu_attn.scatter_update(self, indices, updates, axis)
+scatter_update = dropin(SCATTER_UPDATE, __name__, """\
+Returns a copy of ``self`` with ``updates`` written at the start offsets ``indices``
+along ``axis``; ``self`` is left untouched. With 1-D ``indices`` (n,):
+``out[i, ..., indices[i] + k, ...] = updates[i, ..., k, ...]``; with 2-D ``indices``
+(n, 2): ``out[indices[i, 0], ..., indices[i, 1] + k, ...] = updates[i, ..., k, ...]``
+(k < updates.shape[axis], the position along ``axis``). ``self`` is 2-D to 8-D;
+``updates`` has its rank, updates.shape[0] == indices.shape[0] <= self.shape[0],
+and its dims other than 0 and ``axis`` equal those of ``self``. ``axis`` may be
+negative but not the batch dim 0. Dtypes: int8, fp16, fp32, bf16, int32 (and
+float64 on the reference kernel); indices int32/int64.
+Raises NpuAttnArgumentError when a shape/dtype rule or (reference kernel) an
+index range does not hold.""")
 
 
 # ---------------------------------------------------------------------------- scatter_update_
@@ -154,22 +143,12 @@ def _scatter_update__ref(self, indices, updates, axis):
     return self
 
 
-def _scatter_update__npu(self, indices, updates, axis):
-    import torch_npu  # noqa: F401
-
-    return torch.ops.npu.scatter_update_(self, indices, updates, axis)
-
-
 register_reference(SCATTER_UPDATE_, _scatter_update__ref)
-register_npu(SCATTER_UPDATE_, _scatter_update__npu)
+register_npu(SCATTER_UPDATE_)
 
 
-def scatter_update_(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> torch.Tensor:
-    """``scatter_update_(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> Tensor(a!)``
-
-    In-place :func:`scatter_update` (same rules): writes ``updates`` into ``self``
-    (same storage) and returns ``self``. Not functionalizable by AOT autograd (its return aliases a
-    mutated input); use ``self.copy_(scatter_update(...))`` under torch.compile.
-    """
-    return torch.ops.npu_attn.scatter_update_(self, indices, updates, axis)
+scatter_update_ = dropin(SCATTER_UPDATE_, __name__, """\
+In-place :func:`scatter_update` (same rules): writes ``updates`` into ``self``
+(same storage) and returns ``self``. Not functionalizable by AOT autograd (its return aliases a
+mutated input); use ``self.copy_(scatter_update(...))`` under torch.compile.""")
 

@@ -1,14 +1,7 @@
 """npu_sparse_flash_attention: attention over the KV tokens chosen by an indexer (MLA-absorb).
 
-Schema (torch_npu 2.13.0, namespace npu_attn)::
-
-    npu_sparse_flash_attention(Tensor query, Tensor key, Tensor? value, Tensor sparse_indices,
-        float scale_value, *, Tensor? block_table=None, Tensor? actual_seq_lengths_query=None,
-        Tensor? actual_seq_lengths_kv=None, Tensor? query_rope=None, Tensor? key_rope=None,
-        int sparse_block_size=1, str layout_query="BSND", str layout_kv="BSND", int sparse_mode=3,
-        int pre_tokens=9223372036854775807, int next_tokens=9223372036854775807,
-        int attention_mode=0, bool return_softmax_lse=False, Tensor? sinks=None)
-        -> (Tensor, Tensor, Tensor)
+Schema: torch_npu 2.13.0's (namespace npu_attn), written once, in the ``define`` call below;
+the drop-in function's docstring shows it.
 
 Returns (attention_out, softmax_max, softmax_sum).
 
@@ -140,6 +133,7 @@ import torch
 from . import _library
 from ._attention_core import compute_dtype, exp_scores, paged_block_ids
 from ._layouts import check_cumulative
+from ._dropin import dropin
 from ._library import INT64_MAX, check, define, fail, register_npu, register_reference
 from ._sparse_flash_args import MLA_ABSORB, OP, SCHEMA_DEFAULT_MODE, Plan, validate
 
@@ -348,42 +342,13 @@ register_reference(QUALNAME, _reference)
 register_npu(QUALNAME, _npu)
 
 
-def npu_sparse_flash_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor | None,
-    sparse_indices: torch.Tensor,
-    scale_value: float,
-    *,
-    block_table: torch.Tensor | None = None,
-    actual_seq_lengths_query: torch.Tensor | None = None,
-    actual_seq_lengths_kv: torch.Tensor | None = None,
-    query_rope: torch.Tensor | None = None,
-    key_rope: torch.Tensor | None = None,
-    sparse_block_size: int = 1,
-    layout_query: str = "BSND",
-    layout_kv: str = "BSND",
-    sparse_mode: int = 3,
-    pre_tokens: int = 9223372036854775807,
-    next_tokens: int = 9223372036854775807,
-    attention_mode: int = 0,
-    return_softmax_lse: bool = False,
-    sinks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch_npu.npu_sparse_flash_attention, runnable on any device (see module docstring).
+npu_sparse_flash_attention = dropin(QUALNAME, __name__, """\
+torch_npu.npu_sparse_flash_attention, runnable on any device (see module docstring).
 
-    Returns (attention_out, softmax_max, softmax_sum); the last two are empty
-    (0,) float32 tensors unless return_softmax_lse is True. The default
-    attention_mode=0 is read as 2 (MLA-absorb) when query_rope and key_rope are
-    given and refused otherwise.
-    """
-    return torch.ops.npu_attn.npu_sparse_flash_attention(
-        query, key, value, sparse_indices, scale_value, block_table=block_table,
-        actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
-        query_rope=query_rope, key_rope=key_rope, sparse_block_size=sparse_block_size, layout_query=layout_query,
-        layout_kv=layout_kv, sparse_mode=sparse_mode, pre_tokens=pre_tokens, next_tokens=next_tokens,
-        attention_mode=attention_mode, return_softmax_lse=return_softmax_lse, sinks=sinks,
-    )
+Returns (attention_out, softmax_max, softmax_sum); the last two are empty
+(0,) float32 tensors unless return_softmax_lse is True. The default
+attention_mode=0 is read as 2 (MLA-absorb) when query_rope and key_rope are
+given and refused otherwise.""")
 
 
 CUSTOM_OP = "custom.npu_sparse_flash_attention"

@@ -48,8 +48,9 @@ def is_call(node: object, targets: object) -> bool:
     return node.target in targets if isinstance(targets, (tuple, list, set, frozenset)) else node.target is targets
 
 
-def call_arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
-    """A call's argument by position, else by keyword, else the schema's default."""
+def call_arg(node: torch.fx.Node, index: int, name: str, default: object) -> Any:
+    """A call's argument by position, else by keyword, else the schema's default (Any: its kind is
+    the schema's, which the caller knows)."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
@@ -130,7 +131,7 @@ def scalar_constant(node: object) -> float | None:
     return float(value) if isinstance(value, (int, float, bool)) else None
 
 
-def is_full_slice(node: object) -> bool:
+def is_full_slice(node: Any) -> bool:
     """node is x[..., 0:end, ...] with step 1 and end at or past the dim's size:
     a view equal to x. Symbolic shapes keep such no-op slices in the graph
     (x[:, :, None] of a tensor with a symbolic batch)."""
@@ -143,7 +144,7 @@ def is_full_slice(node: object) -> bool:
     return start in (0, None) and step == 1 and (unbounded or statically_known_true(end >= size))
 
 
-def skip_full_slices(node: object) -> object:
+def skip_full_slices(node: Any) -> Any:
     while is_full_slice(node):
         node = node.args[0]
     return node
@@ -186,7 +187,7 @@ def views_of(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
-def cache_root(node: object) -> object:
+def cache_root(node: Any) -> Any:
     """The graph input an in-place writer's result aliases (node itself otherwise)."""
     while isinstance(node, torch.fx.Node) and returns_mutated_input(node):
         node = node.args[0]
@@ -202,7 +203,7 @@ def graph_order(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
 # ----------------------------------------------------------------------------
 
 
-def fake_result(target, args: tuple, kwargs: dict, fake_mode=None) -> object:
+def fake_result(target: Any, args: tuple, kwargs: dict, fake_mode: Any = None) -> Any:
     """target run on the fake values of its node arguments, in fake_mode (default:
     the mode of the first fake tensor among them)."""
     vals = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
@@ -215,12 +216,13 @@ def fake_result(target, args: tuple, kwargs: dict, fake_mode=None) -> object:
         return target(*vals[0], **vals[1])
 
 
-def insert_call(gm: torch.fx.GraphModule, target, args: tuple, kwargs: dict | None = None, *,
+def insert_call(gm: torch.fx.GraphModule, target: Any, args: tuple, kwargs: dict | None = None, *,
                 before: torch.fx.Node | None = None, after: torch.fx.Node | None = None) -> torch.fx.Node:
     """Insert target(*args, **kwargs) next to a node, with its fake value and the
     neighbour's source location (for passes that edit existing fused nodes)."""
     kwargs = kwargs or {}
     anchor = before if before is not None else after
+    assert anchor is not None, "insert_call: give before or after"
     with (gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)):
         node = gm.graph.call_function(target, args, kwargs)
     node.meta["val"] = fake_result(target, args, kwargs)
@@ -307,7 +309,8 @@ class Rewrite:
 
     def commit(self) -> None:
         for old, new in self.replacements:
-            old.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            # (the callback runs inside this call, so it sees this iteration's `new`)
+            old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 
 def _name(target: object) -> str:
