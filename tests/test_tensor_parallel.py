@@ -1,13 +1,16 @@
 """Tensor parallelism: a tiny Llama (4 heads, 2 KV heads) split over 2 gloo ranks on CPU.
 
 The ranks are started the way users start them: torch.multiprocessing (spawn) with a
-file:// rendezvous (no port to pick). Each rank runs examples/tensor_parallel.py's
-run_rank once (module fixture): DTensor TP (transformers' plan, torch's
-parallelize_module) compiled with backend="npu_attn" generating with a StaticCache; the
-mini-vLLM model split by hand (column/row-parallel linears, functional all_reduce, paged
-caches per rank) served by its engine; to_ge_graph of a decode step of each. The tests
-read each rank's results. Real torch.distributed (gloo) and real TorchAir converters;
-only HCCL and the GE runtime are absent (TorchAir offline names the gloo group itself).
+file:// rendezvous (no port to pick), once for the whole module (the processes' start
+and imports are most of a rank's cost). Each rank runs examples/tensor_parallel.py's
+run_rank: DTensor TP (transformers' plan, torch's parallelize_module) compiled with
+backend="npu_attn" generating with a StaticCache; the mini-vLLM model split by hand
+(column/row-parallel linears, functional all_reduce, paged caches per rank) served by
+its engine; to_ge_graph of a decode step of each; ``npu-attn-graph explain`` and
+``check`` of a shard with more heads than the fused ops take. Each rank writes its
+results to rank<r>.json (or its traceback to error<r>.txt); the tests read them. Real
+torch.distributed (gloo) and real TorchAir converters; only HCCL and the GE runtime
+are absent (TorchAir offline names the gloo group itself).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -69,6 +73,9 @@ def _worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
             results["uneven_error"] = str(error)
         results["input_marks"] = marks
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    except BaseException:  # the parent reports it (a spawned process's exit code says nothing)
+        (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -83,6 +90,9 @@ def run_ranks(tmp: Path, world: int = WORLD, timeout: float = TIMEOUT_S) -> list
         while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the {world} ranks did not finish within {timeout} s")
+    except Exception as error:
+        errors = [path.read_text() for path in sorted(tmp.glob("error*.txt"))]
+        raise RuntimeError(f"a rank failed: {error}\n" + "\n".join(errors)) from error
     finally:
         for process in context.processes:  # on a failure or timeout: no process outlives the test
             if process.is_alive():
@@ -103,10 +113,21 @@ def test_tokens_equal_single_process_eager(ranks, part):
 
 
 def test_dtensor_logits_equal_single_process_eager(ranks):
-    # Every generate() step's logits (the first step's are the prefill's), fp32: 1e-5.
+    # Every generate() step's logits at the sampled position, fp32: rtol = atol = 1e-5.
     for r in ranks:
         d = r["dtensor"]
         assert d["logits_close"], (r["rank"], d["logits_max_abs_diff"])
+
+
+def test_dtensor_prefill_logits_at_every_position_equal_single_process_eager(ranks):
+    # The compiled prefill call's whole output (2 prompts x 7 positions x 128 vocabulary), on every
+    # rank, against the whole model run eagerly in one process; fp32: rtol = atol = 1e-5.
+    assert (tp_example.LOGITS_RTOL, tp_example.LOGITS_ATOL) == (1e-5, 1e-5)
+    for r in ranks:
+        d = r["dtensor"]
+        assert d["prefill_logits_shape"] == d["expected_prefill_logits_shape"] == \
+            [2, tp_example.PROMPT_LEN, 128], d["prefill_logits_shape"]
+        assert d["prefill_logits_close"], (r["rank"], d["prefill_logits_max_abs_diff"])
 
 
 def test_each_rank_fuses_with_its_local_head_counts(ranks):
@@ -163,7 +184,7 @@ def test_torchair_marks_land_on_tensors_only(ranks):
     # FakeScriptObject while tracing); TorchAir's marks must follow (before the fix: a mark
     # on a FakeScriptObject, an AttributeError and no GE graph).
     for r in ranks:
-        [dtensor_graph, paged_graph] = r["input_marks"]
+        [dtensor_graph, paged_graph, _wide_graph] = r["input_marks"]  # the GE conversions, in run_rank's order
         meshes = [marks for kind, marks, _ in dtensor_graph if kind == "FakeScriptObject"]
         assert len(meshes) == 7 * LAYERS + 1 + 1 and not any(meshes)  # one per DTensor weight, lm_head, the mesh
         # The parameter mark: exactly the 21 parameters (embedding, 2 norms and 7 projections per layer, the
@@ -216,3 +237,26 @@ def test_a_shard_without_whole_heads_is_a_clear_error():
         shard(model, 0, 4)
     with pytest.raises(ValueError, match=r"rank = 2 must be in \[0, 2\)"):
         shard(model, 2, 2)
+
+
+def test_a_shard_the_ops_cannot_take_is_listed_with_the_reason_and_fails_check(ranks):
+    """520 heads over 2 ranks: 260 local heads, more than the fused ops take (N <= 256). Each
+    rank's ``npu-attn-graph explain`` lists the site with the reason and the value; its
+    ``check`` fails naming the site (and the SDPA left for GE to convert)."""
+    site = "model.layers.0.self_attn"
+    reason = "npu_prompt_flash_attention: num_heads must be <= 256, got 260"
+    for r in ranks:
+        wide = r["wide"]
+        assert (wide["local_heads"], wide["local_kv_heads"]) == (260, 130)
+        explain, check = wide["explain"], wide["check"]
+        assert explain["exit_code"] == 0, explain["stderr"]
+        [row] = [line for line in explain["stdout"].splitlines() if line.startswith("inference  attention")]
+        assert site in row and reason in row and " - " in row, row  # no fused op on the row
+        assert "2/3 sites fused in 1 graph(s)" in explain["stdout"], explain["stdout"]  # the 2 cache writes are
+        assert check["exit_code"] == 1, check
+        lines = check["stdout"].splitlines()
+        assert lines[0].startswith("FAIL ") and "2/3 sites fused" in lines[0], check["stdout"]
+        assert any(line.startswith(f"  - attention site left alone at {site} ") and reason in line
+                   for line in lines), check["stdout"]
+        assert any("unconverted GE node" in line and "_scaled_dot_product_flash_attention_for_cpu" in line
+                   for line in lines), check["stdout"]
