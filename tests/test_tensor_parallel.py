@@ -34,7 +34,7 @@ from examples import tensor_parallel as tp_example  # noqa: E402
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("google.protobuf")
 WORLD = 2
-TIMEOUT_S = 600  # a safety net only: about 50 s of CPU per rank, minutes on a loaded 2-core machine
+TIMEOUT_S = 600  # a safety net only: about 27 s of CPU per rank, minutes on a loaded 2-core machine
 LAYERS = 2
 
 
@@ -251,7 +251,8 @@ def test_a_shard_the_ops_cannot_take_is_listed_with_the_reason_and_fails_check(r
         explain, check = wide["explain"], wide["check"]
         assert explain["exit_code"] == 0, explain["stderr"]
         [row] = [line for line in explain["stdout"].splitlines() if line.startswith("inference  attention")]
-        assert site in row and reason in row and " - " in row, row  # no fused op on the row
+        columns = row.split()  # graph, kind, layer, source, pattern, fused op, ...: no spaces before the reason
+        assert columns[2] == site and columns[5] == "-" and reason in row, row  # left alone, with why
         assert "2/3 sites fused in 1 graph(s)" in explain["stdout"], explain["stdout"]  # the 2 cache writes are
         assert check["exit_code"] == 1, check
         lines = check["stdout"].splitlines()
