@@ -31,6 +31,7 @@ def test_gradients_flow_through_the_fusion_op(sq, skv, causal):
     (site,) = report.sites
     assert site.fused_op == "npu_fusion_attention" and site.graph == "training"
     assert site.sparse_mode == ((3 if sq == skv else 2) if causal else 0)
+    assert report.pass_rewrites["training_sdpa_to_fusion"] == 1  # the pass returns its count (it returned None)
 
 
 def test_boolean_mask_and_dropout_in_training():

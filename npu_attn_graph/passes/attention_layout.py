@@ -20,6 +20,7 @@ exactly what it did before.
 from __future__ import annotations
 
 import operator
+from typing import Sequence, cast
 
 import torch
 
@@ -38,7 +39,7 @@ def _swaps_seq_and_heads(node: object) -> bool:
         return False
     if node.target is aten.transpose.int:
         return tuple(node.args[1:3]) in SEQ_HEAD_SWAPS and val(node.args[0]).dim() == 4
-    return node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]
+    return node.target is aten.permute.default and list(cast(Sequence[int], node.args[1])) == [0, 2, 1, 3]
 
 
 def _output(node: torch.fx.Node, op: FusedAttentionOp) -> torch.fx.Node | None:

@@ -16,6 +16,8 @@ Rule = pattern + condition + replacement:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.operator_schemas import normalize_function
@@ -37,9 +39,9 @@ npu_attn = torch.ops.npu_attn
 ANY, KV = object(), object()
 # BNSD key/value (B, Nkv, S, D) -> (B, Nkv * G, S, D): transformers' repeat_kv,
 # x[:, :, None].expand(B, Nkv, G, S, D).reshape(B, Nkv * G, S, D), or repeat_interleave.
-_expanded = (aten.expand.default, ((aten.unsqueeze.default, (KV, 2), {}), ANY), {})
+_expanded: tuple = (aten.expand.default, ((aten.unsqueeze.default, (KV, 2), {}), ANY), {})
 _copied = (aten.clone.default, (_expanded,), {"memory_format": ANY})
-REPEAT_KV_PATTERNS = (
+REPEAT_KV_PATTERNS: tuple[tuple, ...] = (
     (aten._unsafe_view.default, (_copied, ANY), {}),
     (aten.view.default, (_copied, ANY), {}),
     (aten.reshape.default, (_copied, ANY), {}),
@@ -56,7 +58,7 @@ def _repeat_with_full_slices(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.
     nodes, so this one form is walked by hand."""
     if not is_call(node, _MERGES):
         return None
-    expand = node.args[0]
+    expand: Any = node.args[0]  # a pattern's node: the checks below decide what it is
     if is_call(expand, aten.clone.default):
         expand = expand.args[0]
     if not is_call(expand, aten.expand.default):
@@ -67,7 +69,7 @@ def _repeat_with_full_slices(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.
     return skip_full_slices(unsqueeze.args[0]), expand
 
 
-def _match(pattern: object, node: object, found: dict[str, object], root: bool = False) -> bool:
+def _match(pattern: object, node: Any, found: dict[str, Any], root: bool = False) -> bool:
     """node matches pattern; records the KV node as found["kv"] and the expand node as found["expand"]."""
     if pattern is ANY:
         return True
@@ -96,7 +98,7 @@ def _match(pattern: object, node: object, found: dict[str, object], root: bool =
 def _repeat(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node | None] | None:
     """(source, expand node or None for repeat_interleave) if node has a repeat's form."""
     for pattern in REPEAT_KV_PATTERNS:
-        found: dict[str, object] = {}
+        found: dict[str, Any] = {}
         if _match(pattern, node, found, root=True):
             return found["kv"], found.get("expand")
     return _repeat_with_full_slices(node)

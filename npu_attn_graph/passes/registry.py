@@ -61,7 +61,7 @@ class FusedAttentionOp:
     sink_kwarg: str | None = None  # the per-head sink logits argument, if the op takes one
 
     def kwargs(self, call: AttentionCall) -> dict:
-        kw = dict(atten_mask=call.atten_mask, pse_shift=call.pse_shift, input_layout=call.layout,
+        kw: dict[str | None, object] = dict(atten_mask=call.atten_mask, pse_shift=call.pse_shift, input_layout=call.layout,
                   num_key_value_heads=call.num_key_value_heads)
         kw[self.heads_kwarg] = call.num_heads
         kw[self.scale_kwarg] = call.scale

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import cast
 
 import torch
 from torch.fx.operator_schemas import normalize_function
@@ -37,11 +38,12 @@ SDPA_TARGETS: dict[object, int | None] = {
 
 
 def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
-    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    target = cast(torch._ops.OpOverload, node.target)  # an anchor: one of SDPA_TARGETS
+    normalized = normalize_function(target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
     if normalized is None:
         return None
     kw = normalized.kwargs
-    index = SDPA_TARGETS[node.target]
+    index = SDPA_TARGETS[target]
     output, unused_reason = node, None
     if index is not None:
         attention = [u for u in node.users if u.target is operator.getitem and u.args[1] == index]
@@ -52,7 +54,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
             return None  # no attention output in use: nothing to replace
         output = attention[0]
     mask = kw.get("attn_mask", kw.get("attn_bias"))
-    terms = ()
+    terms: tuple[ScoreTerm, ...] = ()
     if mask is not None:
         if val(mask).dtype == torch.bool:
             # SDPA keeps True positions; a row with nothing kept gives 0, as the fused ops do.
@@ -61,7 +63,7 @@ def match_sdpa(node: torch.fx.Node) -> AttentionSite | None:
             terms = (ScoreTerm(mask, val(output).dtype),)
     query, key = kw["query"], kw["key"]
     return AttentionSite(
-        pattern=f"sdpa:{node.target.__name__.split('.')[0]}", anchor=node,
+        pattern=f"sdpa:{target.__name__.split('.')[0]}", anchor=node,
         query=Operand(query), key=Operand(key), value=Operand(kw["value"]), output=output,
         scale=kw.get("scale"), terms=terms, score_rank=max(val(query).dim(), val(key).dim()),
         is_causal=bool(kw.get("is_causal", False)), dropout_p=float(kw.get("dropout_p", 0.0)),

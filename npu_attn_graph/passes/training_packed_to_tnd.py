@@ -78,7 +78,8 @@ def from_packed_positions(mask: object, limit: int = 200) -> bool:
     """The mask is computed from an integer graph input's values (not its size) through
     a cumsum: transformers' packed-sequence ids (cumsum(diff(position_ids) != 1)). Only
     a hint to choose the packed op, which decides from the mask's values at run time."""
-    seen, todo, cumsum, integer_input = set(), [mask], False, False
+    seen: set[torch.fx.Node] = set()
+    todo, cumsum, integer_input = [mask], False, False
     while todo and len(seen) < limit:
         node = todo.pop()
         if not isinstance(node, torch.fx.Node) or node in seen:

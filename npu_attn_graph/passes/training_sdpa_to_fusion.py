@@ -75,9 +75,9 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
-        args = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
-        args.apply_defaults()
-        args = args.arguments
+        bound = SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        args = bound.arguments
         layer, source = node_location(node)
         site = Site(kind="attention", graph=graph_name, layer=layer, source=source, pattern="sdpa(training)")
         report.sites.append(site)
@@ -109,3 +109,4 @@ def training_sdpa_to_fusion(gm: torch.fx.GraphModule, report: Report, ctx: PassC
     if changed:
         gm.graph.lint()
         gm.recompile()
+    return changed

@@ -23,6 +23,7 @@ is left in the graph:
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -58,16 +59,17 @@ def _op_name(node: torch.fx.Node) -> str:
 
 def _path_back(start: torch.fx.Node) -> list[torch.fx.Node] | None:
     """Nodes from `start` back to a bmm through tensor inputs (breadth first), or None."""
-    parents = {start: None}
+    parents: dict[torch.fx.Node, torch.fx.Node | None] = {start: None}
     frontier = [start]
     for _ in range(MAX_STEPS):
         nxt = []
         for node in frontier:
             if is_call(node, MATMULS):
                 path = []
-                while node is not None:
-                    path.append(node)
-                    node = parents[node]
+                walk: torch.fx.Node | None = node
+                while walk is not None:
+                    path.append(walk)
+                    walk = parents[walk]
                 return path
             if node.op != "call_function" or is_call(node, SOFTMAXES):
                 continue
@@ -84,7 +86,7 @@ def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
     Over a single key the product with V is a broadcast multiply (einsum makes one): the
     probabilities as they reach it have one column (the softmax's only one, or the one left
     after a sink column is dropped)."""
-    parents = {softmax: None}
+    parents: dict[torch.fx.Node, torch.fx.Node | None] = {softmax: None}
     frontier = [softmax]
     for _ in range(MAX_STEPS):
         nxt = []
@@ -95,8 +97,8 @@ def _path_forward(softmax: torch.fx.Node) -> list[torch.fx.Node] | None:
                 if (is_call(user, MATMULS) and user.args[0 if user.target is aten.bmm.default else 1] is node) or \
                         (is_call(user, aten.mul.Tensor) and statically_known_true(val(node).shape[-1] == 1)):
                     path = [node]
-                    while parents[path[-1]] is not None:
-                        path.append(parents[path[-1]])
+                    while (parent := parents[path[-1]]) is not None:
+                        path.append(parent)
                     return path[::-1]
                 if user.op == "call_function" and isinstance(val(user), torch.Tensor) and \
                         not is_call(user, SOFTMAXES + MATMULS):
@@ -113,7 +115,7 @@ def attention_shaped(softmax: torch.fx.Node) -> tuple[list[torch.fx.Node], list[
     rank = val(softmax).dim()
     if rank < 3 or softmax.args[1] not in (-1, rank - 1):
         return None
-    back = _path_back(softmax.args[0])
+    back = _path_back(cast(torch.fx.Node, softmax.args[0]))  # the scores node
     if back is None:
         return None
     forward = _path_forward(softmax)
@@ -176,7 +178,8 @@ def _cache_shaped(node: torch.fx.Node) -> bool:
 
 
 def _write_description(copy: torch.fx.Node) -> str:
-    ops, node = [], copy.args[1]
+    ops: list[str] = []
+    node = copy.args[1]
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and len(ops) < 4:
         ops.append(_op_name(node))
         node = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
