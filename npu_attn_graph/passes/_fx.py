@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import torch
 from torch.fx.experimental.symbolic_shapes import free_symbols, statically_known_true
@@ -46,6 +46,11 @@ def is_call(node: object, targets: object) -> bool:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return False
     return node.target in targets if isinstance(targets, (tuple, list, set, frozenset)) else node.target is targets
+
+
+def arg_node(node: torch.fx.Node, index: int) -> torch.fx.Node:
+    """node.args[index] where the matched pattern holds a node (typed for the checker, not checked)."""
+    return cast(torch.fx.Node, node.args[index])
 
 
 def call_arg(node: torch.fx.Node, index: int, name: str, default: object) -> Any:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..kernels._library import npu_rules
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import Rewrite, call_arg, is_call, require_same_value, static_int, val
+from ._fx import Rewrite, arg_node, call_arg, is_call, require_same_value, static_int, val
 from ._rules import Rule, RuleStats, apply_rules
 
 aten = torch.ops.aten
@@ -68,14 +69,14 @@ def _last_dim(node: torch.fx.Node, dim: object) -> bool:
     return dim in (-1, rank - 1)
 
 
-def _is_last_dim_softmax(node: object) -> bool:
+def _is_last_dim_softmax(node: Any) -> bool:
     # _softmax(x, dim, half_to_float=False): same dtype in and out. (_safe_softmax gives
     # 0 for a row of -inf, the op NaN like _softmax: not taken.)
     return is_call(node, aten._softmax.default) and _last_dim(node.args[0], node.args[1]) and not node.args[2]
 
 
 def match_router(topk: torch.fx.Node) -> RouterSite | None:
-    scores = topk.args[0]
+    scores = arg_node(topk, 0)
     if not _last_dim(scores, call_arg(topk, 2, "dim", -1)):
         return None
     k = static_int(call_arg(topk, 1, "k", None))
@@ -83,7 +84,7 @@ def match_router(topk: torch.fx.Node) -> RouterSite | None:
         return None
     top, ids = _output(topk, 0), _output(topk, 1)
     if _is_last_dim_softmax(scores):
-        return RouterSite(topk=topk, softmax=scores, logits=scores.args[0], k=k, renorm=0, weights=top, ids=ids)
+        return RouterSite(topk=topk, softmax=scores, logits=arg_node(scores, 0), k=k, renorm=0, weights=top, ids=ids)
     softmaxes = [u for u in (top.users if top is not None else ()) if _is_last_dim_softmax(u)]
     if len(softmaxes) == 1:
         return RouterSite(topk=topk, softmax=softmaxes[0], logits=scores, k=k, renorm=1, weights=softmaxes[0],
@@ -96,7 +97,8 @@ def check_router(site: RouterSite, ctx: PassContext) -> str | None:
         return (f"npu_moe_gating_top_k_softmax_v2 is inference-only (torch_npu's doc; no backward), and this is "
                 f"the {ctx.graph_name} graph of a training step")
     if site.renorm == 1:
-        others = [u.name for u in site.weights.args[0].users if u is not site.softmax]
+        # renorm 1: weights is the softmax of the top-k values
+        others = [u.name for u in arg_node(site.softmax, 0).users if u is not site.softmax]
         if others:
             return f"the top-k logits are also read by {others}, which the op does not return"
     else:
