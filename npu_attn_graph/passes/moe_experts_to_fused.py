@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -49,7 +50,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..kernels._library import npu_rules
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import CASTS, Rewrite, RewriteRefused, call_arg, is_call, static_int, val
+from ._fx import CASTS, Rewrite, RewriteRefused, arg_node, call_arg, is_call, static_int, val
 from ._rules import Rule, RuleStats, apply_rules
 
 aten = torch.ops.aten
@@ -87,7 +88,7 @@ class MoeSite:
     inverse: torch.fx.Node | None  # index_put(t, [perm], values): inv_perm[perm] = arange(S)
 
 
-def _sort_output(node: object, index: int) -> torch.fx.Node | None:
+def _sort_output(node: Any, index: int) -> torch.fx.Node | None:
     """The ascending sort whose output `index` node is, or None."""
     if not is_call(node, operator.getitem) or node.args[1] != index:
         return None
@@ -109,7 +110,7 @@ def _is_permutation_write(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
     if not is_call(node, (aten.index_put.default, aten._unsafe_index_put.default)) or len(node.args) < 3:
         return False
     target, indices, values = node.args[:3]
-    if call_arg(node, 3, "accumulate", False) or list(indices) != [perm]:
+    if call_arg(node, 3, "accumulate", False) or list(cast(list, indices)) != [perm]:
         return False
     n = val(perm).shape[0]
     return val(target).dim() == 1 and statically_known_true(val(target).shape[0] == n) and \
@@ -117,7 +118,7 @@ def _is_permutation_write(node: torch.fx.Node, perm: torch.fx.Node) -> bool:
 
 
 def match_moe(histc: torch.fx.Node) -> MoeSite | None:
-    ids = histc.args[0]
+    ids: Any = histc.args[0]  # walked through casts to the sort below
     while is_call(ids, CASTS):
         ids = ids.args[0]
     sort = _sort_output(ids, 0)
@@ -136,14 +137,14 @@ def match_moe(histc: torch.fx.Node) -> MoeSite | None:
     inverse = None
     if perm is not None:
         inverse = next((u for u in perm.users if _is_permutation_write(u, perm)), None)
-    return MoeSite(histc=histc, cumsum=cumsum, sorted_ids=ids, flat_ids=sort.args[0], perm=perm,
+    return MoeSite(histc=histc, cumsum=cumsum, sorted_ids=ids, flat_ids=arg_node(sort, 0), perm=perm,
                    bins=call_arg(histc, 1, "bins", 100), low=call_arg(histc, 2, "min", 0), high=call_arg(histc, 3, "max", 0),
                    grouped_mms=mms, inverse=inverse)
 
 
 def _top_k_over(flat_ids: torch.fx.Node) -> int | None:
     """The size of the last dimension the ids are top-k indices over (ids flattened by views), or None."""
-    node = flat_ids
+    node: Any = flat_ids  # walked through views to a topk's indices
     while is_call(node, _VIEWS):
         node = node.args[0]
     if not is_call(node, operator.getitem) or node.args[1] != 1 or not is_call(node.args[0], aten.topk.default):
