@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _library
+from . import _library, _paged_decode
 from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
 from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
@@ -55,6 +55,11 @@ def empty_outputs(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
 def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference kernel: (attention_out, softmax_lse) with the op's exact semantics."""
     g = validate(call)
+    if call.block_table is not None:  # a serving engine's decode step: a few ops, same result
+        fast = _paged_decode.run(call, g) if _paged_decode.eligible(call, g) else None
+        if fast is not None:
+            return fast
+        _paged_decode.PATHS["general"] += 1
     layout, device = call.layout, call.query.device
     tnd = layout.inputs == "TND"
 

@@ -693,13 +693,51 @@ def _check(m: PagedRead) -> None:
                           f"included, in eager, and 0 from the op)")
 
 
+def _int32_table(rw: Rewrite, table: torch.fx.Node) -> torch.fx.Node:
+    """The block table cast to int32 (the ops' dtype): every layer reads the same table, so a
+    site reuses the cast an earlier site inserted before it (one cast per graph, not per layer;
+    each is a copy the graph would otherwise run once per layer)."""
+    cast = torch.ops.prims.convert_element_type.default
+    for user in table.users:
+        if (user.target is cast and user.args == (table, torch.int32) and not user.kwargs and user < rw.anchor
+                and not _written_between(user, rw.anchor, table)):
+            return user
+    return rw.call(cast, (table, torch.int32))
+
+
+def _written_between(first: torch.fx.Node, last: torch.fx.Node, tensor: torch.fx.Node) -> bool:
+    """Whether a node after `first` and before `last` may write `tensor` or a view of it (an op
+    whose schema marks that argument written; any call that is not an ATen-style op and
+    reads it counts as a write)."""
+    aliases = {tensor}
+    node = first.next
+    while node is not last and node.op != "output":
+        if node.op == "call_function":
+            inputs = {n for n in node.all_input_nodes if n in aliases}
+            if inputs:
+                schema = getattr(node.target, "_schema", None)
+                if schema is None:
+                    return True
+                for i, arg in enumerate(schema.arguments):
+                    value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                    values = value if isinstance(value, (list, tuple)) else (value,)
+                    if not any(isinstance(v, torch.fx.Node) and v in inputs for v in values):
+                        continue
+                    if arg.alias_info is not None and arg.alias_info.is_write:
+                        return True
+                    if arg.alias_info is not None:  # a view of it
+                        aliases.add(node)
+        node = node.next
+    return False
+
+
 def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torch.fx.Node]:
     node, op, k, v = m.node, m.op, m.key, m.value
     wrapper, lengths_kwarg = PAGED_WRAPPERS[op.name]
     mask = node.kwargs["atten_mask"]
     table = k.gather.table
     if val(table).dtype != torch.int32:
-        table = rw.call(torch.ops.prims.convert_element_type.default, (table, torch.int32))
+        table = _int32_table(rw, table)
     caches = []
     for p in (k, v):
         cache = p.gather.cache

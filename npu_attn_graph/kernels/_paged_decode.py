@@ -1,0 +1,116 @@
+"""Fast path of the reference kernels for the common paged decode call.
+
+A serving engine's decode step calls npu_incre_flash_attention (or
+npu_fused_infer_attention_score) once per layer with one query token per
+sequence, paged caches and nothing else: no mask, pse, quantisation, rope,
+shared prefix, sink or softmax_lse. The general path (_inference_kernel.run)
+handles that call through the chunked attention core, which gathers a few
+blocks at a time and, because unused slots may hold NaN, multiplies the
+probabilities by the values one batch window at a time: dozens of small ops
+per call. Here the same result is computed in a handful of ops:
+
+1. every sequence's blocks up to the longest sequence's need are gathered
+   once (one index_select per cache);
+2. the gathered slots past each sequence's length (the rest of its last block,
+   the blocks it does not use) are set to 0 in that copy -- the cache itself is
+   never written -- so whatever they held (NaN, inf) cannot reach the output,
+   exactly as the NPU never reads them;
+3. one torch SDPA call per step attends each KV head's group of query heads
+   (folded into the query-row axis, so K/V are not repeated) to its keys, with
+   the positions past each length masked out;
+4. a sequence of length 0 outputs zeros, as on the NPU.
+
+Taken only when the call is exactly that form and the gathered K/V fit the
+reference kernels' memory budget (_library.SCORE_BLOCK_BYTES); every other
+call goes the general way. The validation is the same: run() validates the
+call before trying this path, and a block_table holding anything but block
+ids goes through the general path's own check (paged_block_ids: a used entry
+out of range is an error naming it, an unused one -- vLLM's -1 padding --
+becomes block 0, whose slots are then zeroed like any unread slot).
+``PATHS`` counts the paged calls each way ("fast" / "general"), for tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from . import _library
+from ._attention_core import compute_dtype, paged_block_ids
+from ._inference import Geometry, InferenceCall, broadcast
+from ._layouts import from_bnsd, to_bnsd
+
+PATHS: Counter = Counter()
+
+
+def eligible(call: InferenceCall, g: Geometry) -> bool:
+    """The call is a plain paged decode: S == 1 queries, paged float caches, no other input."""
+    return (
+        call.block_table is not None and g.q_seq == 1 and call.layout.inputs != "TND"
+        and call.atten_mask is None and call.pse_shift is None and not call.softmax_lse
+        and call.key_antiquant is None and call.value_antiquant is None
+        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
+        and call.value.dtype == call.query.dtype
+        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
+        and call.quant_scale2 is None and call.learnable_sink is None
+    )
+
+
+def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(attention_out, softmax_lse placeholder) of an eligible, validated call; None where the
+    general path must take it (over the memory budget, or a used table entry out of range)."""
+    batch, bs = g.batch, call.block_size
+    if batch == 0:
+        return None
+    kv_lens = broadcast(call.kv_lens, batch)
+    width = max(1, max((math.ceil(n / bs) for n in kv_lens), default=1))
+    seq = width * bs
+    dtype = compute_dtype(call.query.dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if batch * seq * g.kv_heads * max(g.head_dim, g.value_dim) * itemsize > _library.SCORE_BLOCK_BYTES:
+        return None
+    if call.block_table.shape[1] < width:
+        return None
+    table = call.block_table[:, :width]
+    # Entries past a sequence's need are gathered too (then zeroed), so they must be block
+    # ids as well. One reduction says whether they all are (an engine pads with a real
+    # block); else the general path's check validates the entries in use and sets the
+    # others to block 0.
+    low, high = (int(x) for x in torch.aminmax(table))
+    if low < 0 or high >= call.key.shape[0]:
+        table = paged_block_ids(call.op, call.block_table, kv_lens, bs, call.key.shape[0], call.kv_lens_name)
+    ids = table.reshape(-1).long()
+    device = call.query.device
+    lengths = torch.tensor(kv_lens, dtype=torch.int64, device=device)
+    unread = torch.arange(seq, device=device).view(1, -1) >= lengths.view(-1, 1)  # (B, S)
+    key = _gather(call.key, ids, unread, batch, g.kv_heads, bs, dtype)
+    value = _gather(call.value, ids, unread, batch, g.kv_heads, bs, dtype)
+    group = g.heads // g.kv_heads
+    q = to_bnsd(call.query, call.layout.inputs, g.heads).to(dtype).reshape(batch, g.kv_heads, group, -1)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=~unread.view(batch, 1, 1, seq), scale=call.scale)
+    out = out.reshape(batch, g.heads, 1, -1)
+    empty = [b for b, n in enumerate(kv_lens) if n == 0]
+    if empty:  # nothing to attend to: 0 (SDPA leaves such a row undefined)
+        out.index_fill_(0, torch.tensor(empty, device=device), 0)
+    out = from_bnsd(out.to(g.out_dtype), call.layout.output)
+    PATHS["fast"] += 1
+    return out, torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def _gather(cache: torch.Tensor, ids: torch.Tensor, unread: torch.Tensor, batch: int, kv_heads: int,
+            block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks `ids` of a (blocknum, blocksize, H) or (blocknum, Nkv, blocksize, D) cache as
+    (B, Nkv, S, D) in `dtype`, with the unread slots set to 0 in the copy."""
+    seq = unread.shape[1]
+    picked = cache.index_select(0, ids).to(dtype)
+    if cache.dim() == 3:  # (B * width, blocksize, H): token rows of H = Nkv * D
+        picked.view(batch * seq, -1).index_fill_(0, unread.view(-1).nonzero().view(-1), 0)
+        return picked.view(batch, seq, kv_heads, -1).transpose(1, 2)
+    width = seq // block_size  # (B * width, Nkv, blocksize, D) -> (B, Nkv, S, D), one copy
+    picked = picked.view(batch, width, kv_heads, block_size, -1).transpose(1, 2).reshape(batch, kv_heads, seq, -1)
+    rows = unread.view(batch, 1, seq).expand(batch, kv_heads, seq).reshape(-1)
+    picked.view(batch * kv_heads * seq, -1).index_fill_(0, rows.nonzero().view(-1), 0)
+    return picked
