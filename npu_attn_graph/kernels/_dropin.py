@@ -21,18 +21,12 @@ from typing import Any, Callable
 
 import torch
 
-from ._library import int_list
+from ._library import int_list, schema_of
 
 __all__ = ["annotation", "dropin", "schema_of", "schema_text"]
 
 _SCALARS = {"TensorType": "torch.Tensor", "IntType": "int", "SymIntType": "int", "FloatType": "float",
             "BoolType": "bool", "StringType": "str", "NumberType": "float", "ScalarTypeType": "int"}
-
-
-def schema_of(qualname: str) -> torch._C.FunctionSchema:
-    """The registered schema of ``namespace::name`` (its default overload)."""
-    namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default._schema
 
 
 def schema_text(schema: torch._C.FunctionSchema) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import weakref
 from typing import Callable, Iterator, Sequence
@@ -112,13 +113,51 @@ def torch_npu_installed() -> bool:
     return importlib.util.find_spec("torch_npu") is not None
 
 
+def schema_of(qualname: str) -> torch._C.FunctionSchema:
+    """The registered schema of ``namespace::name`` (its default overload)."""
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default._schema
+
+
+def with_schema_defaults(qualname: str, fn: Callable) -> Callable:
+    """fn called with every argument of the op. The dispatcher leaves out the arguments
+    a call passes at their schema default, so without this each kernel would need its
+    own copy of every default."""
+    arguments = schema_of(qualname).arguments
+    positional = [a for a in arguments if not a.kwarg_only]
+    keyword = {a.name: a.default_value for a in arguments if a.kwarg_only and a.has_default_value()}
+
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        # Only arguments with a default can be left out (the dispatcher checked the call).
+        args += tuple(_fresh(a.default_value) for a in positional[len(args):])
+        return fn(*args, **{**{name: _fresh(v) for name, v in keyword.items()}, **kwargs})
+
+    return kernel
+
+
+def _fresh(default: object) -> object:
+    return list(default) if isinstance(default, list) else default  # a kernel may not share a list default
+
+
+def register_fake(qualname: str) -> Callable[[Callable], Callable]:
+    """Decorator: fn is the op's fake (meta) kernel, called with every argument."""
+
+    def register(fn: Callable) -> Callable:
+        torch.library.register_fake(qualname, with_schema_defaults(qualname, fn), lib=LIB)
+        return fn
+
+    return register
+
+
 def register_reference(qualname: str, fn: Callable) -> None:
-    """Register the device-generic reference kernel for every backend.
+    """Register the device-generic reference kernel for every backend, called with every
+    argument.
 
     CompositeExplicitAutograd covers CPU, CUDA and Meta-less backends alike; a
     backend-specific kernel (PrivateUse1 on an NPU host) takes precedence.
     """
-    LIB.impl(qualname.split("::")[1], fn, "CompositeExplicitAutograd")
+    LIB.impl(qualname.split("::")[1], with_schema_defaults(qualname, fn), "CompositeExplicitAutograd")
 
 
 def register_npu(qualname: str, fn: Callable | None = None) -> None:

@@ -50,11 +50,12 @@ class Plan(NamedTuple):
 # ----------------------------------------------------------------------------
 
 
-def validate(query, key, value, sparse_indices, *, block_table=None, actual_seq_lengths_query=None,
-              actual_seq_lengths_kv=None, query_rope=None, key_rope=None, sparse_block_size=1, layout_query="BSND",
-              layout_kv="BSND", sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
-              return_softmax_lse=False, sinks=None) -> Plan:
-    """Check every shape/dtype rule (no data access); defaults are the schema's."""
+def validate(query, key, value, sparse_indices, *, block_table, actual_seq_lengths_query,
+              actual_seq_lengths_kv, query_rope, key_rope, sparse_block_size, layout_query,
+              layout_kv, sparse_mode, pre_tokens, next_tokens, attention_mode,
+              return_softmax_lse, sinks) -> Plan:
+    """Check every shape/dtype rule (no data access). Takes every argument: the kernels
+    get them all, schema defaults filled in (_library.with_schema_defaults)."""
     check(layout_query in QUERY_LAYOUTS, OP, "layout_query", f"must be one of {list(QUERY_LAYOUTS)}",
           repr(layout_query))
     check(layout_kv in KV_LAYOUTS, OP, "layout_kv", f"must be one of {list(KV_LAYOUTS)}", repr(layout_kv))

@@ -75,7 +75,7 @@ from typing import NamedTuple
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 
 __all__ = ["npu_advance_step_flashattn"]
 
@@ -228,16 +228,16 @@ def _advance_speculative(input_tokens, sampled_token_ids, input_positions, seq_l
     tokens[:, 1:] = spec_token
 
 
-@torch.library.register_fake(QUALNAME)
+@register_fake(QUALNAME)
 def _fake(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
-          num_queries, block_size, *, spec_token=None, accepted_num=None):
+          num_queries, block_size, *, spec_token, accepted_num):
     _validate(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
               num_queries, block_size, spec_token, accepted_num)
     return None
 
 
 def _reference(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
-               num_queries, block_size, *, spec_token=None, accepted_num=None):
+               num_queries, block_size, *, spec_token, accepted_num):
     plan = _validate(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables,
                      num_seqs, num_queries, block_size, spec_token, accepted_num)
     if plan.speculative:
@@ -248,17 +248,8 @@ def _reference(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_
                  num_queries, block_size, plan)
 
 
-def _npu(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
-         num_queries, block_size, *, spec_token=None, accepted_num=None):
-    import torch_npu
-
-    torch_npu.npu_advance_step_flashattn(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping,
-                                         block_tables, num_seqs, num_queries, block_size, spec_token=spec_token,
-                                         accepted_num=accepted_num)
-
-
 register_reference(QUALNAME, _reference)
-register_npu(QUALNAME, _npu)
+register_npu(QUALNAME)
 
 
 npu_advance_step_flashattn = dropin(QUALNAME, __name__, """\

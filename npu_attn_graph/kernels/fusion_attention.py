@@ -94,7 +94,7 @@ from . import fusion_attention_grad  # noqa: F401  (the autograd formula calls t
 from ._fusion_args import FORWARD_OP, forward_call, validate
 from ._fusion_kernel import build_problem, forward, output_from_bnsd, stats_to_layout
 from ._dropin import dropin
-from ._library import LIB, define, register_npu, register_reference
+from ._library import LIB, define, register_npu, register_reference, schema_of
 
 __all__ = ["npu_fusion_attention"]
 
@@ -149,10 +149,7 @@ register_reference(QUALNAME, _reference)
 register_npu(QUALNAME, _npu)
 
 # Argument positions in the schema, for the autograd formula.
-_ARG_NAMES = ("query", "key", "value", "head_num", "input_layout", "pse", "padding_mask", "atten_mask", "scale",
-              "keep_prob", "pre_tockens", "next_tockens", "inner_precise", "prefix", "actual_seq_qlen",
-              "actual_seq_kvlen", "sparse_mode", "gen_mask_parallel", "sync", "softmax_layout", "sink",
-              "dropout_mask", "seed", "offset")
+_ARG_NAMES = tuple(a.name for a in schema_of(QUALNAME).arguments)
 
 
 def _setup_context(ctx, inputs, output) -> None:

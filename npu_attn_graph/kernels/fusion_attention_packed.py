@@ -38,7 +38,7 @@ import dataclasses
 import torch
 
 from ._dropin import dropin
-from ._library import COMPRESSED_MASK_SIZE, LIB, check, define, register_npu, register_reference
+from ._library import COMPRESSED_MASK_SIZE, LIB, check, define, register_fake, register_npu, register_reference
 from ._fusion_args import Geometry, forward_call, validate
 
 OP = "npu_fusion_attention_packed"
@@ -171,14 +171,14 @@ def _packed_grad(query, key, value, dy, atten_mask, attention_in, softmax_max, s
     return _from_tnd(dq, batch, seq), _from_tnd(dk, batch, seq), _from_tnd(dv, batch, seq)
 
 
-@torch.library.register_fake(QUALNAME, lib=LIB)
+@register_fake(QUALNAME)
 def _packed_fake(query, key, value, atten_mask, head_num, scale):
     g = _validate(OP, query, key, value, atten_mask, head_num, scale)
     stats = query.new_empty(g.softmax_shape, dtype=torch.float32)
     return query.new_empty(g.out_shape), stats, torch.empty_like(stats)
 
 
-@torch.library.register_fake(GRAD_QUALNAME, lib=LIB)
+@register_fake(GRAD_QUALNAME)
 def _packed_grad_fake(query, key, value, dy, atten_mask, attention_in, softmax_max, softmax_sum, head_num, scale):
     _validate_grad(query, key, value, dy, atten_mask, attention_in, softmax_max, softmax_sum, head_num, scale)
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, npu_rules_apply, register_npu, register_reference
+from ._library import check, define, fail, npu_rules_apply, register_fake, register_npu, register_reference
 
 __all__ = ["npu_grouped_matmul"]
 
@@ -150,12 +150,12 @@ def _unsupported(scale, offset, antiquant_scale, antiquant_offset, per_token_sca
 NPU_GROUPED_MATMUL = define(OP, SCHEMA)
 
 
-@torch.library.register_fake(NPU_GROUPED_MATMUL)
-def _fake(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
-          per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
-          activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
-          tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
-          per_token_scale_dtype=None):
+@register_fake(NPU_GROUPED_MATMUL)
+def _fake(x, weight, *, bias, scale, offset, antiquant_scale, antiquant_offset,
+          per_token_scale, group_list, activation_input, activation_quant_scale,
+          activation_quant_offset, split_item, group_type, group_list_type, act_type,
+          tuning_config, output_dtype, x_dtype, weight_dtype, scale_dtype,
+          per_token_scale_dtype):
     shapes = _validate(x, weight, bias, _unsupported(
         scale, offset, antiquant_scale, antiquant_offset, per_token_scale, activation_input, activation_quant_scale,
         activation_quant_offset, output_dtype, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype),
@@ -190,11 +190,11 @@ def _group_ends(group_list: torch.Tensor, group_list_type: int, rows: int) -> li
     return ends
 
 
-def _ref(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
-         per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
-         activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
-         tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
-         per_token_scale_dtype=None):
+def _ref(x, weight, *, bias, scale, offset, antiquant_scale, antiquant_offset,
+         per_token_scale, group_list, activation_input, activation_quant_scale,
+         activation_quant_offset, split_item, group_type, group_list_type, act_type,
+         tuning_config, output_dtype, x_dtype, weight_dtype, scale_dtype,
+         per_token_scale_dtype):
     _validate(x, weight, bias, _unsupported(
         scale, offset, antiquant_scale, antiquant_offset, per_token_scale, activation_input, activation_quant_scale,
         activation_quant_offset, output_dtype, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype),

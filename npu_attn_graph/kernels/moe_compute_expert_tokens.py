@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 
 __all__ = ["npu_moe_compute_expert_tokens"]
 
@@ -42,7 +42,7 @@ def _validate(sorted_expert_for_source_row: torch.Tensor, num_expert: int) -> No
 NPU_MOE_COMPUTE_EXPERT_TOKENS = define(OP, "(Tensor sorted_expert_for_source_row, int num_expert) -> Tensor")
 
 
-@torch.library.register_fake(NPU_MOE_COMPUTE_EXPERT_TOKENS)
+@register_fake(NPU_MOE_COMPUTE_EXPERT_TOKENS)
 def _fake(sorted_expert_for_source_row, num_expert):
     _validate(sorted_expert_for_source_row, num_expert)
     return sorted_expert_for_source_row.new_empty(num_expert)

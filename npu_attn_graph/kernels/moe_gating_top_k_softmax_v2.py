@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, npu_rules_apply, register_npu, register_reference
+from ._library import check, define, npu_rules_apply, register_fake, register_npu, register_reference
 
 __all__ = ["npu_moe_gating_top_k_softmax_v2"]
 
@@ -67,15 +67,15 @@ NPU_MOE_GATING_TOP_K_SOFTMAX_V2 = define(
         "-> (Tensor, Tensor, Tensor)")
 
 
-@torch.library.register_fake(NPU_MOE_GATING_TOP_K_SOFTMAX_V2)
-def _fake(x, *, k=1, finished=None, renorm=0, output_softmax=False):
+@register_fake(NPU_MOE_GATING_TOP_K_SOFTMAX_V2)
+def _fake(x, *, k, finished, renorm, output_softmax):
     _validate(x, k, finished, renorm)
     out_shape = tuple(x.shape[:-1]) + (k,)
     return (x.new_empty(out_shape), x.new_empty(out_shape, dtype=torch.int32),
             x.new_empty(_softmax_shape(x, renorm, output_softmax), dtype=torch.float32))
 
 
-def _ref(x, *, k=1, finished=None, renorm=0, output_softmax=False):
+def _ref(x, *, k, finished, renorm, output_softmax):
     _validate(x, k, finished, renorm)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     if renorm == 1:

@@ -87,7 +87,7 @@ from . import _library
 from ._attention_core import compute_dtype, paged_block_ids
 from ._inference import NPU_FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES
 from ._dropin import dropin
-from ._library import check, define, npu_rules_apply, register_npu, register_reference
+from ._library import check, define, npu_rules_apply, register_fake, register_npu, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer"]
 
@@ -249,9 +249,9 @@ def _importance(p: torch.Tensor, lens: torch.Tensor, n_select: torch.Tensor, max
 
 
 def _reference(query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-               page_block_size, compress_block_size, compress_stride, *, layout="TND", atten_mask=None,
-               block_table=None, topk_mask=None, actual_seq_qlen=None, actual_cmp_seq_kvlen=None,
-               actual_sel_seq_kvlen=None):
+               page_block_size, compress_block_size, compress_stride, *, layout, atten_mask,
+               block_table, topk_mask, actual_seq_qlen, actual_cmp_seq_kvlen,
+               actual_sel_seq_kvlen):
     plan = _validate(query, key, value, head_num, key_value_head_num, select_block_size, select_block_count,
                      page_block_size, compress_block_size, compress_stride, layout, atten_mask, block_table,
                      topk_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
@@ -298,10 +298,10 @@ def _reference(query, key, value, scale_value, head_num, key_value_head_num, sel
     return out, topk
 
 
-@torch.library.register_fake(QUALNAME)
+@register_fake(QUALNAME)
 def _fake(query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-          page_block_size, compress_block_size, compress_stride, *, layout="TND", atten_mask=None, block_table=None,
-          topk_mask=None, actual_seq_qlen=None, actual_cmp_seq_kvlen=None, actual_sel_seq_kvlen=None):
+          page_block_size, compress_block_size, compress_stride, *, layout, atten_mask, block_table,
+          topk_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen):
     plan = _validate(query, key, value, head_num, key_value_head_num, select_block_size, select_block_count,
                      page_block_size, compress_block_size, compress_stride, layout, atten_mask, block_table,
                      topk_mask, actual_seq_qlen, actual_cmp_seq_kvlen, actual_sel_seq_kvlen)
@@ -310,20 +310,8 @@ def _fake(query, key, value, scale_value, head_num, key_value_head_num, select_b
     return out, topk
 
 
-def _npu(query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-         page_block_size, compress_block_size, compress_stride, *, layout="TND", atten_mask=None, block_table=None,
-         topk_mask=None, actual_seq_qlen=None, actual_cmp_seq_kvlen=None, actual_sel_seq_kvlen=None):
-    import torch_npu
-
-    return torch_npu.npu_nsa_compress_attention_infer(
-        query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-        page_block_size, compress_block_size, compress_stride, layout=layout, atten_mask=atten_mask,
-        block_table=block_table, topk_mask=topk_mask, actual_seq_qlen=actual_seq_qlen,
-        actual_cmp_seq_kvlen=actual_cmp_seq_kvlen, actual_sel_seq_kvlen=actual_sel_seq_kvlen)
-
-
 register_reference(QUALNAME, _reference)
-register_npu(QUALNAME, _npu)
+register_npu(QUALNAME)
 
 
 npu_nsa_compress_attention_infer = dropin(QUALNAME, __name__, """\

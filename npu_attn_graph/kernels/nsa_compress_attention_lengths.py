@@ -32,7 +32,7 @@ import torch
 
 from . import nsa_compress_attention_infer  # noqa: F401 (the wrapped op, registered first)
 from ._dropin import dropin
-from ._library import LIB, check, define, register_reference
+from ._library import check, define, register_fake, register_reference
 
 __all__ = ["npu_nsa_compress_attention_infer_lengths", "smallest_valid_length"]
 
@@ -62,9 +62,9 @@ def _lengths_rules(lengths: torch.Tensor) -> None:
     check(lengths.dim() == 1, OP, "actual_cmp_seq_kvlen.dim()", "must be 1 (one length per batch)", lengths.dim())
 
 
-@torch.library.register_fake(QUALNAME, lib=LIB)
+@register_fake(QUALNAME)
 def _fake(query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
-          page_block_size, compress_block_size, compress_stride, *, block_table, actual_cmp_seq_kvlen, layout="TND"):
+          page_block_size, compress_block_size, compress_stride, *, block_table, actual_cmp_seq_kvlen, layout):
     _lengths_rules(actual_cmp_seq_kvlen)
     n = actual_cmp_seq_kvlen.shape[0]
     check(isinstance(n, int), OP, "actual_cmp_seq_kvlen.shape[0]", "must be static (the batch size)", n)
@@ -78,7 +78,7 @@ def _fake(query, key, value, scale_value, head_num, key_value_head_num, select_b
 
 def _reference(query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,
                page_block_size, compress_block_size, compress_stride, *, block_table, actual_cmp_seq_kvlen,
-               layout="TND"):
+               layout):
     _lengths_rules(actual_cmp_seq_kvlen)
     return torch.ops.npu_attn.npu_nsa_compress_attention_infer(
         query, key, value, scale_value, head_num, key_value_head_num, select_block_size, select_block_count,

@@ -43,7 +43,7 @@ from . import fused_infer_attention_score as _fia
 from . import incre_flash_attention as _ifa
 from ._inference_kernel import empty_outputs
 from ._dropin import dropin
-from ._library import INT_MAX, LIB, check, define, register_reference
+from ._library import INT_MAX, check, define, register_fake, register_reference
 
 __all__ = ["npu_fused_infer_attention_score_paged", "npu_incre_flash_attention_paged"]
 
@@ -81,7 +81,7 @@ def _host(lengths: torch.Tensor) -> list[int]:
     return [int(x) for x in lengths.tolist()]
 
 
-@torch.library.register_fake(INCRE_QUALNAME, lib=LIB)
+@register_fake(INCRE_QUALNAME)
 def _incre_fake(query, key, value, *, block_table=None, actual_seq_lengths, **kwargs):
     lens = _placeholder(INCRE_OP, "actual_seq_lengths", actual_seq_lengths)
     call = _ifa._call(query, key, value, block_table=block_table, actual_seq_lengths=lens, **kwargs)
@@ -94,7 +94,7 @@ def _incre_reference(query, key, value, *, block_table=None, actual_seq_lengths,
         query, key, value, block_table=block_table, actual_seq_lengths=_host(actual_seq_lengths), **kwargs)
 
 
-@torch.library.register_fake(FIA_QUALNAME, lib=LIB)
+@register_fake(FIA_QUALNAME)
 def _fia_fake(query, key, value, *, block_table=None, actual_seq_lengths_kv, **kwargs):
     lens = _placeholder(FIA_OP, "actual_seq_lengths_kv", actual_seq_lengths_kv)
     call = _fia._call(query, key, value, block_table=block_table, actual_seq_lengths_kv=lens, **kwargs)

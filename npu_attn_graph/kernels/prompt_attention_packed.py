@@ -72,7 +72,7 @@ from ._inference import validate
 from ._inference_kernel import empty_outputs
 from ._layouts import batch_and_seq, from_bnsd, parse_layout, to_bnsd
 from ._dropin import dropin
-from ._library import COMPRESSED_MASK_SIZE, INT_MAX, LIB, define, register_npu, register_reference
+from ._library import COMPRESSED_MASK_SIZE, INT_MAX, define, register_fake, register_npu, register_reference
 
 __all__ = ["PATHS", "PackedPlan", "npu_fused_infer_attention_score_packed", "npu_prompt_flash_attention_packed",
            "packed_plan"]
@@ -103,27 +103,27 @@ PATHS: collections.Counter = collections.Counter()
 # ----------------------------------------------------------------------------
 
 
-def _prompt_call(query, key, value, atten_mask, *, num_heads=1, scale_value=1.0, input_layout="BSH",
-                 num_key_value_heads=0):
+def _prompt_call(query, key, value, atten_mask, *, num_heads, scale_value, input_layout,
+                 num_key_value_heads):
     parse_layout(PROMPT_OP, input_layout, LAYOUTS)
     call = _pfa._call(query, key, value, atten_mask=atten_mask, num_heads=num_heads, scale_value=scale_value,
                       input_layout=input_layout, num_key_value_heads=num_key_value_heads, sparse_mode=1)
     return dataclasses.replace(call, op=PROMPT_OP)
 
 
-def _fia_call(query, key, value, atten_mask, *, num_heads=1, scale=1.0, input_layout="BSH", num_key_value_heads=0):
+def _fia_call(query, key, value, atten_mask, *, num_heads, scale, input_layout, num_key_value_heads):
     parse_layout(FIA_OP, input_layout, LAYOUTS)
     call = _fia._call(query, key, value, atten_mask=atten_mask, num_heads=num_heads, scale=scale,
                       input_layout=input_layout, num_key_value_heads=num_key_value_heads, sparse_mode=1)
     return dataclasses.replace(call, op=FIA_OP)
 
 
-@torch.library.register_fake(PROMPT_QUALNAME, lib=LIB)
+@register_fake(PROMPT_QUALNAME)
 def _prompt_fake(query, key, value, atten_mask, **kwargs):
     return empty_outputs(_prompt_call(query, key, value, atten_mask, **kwargs))[0]
 
 
-@torch.library.register_fake(FIA_QUALNAME, lib=LIB)
+@register_fake(FIA_QUALNAME)
 def _fia_fake(query, key, value, atten_mask, **kwargs):
     return empty_outputs(_fia_call(query, key, value, atten_mask, **kwargs))
 
@@ -267,8 +267,8 @@ def _packed(op: str, wrapped, scale_kwarg: str, query, key, value, atten_mask, *
     return from_bnsd(out.view(batch, q_seq, out.shape[1], out.shape[2]).transpose(1, 2), layout.output)
 
 
-def _prompt_kernel(query, key, value, atten_mask, *, num_heads=1, scale_value=1.0, input_layout="BSH",
-                   num_key_value_heads=0):
+def _prompt_kernel(query, key, value, atten_mask, *, num_heads, scale_value, input_layout,
+                   num_key_value_heads):
     _prompt_call(query, key, value, atten_mask, num_heads=num_heads, scale_value=scale_value,
                  input_layout=input_layout, num_key_value_heads=num_key_value_heads)  # the wrapped op's checks
     return _packed(PROMPT_OP, torch.ops.npu_attn.npu_prompt_flash_attention, "scale_value", query, key, value,
@@ -276,8 +276,8 @@ def _prompt_kernel(query, key, value, atten_mask, *, num_heads=1, scale_value=1.
                    num_key_value_heads=num_key_value_heads)
 
 
-def _fia_kernel(query, key, value, atten_mask, *, num_heads=1, scale=1.0, input_layout="BSH",
-                num_key_value_heads=0):
+def _fia_kernel(query, key, value, atten_mask, *, num_heads, scale, input_layout,
+                num_key_value_heads):
     g = validate(_fia_call(query, key, value, atten_mask, num_heads=num_heads, scale=scale,
                            input_layout=input_layout, num_key_value_heads=num_key_value_heads))
     out = _packed(FIA_OP, torch.ops.npu_attn.npu_fused_infer_attention_score, "scale", query, key, value,

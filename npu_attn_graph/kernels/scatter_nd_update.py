@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 
 __all__ = ["npu_scatter_nd_update", "npu_scatter_nd_update_"]
 
@@ -57,7 +57,7 @@ def _scatter_nd_into(op: str, out: torch.Tensor, indices: torch.Tensor, updates:
 NPU_SCATTER_ND_UPDATE = define("npu_scatter_nd_update", "(Tensor self, Tensor indices, Tensor updates) -> Tensor")
 
 
-@torch.library.register_fake(NPU_SCATTER_ND_UPDATE)
+@register_fake(NPU_SCATTER_ND_UPDATE)
 def _fake(self, indices, updates):
     _validate("npu_scatter_nd_update", self, indices, updates)
     return torch.empty_like(self)
@@ -90,7 +90,7 @@ NPU_SCATTER_ND_UPDATE_ = define("npu_scatter_nd_update_",
                                 tags=(torch.Tag.inplace,))
 
 
-@torch.library.register_fake(NPU_SCATTER_ND_UPDATE_)
+@register_fake(NPU_SCATTER_ND_UPDATE_)
 def _fake_(self, indices, updates):
     _validate("npu_scatter_nd_update_", self, indices, updates)
     return self

@@ -60,7 +60,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 
 __all__ = ["npu_scatter_pa_kv_cache", "npu_scatter_pa_kv_cache_functional"]
 
@@ -330,16 +330,16 @@ NPU_SCATTER_PA_KV_CACHE = define(
 )
 
 
-@torch.library.register_fake(NPU_SCATTER_PA_KV_CACHE)
-def _fake(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None, compress_seq_offsets=None,
-          seq_lens=None, cache_mode="PA_NZ"):
+@register_fake(NPU_SCATTER_PA_KV_CACHE)
+def _fake(key, value, key_cache, value_cache, slot_mapping, *, compress_lens, compress_seq_offsets,
+          seq_lens, cache_mode):
     _validate("npu_scatter_pa_kv_cache", key, value, key_cache, value_cache, slot_mapping, compress_lens,
               compress_seq_offsets, seq_lens, cache_mode)
     return None
 
 
-def _ref(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None, compress_seq_offsets=None,
-         seq_lens=None, cache_mode="PA_NZ"):
+def _ref(key, value, key_cache, value_cache, slot_mapping, *, compress_lens, compress_seq_offsets,
+         seq_lens, cache_mode):
     _write("npu_scatter_pa_kv_cache", key, value, key_cache, value_cache, slot_mapping, compress_lens,
            compress_seq_offsets, seq_lens, cache_mode)
 
@@ -366,16 +366,16 @@ NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL = define(
 )
 
 
-@torch.library.register_fake(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL)
-def _fake_functional(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
-                     compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
+@register_fake(NPU_SCATTER_PA_KV_CACHE_FUNCTIONAL)
+def _fake_functional(key, value, key_cache, value_cache, slot_mapping, *, compress_lens,
+                     compress_seq_offsets, seq_lens, cache_mode):
     _validate("npu_scatter_pa_kv_cache_functional", key, value, key_cache, value_cache, slot_mapping,
               compress_lens, compress_seq_offsets, seq_lens, cache_mode)
     return torch.empty_like(key_cache), torch.empty_like(value_cache)
 
 
-def _ref_functional(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
-                    compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
+def _ref_functional(key, value, key_cache, value_cache, slot_mapping, *, compress_lens,
+                    compress_seq_offsets, seq_lens, cache_mode):
     key_out, value_out = key_cache.clone(), value_cache.clone()
     _write("npu_scatter_pa_kv_cache_functional", key, value, key_out, value_out, slot_mapping, compress_lens,
            compress_seq_offsets, seq_lens, cache_mode)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 
 __all__ = ["scatter_update", "scatter_update_"]
 
@@ -93,7 +93,7 @@ def _scatter_into(op: str, out: torch.Tensor, indices: torch.Tensor, updates: to
 SCATTER_UPDATE = define("scatter_update", "(Tensor self, Tensor indices, Tensor updates, int axis) -> Tensor")
 
 
-@torch.library.register_fake(SCATTER_UPDATE)
+@register_fake(SCATTER_UPDATE)
 def _scatter_update_fake(self, indices, updates, axis):
     _validate("scatter_update", self, indices, updates, axis)
     return torch.empty_like(self)
@@ -132,7 +132,7 @@ SCATTER_UPDATE_ = define("scatter_update_",
                          tags=(torch.Tag.inplace,))
 
 
-@torch.library.register_fake(SCATTER_UPDATE_)
+@register_fake(SCATTER_UPDATE_)
 def _scatter_update__fake(self, indices, updates, axis):
     _validate("scatter_update_", self, indices, updates, axis)
     return self

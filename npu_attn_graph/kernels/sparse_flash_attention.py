@@ -134,7 +134,7 @@ from . import _library
 from ._attention_core import compute_dtype, exp_scores, paged_block_ids
 from ._layouts import check_cumulative
 from ._dropin import dropin
-from ._library import INT64_MAX, check, define, fail, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference
 from ._sparse_flash_args import MLA_ABSORB, OP, SCHEMA_DEFAULT_MODE, Plan, validate
 
 __all__ = ["custom_npu_sparse_flash_attention", "npu_sparse_flash_attention", "resolved_attention_mode"]
@@ -156,7 +156,7 @@ def _outputs_like(query: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.
     return out, lse[0], lse[1]
 
 
-@torch.library.register_fake(QUALNAME)
+@register_fake(QUALNAME)
 def _fake(query, key, value, sparse_indices, scale_value, **kwargs):
     return _outputs_like(query, validate(query, key, value, sparse_indices, **kwargs))
 
@@ -186,10 +186,10 @@ def _per_batch_lengths(op_arg: str, values: torch.Tensor | None, batch: int, lim
     return lengths
 
 
-def _reference(query, key, value, sparse_indices, scale_value, *, block_table=None, actual_seq_lengths_query=None,
-               actual_seq_lengths_kv=None, query_rope=None, key_rope=None, sparse_block_size=1, layout_query="BSND",
-               layout_kv="BSND", sparse_mode=3, pre_tokens=INT64_MAX, next_tokens=INT64_MAX, attention_mode=0,
-               return_softmax_lse=False, sinks=None):
+def _reference(query, key, value, sparse_indices, scale_value, *, block_table, actual_seq_lengths_query,
+               actual_seq_lengths_kv, query_rope, key_rope, sparse_block_size, layout_query,
+               layout_kv, sparse_mode, pre_tokens, next_tokens, attention_mode,
+               return_softmax_lse, sinks):
     plan = validate(
         query, key, value, sparse_indices, block_table=block_table,
         actual_seq_lengths_query=actual_seq_lengths_query, actual_seq_lengths_kv=actual_seq_lengths_kv,
