@@ -1,10 +1,20 @@
 """Import time and first-call (compile) time of npu_attn against torch and aot_eager (CPU).
 
-Run:  python bench/compile_overhead.py [--layers 2 16 32] [--rounds 3] [--import-rounds 7]
+Run:  python bench/compile_overhead.py [--layers 2 16 32] [--rounds 3] [--import-rounds 7] [--no-bytecode-cache]
       python bench/compile_overhead.py --profile 16   # cProfile of our passes, one compile in this process
 
 Every timing runs in a fresh Python process, so that nothing imported or
-compiled before it is counted for it or saved for it:
+compiled before it is counted for it or saved for it.
+
+Bytecode: an installed package has its modules' bytecode cached (pip compiles
+them at install, torch's wheel ships it in its __pycache__), so a fresh process
+does not compile their source. This environment sets PYTHONDONTWRITEBYTECODE,
+which would leave only torch's cached and make every process compile
+npu_attn_graph's source (0.3-0.5 s of its imports and of the first call). By
+default every child runs with one bytecode cache for all modules
+(PYTHONPYCACHEPREFIX, a temporary directory, filled by warm-up processes that
+are not timed), as an installed package runs; --no-bytecode-cache measures
+without it (the source of every module of ours compiled in every process).
 
 1. Import time: ``import torch``, ``import npu_attn_graph`` and ``import
    npu_attn_graph.ops``, each timed inside its own process (interpreter
@@ -33,6 +43,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.abspath(__file__)
@@ -40,9 +51,28 @@ IMPORTS = ("torch", "npu_attn_graph", "npu_attn_graph.ops")
 BACKENDS = ("aot_eager", "npu_attn")
 
 
+# The children's environment (main sets the bytecode cache); None: this process's.
+_CHILD_ENV: dict[str, str] | None = None
+
+
 def _run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, HERE, *args], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, HERE, *args], check=True, capture_output=True, text=True,
+                         env=_CHILD_ENV).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _bytecode_cache(directory: str) -> None:
+    """Children read and write every module's bytecode under `directory`; warm-up
+    children (not timed) fill it with everything the timed ones import."""
+    global _CHILD_ENV
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = directory
+    _CHILD_ENV = env
+    for module in IMPORTS:
+        _run_child(["--child-import", module])
+    for backend in BACKENDS:
+        _run_child(["--child-compile", backend, "2"])
 
 
 def child_import(module: str) -> dict:
@@ -159,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="fresh processes per backend and layer count")
     parser.add_argument("--import-rounds", type=int, default=7, help="fresh processes per import")
     parser.add_argument("--skip-imports", action="store_true")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="children compile the source of modules with no cached bytecode (see above)")
     parser.add_argument("--profile", type=int, metavar="LAYERS", help="cProfile our passes at this many layers")
     parser.add_argument("--child-import", help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", nargs=2, help=argparse.SUPPRESS)
@@ -177,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; every timing in a fresh process")
+          f"{os.cpu_count()} CPUs; every timing in a fresh process, "
+          f"{'without a bytecode cache' if args.no_bytecode_cache else 'with a warm bytecode cache'}")
+    if args.no_bytecode_cache:
+        return _bench(args)
+    with tempfile.TemporaryDirectory(prefix="npu_attn_bench_bytecode_") as directory:
+        _bytecode_cache(directory)
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     if not args.skip_imports:
         times = bench_imports(args.import_rounds)
         base = statistics.median(times["torch"])

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch.fx._lazy_graph_module import _LazyGraphModule
+from torch.fx.experimental import _config as fx_config
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from ._logging import graphs_log, log
@@ -107,8 +109,7 @@ class BackendOptions:
         return parsed
 
 
-def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any],
-                     options: dict[str, Any] | None = None) -> Callable[..., Any]:
+def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None):
     """torch.compile backend: AOT autograd, our passes, then the chosen executor."""
     opts = BackendOptions.parse(options)
     report = opts.report if isinstance(opts.report, Report) else Report()
@@ -118,16 +119,14 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any],
         return _compile_with_aot(gm, example_inputs, opts, report)
 
 
-def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                      report: Report) -> Callable[..., Any]:
+def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions, report: Report):
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     inductor = opts.executor == "inductor"
     sources = input_sources(gm)
 
-    def compiler(graph_name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
-        def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
-            assert opts.executor is not None and opts.fp32_attention is not None  # BackendOptions.parse filled in every default
+    def compiler(graph_name: str):
+        def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
             # Under Inductor, scatter_update (functional) and the graph's copy_ back into
             # the cache, which Inductor compiles as an input mutation.
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
@@ -183,7 +182,7 @@ class NpuAttnBackend:
         self.__name__ = "npu_attn"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any],
-                 options: dict[str, Any] | None = None) -> Callable[..., Any]:
+                 options: dict[str, Any] | None = None):
         # Parsed again (cheap): the checked options give the same result.
         return npu_attn_backend(gm, example_inputs, {**self.options, **(options or {})})
 
@@ -215,7 +214,6 @@ def _dropped_if_restarted(report: Report) -> Iterator[None]:
 
 def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
                           report: Report) -> None:
-    assert opts.passes is not None  # BackendOptions.parse filled in every default
     if _needs_gradients(example_inputs):
         # Inference ops cannot carry gradients: attention goes to the training
         # op before AOT, whose autograd formula AOT then differentiates.
@@ -223,8 +221,7 @@ def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 
 def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
-    assert opts.passes is not None  # BackendOptions.parse filled in every default
-    report.code_before.append(aten_gm.code)
+    report.code_before.append(_code(aten_gm))
     report.graphs_before.append(_copy_graph(aten_gm.graph))
     first_site = len(report.sites)
     run_passes(aten_gm, opts.passes, report, ctx)
@@ -235,6 +232,15 @@ def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report
     report.graphs += 1
     if callable(opts.report) and not isinstance(opts.report, Report):
         opts.report(report)
+
+
+def _code(gm: torch.fx.GraphModule) -> str:
+    """gm.code. A lazy module (AOT's) not compiled yet is not compiled for it: the
+    passes change the graph, so that forward would never run; the text is the same
+    (a GraphModule's code is its graph's python_code for root "self")."""
+    if isinstance(gm, _LazyGraphModule) and gm._needs_recompile():
+        return gm.graph.python_code(root_module="self", record_func=fx_config.enrich_profiler_metadata).src
+    return gm.code
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -259,8 +265,7 @@ def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:
 
 
 def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                          report: Report, torchair: TorchAir,
-                          progress: Callable[[str], None] | None = None) -> Callable[..., Any]:
+                          report: Report, torchair: TorchAir, progress: Callable[[str], None] | None = None):
     """Hand the dynamo graph to TorchAir's npu backend, our passes at its
     post_grad_custom_pre_pass seam; returns what TorchAir's backend returns.
     progress gets a line before the passes and before GE conversion."""
@@ -269,8 +274,7 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 
 def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                           report: Report, torchair: TorchAir,
-                           progress: Callable[[str], None] | None) -> Callable[..., Any]:
+                           report: Report, torchair: TorchAir, progress: Callable[[str], None] | None):
     say = progress or (lambda message: None)
     from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
 
@@ -281,7 +285,6 @@ def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], 
     user_pass = config.post_grad_custom_pre_pass.value
 
     def npu_attn_passes(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any], torchair_config: Any) -> None:
-        assert opts.fp32_attention is not None  # BackendOptions.parse filled in every default
         is_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in aten_gm.graph.nodes)
         graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
         say(f"npu_attn passes on the {graph_name} graph ({len(aten_gm.graph.nodes)} ATen nodes)")
@@ -303,8 +306,8 @@ def input_sources(gm: torch.fx.GraphModule) -> tuple[str | None, ...]:
     inputs after AOT, for an inference graph); None where an input has none."""
     names = []
     for node in gm.graph.find_nodes(op="placeholder"):
-        name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
-        names.append(name if isinstance(name, str) else None)
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        names.append(source.name if isinstance(getattr(source, "name", None), str) else None)
     return tuple(names)
 
 
@@ -312,7 +315,7 @@ def _needs_gradients(example_inputs: list[Any]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
-def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str) -> Callable[..., Any]:
+def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str):
     if executor == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
@@ -353,6 +356,8 @@ def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
             if node.meta.get(CONSTANT):
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 values[node] = node.target(*args, **kwargs)
+    if not values and isinstance(gm, _LazyGraphModule):
+        return  # graph unchanged: keep the forward compiled for the report's code (_rewrite), not a second one
     for node, value in values.items():
         if all(user in values for user in node.users):
             continue

@@ -36,6 +36,7 @@ differs per head cannot be an NPU mask), biases to (B or 1, N, S_q, S_kv).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -153,6 +154,58 @@ def two_valued(term: torch.fx.Node, limit: int = 16) -> tuple | None:
         path.append(node)
         node = inputs[0]
     cond = node
+    key = _program_key(path, cond)
+    cache = _VALUES.setdefault(term.graph, {}) if key is not None else None
+    if cache is not None and key in cache:
+        values = cache[key]
+    else:
+        values = _evaluate(path, cond)
+        if cache is not None:
+            cache[key] = values
+    if values is None:
+        return None
+    return cond, values[0], values[1], tuple(reversed(reshapes))
+
+
+# two_valued's values per graph, by the program that computes them: a model's layers
+# share one mask, and each site (and the split of its terms) asks for it again, each
+# time running the ops under the compile's fake mode. The key holds every input of
+# that evaluation, so a hit returns exactly what running it again would.
+_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_UNCACHED_TAGS = (torch.Tag.nondeterministic_seeded, torch.Tag.inplace_view)
+
+
+def _program_key(path: list[torch.fx.Node], cond: torch.fx.Node) -> tuple | None:
+    """What _evaluate reads, as a hashable value; None where it cannot be one (then
+    the values are computed afresh)."""
+    def leaf(arg: object) -> object:
+        if isinstance(arg, torch.fx.Node):
+            constant = scalar_constant(arg) if arg is not cond else None
+            # -0.0 and 0.0, 1 and 1.0 and True compare equal but compute differently: repr and type tell them apart
+            return ("x",) if constant is None else ("c", repr(constant), val(arg).dtype)
+        if isinstance(arg, (list, tuple)):
+            return (type(arg).__name__, tuple(leaf(a) for a in arg))
+        if isinstance(arg, dict):
+            return ("dict", tuple((k, leaf(a)) for k, a in arg.items()))
+        if isinstance(arg, (torch.SymInt, torch.SymFloat, torch.SymBool, torch.Tensor)):
+            raise TypeError("not a plain value")
+        return (type(arg).__name__, repr(arg) if isinstance(arg, float) else arg)
+
+    try:
+        if any(tag in getattr(op.target, "tags", ()) for op in path for tag in _UNCACHED_TAGS):
+            return None  # not a function of the key alone
+        # The ops run under whatever fake mode is active (constant propagation), or none.
+        mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+        key = (id(mode) if mode is not None else None,
+               *((op.target, leaf(op.args), leaf(dict(op.kwargs))) for op in path))
+        hash(key)
+    except Exception:  # noqa: BLE001 - unhashable or unreadable: evaluate as before, uncached
+        return None
+    return key
+
+
+def _evaluate(path: list[torch.fx.Node], cond: torch.fx.Node) -> tuple[float, float] | None:
+    """The path's ops (output first) run on a True and on a False in place of cond."""
     values = []
     for flag in (True, False):
         x = torch.tensor(flag)
@@ -171,7 +224,7 @@ def two_valued(term: torch.fx.Node, limit: int = 16) -> tuple | None:
         if not isinstance(x, torch.Tensor) or x.numel() != 1:
             return None
         values.append(float(x.reshape(())))
-    return cond, values[0], values[1], tuple(reversed(reshapes))
+    return values[0], values[1]
 
 
 def _aligned(rw: Rewrite, node: torch.fx.Node, score_rank: int) -> torch.fx.Node:

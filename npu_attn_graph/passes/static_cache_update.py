@@ -41,7 +41,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from ..report import Report, Site
 from ._context import PassContext
-from ._fx import CLAIMED, Rewrite, cache_root, graph_order, is_call, is_view, static_int, val, views_of
+from ._fx import CLAIMED, Rewrite, cache_root, is_call, is_view, static_int, val, views_of
 from ._rules import Rule, RuleStats, apply_rules
 from .registry import SCATTER_UPDATE
 
@@ -252,24 +252,25 @@ def _old_cache_read_after(write: SequenceWrite) -> str | None:
     """Why the cache cannot be written in place at `write`: something reads its
     old value (directly or through a view) later, or reads the written value after
     the next change of the cache."""
-    order = graph_order(write.node.graph)
-    at = order[write.node]
+    # Nodes compare by their place in the graph (fx keeps a sort key per node): no
+    # index of the whole graph per write, which made the pass quadratic in layers.
+    at = write.node
     aliases = views_of(write.cache) - {write.copy_back}
     for alias in aliases:
-        if alias is not write.cache and order[alias] > at:
+        if alias is not write.cache and alias > at:
             return f"{alias.name} views the cache after the write"
         for user in alias.users:
             if user is write.node or user is write.copy_back or user in aliases:
                 continue
-            if order[user] > at:
+            if user > at:
                 return f"{user.name} reads the cache's old value after the write"
     if write.copy_back is not None and write.copy_back.args[1] is not write.node:
         nxt = [u for u in write.node.users if u.op == "call_function" and u.args and u.args[0] is write.node
                and val(u) is not None and tuple(val(u).shape) == tuple(val(write.node).shape)]
-        limit = min((order[u] for u in nxt), default=order[write.copy_back])
+        limit = min(nxt, default=write.copy_back)
         for alias in views_of(write.node):
             for user in alias.users:
-                if user not in nxt and not is_view(user) and order[user] > limit:
+                if user not in nxt and not is_view(user) and user > limit:
                     return f"{user.name} reads the written cache after it changes again"
     return None
 
