@@ -12,6 +12,10 @@ compares them with the ideal: every weight read once, the valid K/V read once,
 the new K/V written once. Goal: <= 1.02x ideal, and no op that moves a whole
 KV cache per step. "TorchAir alone" is the same step with options
 {"passes": []} (FX graph only: TorchAir cannot convert it into one GE graph).
+--ring adds Mistral's and gpt-oss's step with options {"sliding_window_cache":
+"ring"}: the ring needs the layers' token count as a graph input, which a
+decode step compiled on its own gets only with dynamic=True (every tensor
+marked static, so the count is the one symbolic value).
 
 Default size (the issue's): hidden 2048, 16 heads, 4 KV heads (head_dim 128),
 4 layers, vocabulary 32000, batch 4, cache 2048, valid length 1025; Mistral's
@@ -80,8 +84,9 @@ def build_config(family: str, size: Size, dtype: torch.dtype):
     return cfg, cls
 
 
-def decode_step(family: str, size: Size, dtype: torch.dtype, passes: list[str] | None = None):
-    """(fx Traffic, ge Traffic or None, GeConversion) of one decode step at size."""
+def decode_step(family: str, size: Size, dtype: torch.dtype, passes: list[str] | None = None, ring: bool = False):
+    """(fx Traffic, ge Traffic or None, GeConversion) of one decode step at size; ring: with
+    sliding_window_cache="ring" (dynamic=True, every tensor static: the token counts symbolic)."""
     import transformers as T
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -102,8 +107,13 @@ def decode_step(family: str, size: Size, dtype: torch.dtype, passes: list[str] |
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = size.valid - 1
         options = None if passes is None else {"passes": passes}
+        if ring:
+            options = {**(options or {}), "sliding_window_cache": "ring"}
+            for t in [ids, pos, *model.parameters(), *model.buffers()] + \
+                    [t for layer in cache.layers for t in (layer.keys, layer.values)]:
+                torch._dynamo.mark_static(t)
         result = to_ge_graph(model, ids, past_key_values=cache, use_cache=True, cache_position=pos,
-                             options=options)
+                             options=options, dynamic=True if ring else None)
     graph = result.report.graphs_after[-1]
     fx = fx_traffic(graph, valid_kv=size.valid)
     ge = ge_traffic(result.graphs[0].graph_def, fx.ideal, valid_kv=size.valid, kv_len=size.cache) \
@@ -135,6 +145,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="float16,bfloat16")
     parser.add_argument("--baseline", action="store_true", help="also TorchAir alone (passes=[]), FX graph")
     parser.add_argument("--details", action="store_true", help="print each graph's op lines and flagged ops")
+    parser.add_argument("--ring", action="store_true",
+                        help='also the sliding-window models with sliding_window_cache="ring"')
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     size = QUICK if args.quick else Size()
@@ -156,6 +168,14 @@ def main() -> int:
             if args.baseline:
                 base, _, _ = decode_step(family, size, dtype, passes=[])
                 rows.append(row(family, dtype, "TorchAir alone FX", base))
+            if args.ring and family in ("mistral", "gpt-oss"):
+                fx, ge, result = decode_step(family, size, dtype, ring=True)
+                if not result.single_graph:
+                    print(f"{family} {name} ring: no complete GE graph: {(result.failures or ['?'])[0][:240]}", flush=True)
+                if args.details:
+                    for line in fx.lines(5) + (ge.lines(5) if ge else []):
+                        print("   ", line)
+                rows += [row(family, dtype, "ring FX", fx), row(family, dtype, "ring GE", ge)]
     print(markdown(rows))
     return 0
 

@@ -201,7 +201,7 @@ def _kv_fraction(node: torch.fx.Node, valid_kv: int | None) -> tuple[float, str]
     layout = node.kwargs.get("input_layout", "BSH")
     # The incremental ops' actual_seq_lengths are the KV lengths; the others name them actual_seq_lengths_kv.
     lengths = node.kwargs.get("actual_seq_lengths" if spec.query_len == "one" else "actual_seq_lengths_kv")
-    if "block_table" in node.kwargs or "paged" in node.target.__name__:
+    if node.kwargs.get("block_table") is not None:  # (the lengths wrappers take none for dense K/V)
         return (1.0, "paged: reads the blocks its table names") if valid_kv is None else \
             (1.0, "paged: valid length unknown to the count")
     if not isinstance(key, torch.Tensor) or key.dim() < 3:
@@ -213,6 +213,8 @@ def _kv_fraction(node: torch.fx.Node, valid_kv: int | None) -> tuple[float, str]
         return kept / (batch * s_kv), f"reads {kept // batch}/{s_kv} K/V positions (actual_seq_lengths)"
     if isinstance(lengths, torch.fx.Node) and valid_kv is not None:
         return min(valid_kv, s_kv) / s_kv, f"reads {min(valid_kv, s_kv)}/{s_kv} K/V positions (lengths tensor)"
+    if isinstance(lengths, torch.fx.Node):
+        return 1.0, f"reads its lengths tensor's K/V positions (every one of the {s_kv} counted valid)"
     return 1.0, f"reads all {s_kv} K/V positions (no KV lengths)"
 
 

@@ -118,7 +118,8 @@ def test_dump_writes_everything_inside_out_only(tmp_path, monkeypatch, capsys):
     assert after.count("npu_attn.npu_incre_flash_attention") == 2 and "aten.index_copy" not in after
     data = json.loads((out / "report.json").read_text())
     assert data["single_ge_graph"] and len(data["sites"]) == 6
-    assert {s["fused_op"] for s in data["sites"]} == {"npu_incre_flash_attention", "scatter_update"}
+    # The decode attention with its KV lengths (static_cache_lengths): the demo step's mask is j <= cache_position.
+    assert {s["fused_op"] for s in data["sites"]} == {"npu_incre_flash_attention_paged", "scatter_update"}
     assert "IncreFlashAttention" in (out / "ge" / "op_types.txt").read_text()
     assert list((out / "ge").glob("*.pbtxt"))
     report = (out / "report.txt").read_text()

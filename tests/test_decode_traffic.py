@@ -71,7 +71,9 @@ def test_float16_llama_decode_moves_no_whole_cache_but_float32_casts_it(tmp_path
     result, fx, ge = _decode_ge(torch.float16, tmp_path / "f16")
     assert all(s.rewritten for s in result.report.sites), result.report.table()
     assert not fx.whole_cache() and not ge.whole_cache(), "\n".join(fx.lines() + ge.lines())
-    attention = [o for o in fx.ops if o.op == "npu_attn.npu_incre_flash_attention"]
+    # The decode attention reads its KV lengths (static_cache_lengths: the mask is j <= cache_position).
+    attention = [o for o in fx.ops if o.op == "npu_attn.npu_incre_flash_attention_paged"]
+    assert all("lengths tensor" in o.note for o in attention), "\n".join(fx.lines())
     writes = [o for o in fx.ops if o.op == "npu_attn.scatter_update"]
     assert len(attention) == 2 and len(writes) == 4 and all("in place" in o.note for o in writes)
     # K/V once each, un-repeated (gqa_repeat_kv): 2 layers x 2 caches x (2, 2 KV heads, 32, 16) float16.

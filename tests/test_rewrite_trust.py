@@ -56,7 +56,8 @@ def test_the_rules_are_readable_from_the_rule_list():
     assert [r.name for r in RULES] == ["sdpa", "eager:matmul-softmax-matmul", "eager:attention-with-sinks",
                                         "static-cache-write",
                                         "sliding-window-cache-write", "sliding-window-fill", "paged-cache-write",
-                                        "paged:gather-attention", "moe:sorted-experts-grouped-matmul",
+                                        "paged:gather-attention", "static-cache:kv-lengths",
+                                        "moe:sorted-experts-grouped-matmul",
                                         "moe:router-top-k-softmax", "sparse:topk-gather-attention",
                                         "nsa:compressed-attention-topk"]
     assert all(r.match and r.check and r.rewrite for r in RULES)

@@ -1,6 +1,7 @@
 """GE converters for the paged wrappers (kernels/paged_attention.py): the wrapped
 ops' own converters, with the lengths tensor fed into the GE op's
-actual_seq_lengths input (int_list_input casts it to int64).
+actual_seq_lengths input (int_list_input casts it to int64); paged K/V through
+block_table, or dense K/V without it (the static-cache lengths rewrite).
 
 npu_attn::npu_incre_flash_attention_paged -> GE ``IncreFlashAttention``;
 npu_attn::npu_fused_infer_attention_score_paged -> GE ``FusedInferAttentionScore``
@@ -31,7 +32,7 @@ def convert_fused_infer_attention_score(*args, **kwargs):
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_incre_flash_attention_paged.default)
 def convert_incre_flash_attention_paged(
-    query: Tensor, key: Tensor, value: Tensor, *, block_table: Tensor, actual_seq_lengths: Tensor,
+    query: Tensor, key: Tensor, value: Tensor, *, block_table: Tensor | None = None, actual_seq_lengths: Tensor,
     atten_mask: Tensor | None = None, pse_shift: Tensor | None = None, num_heads: int = 1,
     scale_value: float = 1.0, input_layout: str = "BSH", num_key_value_heads: int = 0, block_size: int = 0,
     inner_precise: int = 1, meta_outputs: TensorSpec | None = None,
@@ -45,7 +46,8 @@ def convert_incre_flash_attention_paged(
 
 @register_fx_node_ge_converter(torch.ops.npu_attn.npu_fused_infer_attention_score_paged.default)
 def convert_fused_infer_attention_score_paged(
-    query: Tensor, key: Tensor, value: Tensor, *, block_table: Tensor, actual_seq_lengths_kv: Tensor,
+    query: Tensor, key: Tensor, value: Tensor, *, block_table: Tensor | None = None,
+    actual_seq_lengths_kv: Tensor,
     pse_shift: Tensor | None = None, atten_mask: Tensor | None = None, num_heads: int = 1, scale: float = 1.0,
     pre_tokens: int = INT_MAX, next_tokens: int = INT_MAX, input_layout: str = "BSH",
     num_key_value_heads: int = 0, sparse_mode: int = 0, inner_precise: int = 0, block_size: int = 0,

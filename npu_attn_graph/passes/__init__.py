@@ -35,6 +35,11 @@ _rules) are, by pass:
   writes, so it only proves the gather and the mask and retargets the op; and
   before attention_layout and attention_precision, which refine the paged op
   as any other;
+- static_cache_lengths: STATIC_LENGTHS_RULE (a fused decode attention over
+  a dense cache whose mask is, or has a term that is, provably "key j kept iff
+  j < L + c" (a StaticCache's j <= cache_position) -> the op's lengths-tensor
+  wrapper, reading only the valid K/V; the mask dropped when it is only that
+  bound). After paged_attention_read, before attention_layout;
 - sparse_attention_to_fused: SPARSE_RULE (attention over top-k selected
   tokens, gathered by the indices: DeepSeek-V3.2's DSA in MLA-absorb form ->
   npu_sparse_flash_attention; before the generic attention rules, which would
@@ -81,6 +86,7 @@ from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sparse_attention_to_fused import SPARSE_RULE, sparse_attention_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
+from .static_cache_lengths import STATIC_LENGTHS_RULE, static_cache_lengths
 from .static_cache_update import STATIC_WRITE_RULE, static_cache_update
 from .training_eager_attention_to_fusion import claim_sites_left_in_training, training_eager_attention_to_fusion
 from .training_packed_to_tnd import training_packed_to_tnd
@@ -115,6 +121,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("paged_cache_update", POST_AOT, paged_cache_update),
     # After the attention rules, gqa_repeat_kv and the paged write: retargets their fused op (see the docstring).
     Pass("paged_attention_read", POST_AOT, paged_attention_read),
+    # After it: a dense (static) cache's decode attention gets its KV lengths from a mask term (see the module).
+    Pass("static_cache_lengths", POST_AOT, static_cache_lengths),
     Pass("advance_step_to_fused", POST_AOT, advance_step_to_fused),
     Pass("moe_experts_to_fused", POST_AOT, moe_experts_to_fused),
     Pass("moe_router_to_gating", POST_AOT, moe_router_to_gating),
@@ -125,7 +133,7 @@ PIPELINE: tuple[Pass, ...] = (
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,
-         PAGED_READ_RULE, MOE_RULE, ROUTER_RULE, SPARSE_RULE, NSA_RULE)
+         PAGED_READ_RULE, STATIC_LENGTHS_RULE, MOE_RULE, ROUTER_RULE, SPARSE_RULE, NSA_RULE)
 
 
 def _run(p: Pass, gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> None:
