@@ -109,7 +109,8 @@ class BackendOptions:
         return parsed
 
 
-def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None):
+def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any],
+                     options: dict[str, Any] | None = None) -> Callable[..., Any]:
     """torch.compile backend: AOT autograd, our passes, then the chosen executor."""
     opts = BackendOptions.parse(options)
     report = opts.report if isinstance(opts.report, Report) else Report()
@@ -119,14 +120,16 @@ def npu_attn_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], option
         return _compile_with_aot(gm, example_inputs, opts, report)
 
 
-def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions, report: Report):
+def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
+                      report: Report) -> Callable[..., Any]:
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     inductor = opts.executor == "inductor"
     sources = input_sources(gm)
 
-    def compiler(graph_name: str):
-        def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]):
+    def compiler(graph_name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+        def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
+            assert opts.executor is not None and opts.fp32_attention is not None  # BackendOptions.parse filled in every default
             # Under Inductor, scatter_update (functional) and the graph's copy_ back into
             # the cache, which Inductor compiles as an input mutation.
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
@@ -182,7 +185,7 @@ class NpuAttnBackend:
         self.__name__ = "npu_attn"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any],
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None) -> Callable[..., Any]:
         # Parsed again (cheap): the checked options give the same result.
         return npu_attn_backend(gm, example_inputs, {**self.options, **(options or {})})
 
@@ -214,6 +217,7 @@ def _dropped_if_restarted(report: Report) -> Iterator[None]:
 
 def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
                           report: Report) -> None:
+    assert opts.passes is not None  # BackendOptions.parse filled in every default
     if _needs_gradients(example_inputs):
         # Inference ops cannot carry gradients: attention goes to the training
         # op before AOT, whose autograd formula AOT then differentiates.
@@ -221,6 +225,7 @@ def _rewrite_for_training(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 
 def _rewrite(aten_gm: torch.fx.GraphModule, opts: BackendOptions, report: Report, ctx: PassContext) -> None:
+    assert opts.passes is not None  # BackendOptions.parse filled in every default
     report.code_before.append(_code(aten_gm))
     report.graphs_before.append(_copy_graph(aten_gm.graph))
     first_site = len(report.sites)
@@ -265,7 +270,8 @@ def _log_graph(report: Report, ctx: PassContext, first_site: int) -> None:
 
 
 def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                          report: Report, torchair: TorchAir, progress: Callable[[str], None] | None = None):
+                          report: Report, torchair: TorchAir,
+                          progress: Callable[[str], None] | None = None) -> Callable[..., Any]:
     """Hand the dynamo graph to TorchAir's npu backend, our passes at its
     post_grad_custom_pre_pass seam; returns what TorchAir's backend returns.
     progress gets a line before the passes and before GE conversion."""
@@ -274,7 +280,8 @@ def compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], o
 
 
 def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], opts: BackendOptions,
-                           report: Report, torchair: TorchAir, progress: Callable[[str], None] | None):
+                           report: Report, torchair: TorchAir,
+                           progress: Callable[[str], None] | None) -> Callable[..., Any]:
     say = progress or (lambda message: None)
     from . import converters  # noqa: F401  (registers our ops' GE converters with TorchAir)
 
@@ -285,6 +292,7 @@ def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], 
     user_pass = config.post_grad_custom_pre_pass.value
 
     def npu_attn_passes(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any], torchair_config: Any) -> None:
+        assert opts.fp32_attention is not None  # BackendOptions.parse filled in every default
         is_backward = any(n.op == "placeholder" and n.name.startswith("tangents") for n in aten_gm.graph.nodes)
         graph_name = "backward" if is_backward else "forward" if needs_gradients else "inference"
         say(f"npu_attn passes on the {graph_name} graph ({len(aten_gm.graph.nodes)} ATen nodes)")
@@ -306,8 +314,8 @@ def input_sources(gm: torch.fx.GraphModule) -> tuple[str | None, ...]:
     inputs after AOT, for an inference graph); None where an input has none."""
     names = []
     for node in gm.graph.find_nodes(op="placeholder"):
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        names.append(source.name if isinstance(getattr(source, "name", None), str) else None)
+        name = getattr(getattr(node.meta.get("grapharg"), "source", None), "name", None)
+        names.append(name if isinstance(name, str) else None)
     return tuple(names)
 
 
@@ -315,7 +323,7 @@ def _needs_gradients(example_inputs: list[Any]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
 
 
-def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str):
+def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str) -> Callable[..., Any]:
     if executor == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
