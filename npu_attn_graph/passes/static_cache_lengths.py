@@ -157,6 +157,9 @@ def _bound(node: torch.fx.Node, op) -> Bound:
                       "cannot bound)")
     if op.sparse_modes and node.kwargs.get("sparse_mode", 0) not in (0, 1):
         raise Refused(f"sparse_mode {node.kwargs.get('sparse_mode')} besides the mask")
+    layout = node.kwargs.get("input_layout", "BSH")
+    if layout not in ("BSH", "BSND", "BNSD", "BNSD_BSND"):
+        raise Refused(f"input_layout {layout} (the rule reads B-first layouts)")
     q_seq = _q_seq(node)
     if not statically_known_true(q_seq == 1):
         raise Refused(f"{q_seq} query rows (the rule takes the decode step's one)")
