@@ -124,16 +124,12 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
                       report: Report) -> Callable[..., Any]:
     _rewrite_for_training(gm, example_inputs, opts, report)
 
-    inductor = opts.executor == "inductor"
     sources = input_sources(gm)
 
     def compiler(graph_name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
             assert opts.executor is not None and opts.fp32_attention is not None  # BackendOptions.parse filled in every default
-            # Under Inductor, scatter_update (functional) and the graph's copy_ back into
-            # the cache, which Inductor compiles as an input mutation.
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
-                                                        functional_alias_writes=inductor,
                                                         sliding_window_cache=opts.sliding_window_cache,
                                                         input_sources=sources))
             return _execute(aten_gm, aten_inputs, opts.executor)
@@ -327,9 +323,25 @@ def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str)
     if executor == "inductor":
         from torch._inductor.compile_fx import compile_fx_inner
 
+        _writes_returning_nothing(gm)
         return compile_fx_inner(_decompose_for_inductor(gm, example_inputs), example_inputs)
     _fold_pass_constants(gm)
     return make_boxed_func(gm)  # AOT calls compiled graphs with a boxed (list) argument
+
+
+def _writes_returning_nothing(gm: torch.fx.GraphModule) -> None:
+    """Each in-place cache write (scatter_update_, which returns its `self`) as
+    scatter_update_into, which returns nothing; its readers read `self`, written in
+    place before them. Inductor runs a mutating op without outputs in place, as an
+    extern kernel (as npu_scatter_pa_kv_cache); the returned alias it mishandles."""
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.npu_attn.scatter_update_.default):
+        with gm.graph.inserting_before(node):
+            into = gm.graph.call_function(torch.ops.npu_attn.scatter_update_into.default, node.args, node.kwargs)
+        into.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        into.meta["val"] = None
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _decompose_for_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:

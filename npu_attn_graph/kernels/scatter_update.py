@@ -152,3 +152,35 @@ In-place :func:`scatter_update` (same rules): writes ``updates`` into ``self``
 (same storage) and returns ``self``. Not functionalizable by AOT autograd (its return aliases a
 mutated input); use ``self.copy_(scatter_update(...))`` under torch.compile.""")
 
+
+
+# ---------------------------------------------------------------------------- scatter_update_into (internal)
+
+# scatter_update_ returning nothing. Not a torch_npu op and never in a GE graph: the
+# Inductor executor hands its in-place cache writes to Inductor in this form, which
+# it runs in place as a mutating extern kernel. scatter_update_ itself comes out as
+# wrong cache contents there, even functionalized into auto_functionalized_v2:
+# Inductor (torch 2.13) takes its returned alias of `self` for a new buffer and
+# reuses the written cache's storage for another buffer while the cache is live
+# (measured on a StaticCache prefill, whose caches the graph creates).
+SCATTER_UPDATE_INTO = define("scatter_update_into",
+                             "(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> ()")
+
+
+@torch.library.register_fake(SCATTER_UPDATE_INTO)
+def _scatter_update_into_fake(self, indices, updates, axis):
+    _validate("scatter_update_into", self, indices, updates, axis)
+
+
+def _scatter_update_into_ref(self, indices, updates, axis):
+    _scatter_into("scatter_update_into", self, indices, updates, axis)
+
+
+def _scatter_update_into_npu(self, indices, updates, axis):
+    import torch_npu  # noqa: F401
+
+    torch.ops.npu.scatter_update_(self, indices, updates, axis)
+
+
+register_reference(SCATTER_UPDATE_INTO, _scatter_update_into_ref)
+register_npu(SCATTER_UPDATE_INTO, _scatter_update_into_npu)

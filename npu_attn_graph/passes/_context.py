@@ -29,15 +29,6 @@ class PassContext:
     # "float16"/"bfloat16" fuse it with casts around the fused op (attention_precision),
     # "unfused" leaves it as plain math.
     fp32_attention: str = "keep"
-    # For the "torch" target too, the KV-cache writers that return an alias of the cache
-    # (scatter_update_) are replaced by their functional twin plus the graph's copy_ back:
-    # Inductor compiles that pair as an input mutation, while the in-place writer comes out
-    # as wrong cache contents there, even functionalized into auto_functionalized_v2:
-    # Inductor (torch 2.13) takes the op's returned alias for a new buffer and reuses the
-    # written cache's storage for another buffer while the cache is live (measured on a
-    # StaticCache prefill, whose caches the graph creates). (Writers returning nothing,
-    # such as npu_scatter_pa_kv_cache, stay in place: Inductor runs them as mutating externs.)
-    functional_alias_writes: bool = False
     # How a full sliding-window cache takes a decode token: "shift" keeps eager's
     # order (the window moves by one slot, a copy of the cache per step); "ring"
     # writes slot position mod W in place (sliding_window_ring; opt-in).
@@ -63,7 +54,7 @@ class PassContext:
     @property
     def functional_scatter_update(self) -> bool:
         """Whether cache writes use scatter_update (functional) rather than scatter_update_."""
-        return self.functional_kv_writes or self.functional_alias_writes
+        return self.functional_kv_writes
 
     @property
     def attention_cast_dtype(self) -> torch.dtype | None:
