@@ -23,6 +23,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._fx import call_arg, graph_order, val
+from .registry import ATTENTION_OPS
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -54,6 +55,9 @@ class KeyOrderPlan:
     the foreign operands to permute: (user, operand, dim of the operand, order)."""
     axis: dict[torch.fx.Node, tuple[int, object]] = field(default_factory=dict)
     foreign: list[tuple[torch.fx.Node, torch.fx.Node, int, object]] = field(default_factory=list)
+    # fused attention ops reading a key-ordered tensor as their key or value (through
+    # views): (op node, argument index, order); their masks are the caller's to permute
+    attention: list[tuple[torch.fx.Node, int, object]] = field(default_factory=list)
 
 
 class KeyOrderUnproven(Exception):
@@ -170,7 +174,25 @@ class _Sweep:
                 if label in names and operand is not arg:
                     self._operand(user, operand, names.index(label))
             return labels[2].index(label) if label in labels[2] else None
+        if target in ATTENTION_OPS:
+            return self._attention(user, arg, dim)
         raise KeyOrderUnproven(f"{self._where(user)} is not an op known to keep the key axis intact")
+
+    def _attention(self, user: torch.fx.Node, arg: torch.fx.Node, dim: int) -> None:
+        """A fused attention op reading the key axis as its key or value sequence axis
+        (order-free once its key-indexed arguments move too: recorded for the caller)."""
+        op = ATTENTION_OPS[user.target]
+        at = [i for i, a in enumerate(user.args) if a is arg]
+        if at not in ([op.key_arg], [op.value_arg]) or any(v is arg for v in user.kwargs.values()):
+            raise KeyOrderUnproven(f"{self._where(user)} reads the key-ordered {arg.name} other than as its key "
+                                   f"or value")
+        layout = user.kwargs.get("input_layout", "BSH")
+        sequence = 2 if layout.startswith("BNSD") else 1 if layout in ("BSND", "BSH") else None
+        if sequence != dim:
+            raise KeyOrderUnproven(f"{self._where(user)} reads {arg.name} in layout {layout}, whose sequence axis "
+                                   f"is not the key axis (dim {dim})")
+        self.plan.attention.append((user, at[0], self.order))
+        return None
 
     def run(self, graph: torch.fx.Graph) -> KeyOrderPlan:
         order = graph_order(graph)

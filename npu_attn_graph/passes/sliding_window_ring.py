@@ -388,15 +388,16 @@ def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
     if not windows:
         return
     info = {n: n.meta.pop(RING_UNFUSED) for n in windows}
-    skip = {u for n in windows for u in n.users
-            if RING_ATTENTION in u.meta or (is_call(u, (aten.copy_.default, aten.copy.default)) and u.args[1] is n)}
+    # the copies back into the caches; fused attention ops are followed (their masks move in permute_ring_masks)
+    skip = {u for n in windows for u in n.users if is_call(u, (aten.copy_.default, aten.copy.default)) and
+            u.args[1] is n}
     # windows with the same token count and size are in the same order
     starts = {n: (dim, (seen, slots)) for n, (seen, slots, dim, _) in info.items()}
     try:
         plan = key_order_region(gm.graph, starts, skip)
     except KeyOrderUnproven as why:
         for window, (seen, slots, dim, site) in info.items():
-            readers = [u for u in window.users if u not in skip]
+            readers = [u for u in window.users if u not in skip and RING_ATTENTION not in u.meta]
             position = {n: i for i, n in enumerate(gm.graph.nodes)}
             first = min(readers, key=position.__getitem__)
             # eager slot k is ring slot (k + seen + 1) mod W
@@ -408,6 +409,8 @@ def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
                               f"...) in a way that may depend on the key order ({why}): they read the window in "
                               f"eager order through a gather, a copy of the window per step")
         return
+    for op_node, index, ring in plan.attention:
+        op_node.meta.setdefault(RING_ATTENTION, {})[index] = ring
     for user, operand, dim, (seen, slots) in plan.foreign:
         # ring slot j holds eager slot (j - seen - 1) mod W
         order = _insert_order(gm, user, slots, seen, sign=-1, extra=-1, device=val(operand).device)
@@ -415,7 +418,7 @@ def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
                                                      before=user))
     permuted = sorted({operand.name for _, operand, _, _ in plan.foreign})
     for window, (_, _, _, site) in info.items():
-        readers = [u.name for u in window.users if u not in skip]
+        readers = [u.name for u in window.users if u not in skip and RING_ATTENTION not in u.meta]
         site.notes.append(f"read by op(s) other than a fused attention op ({', '.join(readers)}), in ring order: "
                           f"the key order does not change their result once the tensors they meet along the key "
                           f"axis ({', '.join(permuted) or 'none'}) are permuted the same way (a gather of those, "
