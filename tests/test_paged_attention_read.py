@@ -574,3 +574,23 @@ def test_wrapper_checks_are_the_wrapped_ops():
         fakes = [mode.from_tensor(t) for t in (q, k_cache, v_cache, block_table, seq_lens)]
         OPS.npu_incre_flash_attention_paged(*fakes[:3], block_table=fakes[3], actual_seq_lengths=fakes[4],
                                             block_size=8, **kw)
+
+
+def test_a_two_dim_mask_whose_bound_moves_with_the_batch_row_is_not_read_as_lengths():
+    """In the op's (B, S_kv) mask form, axis -2 is the batch, not a query row of index 0:
+    'key j kept iff j < L[b] + b' is not the lengths L (it was read as them, offset 0)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from npu_attn_graph.passes.paged_attention_read import Refused, _lengths_mask
+
+    def masked(lengths):
+        return ~(torch.arange(S_KV)[None, :] < (lengths[:, None] + torch.arange(B)[:, None]))
+
+    graph = make_fx(masked, tracing_mode="fake")(torch.tensor([4, 5, 6])).graph
+    mask = [n for n in graph.nodes if n.op == "call_function"][-1]
+    with pytest.raises(Refused, match="axis 0"):
+        _lengths_mask(mask, 1)
+    # the same bound without the row term is the lengths
+    graph = make_fx(lambda lengths: ~(torch.arange(S_KV)[None, :] < lengths[:, None]),
+                    tracing_mode="fake")(torch.tensor([4, 5, 6])).graph
+    assert _lengths_mask([n for n in graph.nodes if n.op == "call_function"][-1], 1).offset == 0

@@ -167,16 +167,16 @@ SCATTER_UPDATE_INTO = define("scatter_update_into",
                              "(Tensor(a!) self, Tensor indices, Tensor updates, int axis) -> ()")
 
 
-@torch.library.register_fake(SCATTER_UPDATE_INTO)
-def _scatter_update_into_fake(self, indices, updates, axis):
+@register_fake(SCATTER_UPDATE_INTO)
+def _scatter_update_into_fake(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
     _validate("scatter_update_into", self, indices, updates, axis)
 
 
-def _scatter_update_into_ref(self, indices, updates, axis):
+def _scatter_update_into_ref(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
     _scatter_into("scatter_update_into", self, indices, updates, axis)
 
 
-def _scatter_update_into_npu(self, indices, updates, axis):
+def _scatter_update_into_npu(self: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
     import torch_npu  # noqa: F401
 
     torch.ops.npu.scatter_update_(self, indices, updates, axis)

@@ -175,7 +175,8 @@ class _Sweep:
                     self._operand(user, operand, names.index(label))
             return labels[2].index(label) if label in labels[2] else None
         if target in ATTENTION_OPS:
-            return self._attention(user, arg, dim)
+            self._attention(user, arg, dim)
+            return None
         raise KeyOrderUnproven(f"{self._where(user)} is not an op known to keep the key axis intact")
 
     def _attention(self, user: torch.fx.Node, arg: torch.fx.Node, dim: int) -> None:
@@ -192,7 +193,6 @@ class _Sweep:
             raise KeyOrderUnproven(f"{self._where(user)} reads {arg.name} in layout {layout}, whose sequence axis "
                                    f"is not the key axis (dim {dim})")
         self.plan.attention.append((user, at[0], self.order))
-        return None
 
     def run(self, graph: torch.fx.Graph) -> KeyOrderPlan:
         order = graph_order(graph)

@@ -511,8 +511,8 @@ def _lengths_mask(mask: torch.fx.Node, q_seq: object) -> Lengths:
     bounds, causal = [], []
     for e in p.ineqs:
         coefs = dict(e.coefs)
-        if statically_known_true(q_seq == 1):
-            coefs.pop(-2, None)  # one query row: its index is 0
+        if r >= 2 and statically_known_true(shape[-2] == 1):
+            coefs.pop(-2, None)  # one query row: its index is 0 (in a (B, S_kv) mask axis -2 is the batch)
         if coefs.get(-1) != 1 or any(a not in (-1, -2) for a in coefs):
             raise Refused(f"the mask is not 'key j kept iff j < seq_len[b]': it keeps keys where "
                           f"{_describe(e)} < 0" + _axis_note(coefs, r))
