@@ -1,5 +1,6 @@
 """The reference kernels' fast path for plain paged decode (kernels/_paged_decode.py):
-one gather of every sequence's blocks, unread slots zeroed in the copy, one SDPA call.
+one gather of every sequence's blocks, unread slots masked (scores) and zeroed (values), two
+batched matmuls.
 
 Checked against the independent fp64 oracle (tests/oracle.py) and against the general
 path of the same kernel (the chunked core, forced by making the call ineligible), with

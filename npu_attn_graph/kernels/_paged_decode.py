@@ -11,13 +11,15 @@ per call. Here the same result is computed in a handful of ops:
 
 1. every sequence's blocks up to the longest sequence's need are gathered
    once (one index_select per cache);
-2. the gathered slots past each sequence's length (the rest of its last block,
-   the blocks it does not use) are set to 0 in that copy -- the cache itself is
-   never written -- so whatever they held (NaN, inf) cannot reach the output,
-   exactly as the NPU never reads them;
-3. one torch SDPA call per step attends each KV head's group of query heads
-   (folded into the query-row axis, so K/V are not repeated) to its keys, with
-   the positions past each length masked out;
+2. the scores of the slots past each sequence's length (the rest of its last
+   block, the blocks it does not use) are set to -inf, and those value slots to
+   0 in the gathered copy -- the cache itself is never written -- so whatever
+   they held (NaN, inf) cannot reach the output (0 * NaN is NaN), exactly as
+   the NPU never reads them;
+3. each KV head's group of query heads is folded into the query-row axis (K/V
+   are not repeated): two batched matmuls and a softmax. (Not torch's SDPA: its
+   CPU kernel's parallel loop costs milliseconds per call with 2 threads on a
+   loaded machine, the batched matmuls do not);
 4. a sequence of length 0 outputs zeros, as on the NPU.
 
 Taken only when the call is exactly that form and the gathered K/V fit the
@@ -36,7 +38,6 @@ import math
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from . import _library
 from ._attention_core import compute_dtype, paged_block_ids
@@ -86,31 +87,34 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     device = call.query.device
     lengths = torch.tensor(kv_lens, dtype=torch.int64, device=device)
     unread = torch.arange(seq, device=device).view(1, -1) >= lengths.view(-1, 1)  # (B, S)
-    key = _gather(call.key, ids, unread, batch, g.kv_heads, bs, dtype)
+    key = _gather(call.key, ids, None, batch, g.kv_heads, bs, dtype)
     value = _gather(call.value, ids, unread, batch, g.kv_heads, bs, dtype)
     group = g.heads // g.kv_heads
-    q = to_bnsd(call.query, call.layout.inputs, g.heads).to(dtype).reshape(batch, g.kv_heads, group, -1)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=~unread.view(batch, 1, 1, seq), scale=call.scale)
-    out = out.reshape(batch, g.heads, 1, -1)
+    q = (to_bnsd(call.query, call.layout.inputs, g.heads).to(dtype) * call.scale).reshape(batch, g.kv_heads, group, -1)
+    scores = torch.matmul(q, key.transpose(-1, -2))  # (B, Nkv, group, S)
+    scores.masked_fill_(unread.view(batch, 1, 1, seq), float("-inf"))  # also any NaN read there
+    out = torch.matmul(torch.softmax(scores, dim=-1), value).reshape(batch, g.heads, 1, -1)
     empty = [b for b, n in enumerate(kv_lens) if n == 0]
-    if empty:  # nothing to attend to: 0 (SDPA leaves such a row undefined)
+    if empty:  # nothing to attend to: 0 (the softmax of a row of -inf is NaN)
         out.index_fill_(0, torch.tensor(empty, device=device), 0)
     out = from_bnsd(out.to(g.out_dtype), call.layout.output)
     PATHS["fast"] += 1
     return out, torch.zeros(1, dtype=torch.float32, device=device)
 
 
-def _gather(cache: torch.Tensor, ids: torch.Tensor, unread: torch.Tensor, batch: int, kv_heads: int,
+def _gather(cache: torch.Tensor, ids: torch.Tensor, unread: torch.Tensor | None, batch: int, kv_heads: int,
             block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Blocks `ids` of a (blocknum, blocksize, H) or (blocknum, Nkv, blocksize, D) cache as
-    (B, Nkv, S, D) in `dtype`, with the unread slots set to 0 in the copy."""
-    seq = unread.shape[1]
+    (B, Nkv, S, D) in `dtype`, with the `unread` (B, S) slots set to 0 in the copy (if given)."""
+    seq = ids.shape[0] // batch * block_size
     picked = cache.index_select(0, ids).to(dtype)
     if cache.dim() == 3:  # (B * width, blocksize, H): token rows of H = Nkv * D
-        picked.view(batch * seq, -1).index_fill_(0, unread.view(-1).nonzero().view(-1), 0)
+        if unread is not None:
+            picked.view(batch * seq, -1).index_fill_(0, unread.view(-1).nonzero().view(-1), 0)
         return picked.view(batch, seq, kv_heads, -1).transpose(1, 2)
     width = seq // block_size  # (B * width, Nkv, blocksize, D) -> (B, Nkv, S, D), one copy
     picked = picked.view(batch, width, kv_heads, block_size, -1).transpose(1, 2).reshape(batch, kv_heads, seq, -1)
-    rows = unread.view(batch, 1, seq).expand(batch, kv_heads, seq).reshape(-1)
-    picked.view(batch * kv_heads * seq, -1).index_fill_(0, rows.nonzero().view(-1), 0)
+    if unread is not None:
+        rows = unread.view(batch, 1, seq).expand(batch, kv_heads, seq).reshape(-1)
+        picked.view(batch * kv_heads * seq, -1).index_fill_(0, rows.nonzero().view(-1), 0)
     return picked
