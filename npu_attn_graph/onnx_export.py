@@ -696,6 +696,8 @@ _UNTRANSLATED = {
     "npu_moe_compute_expert_tokens": "the MoE expert-count op is not translated",
     "npu_scatter_pa_kv_cache": "the in-place form; torch.export functionalizes it into "
                                "npu_scatter_pa_kv_cache_functional, which is translated",
+    "scatter_update_into": "the Inductor executor's internal form of scatter_update_ (never in an exported "
+                           "program); scatter_update_ and scatter_update are translated",
 }
 
 

@@ -105,7 +105,7 @@ def test_inductor_output_code_calls_the_fused_ops():
     _, code = run_and_get_code(compiled, *caches, torch.tensor([0]), k, v, q)
     text = "\n".join(code)
     assert "torch.ops.npu_attn.npu_incre_flash_attention.default(" in text, text
-    assert text.count("torch.ops.npu_attn.scatter_update.default(") == 2, text
+    assert text.count("torch.ops.npu_attn.scatter_update_into.default(") == 2, text  # in place
     assert "aten.index_copy" not in text and "softmax" not in text.replace("npu_", "")
 
 
