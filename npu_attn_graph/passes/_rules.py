@@ -54,6 +54,24 @@ class RuleStats:
     rewritten: int = 0
 
 
+def check_and_rewrite(gm: torch.fx.GraphModule, rule: Rule[M], match: M, ctx: PassContext,
+                      site: Site | None) -> str | None:
+    """One match: its check, then its rewrite as one transaction (committed, its dead
+    nodes erased; or rolled back). The reason it was not rewritten, or None."""
+    reason = rule.check(match, ctx)
+    if reason is not None:
+        return reason
+    rw = Rewrite(gm, rule.anchor_of(match))
+    try:
+        dead = list(rule.rewrite(rw, match, ctx, site))  # type: ignore[arg-type]  # refinement rules take None
+    except RewriteRefused as refused:
+        rw.rollback()
+        return str(refused)
+    rw.commit()
+    erase_dead(gm.graph, dead)
+    return None
+
+
 def apply_rules(gm: torch.fx.GraphModule, rules: tuple[Rule, ...], report: Report, ctx: PassContext) -> RuleStats:
     """Match, check and rewrite every site of `gm` the rules cover; returns counts."""
     anchors: dict[Any, list[Rule]] = {}
@@ -78,19 +96,10 @@ def apply_rules(gm: torch.fx.GraphModule, rules: tuple[Rule, ...], report: Repor
                 sites.append(Site(kind=rule.kind, graph=ctx.graph_name, layer=layer, source=source, pattern=pattern))
             report.sites.extend(sites)
             site = sites[0]
-            site.reason = rule.check(match, ctx)
+            site.reason = check_and_rewrite(gm, rule, match, ctx, site)
             if site.reason is None:
-                rw = Rewrite(gm, rule.anchor_of(match))
-                try:
-                    dead = list(rule.rewrite(rw, match, ctx, site))
-                except RewriteRefused as refused:
-                    rw.rollback()
-                    site.reason = str(refused)
-                else:
-                    rw.commit()
-                    erase_dead(gm.graph, dead)
-                    stats.rewritten += 1
-                    changed = True
+                stats.rewritten += 1
+                changed = True
             if site.reason is not None:
                 site.fused_op = None
                 for claimed in rule.claims(match):

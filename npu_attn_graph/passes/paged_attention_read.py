@@ -104,9 +104,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..report import Report
 from ._attention import causal_mask_node
 from ._context import PassContext
-from ._fx import (SITE, Rewrite, RewriteRefused, erase_dead, erased, is_call, require_same_value, scalar_constant,
+from ._fx import (SITE, Rewrite, RewriteRefused, erased, is_call, require_same_value, scalar_constant,
                   static_int, val)
-from ._rules import Rule, RuleStats
+from ._rules import Rule, RuleStats, check_and_rewrite
 from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS, PROMPT
 
 aten = torch.ops.aten
@@ -820,18 +820,9 @@ def paged_attention_read(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
         stats.matched += 1
         site = node.meta.get(SITE)
         origin = site.pattern if site is not None else "?"
-        reason = PAGED_READ_RULE.check(m, ctx)
+        reason = check_and_rewrite(gm, PAGED_READ_RULE, m, ctx, site)
         if reason is None:
-            rw = Rewrite(gm, PAGED_READ_RULE.anchor_of(m))
-            try:
-                dead = list(PAGED_READ_RULE.rewrite(rw, m, ctx, site))
-            except RewriteRefused as refused:
-                rw.rollback()
-                reason = str(refused)
-            else:
-                rw.commit()
-                erase_dead(gm.graph, dead)
-                stats.rewritten += 1
+            stats.rewritten += 1
         if site is None:
             continue
         site.pattern = PATTERN

@@ -59,8 +59,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, Rewrite, RewriteRefused, erase_dead, erased, require_same_value, static_int, val
-from ._rules import Rule, RuleStats
+from ._fx import SITE, Rewrite, RewriteRefused, erased, require_same_value, static_int, val
+from ._rules import Rule, RuleStats, check_and_rewrite
 from .paged_attention_read import _AND, _NOT, Affine, Pred, Refused, _describe, _lengths_mask, _read
 from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS
 
@@ -281,18 +281,9 @@ def static_cache_lengths(gm: torch.fx.GraphModule, report: Report, ctx: PassCont
             continue
         stats.matched += 1
         site = node.meta.get(SITE)
-        reason = STATIC_LENGTHS_RULE.check(m, ctx)
+        reason = check_and_rewrite(gm, STATIC_LENGTHS_RULE, m, ctx, site)
         if reason is None:
-            rw = Rewrite(gm, STATIC_LENGTHS_RULE.anchor_of(m))
-            try:
-                dead = list(STATIC_LENGTHS_RULE.rewrite(rw, m, ctx, site))
-            except RewriteRefused as refused:
-                rw.rollback()
-                reason = str(refused)
-            else:
-                rw.commit()
-                erase_dead(gm.graph, dead)
-                stats.rewritten += 1
+            stats.rewritten += 1
         if site is None:
             continue
         if reason is not None:
