@@ -6,24 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import build
 
 from npu_attn_graph import Report
 
 transformers = pytest.importorskip("transformers")
 
 NEW_TOKENS = 16
-
-
-def _model(kind: str):
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    if kind == "llama":
-        cfg, cls = transformers.LlamaConfig(head_dim=16, **common), transformers.LlamaForCausalLM
-    else:
-        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return cls(cfg).eval()
 
 
 def _generate(model, ids, cache):
@@ -33,7 +22,7 @@ def _generate(model, ids, cache):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_static_cache_generate_matches_eager_with_in_place_cache_writes(kind):
-    model = _model(kind)
+    model = build(kind, "sdpa")
     ids = torch.randint(1, 128, (2, 7))
     with torch.no_grad():
         eager_cache = transformers.StaticCache(config=model.config, max_cache_len=32)

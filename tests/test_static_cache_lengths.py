@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import build
 
 from npu_attn_graph import Report
 
@@ -17,18 +18,6 @@ transformers = pytest.importorskip("transformers")
 npu = torch.ops.npu_attn
 WRAPPER = npu.npu_incre_flash_attention_paged.default
 PLAIN = npu.npu_incre_flash_attention.default
-
-
-def _model(kind: str):
-    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    if kind == "llama":
-        cfg, cls = transformers.LlamaConfig(head_dim=16, **common), transformers.LlamaForCausalLM
-    else:
-        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return cls(cfg).eval()
 
 
 def _generate(model, ids, mask):
@@ -47,7 +36,7 @@ def test_generate_with_left_padding_reads_only_the_valid_kv(kind):
     lengths, checked below); with create_masks_for_generate passing the 2-D mask through,
     the forward builds it from the cache position and the padding, and the decode op gets
     actual_seq_lengths = cache_position + 1 beside the padding mask."""
-    model = _model(kind)
+    model = build(kind, "sdpa")
     ids = torch.randint(1, 128, (2, 7))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # row 1 left-padded
@@ -77,7 +66,7 @@ def test_decode_step_without_padding_drops_the_mask_and_generate_keeps_it():
     """Called with the cache position and no attention_mask, the mask is exactly j <= pos:
     lengths and no mask. generate()'s own 4-D mask is a graph input: the op keeps it and
     reads the whole cache, and the row says why."""
-    model = _model("llama")
+    model = build("llama", "sdpa")
     ids = torch.randint(1, 128, (2, 7))
     with torch.no_grad():
         logits = []

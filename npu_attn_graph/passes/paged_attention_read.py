@@ -107,7 +107,7 @@ from ._context import PassContext
 from ._fx import (SITE, Rewrite, RewriteRefused, erased, is_call, require_same_value, scalar_constant,
                   static_int, val)
 from ._rules import Rule, RuleStats, check_and_rewrite
-from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS, PROMPT
+from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS, PROMPT, FusedAttentionOp
 
 aten = torch.ops.aten
 
@@ -494,6 +494,24 @@ class Lengths:
     causal: bool = False  # also "key j kept iff j <= i + (L[b] + offset) - S_q" (sparse_mode 3)
 
 
+def replace_attention_output(rw: Rewrite, node: torch.fx.Node, op: FusedAttentionOp, new: torch.fx.Node,
+                             wrapper: FusedAttentionOp, what: str) -> torch.fx.Node:
+    """The readers of fused op `node`'s attention output read `new`'s (a `wrapper` call)
+    instead, each with the same value; refused when `node`'s softmax_lse is read."""
+    out = new if wrapper.output_index is None else rw.call(operator.getitem, (new, wrapper.output_index))
+    if op.output_index is None:
+        require_same_value(node, out, what)
+        rw.replace(node, out)
+        return out
+    readers = list(node.users)
+    if any(u.target is not operator.getitem or u.args[1] != op.output_index for u in readers):
+        raise RewriteRefused("the op's softmax_lse output is read")
+    for u in readers:
+        require_same_value(u, out, what)
+        rw.replace(u, out)
+    return out
+
+
 def _lengths_mask(mask: torch.fx.Node, q_seq: object) -> Lengths:
     """Prove `mask` (True = masked out, the op's form) is "key j masked iff j >= L[b] + offset"
     or, for a causal chunk, "key j masked iff j > i + (L[b] + offset) - S_q" (and any lengths
@@ -767,17 +785,7 @@ def rewrite_read(rw: Rewrite, m: PagedRead, ctx: PassContext, site) -> list[torc
                                  f"not {wrapper.name}")
         kwargs.update(sparse_mode=3, atten_mask=causal_mask_node(rw, node.args[0], ctx))
     new = rw.call(wrapper.overload, (node.args[0], caches[0], caches[1]), kwargs)
-    out = new if wrapper.output_index is None else rw.call(operator.getitem, (new, wrapper.output_index))
-    if op.output_index is not None:
-        readers = list(node.users)
-        if any(u.target is not operator.getitem or u.args[1] != op.output_index for u in readers):
-            raise RewriteRefused("the op's softmax_lse output is read")
-        for u in readers:
-            require_same_value(u, out, "the paged op")
-            rw.replace(u, out)
-    else:
-        require_same_value(node, out, "the paged op")
-        rw.replace(node, out)
+    replace_attention_output(rw, node, op, new, wrapper, "the paged op")
     if m.fixups:
         if m.lengths.causal:
             # Query row i of batch b keeps a key iff i + kv_len[b] - S_q >= 0 (then key 0).

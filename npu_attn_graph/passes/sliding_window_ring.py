@@ -309,6 +309,17 @@ def _insert_order(gm: torch.fx.GraphModule, before: torch.fx.Node, slots: int, s
     return add(aten.remainder.Tensor, (shifted, modulus))
 
 
+def _read_in_eager_order(gm: torch.fx.GraphModule, window: torch.fx.Node, readers: list[torch.fx.Node],
+                         seen: torch.fx.Node, slots: int, dim: int, extra: int) -> None:
+    """`readers` read `window` un-rotated: eager slot k is ring slot (k + seen + extra) mod W
+    (extra 1 once this step's token is written), gathered before the first of them."""
+    first = min(readers)  # fx nodes compare by their place in the graph
+    order = _insert_order(gm, first, slots, seen, sign=1, extra=extra, device=val(window).device)
+    eager = insert_call(gm, aten.index_select.default, (window, dim, order), before=first)
+    for reader in readers:
+        reader.replace_input_with(window, eager)
+
+
 def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -> None:
     """Before the rules: in a graph where a ring window is full, every read of it
     other than a decode step's shift (and the writes into it) reads it un-rotated."""
@@ -329,12 +340,7 @@ def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -
         if full is None:
             raise SlidingWindowRingError(f"sliding_window_cache='ring': {_where(cache)} is read in a graph whose "
                                          f"guards do not decide whether the window is full ({val(seen)} >= {slots})")
-        position = {n: i for i, n in enumerate(gm.graph.nodes)}
-        first = min(reads, key=position.__getitem__)
-        order = _insert_order(gm, first, slots, seen, sign=1, extra=0, device=val(cache).device)
-        eager = insert_call(gm, aten.index_select.default, (cache, 2, order), before=first)
-        for read in reads:
-            read.replace_input_with(cache, eager)
+        _read_in_eager_order(gm, cache, reads, seen, slots, dim=2, extra=0)
 
 
 def permute_ring_masks(gm: torch.fx.GraphModule) -> None:
@@ -391,21 +397,17 @@ def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
     # the copies back into the caches; fused attention ops are followed (their masks move in permute_ring_masks)
     skip = {u for n in windows for u in n.users if is_call(u, (aten.copy_.default, aten.copy.default)) and
             u.args[1] is n}
+    # the ops other than a fused attention op reading each window (ring_decode recorded those)
+    readers = {n: [u for u in n.users if u not in skip and RING_ATTENTION not in u.meta] for n in windows}
     # windows with the same token count and size are in the same order
     starts = {n: (dim, (seen, slots)) for n, (seen, slots, dim, _) in info.items()}
     try:
         plan = key_order_region(gm.graph, starts, skip)
     except KeyOrderUnproven as why:
         for window, (seen, slots, dim, site) in info.items():
-            readers = [u for u in window.users if u not in skip and RING_ATTENTION not in u.meta]
-            position = {n: i for i, n in enumerate(gm.graph.nodes)}
-            first = min(readers, key=position.__getitem__)
-            # eager slot k is ring slot (k + seen + 1) mod W
-            order = _insert_order(gm, first, slots, seen, sign=1, extra=1, device=val(window).device)
-            eager = insert_call(gm, aten.index_select.default, (window, dim, order), before=first)
-            for reader in readers:
-                reader.replace_input_with(window, eager)
-            site.notes.append(f"read by {len(readers)} node(s) other than a fused attention op ({readers[0].name}, "
+            mine = readers[window]
+            _read_in_eager_order(gm, window, mine, seen, slots, dim, extra=1)
+            site.notes.append(f"read by {len(mine)} node(s) other than a fused attention op ({mine[0].name}, "
                               f"...) in a way that may depend on the key order ({why}): they read the window in "
                               f"eager order through a gather, a copy of the window per step")
         return
@@ -418,8 +420,8 @@ def order_unfused_reads(gm: torch.fx.GraphModule) -> None:
                                                      before=user))
     permuted = sorted({operand.name for _, operand, _, _ in plan.foreign})
     for window, (_, _, _, site) in info.items():
-        readers = [u.name for u in window.users if u not in skip and RING_ATTENTION not in u.meta]
-        site.notes.append(f"read by op(s) other than a fused attention op ({', '.join(readers)}), in ring order: "
+        names = ", ".join(u.name for u in readers[window])
+        site.notes.append(f"read by op(s) other than a fused attention op ({names}), in ring order: "
                           f"the key order does not change their result once the tensors they meet along the key "
                           f"axis ({', '.join(permuted) or 'none'}) are permuted the same way (a gather of those, "
                           f"not of the window)")

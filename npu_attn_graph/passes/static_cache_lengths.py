@@ -51,7 +51,6 @@ keep their mask (their window is every slot once full).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +58,10 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..report import Report
 from ._context import PassContext
-from ._fx import SITE, Rewrite, RewriteRefused, erased, require_same_value, static_int, val
+from ._fx import SITE, Rewrite, erased, static_int, val
 from ._rules import Rule, RuleStats, check_and_rewrite
-from .paged_attention_read import _AND, _NOT, Affine, Pred, Refused, _describe, _lengths_mask, _read
+from .paged_attention_read import (_AND, _NOT, Affine, Pred, Refused, _describe, _lengths_mask, _read,
+                                   replace_attention_output)
 from .registry import ATTENTION_OPS, FUSED_INFER, INCRE, PAGED_WRAPPERS
 
 aten = torch.ops.aten
@@ -248,17 +248,7 @@ def rewrite(rw: Rewrite, m: StaticRead, ctx: PassContext, site) -> list[torch.fx
         if "sparse_mode" in kwargs:
             kwargs["sparse_mode"] = 0
     new = rw.call(wrapper.overload, tuple(node.args[:3]), kwargs)
-    out = new if wrapper.output_index is None else rw.call(operator.getitem, (new, wrapper.output_index))
-    if op.output_index is not None:
-        readers = list(node.users)
-        if any(u.target is not operator.getitem or u.args[1] != op.output_index for u in readers):
-            raise RewriteRefused("the op's softmax_lse output is read")
-        for u in readers:
-            require_same_value(u, out, "the lengths wrapper")
-            rw.replace(u, out)
-    else:
-        require_same_value(node, out, "the lengths wrapper")
-        rw.replace(node, out)
+    replace_attention_output(rw, node, op, new, wrapper, "the lengths wrapper")
     new.meta[SITE] = site
     return [node, *node.users]
 
