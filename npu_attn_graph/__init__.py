@@ -23,6 +23,7 @@ _LAZY = {
     "GeConversion": "ge_graph", "to_ge_graph": "ge_graph",
     "export_onnx": "onnx_export", "onnx_translation_table": "onnx_export",
     "SlidingWindowRingError": "passes.sliding_window_ring", "window_in_eager_order": "passes.sliding_window_ring",
+    "RingLayoutError": "ring_layout",
 }
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .ge_graph import GeConversion, to_ge_graph
     from .onnx_export import export_onnx, onnx_translation_table
     from .passes.sliding_window_ring import SlidingWindowRingError, window_in_eager_order
+    from .ring_layout import RingLayoutError
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +65,6 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["kernels", "GeConversion", "NpuAttnArgumentError", "NpuAttnBackend", "Report", "Site", "explain",
-           "export", "export_onnx", "npu_attn_backend", "onnx_translation_table", "SlidingWindowRingError",
-           "to_ge_graph", "window_in_eager_order"]
+           "export", "export_onnx", "npu_attn_backend", "onnx_translation_table", "RingLayoutError",
+           "SlidingWindowRingError", "to_ge_graph", "window_in_eager_order"]
 __version__ = "0.1.0"

@@ -35,6 +35,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental import _config as fx_config
 
 from . import kernels  # noqa: F401  (registers the npu_attn ops)
+from . import ring_layout
 from ._logging import graphs_log, log
 from .passes import PASSES, PassContext, run_passes, run_pre_aot_passes
 from .passes._context import FP32_ATTENTION, SLIDING_WINDOW_CACHE
@@ -53,9 +54,10 @@ OPTION_DOCS = {
                       "computed in float16/bfloat16 inside the fused op, or left as plain math ('unfused') "
                       "(default: 'float16' with executor 'torchair', else 'keep')",
     "sliding_window_cache": f"one of {list(SLIDING_WINDOW_CACHE)}: a full sliding-window KV cache takes a decode "
-                            "token by shifting the window one slot, in eager's order ('shift', the default), or "
-                            "into slot position mod W with no shift ('ring': the cache tensors then hold the "
-                            "window rotated; see the README)",
+                            "token into slot position mod W with no shift ('ring': the cache tensors hold the "
+                            "window rotated; a graph that cannot hold a ring fails to compile), by shifting the "
+                            "window one slot in eager's order ('shift', a copy of the window per step), or ring "
+                            "where the graph can hold it and shift where not ('auto', the default); see the README",
 }
 
 
@@ -66,7 +68,7 @@ class BackendOptions:
     report: Report | Callable[[Report], Any] | None = None
     torchair_config: Any = None
     fp32_attention: str | None = None
-    sliding_window_cache: str = "shift"
+    sliding_window_cache: str = "auto"
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -125,13 +127,16 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     sources = input_sources(gm)
+    ring_windows: set[str] = set()
+    untracked = ring_layout.untracked_reason(example_inputs, sources)
 
     def compiler(graph_name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
             assert opts.executor is not None and opts.fp32_attention is not None  # BackendOptions.parse filled in every default
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
                                                         sliding_window_cache=opts.sliding_window_cache,
-                                                        input_sources=sources))
+                                                        input_sources=sources, ring_windows=ring_windows,
+                                                        ring_untracked=untracked))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
         return compile_graph
@@ -140,7 +145,7 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
     # same graph whatever runs it (Inductor's table, applied before them, would turn
     # an eager softmax into amax/sub/exp/sum/div that no rule matches). The
     # rewritten graph is decomposed for Inductor afterwards (_decompose_for_inductor).
-    return aot_autograd(
+    compiled = aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
@@ -148,6 +153,15 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
         # cache-update pass can turn them into in-place writes.
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+    return _with_window_layout(compiled, sources, example_inputs, ring_windows)
+
+
+def _with_window_layout(compiled: Callable[..., Any], sources: tuple[str | None, ...], example_inputs: list[Any],
+                        ring_windows: set[str]) -> Callable[..., Any]:
+    """compiled, with the run-time guard that keeps sliding-window caches in the
+    order each graph reads them (ring_layout)."""
+    ranks = ring_layout.cache_shaped(example_inputs)
+    return ring_layout.guarded(compiled, lambda: ring_layout.plan_for(sources, ranks, ring_windows))
 
 
 class NpuAttnBackend:
@@ -295,14 +309,18 @@ def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], 
         # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
         _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention,
                                                     sliding_window_cache=opts.sliding_window_cache,
-                                                    input_sources=sources))
+                                                    input_sources=sources, ring_windows=ring_windows,
+                                                    ring_untracked=untracked))
         if user_pass is not None:
             user_pass(aten_gm, aten_inputs, torchair_config)
         say(f"TorchAir: converting the {graph_name} graph into a GE graph")
 
     sources = input_sources(gm)
+    ring_windows: set[str] = set()
+    untracked = ring_layout.untracked_reason(example_inputs, sources)
     config.post_grad_custom_pre_pass = npu_attn_passes
-    return torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)
+    compiled = torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)
+    return _with_window_layout(compiled, sources, example_inputs, ring_windows)
 
 
 def input_sources(gm: torch.fx.GraphModule) -> tuple[str | None, ...]:

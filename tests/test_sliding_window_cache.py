@@ -1,6 +1,8 @@
-"""Sliding-window KV caches (transformers' StaticSlidingWindowLayer): generate()
-for more than three windows equals eager, tokens and cache tensors, with every
-cache write fused, and a full-window decode step is one complete GE graph.
+"""Sliding-window KV caches (transformers' StaticSlidingWindowLayer) in eager's
+order (sliding_window_cache="shift"): generate() for more than three windows
+equals eager, tokens and cache tensors, with every cache write fused, and a
+full-window decode step is one complete GE graph (also under the default "auto",
+whose first compile of a decode step cannot hold a ring: see test_ring_layout).
 
 Tolerances: cache tensors to rtol 1e-4 / atol 1e-5 (float32; the projections
 that produce them are the same ops, the attention between them is fused)."""
@@ -15,6 +17,7 @@ from models import sliding_window_model
 from npu_attn_graph import Report, to_ge_graph
 
 WINDOW, PROMPT, NEW_TOKENS = 4, 5, 14  # the window fills at token 4 and slides for 3.5 windows more
+SHIFT = {"sliding_window_cache": "shift"}
 
 
 def _model(name: str, window: int = WINDOW):
@@ -30,7 +33,8 @@ def test_generate_past_the_window_equals_eager_with_every_write_fused(name):
         eager_cache = T.StaticCache(config=model.config, max_cache_len=32)
         expected = model.generate(ids, past_key_values=eager_cache, **kwargs)
         report = Report()
-        model.forward = torch.compile(model.forward, backend="npu_attn", fullgraph=True, options={"report": report})
+        model.forward = torch.compile(model.forward, backend="npu_attn", fullgraph=True,
+                                      options={**SHIFT, "report": report})
         cache = T.StaticCache(config=model.config, max_cache_len=32)
         actual = model.generate(ids, past_key_values=cache, **kwargs)
     assert torch.equal(actual, expected)
@@ -68,7 +72,7 @@ def test_a_full_window_step_copies_the_cache_no_more_than_eager():
         cache = T.StaticCache(config=model.config, max_cache_len=32)
         logits = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(9)).logits
         report = Report()
-        step = torch.compile(model, backend="npu_attn", options={"report": report})
+        step = torch.compile(model, backend="npu_attn", options={**SHIFT, "report": report})
         step(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True, cache_position=torch.tensor([9]))
     (graph,) = [gm.graph for gm in report.graph_modules]
     window = tuple(cache.layers[0].keys.shape)

@@ -3,13 +3,13 @@ rewritten graph is for (run by torch here, or converted into a GE graph)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 TARGETS = ("torch", "ge")
 FP32_ATTENTION = ("keep", "float16", "bfloat16", "unfused")
-SLIDING_WINDOW_CACHE = ("shift", "ring")
+SLIDING_WINDOW_CACHE = ("auto", "ring", "shift")
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,21 @@ class PassContext:
     # "float16"/"bfloat16" fuse it with casts around the fused op (attention_precision),
     # "unfused" leaves it as plain math.
     fp32_attention: str = "keep"
-    # How a full sliding-window cache takes a decode token: "shift" keeps eager's
-    # order (the window moves by one slot, a copy of the cache per step); "ring"
-    # writes slot position mod W in place (sliding_window_ring; opt-in).
-    sliding_window_cache: str = "shift"
+    # How a full sliding-window cache takes a decode token: "ring" writes slot
+    # position mod W in place (sliding_window_ring); "shift" keeps eager's order (the
+    # window moves by one slot, a copy of the cache per step); "auto" is ring where the
+    # graph can hold it and shift, with the reason, where it cannot (ring_layout keeps
+    # the two agreeing at run time).
+    sliding_window_cache: str = "auto"
     # dynamo's source name of each graph input ("L['kwargs']['past_key_values'].layers[0].keys"),
     # in placeholder order, where the backend knows them (None for an input without one).
     input_sources: tuple = ()
+    # Filled by the sliding-window pass: the sources of the window inputs this graph
+    # reads and writes in ring order (the backend's run-time layout guard reads it).
+    ring_windows: set = field(default_factory=set, compare=False)
+    # Why ring order must not be chosen by "auto" for this graph (its layout could not
+    # be tracked at run time), or None.
+    ring_untracked: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -19,17 +19,17 @@ what roll(-1) is, in ops TorchAir converts: aten.roll has no GE converter),
 and the write becomes scatter_update_ into that fresh tensor (torch) or the
 functional scatter_update (GE); the copy back stays.
 
-What this does not do by default: the cache keeps eager's order, so every
-full step still moves the window by one slot, a copy of the cache. The
-opt-in sliding_window_cache="ring" (sliding_window_ring) writes slot
-position mod W instead, with no move; it leaves the cache tensors in another
-order than eager's, which is why it is not the default. The report's note
-says which.
+This is sliding_window_cache="shift" (and "auto" in a graph that cannot hold
+a ring): the cache keeps eager's order, so every full step still moves the
+window by one slot, a copy of the cache. The ring (sliding_window_ring,
+"ring", and "auto" where it can) writes slot position mod W instead, with no
+move. The report's note says which, and for "auto" why a graph kept eager's
+order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,8 +38,8 @@ from ._context import PassContext
 from ._fx import CLAIMED, Rewrite, cache_root, is_call, val
 from ._rules import Rule, RuleStats, apply_rules
 from .registry import SCATTER_UPDATE
-from .sliding_window_ring import (RING_NOTE, SlidingWindowRingError, order_unfused_reads, permute_ring_masks, ring_decode,
-                                  ring_fill_value, unrotate_reads)
+from .sliding_window_ring import (RING_NOTE, SlidingWindowRingError, fill_appends, order_unfused_reads, permute_ring_masks,
+                                  ring_decode, ring_fill_value, unrotate_reads, window_inputs)
 from .static_cache_update import ALLOCATIONS, SequenceWrite, _copy_back, fused_write, parse_write
 
 aten = torch.ops.aten
@@ -85,7 +85,7 @@ def match_roll(node: torch.fx.Node) -> WindowStep | None:
 
 def check_step(step: WindowStep, ctx: PassContext) -> str | None:
     reason = step.reason or step.write.start_reason
-    if reason is not None and ctx.sliding_window_cache == "ring":
+    if reason is not None and ctx.sliding_window_cache != "shift":
         # Left in eager's order, this window would disagree with the ring every other graph keeps.
         raise SlidingWindowRingError(f"sliding_window_cache='ring': the window step at {step.roll.name} cannot be "
                                      f"written as a ring: {reason}")
@@ -93,7 +93,7 @@ def check_step(step: WindowStep, ctx: PassContext) -> str | None:
 
 
 def rewrite_step(rw: Rewrite, step: WindowStep, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
-    if ctx.sliding_window_cache == "ring":
+    if ctx.sliding_window_cache != "shift":
         return ring_decode(rw, step, ctx, site)
     length = rw.size(step.cache, step.dim)
     tail = rw.call(aten.slice.Tensor, (step.cache, step.dim, 1, length))
@@ -159,8 +159,11 @@ def match_fill(node: torch.fx.Node) -> WindowFill | None:
 
 
 def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) -> list[torch.fx.Node]:
-    value = ring_fill_value(rw, fill, ctx) if ctx.sliding_window_cache == "ring" else fill.value
-    if ctx.sliding_window_cache == "ring":
+    # A prefill (the window's old content not read) writes eager's order in every mode: the
+    # run-time layout guard rotates the window once, before the first ring step reads it.
+    rotated = ctx.sliding_window_cache != "shift" and not fill.fresh and fill_appends(fill)
+    value = ring_fill_value(rw, fill, ctx) if rotated else fill.value
+    if rotated:
         site.notes.append(RING_NOTE)
     if val(value).dtype != val(fill.cache).dtype:
         value = rw.call(aten._to_copy.default, (value,), {"dtype": val(fill.cache).dtype})
@@ -177,7 +180,7 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
     if ctx.functional_scatter_update:  # the functional writer, copied back (GE / Inductor write in place)
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
         site.fused_op = "scatter_update"
-        if ctx.sliding_window_cache == "ring":  # the rotated value reads the slice: retarget the copy back itself
+        if rotated:  # the rotated value reads the slice: retarget the copy back itself
             source = fill.copy.args[1]
             fill.copy.update_arg(1, written)
             return [source, fill.value]
@@ -197,7 +200,39 @@ WINDOW_FILL_RULE = Rule(
 
 
 def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
-    ring = ctx.sliding_window_cache == "ring"
+    if ctx.sliding_window_cache != "auto":
+        return _apply(gm, report, ctx)
+    # auto: ring order where this graph can hold it; otherwise eager's order, with the reason
+    if ctx.ring_untracked is not None:
+        return _in_eager_order(gm, report, ctx, ctx.ring_untracked)
+    if not window_inputs(gm, ctx):
+        return _in_eager_order(gm, report, ctx, NO_TOKEN_COUNT)
+    before, first_site = _graph_copy(gm.graph), len(report.sites)
+    try:
+        return _apply(gm, report, ctx)
+    except SlidingWindowRingError as why:
+        gm.graph = before
+        del report.sites[first_site:]
+        ctx.ring_windows.clear()
+        return _in_eager_order(gm, report, ctx, str(why))
+
+
+NO_TOKEN_COUNT = ("the layer's token count (cumulative_length_int) is not an input of this graph (dynamo "
+                  "specialised it on a first compile), so the graph cannot know the ring's slot; a recompile with "
+                  "the count as an input writes the ring")
+
+
+def _in_eager_order(gm: torch.fx.GraphModule, report: Report, ctx: PassContext, why: str) -> RuleStats:
+    first_site = len(report.sites)
+    stats = _apply(gm, report, replace(ctx, sliding_window_cache="shift"))
+    for site in report.sites[first_site:]:
+        if site.pattern.startswith("roll(-1)"):  # a decode step (a prefill writes eager's order in every mode)
+            site.notes.append(f"kept in eager's order (sliding_window_cache='auto'): {why}")
+    return stats
+
+
+def _apply(gm: torch.fx.GraphModule, report: Report, ctx: PassContext) -> RuleStats:
+    ring = ctx.sliding_window_cache != "shift"
     if ring:
         unrotate_reads(gm, ctx, is_window_step=lambda node: match_roll(node) is not None
                        if is_call(node, aten.roll.default) else False)
@@ -210,3 +245,13 @@ def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: P
             gm.graph.erase_node(node)
     gm.recompile()
     return stats
+
+
+def _graph_copy(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of the graph whose nodes have their own meta dicts (the ring attempt
+    marks the nodes it visits)."""
+    copy = torch.fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    values: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = copy.graph_copy(graph, values)
+    copy.output(out).meta = dict(graph.output_node().meta)
+    return copy

@@ -1,9 +1,10 @@
-"""Ring-buffer sliding-window caches: the opt-in `sliding_window_cache="ring"`.
+"""Ring-buffer sliding-window caches: `sliding_window_cache="ring"`, and "auto" (the
+default) in every graph that can hold one.
 
 transformers' StaticSlidingWindowLayer keeps the last W tokens in eager order:
 once full, every decode step rolls the whole window left by one slot and
 writes the new token into the last slot (two copies of the cache per step,
-sliding_window_cache_update's default "shift" form keeps them). In ring mode
+the "shift" form keeps them). In ring form
 the token at position p lives in slot p mod W instead, and a full decode step
 writes that one slot in place:
 
@@ -15,9 +16,10 @@ writes that one slot in place:
   (ring slot j holds eager slot (j - seen - 1) mod W). Only ops whose other
   arguments carry no key order are accepted (no pse_shift, no KV lengths, one
   query token);
-- a write of the last W positions (a prefill longer than the window, or
-  several tokens into a full window): the W values go in rotated, slot
-  (seen + n + k) mod W for value k, n the number of new tokens;
+- several tokens into a full window: they read it un-rotated (below) and write
+  their last W values rotated, value k into slot (seen + n + k) mod W, n the
+  number of new tokens. A prefill (the window's old content not read) writes
+  eager's order; ring_layout rotates the window once before the first ring step;
 - other ops reading a decode-written window (an attention left unfused) read
   it as it is when _key_order proves their result does not depend on the key
   order, with what meets the key axis from outside (the mask) permuted; else
@@ -33,14 +35,13 @@ calls. The rule finds it through dynamo's input sources (the same layer's
 `.keys` / `.values` and `.cumulative_length_int`) and decides "full" from the
 guards (seen >= W statically known).
 
-Why this is opt-in and not the default: the cache tensors are no longer in
-eager's order. Every reader and writer of those tensors must agree on the
-layout: the compiled model does (every sliding write of a graph is rewritten
-in ring form or compiling fails with SlidingWindowRingError, never left in
-eager form), but eager code does not: a step dynamo runs eagerly (a graph
-break inside the layer, the recompile limit), or the caller reading or
-writing `layer.keys` directly, would see or make the eager order. Use
-`window_in_eager_order` to read a ring cache in eager order.
+The cache tensors are then not in eager's order. Every graph of the compiled
+model agrees (every sliding write of a ring graph is rewritten in ring form or
+SlidingWindowRingError is raised: "ring" lets it fail the compile, "auto" keeps
+that graph in eager's order), and the backend's run-time guard (ring_layout)
+rotates a window between the two orders where a graph needs the other one, and
+raises where eager code wrote a ring. Use `window_in_eager_order` to read a ring
+cache in eager order.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .registry import ATTENTION_OPS, SCATTER_UPDATE
 
 aten = torch.ops.aten
 
-RING_NOTE = ("ring buffer (sliding_window_cache='ring'): the token at position p is written into slot p mod W, "
+RING_NOTE = ("ring buffer: the token at position p is written into slot p mod W, "
              "no shift of the window; the cache tensors hold the window rotated (window_in_eager_order reads them "
              "in eager order)")
 RING_ATTENTION = "npu_attn_ring_attention"  # meta: fused attention op -> {arg index: seen node}
@@ -103,6 +104,18 @@ def seen_tokens(gm: torch.fx.GraphModule, ctx: PassContext, cache: torch.fx.Node
             wanted = source[: -len(suffix)] + ".cumulative_length_int"
             return next((p for p, s in sources.items() if s == wanted and isinstance(val(p), torch.SymInt)), None)
     return None
+
+
+def window_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """(window, its layer's token count) for each layer window input of the graph
+    whose token count is a graph input: the windows a ring can hold."""
+    found = []
+    for cache, source in _placeholder_sources(gm, ctx).items():
+        if source.endswith((".keys", ".values")) and isinstance(val(cache), torch.Tensor):
+            seen = seen_tokens(gm, ctx, cache)
+            if seen is not None:
+                found.append((cache, seen))
+    return found
 
 
 def _slots(cache: torch.fx.Node, dim: int) -> int:
@@ -258,6 +271,7 @@ def ring_decode(rw, step, ctx: PassContext, site) -> list[torch.fx.Node]:
     site.fused_op = writer.__name__.split(".")[0]
     site.layout = "BNSD" if val(step.cache).dim() == 4 and step.dim == 2 else f"axis {step.dim}"
     site.notes.append(RING_NOTE)
+    mark_ring(gm, ctx, step.cache)
     return dead
 
 
@@ -272,25 +286,36 @@ def _reads_window(node: object, cache: torch.fx.Node) -> bool:
     return False
 
 
-def ring_fill_value(rw, fill, ctx: PassContext) -> torch.fx.Node:
-    """The last W positions of new states, rotated into their ring slots: value k
-    (position seen + n - W + k) goes to slot (seen + n + k) mod W, so slot j takes
-    value (j - seen - n) mod W."""
-    slots = _slots(fill.cache, fill.dim)
+def fill_appends(fill) -> bool:
+    """The fill's value is cat(window[...], new states): tokens appended to what the
+    window holds (several tokens into a full window). Otherwise the window's old
+    content is not read: transformers' prefill path, taken only when seen == 0."""
     full = fill.value.args[0]
-    # cat((window[...], new), dim): tokens appended to what the window holds
-    appended = is_call(full, aten.cat.default) and len(full.args[0]) == 2 and \
+    return is_call(full, aten.cat.default) and len(full.args[0]) == 2 and \
         (full.args[1] if len(full.args) > 1 else 0) % val(full).dim() == fill.dim and \
         _reads_window(full.args[0][0], fill.cache)
-    new = full.args[0][1] if appended else full
+
+
+def ring_fill_value(rw, fill, ctx: PassContext) -> torch.fx.Node:
+    """The last W positions of new states appended to a window (fill_appends), rotated
+    into their ring slots: value k (position seen + n - W + k) goes to slot
+    (seen + n + k) mod W, so slot j takes value (j - seen - n) mod W."""
+    slots = _slots(fill.cache, fill.dim)
+    new = fill.value.args[0].args[0][1]
     device = val(fill.cache).device
-    offset = _int_tensor(rw, rw.size(new, fill.dim), device)
-    if appended:
-        seen = require_seen(rw.gm, ctx, fill.cache, "a write of several tokens")
-        offset = rw.call(aten.add.Tensor, (offset, _int_tensor(rw, seen, device)))
-    # else the window's old content is not read: transformers' fast prefill path, taken only when seen == 0
+    seen = require_seen(rw.gm, ctx, fill.cache, "a write of several tokens")
+    offset = rw.call(aten.add.Tensor, (_int_tensor(rw, rw.size(new, fill.dim), device), _int_tensor(rw, seen, device)))
     order = _rotation(rw, slots, rw.call(aten.neg.default, (offset,)), device)
+    mark_ring(rw.gm, ctx, fill.cache)
     return rw.call(aten.index_select.default, (fill.value, fill.dim, order))
+
+
+def mark_ring(gm: torch.fx.GraphModule, ctx: PassContext, cache: torch.fx.Node) -> None:
+    """Record that this graph reads and writes `cache` in ring order (for the
+    backend's run-time layout guard, ring_layout)."""
+    source = _placeholder_sources(gm, ctx).get(cache)
+    if source is not None:
+        ctx.ring_windows.add(source)
 
 
 def _insert_order(gm: torch.fx.GraphModule, before: torch.fx.Node, slots: int, seen: torch.fx.Node, sign: int,
@@ -341,6 +366,7 @@ def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -
             raise SlidingWindowRingError(f"sliding_window_cache='ring': {_where(cache)} is read in a graph whose "
                                          f"guards do not decide whether the window is full ({val(seen)} >= {slots})")
         _read_in_eager_order(gm, cache, reads, seen, slots, dim=2, extra=0)
+        mark_ring(gm, ctx, cache)
 
 
 def permute_ring_masks(gm: torch.fx.GraphModule) -> None:
