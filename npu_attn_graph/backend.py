@@ -161,7 +161,8 @@ def _with_window_layout(compiled: Callable[..., Any], sources: tuple[str | None,
     """compiled, with the run-time guard that keeps sliding-window caches in the
     order each graph reads them (ring_layout)."""
     ranks = ring_layout.cache_shaped(example_inputs)
-    return ring_layout.guarded(compiled, lambda: ring_layout.plan_for(sources, ranks, ring_windows))
+    return ring_layout.guarded(compiled, lambda: ring_layout.plan_for(
+        sources, ranks, ring_windows, new_windows=PassContext.NEW_WINDOWS in ring_windows))
 
 
 class NpuAttnBackend:

@@ -4,17 +4,19 @@ A graph compiled with ring order (passes.sliding_window_ring) reads and writes a
 full window with the token at position p in slot p mod W; eager code, and a graph
 kept in eager's order, keep the window shifted (slot k holds position seen - W + k).
 Both are right on their own; mixing them silently would not be. This module keeps
-them apart at the boundary of every graph the backend compiles:
+them apart at the boundary of every graph the backend compiles. Each window tensor
+a compiled graph ran on (or allocated) is recorded with the order it left it in:
 
-- each window tensor a ring graph ran on is recorded with its version counter
-  (`Tensor._version`, bumped by every in-place write);
-- a ring graph given a window in eager order (an eager prefill, a step another
-  graph kept in eager's order) rotates it into ring order first: one copy of the
-  window, at the switch only;
+- a ring graph given a window recorded in eager's order rotates it into ring order
+  first: one copy of the window, at the switch only;
 - a graph in eager's order given a ring window rotates it back;
-- a recorded window written since by anything else (eager code: a step dynamo ran
-  without compiling, a direct write into ``layer.keys``) raises RingLayoutError,
-  unless the layer was reset (its token count back under W, or the window zeroed);
+- a ring window written since by anything else (its version counter,
+  ``Tensor._version``, moved: eager code, a step dynamo ran without compiling, a
+  direct write into ``layer.keys``) raises RingLayoutError, unless the layer was
+  reset (token count back under W, or the window zeroed);
+- a ring graph given a full window no compiled graph recorded (a copy made by
+  eager code, e.g. transformers' ``reorder_cache`` for beam search, which may hold
+  either order) raises RingLayoutError;
 - a ring window reaching a graph as an input it does not know as a window (a graph
   break between the cache update and the attention) raises RingLayoutError.
 
@@ -51,16 +53,20 @@ class Window:
 class LayoutPlan:
     windows: tuple[Window, ...]
     others: tuple[tuple[int, str], ...]  # other cache-shaped inputs (index, source): never a ring window
+    new_windows: bool = False  # the graph allocates windows (in eager's order): its cache-shaped outputs
+    # the layer windows among `others` (no token count in this graph: read and written in eager's order)
+    plain_windows: tuple[int, ...] = ()
 
 
-# window tensor -> its version counter right after the last ring graph ran on it
-_RINGS: Any = WeakTensorKeyDictionary()
+RING, EAGER = "ring", "eager"
+# window tensor -> (RING or EAGER, its version counter when the last compiled graph left it)
+_LAYOUT: Any = WeakTensorKeyDictionary()
 
 
 def is_ring(window: torch.Tensor) -> bool:
     """The window was left in ring order by a compiled step, and nothing wrote it since."""
-    version = _RINGS.get(window)
-    return version is not None and version == _version(window)
+    order, version = _LAYOUT.get(window, (None, None))
+    return order == RING and version == _version(window)
 
 
 def cache_shaped(example_inputs: Sequence[Any]) -> tuple[int | None, ...]:
@@ -71,9 +77,11 @@ def cache_shaped(example_inputs: Sequence[Any]) -> tuple[int | None, ...]:
                  for x in example_inputs)
 
 
-def plan_for(sources: Sequence[str | None], ranks: Sequence[int | None], ring_sources: Iterable[str]) -> LayoutPlan:
+def plan_for(sources: Sequence[str | None], ranks: Sequence[int | None], ring_sources: Iterable[str],
+             new_windows: bool = False) -> LayoutPlan:
     """The layout plan of a graph: its inputs' dynamo sources, their cache_shaped
-    ranks, and the sources its sliding-window pass put in ring order."""
+    ranks, the sources its sliding-window pass put in ring order, and whether it
+    allocates windows."""
     ring = set(ring_sources)
     index_of = {s: i for i, s in enumerate(sources) if s}
     windows, others = [], []
@@ -86,7 +94,8 @@ def plan_for(sources: Sequence[str | None], ranks: Sequence[int | None], ring_so
             windows.append(Window(i, source or "", seen, source in ring))
         elif "._parameters[" not in (source or ""):
             others.append((i, source or f"input {i}"))
-    return LayoutPlan(tuple(windows), tuple(others))
+    plain = tuple(i for i, source in others if source.endswith((".keys", ".values")))
+    return LayoutPlan(tuple(windows), tuple(others), new_windows, plain)
 
 
 def untracked_reason(example_inputs: Sequence[Any], sources: Sequence[str | None]) -> str | None:
@@ -108,11 +117,11 @@ def guarded(compiled: Callable[..., Any], plan: Callable[[], LayoutPlan]) -> Cal
         if not chosen:
             chosen.append(plan())
         layout = chosen[0]
-        if not layout.windows and not _RINGS:
+        if not (layout.windows or layout.new_windows or layout.plain_windows or _LAYOUT):
             return compiled(*args)
         _before(layout, args)
         out = compiled(*args)
-        _after(layout, args)
+        _after(layout, args, out)
         return out
 
     return run
@@ -127,10 +136,10 @@ def _order(slots: int, shift: int, device: torch.device) -> torch.Tensor:
 
 
 def _before(plan: LayoutPlan, inputs: Sequence[Any]) -> None:
-    if _RINGS:
+    if _LAYOUT:
         for i, source in plan.others:
             x = inputs[i]
-            if isinstance(x, torch.Tensor) and _recorded_ring(x, source, seen=None):
+            if isinstance(x, torch.Tensor) and _order_of(x, source, seen=None) == RING:
                 raise RingLayoutError(
                     f"{source} holds a sliding-window cache in ring order (left so by an earlier compiled step), "
                     f"and this graph reads it as a plain tensor, in eager's order (a graph break between the "
@@ -139,26 +148,30 @@ def _before(plan: LayoutPlan, inputs: Sequence[Any]) -> None:
     for w in plan.windows:
         window, seen = inputs[w.index], int(inputs[w.seen_index])
         slots = window.shape[WINDOW_DIM]
-        ring = _recorded_ring(window, w.source, seen)
+        order = _order_of(window, w.source, seen)
         if seen < slots or seen % slots == 0:
             continue  # both orders agree
+        if w.ring and order is None:
+            raise RingLayoutError(
+                f"the sliding-window cache {w.source} is full ({seen} tokens, {slots} slots) and no compiled step "
+                f"left it in either order: eager code made or copied it (transformers' reorder_cache for beam "
+                f"search and offload copy the layer's tensors, which may hold a ring), so this ring step cannot "
+                f"know its order. Compile every step from the prefill on, or use sliding_window_cache='shift'")
         with torch.no_grad():
-            if w.ring and not ring:  # eager order -> ring slot j holds eager slot (j - seen) mod W
+            if w.ring and order == EAGER:  # ring slot j holds eager slot (j - seen) mod W
                 window.copy_(window.index_select(WINDOW_DIM, _order(slots, -seen, window.device)))
-            elif not w.ring and ring:  # ring -> eager slot k holds ring slot (k + seen) mod W
+            elif not w.ring and order == RING:  # eager slot k holds ring slot (k + seen) mod W
                 window.copy_(window.index_select(WINDOW_DIM, _order(slots, seen, window.device)))
-                del _RINGS[window]
 
 
-def _recorded_ring(window: torch.Tensor, source: str, seen: int | None) -> bool:
-    """The window is in ring order as a compiled step left it. A recorded window
-    written since by anything else is forgotten when the layer was reset (token
-    count under W, or the window zeroed), and an error otherwise."""
-    recorded = _RINGS.get(window)
-    if recorded is None:
-        return False
-    if recorded == _version(window):
-        return True
+def _order_of(window: torch.Tensor, source: str, seen: int | None) -> str | None:
+    """The order a compiled step left the window in: RING, EAGER, or None (none did).
+    A window in eager's order stays so whatever eager code writes into it; a ring
+    written since by anything else is forgotten when the layer was reset (token count
+    under W, or the window zeroed), and an error otherwise."""
+    order, version = _LAYOUT.get(window, (None, None))
+    if order != RING or version == _version(window):
+        return order
     slots = window.shape[WINDOW_DIM] if window.dim() > WINDOW_DIM else 0
     if (seen is None or seen >= slots) and bool(window.any()):
         raise RingLayoutError(
@@ -167,14 +180,17 @@ def _recorded_ring(window: torch.Tensor, source: str, seen: int | None) -> bool:
             f"a compiled step left it in ring order (slot = position mod {slots}); the two orders are now "
             f"mixed and the cache is wrong. Compile with fullgraph=True and keep every step compiled, or "
             f"use sliding_window_cache='shift'")
-    del _RINGS[window]
-    return False
+    del _LAYOUT[window]
+    return None
 
 
-def _after(plan: LayoutPlan, inputs: Sequence[Any]) -> None:
+def _after(plan: LayoutPlan, inputs: Sequence[Any], out: Any) -> None:
     for w in plan.windows:
         window = inputs[w.index]
-        if w.ring:
-            _RINGS[window] = _version(window)
-        elif window in _RINGS:
-            del _RINGS[window]
+        _LAYOUT[window] = (RING if w.ring else EAGER, _version(window))
+    for i in plan.plain_windows:
+        _LAYOUT[inputs[i]] = (EAGER, _version(inputs[i]))
+    if plan.new_windows:  # allocated and filled in eager's order
+        for x in out if isinstance(out, (list, tuple)) else (out,):
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype.is_floating_point and x not in _LAYOUT:
+                _LAYOUT[x] = (EAGER, _version(x))

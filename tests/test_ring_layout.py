@@ -93,6 +93,21 @@ def test_an_eager_step_after_a_ring_step_is_an_error_not_a_wrong_cache():
             _steps_from(step, _chunks([1], seed=4), cache, start=12)
 
 
+def test_a_copied_ring_is_an_error_not_a_guess():
+    """transformers' reorder_cache (beam search) replaces the layer's tensors with copies
+    (index_select over the batch), which hold the ring: the next ring step refuses."""
+    model = sliding_window_model("mistral", WINDOW)
+    with torch.no_grad():
+        cache = T.StaticCache(config=model.config, max_cache_len=32)
+        step = torch.compile(model, backend="npu_attn", fullgraph=True)
+        _steps(step, _chunks([3] + [1] * 8), cache)
+        for layer in cache.layers:
+            layer.reorder_cache(torch.tensor([0]))
+        with pytest.raises(RingLayoutError, match=r"layers\[0\]\.keys is full \(11 tokens, 4 slots\) and no "
+                                                  r"compiled step left it in either order.*reorder_cache"):
+            _steps_from(step, _chunks([1], seed=4), cache, start=11)
+
+
 def test_a_reset_cache_generates_again():
     """cache.reset() zeroes the windows and the token counts: the second generate()
     with the same cache object equals eager."""
@@ -149,7 +164,9 @@ def _eager_window(seen: int, slots: int = WINDOW) -> torch.Tensor:
 
 def test_a_ring_graph_rotates_an_eager_window_once():
     ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
+    eager = ring_layout.guarded(lambda w, seen: w.sum(), lambda: _plan(ring=False))
     window = _eager_window(seen=6)
+    eager(window, 6)  # a graph in eager's order ran on it: recorded so
     ring(window, 6, torch.full((1, 2, 3), 6.0))
     # ring slot j holds the position p = j mod W among the last W: 7 tokens seen, positions 3..6
     assert window[0, 0, :, 0].tolist() == [4.0, 5.0, 6.0, 3.0]
@@ -163,6 +180,7 @@ def test_a_graph_in_eager_order_rotates_a_ring_back():
     ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
     eager = ring_layout.guarded(lambda w, seen: w.sum(), lambda: _plan(ring=False))
     window = _eager_window(seen=6)
+    eager(window, 6)
     ring(window, 6, torch.full((1, 2, 3), 6.0))
     eager(window, 7)
     torch.testing.assert_close(window, _eager_window(seen=7))
@@ -179,8 +197,9 @@ def test_a_window_on_a_multiple_of_its_size_is_not_copied():
 
 def test_an_outside_write_into_a_ring_is_an_error_and_a_reset_is_not():
     ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
-    window = _eager_window(seen=6)
-    ring(window, 6, torch.full((1, 2, 3), 6.0))
+    window = _eager_window(seen=4)
+    ring(window, 4, torch.full((1, 2, 3), 4.0))  # 4 tokens: both orders agree
+    ring(window, 5, torch.full((1, 2, 3), 5.0))
     window[:, :, -1] = 99.0  # eager code writing the last slot
     with pytest.raises(RingLayoutError, match=r"layer\.keys was written by code outside the compiled graphs"):
         ring(window, 7, torch.full((1, 2, 3), 7.0))
@@ -191,11 +210,40 @@ def test_an_outside_write_into_a_ring_is_an_error_and_a_reset_is_not():
     assert ring_layout.is_ring(window)
 
 
+def test_a_full_window_no_compiled_step_recorded_is_an_error_in_a_ring_graph():
+    """A copy made by eager code (transformers' reorder_cache for beam search) may hold
+    either order: a ring step refuses to guess; a step in eager's order takes it as is."""
+    ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
+    eager = ring_layout.guarded(lambda w, seen: w.sum(), lambda: _plan(ring=False))
+    window = _eager_window(seen=6)
+    with pytest.raises(RingLayoutError, match=r"layer\.keys is full \(6 tokens, 4 slots\) and no compiled step left "
+                                              r"it in either order"):
+        ring(window, 6, torch.full((1, 2, 3), 6.0))
+    ring(_eager_window(seen=8), 8, torch.full((1, 2, 3), 8.0))  # on a multiple of W both orders agree
+    eager(window, 6)
+    ring(window, 6, torch.full((1, 2, 3), 6.0))
+    copy = window.index_select(0, torch.tensor([0]))
+    with pytest.raises(RingLayoutError, match="no compiled step left it in either order"):
+        ring(copy, 7, torch.full((1, 2, 3), 7.0))
+
+
+def test_windows_a_graph_allocates_are_recorded_in_eager_order():
+    new = torch.zeros(1, 2, WINDOW, 3)
+    prefill = ring_layout.guarded(lambda: (torch.zeros(1, 5), new),
+                                  lambda: LayoutPlan(windows=(), others=(), new_windows=True))
+    logits, window = prefill()
+    window.copy_(_eager_window(seen=6))  # (what the prefill graph wrote)
+    ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
+    ring(window, 6, torch.full((1, 2, 3), 6.0))
+    assert window[0, 0, :, 0].tolist() == [4.0, 5.0, 6.0, 3.0]
+
+
 def test_a_ring_window_read_as_a_plain_input_is_an_error():
     ring = ring_layout.guarded(lambda w, seen, t: _ring_step(w, seen, t), lambda: _plan(ring=True))
     reader = ring_layout.guarded(lambda x: x.sum(), lambda: LayoutPlan(windows=(), others=((0, "L['key_states']"),)))
     window = _eager_window(seen=6)
     reader(window)  # not a ring yet
+    ring_layout.guarded(lambda w, seen: None, lambda: _plan(ring=False))(window, 6)
     ring(window, 6, torch.full((1, 2, 3), 6.0))
     with pytest.raises(RingLayoutError, match=r"L\['key_states'\] holds a sliding-window cache in ring order"):
         reader(window)
@@ -209,3 +257,4 @@ def test_the_plan_finds_windows_by_their_layer():
     plan = ring_layout.plan_for(sources, ring_layout.cache_shaped(example), {"L['c'].layers[0].keys"})
     assert plan.windows == (Window(0, sources[0], 2, True), Window(1, sources[1], 2, False))
     assert plan.others == ((3, sources[3]),)  # no token count: never a ring; the parameter and the vector are not caches
+    assert plan.plain_windows == (3,)  # a layer window read in eager's order: recorded so after each call

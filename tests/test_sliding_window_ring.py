@@ -105,11 +105,14 @@ def test_several_tokens_into_a_full_window_and_back_to_decode():
     assert all(s.rewritten for s in report.sites), report.table()
 
 
-def test_a_full_window_decode_step_in_a_ring_is_one_ge_graph(tmp_path):
+@pytest.mark.parametrize("mask_in_graph", [False, True])
+def test_a_full_window_decode_step_in_a_ring_is_one_ge_graph(tmp_path, mask_in_graph):
     """TorchAir offline builds the step (the GE runtime that would run it is not here).
     dynamic=True makes the layer's token count a graph input from the first call (the
-    cache tensors are marked static: the window is a fixed size); the 4-D mask is
-    passed in, as generate() does."""
+    cache tensors are marked static: the window is a fixed size). The 4-D mask is
+    passed in, as generate() does, or built in the graph from the symbolic count:
+    transformers' max(count - W + 1, 0) is a torch.sym_max, GE Maximum
+    (converters/sym_max.py; TorchAir has no converter for it)."""
     model = _model("mistral")
     ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -119,10 +122,14 @@ def test_a_full_window_decode_step_in_a_ring_is_one_ge_graph(tmp_path):
             torch._dynamo.mark_static(layer.keys)
             torch._dynamo.mark_static(layer.values)
         result = to_ge_graph(model, logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True,
-                             cache_position=torch.tensor([9]), attention_mask=torch.ones(1, 1, 1, WINDOW,
-                                                                                          dtype=torch.bool),
+                             cache_position=torch.tensor([9]),
+                             **({} if mask_in_graph else {"attention_mask": torch.ones(1, 1, 1, WINDOW,
+                                                                                       dtype=torch.bool)}),
                              dynamic=True, options=RING, out_dir=tmp_path)
     assert result.single_graph, result.summary()
+    sym_max = [n for gm in result.report.graph_modules for n in gm.graph.nodes if n.target is torch.sym_max]
+    assert bool(sym_max) == mask_in_graph
+    assert (result.op_type_counts.get("Maximum", 0) > 0) == mask_in_graph, result.summary()
     assert result.op_type_counts.get("IncreFlashAttention") == 2, result.summary()
     assert result.op_type_counts.get("Scatter", 0) == 4, result.summary()  # key and value per layer
     assert all(s.rewritten for s in result.report.sites), result.report.table()

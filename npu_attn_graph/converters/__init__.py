@@ -26,4 +26,5 @@ from . import (  # noqa: F401  (imported for their registrations)
     scatter_update,
     silu_backward,
     sparse_flash_attention,
+    sym_max,
 )

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from torchair import register_fx_node_ge_converter
 from torchair._ge_concrete_graph import ge_apis as ge  # TorchAir's generated GE op builders
+from torchair._ge_concrete_graph.utils import dtype_promote
 from torchair.ge import DataType, Tensor, TensorSpec, attr, custom_op
 from torchair.ge._ge_graph import dont_prune_me
 
@@ -37,5 +38,5 @@ def int_list_input(value: Sequence[int] | Tensor | None, dtype: int = DataType.D
     return ge.Const(list(value), dtype=dtype)
 
 
-__all__ = ["DataType", "GE_IR", "INT64_MAX", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me", "ge",
-           "int_list_input", "register_fx_node_ge_converter", "register_ir"]
+__all__ = ["DataType", "GE_IR", "INT64_MAX", "INT_MAX", "Tensor", "TensorSpec", "attr", "custom_op", "dont_prune_me",
+           "dtype_promote", "ge", "int_list_input", "register_fx_node_ge_converter", "register_ir"]

@@ -172,6 +172,7 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
     starts = rw.call(aten.expand.default, (zero, [rw.size(fill.cache, 0)]))
     axis = fill.dim - val(fill.cache).dim()
     if fill.fresh:  # the copy's result is the cache: the functional writer takes its place
+        ctx.ring_windows.add(ctx.NEW_WINDOWS)
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
         rw.replace(fill.copy, written)
         site.fused_op = "scatter_update"
