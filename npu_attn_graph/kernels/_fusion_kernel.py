@@ -56,25 +56,20 @@ def _bands(call: FusionCall, g: Geometry, q_lens: list[int], kv_lens: list[int])
 @dataclass
 class Problem:
     """One call in canonical form: q (B, N, Sq, D), k (B, Nkv, Skv, D), v (B, Nkv, Skv, Dv),
-    contiguous and in the compute dtype; walked in the core's RowChunks (`rows`)."""
+    contiguous and in the compute dtype, walked chunk by chunk in the core's RowChunks (which
+    holds the mask and the Structure); the rest is what the training op adds."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     scale: float
+    rows: RowChunks
     pse: torch.Tensor | None  # (B|1, N, Sq|1, Skv), added before scaling
-    mask: torch.Tensor | None  # bool, broadcastable to (B, N, Sq, Skv), True = masked
-    structure: Structure | None
     dropout: DropoutMask | None
     keep_prob: float
     sink: torch.Tensor | None  # (N,)
-    q_lens: list[int]
     dtype: torch.dtype
     buffers: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        b, n, q_len, _ = self.q.shape
-        self.rows = RowChunks(b, n, q_len, self.k.shape[2], self.structure, self.mask)
 
     @property
     def groups(self) -> int:
@@ -159,8 +154,9 @@ def build_problem(call: FusionCall, g: Geometry) -> Problem:
     dropout = None
     if call.keep_prob < 1:
         dropout = DropoutMask(call.keep_prob, call.seed, call.offset, q.shape[0], g.heads, k.shape[2], device)
-    return Problem(q=q, k=k, v=v, scale=call.scale, pse=call.pse, mask=mask, structure=structure,
-                   dropout=dropout, keep_prob=call.keep_prob, sink=call.sink, q_lens=q_lens, dtype=dtype)
+    rows = RowChunks(q.shape[0], q.shape[1], q.shape[2], k.shape[2], structure, mask)
+    return Problem(q=q, k=k, v=v, scale=call.scale, rows=rows, pse=call.pse, dropout=dropout,
+                   keep_prob=call.keep_prob, sink=call.sink, dtype=dtype)
 
 
 def forward(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
