@@ -171,9 +171,9 @@ def forward(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     for r0, r1, lo, hi in p.rows:
         rows = r1 - r0
         if hi <= lo:
-            if sink is not None:  # only the sink: P_sink = 1, output 0
+            if sink is not None:  # only the sink: P_sink = 1, output 0 (a -inf sink: nothing at all)
                 row_max[:, :, r0:r1] = sink.float()
-                row_sum[:, :, r0:r1] = 1.0
+                row_sum[:, :, r0:r1] = torch.isneginf(sink).logical_not().float()
             continue
         s = p.scores(r0, r1, lo, hi, p.folded(p.q[:, :, r0:r1]) * p.scale)
         if sink is None:
