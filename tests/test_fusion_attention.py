@@ -464,6 +464,16 @@ def test_empty_rows_output_zero_with_minus_inf_max():
     assert torch.all(row_sum[:, :, 4:] > 0)
 
 
+def test_a_minus_inf_sink_is_no_sink(chunking):
+    """A -inf sink adds nothing: rows with no key still output 0 with max -inf and sum 0
+    (not NaN from -inf - -inf), whether or not their chunk has any key."""
+    q, k, v, kwargs = make_case(CASES["mode3_sq_gt_skv"])  # rows i < Sq - Skv see no key
+    plain = FA(q, k, v, 2, "BNSD", **kwargs)
+    sunk = FA(q, k, v, 2, "BNSD", sink=torch.full((2,), float("-inf")), **kwargs)
+    for a, b in zip(plain[:3], sunk[:3]):
+        torch.testing.assert_close(b, a, **F32_TOL)
+
+
 def test_softmax_layouts_hold_the_same_statistics():
     cfg = CASES["tnd_softmax_layout"]
     q, k, v, kwargs = make_case(cfg)

@@ -4,10 +4,12 @@ The op modules translate their arguments (layouts, paged caches, quantisation,
 sparse modes) into one canonical problem and call :func:`attention`. The query
 is processed in row chunks so that the fp32 score block never exceeds a fixed
 budget: extra memory is O(chunk x S_kv) per head, whatever the sequence length.
-The pieces every attention kernel shares live here too: :class:`Structure`
-(valid ranges, bands, prefix keys -> masks and key windows; the training kernel
-uses it as well), :func:`exp_scores` (the chunked softmax step, also the sparse
-kernel's), :func:`chunk_rows` and :func:`compute_dtype`.
+The pieces every attention kernel shares live here too, and the training kernel
+(_fusion_kernel) is built from them: :class:`Structure` (valid ranges, bands,
+prefix keys -> masks and key windows), :class:`RowChunks` (the chunk walk and
+each chunk's mask), :func:`fold_rows` (GQA), the chunked softmax step
+(:func:`exp_scores`, also the sparse kernel's, and :func:`fused_softmax`, the
+same math in torch's one-pass kernel), :func:`chunk_rows` and :func:`compute_dtype`.
 
 Conventions (those of the NPU ops, not of torch SDPA):
 - ``mask`` True means "masked out".
@@ -155,6 +157,61 @@ def exp_scores(
     return m, kept, total, safe
 
 
+def fused_softmax(scores: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp_scores without a sink, normalised, in torch's fused softmax (one in-cache pass
+    per row, where exp_scores + divide make three): out = exp(scores - m) / total.
+    scores (.., keys), -inf where masked, are left as they are. Returns (m, total), each
+    (.., 1): the row max, -inf for a row with nothing to attend to (whose out is NaN: the
+    caller zeroes such rows), and sum_j exp(s_j - m), read back from the probability at
+    the arg max (exp(0) / total)."""
+    torch.ops.aten._softmax.out(scores, -1, False, out=out)
+    return scores.amax(dim=-1, keepdim=True), 1.0 / out.amax(dim=-1, keepdim=True)
+
+
+def fold_rows(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, N, rows, X) -> (B, Nkv, G * rows, X), G = N // Nkv: GQA folds the query heads
+    that share a KV head into the row axis, so K/V are never repeated (a view of a
+    contiguous x, else a copy)."""
+    batch, heads, rows, width = x.shape
+    return x.reshape(batch, kv_heads, heads // kv_heads * rows, width)
+
+
+class RowChunks:
+    """The chunk walk of every dense kernel: the valid query rows in chunks of
+    chunk_rows() rows (one fp32 score block each), the keys each chunk may attend to
+    and its mask: the caller's mask (bool, broadcastable to (B, N, Sq, Skv), True =
+    masked out) or-ed with the structural one. structure None: every row attends to
+    all kv_len keys."""
+
+    def __init__(self, batch: int, heads: int, q_len: int, kv_len: int, structure: Structure | None,
+                 mask: torch.Tensor | None, budget_bytes: int | None = None) -> None:
+        self.batch, self.heads, self.kv_len, self.budget_bytes = batch, heads, kv_len, budget_bytes
+        self.structure, self.mask = structure, mask
+        ranges = structure.q_ranges if structure is not None else [(0, q_len)]
+        self.first_row = min((s for s, e in ranges if e > s), default=q_len)
+        self.last_row = max((e for s, e in ranges if e > s), default=0)
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.structure is not None
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        """(r0, r1, lo, hi) for each chunk: its rows and the keys they may attend to
+        (hi <= lo: none). The chunk size is read at each walk (tests shrink the budget)."""
+        step = chunk_rows(self.batch, self.heads, self.kv_len, self.budget_bytes)
+        for r0 in range(self.first_row, self.last_row, step):
+            r1 = min(self.last_row, r0 + step)
+            yield r0, r1, *(self.structure.window(r0, r1) if self.structure is not None else (0, self.kv_len))
+
+    def mask_of(self, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor | None:
+        """bool, broadcastable to (B, N, rows, keys), True = masked out; None if nothing is."""
+        masked = None if self.mask is None else self.mask[..., r0:r1, lo:hi]
+        if self.structure is not None:
+            structural = self.structure.mask(r0, r1, lo, hi)
+            masked = structural if masked is None else masked | structural
+        return masked
+
+
 def attention(
     problem: AttentionProblem,
     *,
@@ -191,7 +248,8 @@ def attention(
         if want_lse
         else None
     )
-    chunk = chunk_rows(batch, heads, kv_len, score_block_bytes)
+    chunks = RowChunks(batch, heads, q_len, kv_len, structure if needs_structure else None, problem.mask,
+                       score_block_bytes)
     # Chunks of many rows over dense keys go through torch's fused SDPA kernel
     # (same math, faster GEMMs); decode-sized chunks, paged keys, softmax_lse
     # and quantised probabilities take the explicit path below.
@@ -209,22 +267,12 @@ def attention(
                                                  is_causal=causal, scale=problem.scale, enable_gqa=group > 1)
             return out, None
 
-    first_row = min((s for s, e in q_ranges if e > s), default=q_len)
-    last_row = max((e for s, e in q_ranges if e > s), default=0)
-
-    for r0 in range(first_row, last_row, chunk):
-        r1 = min(last_row, r0 + chunk)
-        lo, hi = structure.window(r0, r1)
+    for r0, r1, lo, hi in chunks:
         if hi <= lo:
             continue
         rows = r1 - r0
         bias = None if problem.bias is None else problem.bias[..., r0:r1, lo:hi].to(dtype)
-        masked = None
-        if problem.mask is not None:
-            masked = problem.mask[..., r0:r1, lo:hi]
-        if needs_structure:
-            structural = structure.mask(r0, r1, lo, hi)
-            masked = structural if masked is None else (masked | structural)
+        masked = chunks.mask_of(r0, r1, lo, hi)
         # Keys outside a computed batch's valid range may be garbage (NaN/inf): such
         # chunks read each batch's own keys only.
         windows = structure.read_windows(r0, r1, lo, hi) if needs_structure else None
@@ -235,10 +283,7 @@ def attention(
             else:
                 _fused_per_batch(out[:, :, r0:r1], qf, source, lo, windows, dtype, problem.scale, bias, masked, group)
             continue
-        qc = q[:, :, r0:r1].to(dtype) * problem.scale
-        # GQA: each kv head serves `group` consecutive query heads; fold the
-        # group into the row axis so K/V are never repeated.
-        qc = qc.reshape(batch, kv_heads, group * rows, -1)
+        qc = fold_rows(q[:, :, r0:r1].to(dtype) * problem.scale, kv_heads)
         scores = None
         for a, b, kc in source.key_chunks(lo, hi, dtype):
             part = torch.matmul(qc, kc.transpose(-1, -2))
@@ -259,7 +304,7 @@ def attention(
         empty = row_sum == 0
         if problem.prob_quant_scale is not None:
             scores.div_(safe_sum).mul_(problem.prob_quant_scale).round_().clamp_(-128, 127)
-        probs = scores.view(batch, kv_heads, group * rows, hi - lo)
+        probs = fold_rows(scores, kv_heads)
         oc = None
         for a, b, vc in source.value_chunks(lo, hi, dtype):
             # P is 0 outside a batch's range, but 0 * NaN is not 0.

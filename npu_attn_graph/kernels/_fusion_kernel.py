@@ -1,20 +1,21 @@
 """npu_fusion_attention's reference kernels: the call in canonical (B, N, S, D) form, the
 chunked forward and backward, and the softmax statistics in the op's layouts.
 
-Masks, bands and key windows come from the shared attention core (_attention_core.Structure);
-the layouts from _layouts. The forward keeps its own softmax step (torch's fused softmax, and
-the training op's statistics: row max -inf and sum 0 for an empty row), which the backward
-recomputes the probabilities from.
+The chunk walk, masks, bands, key windows, GQA folding and the softmax step come from the
+shared attention core (_attention_core: RowChunks, Structure, fold_rows, exp_scores /
+fused_softmax), the layouts from _layouts. What is the training op's own: pse, dropout,
+reusable score buffers, its statistics (row max -inf and sum 0 for a row with nothing to
+attend to) and the backward, which recomputes the probabilities from them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from ._attention_core import UNBOUNDED, Structure, chunk_rows, compute_dtype
+from ._attention_core import UNBOUNDED, RowChunks, Structure, compute_dtype, exp_scores, fold_rows, fused_softmax
 from ._dropout import DropoutMask
 from ._fusion_args import (SOFTMAX_LANES, FusionCall, Geometry, check_compressed_mask, first_participating,
                            last_participating)
@@ -55,39 +56,24 @@ def _bands(call: FusionCall, g: Geometry, q_lens: list[int], kv_lens: list[int])
 @dataclass
 class Problem:
     """One call in canonical form: q (B, N, Sq, D), k (B, Nkv, Skv, D), v (B, Nkv, Skv, Dv),
-    contiguous and in the compute dtype."""
+    contiguous and in the compute dtype, walked chunk by chunk in the core's RowChunks (which
+    holds the mask and the Structure); the rest is what the training op adds."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     scale: float
+    rows: RowChunks
     pse: torch.Tensor | None  # (B|1, N, Sq|1, Skv), added before scaling
-    mask: torch.Tensor | None  # bool, broadcastable to (B, N, Sq, Skv), True = masked
-    structure: Structure | None
     dropout: DropoutMask | None
     keep_prob: float
     sink: torch.Tensor | None  # (N,)
-    q_lens: list[int]
     dtype: torch.dtype
     buffers: dict = field(default_factory=dict)
 
     @property
     def groups(self) -> int:
         return self.q.shape[1] // self.k.shape[1]
-
-    @property
-    def masked(self) -> bool:
-        return self.mask is not None or self.structure is not None
-
-    def chunks(self) -> Iterator[tuple[int, int, int, int]]:
-        """(r0, r1, lo, hi) for each query chunk: its rows and the keys they may attend to."""
-        last_row = max(self.q_lens, default=0)
-        b, n, _, _ = self.q.shape
-        step = chunk_rows(b, n, self.k.shape[2])
-        for r0 in range(0, last_row, step):
-            r1 = min(last_row, r0 + step)
-            lo, hi = self.structure.window(r0, r1) if self.structure is not None else (0, self.k.shape[2])
-            yield r0, r1, lo, hi
 
     def buffer(self, name: str, shape: Sequence[int]) -> torch.Tensor:
         """A reusable work block: score-sized blocks are allocated once per call, not per
@@ -104,21 +90,9 @@ class Problem:
     def sink_column(self) -> torch.Tensor:
         return self.sink.to(self.dtype).view(1, -1, 1, 1)
 
-    def chunk_mask(self, r0: int, r1: int, lo: int, hi: int) -> torch.Tensor | None:
-        """bool, broadcastable to (B, N, rows, keys), True = masked out; None if nothing is."""
-        masked = None
-        if self.mask is not None:
-            masked = self.mask[..., r0:r1, lo:hi]
-        if self.structure is not None:
-            structural = self.structure.mask(r0, r1, lo, hi)
-            masked = structural if masked is None else masked | structural
-        return masked
-
-    def folded(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of a (B, N, S, X) tensor as (B*Nkv, G*rows, X): GQA folds each KV
-        head's `groups` query heads into the row axis, so K/V are never repeated."""
-        b, _, _, width = x.shape
-        return x[:, :, r0:r1].reshape(b * self.k.shape[1], self.groups * (r1 - r0), width)
+    def folded(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, rows, X) -> (B*Nkv, G*rows, X), the core's GQA folding flattened for bmm."""
+        return fold_rows(x, self.k.shape[1]).flatten(0, 1)
 
     def kv3(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         b, kv_heads, _, width = x.shape
@@ -134,7 +108,7 @@ class Problem:
         if self.pse is not None:
             rows_slice = slice(r0, r1) if self.pse.shape[2] != 1 else slice(0, 1)
             s.add_(self.pse[:, :, rows_slice, lo:hi].to(self.dtype), alpha=self.scale)
-        masked = self.chunk_mask(r0, r1, lo, hi)
+        masked = self.rows.mask_of(r0, r1, lo, hi)
         if masked is not None:
             s.masked_fill_(masked, float("-inf"))
         return s
@@ -180,8 +154,9 @@ def build_problem(call: FusionCall, g: Geometry) -> Problem:
     dropout = None
     if call.keep_prob < 1:
         dropout = DropoutMask(call.keep_prob, call.seed, call.offset, q.shape[0], g.heads, k.shape[2], device)
-    return Problem(q=q, k=k, v=v, scale=call.scale, pse=call.pse, mask=mask, structure=structure,
-                   dropout=dropout, keep_prob=call.keep_prob, sink=call.sink, q_lens=q_lens, dtype=dtype)
+    rows = RowChunks(q.shape[0], q.shape[1], q.shape[2], k.shape[2], structure, mask)
+    return Problem(q=q, k=k, v=v, scale=call.scale, rows=rows, pse=call.pse, dropout=dropout,
+                   keep_prob=call.keep_prob, sink=call.sink, dtype=dtype)
 
 
 def forward(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,30 +168,29 @@ def forward(p: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     row_max = torch.full((b, n, q_len, 1), float("-inf"), dtype=torch.float32, device=device)
     row_sum = torch.zeros(b, n, q_len, 1, dtype=torch.float32, device=device)
     sink = p.sink_column() if p.sink is not None else None
-    for r0, r1, lo, hi in p.chunks():
-        rows, keys = r1 - r0, hi - lo
+    for r0, r1, lo, hi in p.rows:
+        rows = r1 - r0
         if hi <= lo:
-            if sink is not None:  # only the sink: P_sink = 1, output 0
+            if sink is not None:  # only the sink: P_sink = 1, output 0 (a -inf sink: nothing at all)
                 row_max[:, :, r0:r1] = sink.float()
-                row_sum[:, :, r0:r1] = 1.0
+                row_sum[:, :, r0:r1] = torch.isneginf(sink).logical_not().float()
             continue
-        s = p.scores(r0, r1, lo, hi, p.folded(p.q, r0, r1) * p.scale)
-        m = s.amax(dim=-1, keepdim=True)
-        empty = torch.isneginf(m)  # nothing to attend to
+        s = p.scores(r0, r1, lo, hi, p.folded(p.q[:, :, r0:r1]) * p.scale)
         if sink is None:
-            # torch's fused softmax is one in-cache pass per row; l follows from the
-            # probability at the arg max, exp(0) / l.
-            probs = torch.ops.aten._softmax.out(s, -1, False, out=p.buffer("probs", s.shape))
-            l = 1.0 / probs.amax(dim=-1, keepdim=True)
+            probs = p.buffer("probs", s.shape)
+            m, l = fused_softmax(s, probs)
+            empty = torch.isneginf(m)  # nothing to attend to
         else:
-            m = torch.maximum(m, sink)
-            empty = torch.zeros_like(empty)
-            probs = s.sub_(m).exp_()
-            l = probs.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
-            probs.div_(l)
+            # The sink joins the max and the sum. exp_scores gives m = 0 where it is infinite
+            # (only with a -inf sink and no kept key): the op's statistics for such a row
+            # are max -inf, sum 0 (l is 0 there), as without a sink.
+            m, _, l, safe = exp_scores(s, sink, sink_in_max=True)
+            probs = s.div_(safe)
+            empty = l == 0
+            m = torch.where(empty, float("-inf"), m)
         if p.dropout is not None:
             probs.mul_(p.dropout.chunk(r0, r1, lo, hi))
-        o = torch.bmm(probs.view(-1, p.groups * rows, keys), p.kv3(p.v, lo, hi)).view(b, n, rows, dv)
+        o = torch.bmm(p.folded(probs), p.kv3(p.v, lo, hi)).view(b, n, rows, dv)
         if p.dropout is not None:
             o.mul_(1.0 / p.keep_prob)
         zero = torch.zeros((), dtype=o.dtype, device=device)
@@ -236,14 +210,14 @@ def _flash_backward_applies(p: Problem, attention_in: torch.Tensor | None) -> bo
 def _flash_backward(p: Problem, dy: torch.Tensor, lse: torch.Tensor, attention_in: torch.Tensor):
     flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     dy, out, lse = dy.to(p.dtype), attention_in.to(p.dtype), lse[..., 0].contiguous()
-    if not p.masked:
+    if not p.rows.masked:
         # No per-row data to bound: the fused kernel is already O(S) in memory.
         return flash_backward(dy, p.q, p.k, p.v, out, lse, 0.0, False, scale=p.scale)
     dq, dk, dv = torch.zeros_like(p.q), torch.zeros_like(p.k), torch.zeros_like(p.v)
-    for r0, r1, lo, hi in p.chunks():
+    for r0, r1, lo, hi in p.rows:
         if hi <= lo:
             continue
-        masked = p.chunk_mask(r0, r1, lo, hi)
+        masked = p.rows.mask_of(r0, r1, lo, hi)
         additive = torch.where(masked, torch.full((), float("-inf"), dtype=p.dtype, device=p.q.device),
                                torch.zeros((), dtype=p.dtype, device=p.q.device))
         dq_c, dk_c, dv_c = flash_backward(
@@ -280,18 +254,18 @@ def backward(p: Problem, dy: torch.Tensor, row_max: torch.Tensor, row_sum: torch
     sink = p.sink_column() if p.sink is not None else None
     dy = dy.to(dt).contiguous()
     attention_in = attention_in.to(dt) if attention_in is not None else None
-    for r0, r1, lo, hi in p.chunks():
+    for r0, r1, lo, hi in p.rows:
         if hi <= lo:
             continue  # such rows output 0, so every gradient term is 0
         rows, keys = r1 - r0, hi - lo
-        q_scaled = p.folded(p.q, r0, r1) * p.scale
+        q_scaled = p.folded(p.q[:, :, r0:r1]) * p.scale
         chunk_lse = lse[:, :, r0:r1]
         probs = p.scores(r0, r1, lo, hi, q_scaled).sub_(chunk_lse).exp_()
-        probs3 = probs.view(-1, p.groups * rows, keys)
-        dy3 = p.folded(dy, r0, r1)
+        probs3 = p.folded(probs)
+        dy3 = p.folded(dy[:, :, r0:r1])
         keep = p.dropout.chunk(r0, r1, lo, hi) if p.dropout is not None else None
         dropped = probs * keep * (1.0 / p.keep_prob) if keep is not None else probs
-        dv[:, :, lo:hi] += torch.bmm(dropped.view(-1, p.groups * rows, keys).transpose(1, 2), dy3).view(
+        dv[:, :, lo:hi] += torch.bmm(p.folded(dropped).transpose(1, 2), dy3).view(
             b, kv_heads, keys, dv_dim)
         del dropped
         dprobs3 = p.buffer("dprobs", probs3.shape)

@@ -81,8 +81,8 @@ the explicit chunked path. Both compute the same gradients.
 
 Where the pieces live: _fusion_args.py (argument model and validation, shared with the grad
 op), _dropout.py (the keep mask), _fusion_kernel.py (canonical problem, forward and backward
-kernels; masks, bands and key windows from _attention_core.Structure, layouts from
-_layouts.py); this module holds the schema, the registrations and the autograd formula.
+kernels; the chunk walk, masks, bands, key windows, GQA folding and the softmax step from
+_attention_core, layouts from _layouts.py); this module holds the schema, the registrations and the autograd formula.
 """
 
 from __future__ import annotations
