@@ -93,19 +93,26 @@ def test_an_eager_step_after_a_ring_step_is_an_error_not_a_wrong_cache():
             _steps_from(step, _chunks([1], seed=4), cache, start=12)
 
 
-def test_a_copied_ring_is_an_error_not_a_guess():
-    """transformers' reorder_cache (beam search) replaces the layer's tensors with copies
-    (index_select over the batch), which hold the ring: the next ring step refuses."""
+def test_beam_search_refuses_a_copied_ring_and_equals_eager_in_eager_order():
+    """generate(num_beams=2): transformers' reorder_cache replaces the layers' tensors
+    with copies (index_select over the beams), which no compiled step recorded and
+    which may hold a ring. The default refuses them, naming reorder_cache;
+    sliding_window_cache="shift" (eager's order throughout) equals eager."""
     model = sliding_window_model("mistral", WINDOW)
+    forward = model.forward
+    ids = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, num_beams=2)
     with torch.no_grad():
-        cache = T.StaticCache(config=model.config, max_cache_len=32)
-        step = torch.compile(model, backend="npu_attn", fullgraph=True)
-        _steps(step, _chunks([3] + [1] * 8), cache)
-        for layer in cache.layers:
-            layer.reorder_cache(torch.tensor([0]))
-        with pytest.raises(RingLayoutError, match=r"layers\[0\]\.keys is full \(11 tokens, 4 slots\) and no "
+        expected = model.generate(ids, past_key_values=T.StaticCache(config=model.config, max_cache_len=32), **kwargs)
+        model.forward = torch.compile(forward, backend="npu_attn", fullgraph=True,
+                                      options={"sliding_window_cache": "shift"})
+        actual = model.generate(ids, past_key_values=T.StaticCache(config=model.config, max_cache_len=32), **kwargs)
+        assert torch.equal(actual, expected)
+        torch._dynamo.reset()
+        model.forward = torch.compile(forward, backend="npu_attn", fullgraph=True)
+        with pytest.raises(RingLayoutError, match=r"layers\[0\]\.keys is full \(5 tokens, 4 slots\) and no "
                                                   r"compiled step left it in either order.*reorder_cache"):
-            _steps_from(step, _chunks([1], seed=4), cache, start=11)
+            model.generate(ids, past_key_values=T.StaticCache(config=model.config, max_cache_len=32), **kwargs)
 
 
 def test_a_reset_cache_generates_again():
