@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from .passes._fx import dynamo_val
+
 aten = torch.ops.aten
 
 # Results that alias their input without moving data, besides what is_view finds by schema.
@@ -144,19 +146,15 @@ def tensor_bytes(t: Any) -> int:
     return count * t.element_size()
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
-
-
 def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     found: list[torch.fx.Node] = []
-    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if isinstance(_val(n), torch.Tensor)
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) if isinstance(dynamo_val(n), torch.Tensor)
                           else None)
     return found
 
 
 def _out_bytes(node: torch.fx.Node) -> int:
-    value = _val(node)
+    value = dynamo_val(node)
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
     return tensor_bytes(value)
@@ -197,7 +195,7 @@ def _kv_fraction(node: torch.fx.Node, valid_kv: int | None) -> tuple[float, str]
     from .passes.registry import ATTENTION_OPS
 
     spec = ATTENTION_OPS[node.target]
-    key = _val(node.args[spec.key_arg])
+    key = dynamo_val(node.args[spec.key_arg])
     layout = node.kwargs.get("input_layout", "BSH")
     # The incremental ops' actual_seq_lengths are the KV lengths; the others name them actual_seq_lengths_kv.
     lengths = node.kwargs.get("actual_seq_lengths" if spec.query_len == "one" else "actual_seq_lengths_kv")
@@ -275,52 +273,52 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
             spec = ATTENTION_OPS[n.target]
             share, note = _kv_fraction(n, valid_kv)
             kv = [n.args[i] for i in (spec.key_arg, spec.value_arg) if i < len(n.args)]
-            read = sum(tensor_bytes(_val(a)) * (share if a in kv else 1) for a in args)
+            read = sum(tensor_bytes(dynamo_val(a)) * (share if a in kv else 1) for a in args)
             written = _out_bytes(n)
-            ideal.kv_read += sum(tensor_bytes(_val(a)) * share for a in kv if _root(a) not in caches)
-            if _val(kv[0]) is not None and _val(kv[0]).dtype == torch.float32 and any(_root(a) in caches for a in kv):
+            ideal.kv_read += sum(tensor_bytes(dynamo_val(a)) * share for a in kv if _root(a) not in caches)
+            if dynamo_val(kv[0]) is not None and dynamo_val(kv[0]).dtype == torch.float32 and any(_root(a) in caches for a in kv):
                 # GE runs the op in float16: read the float32 K/V, write a float16 copy, each step.
-                fp32_cache_casts += sum(tensor_bytes(_val(a)) for a in kv) * 3 // 2
+                fp32_cache_casts += sum(tensor_bytes(dynamo_val(a)) for a in kv) * 3 // 2
             ops.append(OpBytes(n.name, _target(n), int(read), written, note.lstrip("; ")))
             continue
         if n.target in WRITER_OPS or n.target in _IN_PLACE_WRITERS or n.target in _FUNCTIONAL_WRITERS:
             writer = WRITER_OPS.get(n.target)
             cache_idx = writer.cache_args if writer else (0,)
             rows = [a for i, a in enumerate(n.args) if isinstance(a, torch.fx.Node) and i not in cache_idx
-                    and isinstance(_val(a), torch.Tensor)]
-            rows += [a for a in n.kwargs.values() if isinstance(a, torch.fx.Node) and isinstance(_val(a), torch.Tensor)]
-            values = [a for a in rows if _val(a).is_floating_point()]
-            new = sum(tensor_bytes(_val(a)) for a in values)
+                    and isinstance(dynamo_val(a), torch.Tensor)]
+            rows += [a for a in n.kwargs.values() if isinstance(a, torch.fx.Node) and isinstance(dynamo_val(a), torch.Tensor)]
+            values = [a for a in rows if dynamo_val(a).is_floating_point()]
+            new = sum(tensor_bytes(dynamo_val(a)) for a in values)
             ideal.kv_written += new
             in_place = (writer is not None and n.target is writer.in_place) or n.target in _IN_PLACE_WRITERS \
                 or n in paired_writers
             if in_place:
-                ops.append(OpBytes(n.name, _target(n), sum(tensor_bytes(_val(a)) for a in rows), new,
+                ops.append(OpBytes(n.name, _target(n), sum(tensor_bytes(dynamo_val(a)) for a in rows), new,
                                    "in place" if n not in paired_writers else "in place (functional write + copy_ "
                                    "back into the same cache)"))
             else:
-                read = sum(tensor_bytes(_val(a)) for a in args)
+                read = sum(tensor_bytes(dynamo_val(a)) for a in args)
                 ops.append(OpBytes(n.name, _target(n), read, _out_bytes(n),
                                    "functional write: a new copy of the whole cache", "copy"))
             continue
         if n.target in _GATHERS:
             out = _out_bytes(n)
-            index_bytes = sum(tensor_bytes(_val(a)) for a in args[1:])
+            index_bytes = sum(tensor_bytes(dynamo_val(a)) for a in args[1:])
             ops.append(OpBytes(n.name, _target(n), out + index_bytes, out, "gather: reads the rows it returns"))
             continue
-        read = sum(tensor_bytes(_val(a)) for a in args)
+        read = sum(tensor_bytes(dynamo_val(a)) for a in args)
         written = _out_bytes(n)
         if n.target is aten.copy_.default and args:
-            read, written = tensor_bytes(_val(n.args[1])), tensor_bytes(_val(n.args[0]))
+            read, written = tensor_bytes(dynamo_val(n.args[1])), tensor_bytes(dynamo_val(n.args[0]))
         sources = [derived[a] for a in args if a in derived]
         if n.target is aten.copy_.default and _root(n.args[0]) in caches:
-            sources.append(tensor_bytes(_val(_root(n.args[0]))))
+            sources.append(tensor_bytes(dynamo_val(_root(n.args[0]))))
         if sources and max(read, written) >= min(sources) // 2:
             flag, note = _classify(n)
         ops.append(OpBytes(n.name, _target(n), read, written, note, flag))
     ideal.weights = _weight_bytes(nodes, caches)
     for c in caches:  # each cache's valid part read once (a (B, N, S, D) cache: S is dim -2)
-        value = _val(c)
+        value = dynamo_val(c)
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             seq = int(value.shape[-2]) if value.dim() == 4 else int(value.shape[1])
             ideal.kv_read += tensor_bytes(value) * (1.0 if valid_kv is None else min(1.0, valid_kv / max(seq, 1)))
@@ -333,7 +331,7 @@ def fx_traffic(graph: torch.fx.Graph | torch.fx.GraphModule, valid_kv: int | Non
 
 def _derived_from(nodes: list[torch.fx.Node], roots: set[torch.fx.Node]) -> dict[torch.fx.Node, int]:
     """The nodes holding at least half a cache's worth of values made from that cache -> the cache's bytes."""
-    derived = {r: tensor_bytes(_val(r)) for r in roots}
+    derived = {r: tensor_bytes(dynamo_val(r)) for r in roots}
     for n in nodes:
         if n.op != "call_function":
             continue
@@ -346,7 +344,7 @@ def _derived_from(nodes: list[torch.fx.Node], roots: set[torch.fx.Node]) -> dict
 def _classify(n: torch.fx.Node) -> tuple[str, str]:
     name = _target(n)
     if n.target in _CASTS:
-        src, dst = _val(n.args[0]), _val(n)
+        src, dst = dynamo_val(n.args[0]), dynamo_val(n)
         return "cast", f"cast of a whole KV cache ({_dtype(src)} -> {_dtype(dst)})"
     if "roll" in name:
         return "roll", "roll of a whole KV cache"
@@ -369,7 +367,7 @@ def _weight_bytes(nodes: list[torch.fx.Node], caches: set[torch.fx.Node]) -> int
 
     total = 0
     for n in nodes:
-        value = _val(n)
+        value = dynamo_val(n)
         if n.op not in ("placeholder", "get_attr") or n in caches or not isinstance(value, torch.Tensor) \
                 or not value.is_floating_point():
             continue
