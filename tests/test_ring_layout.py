@@ -27,8 +27,9 @@ from npu_attn_graph.ring_layout import LayoutPlan, RingLayoutError, Window
 WINDOW = 4
 
 
-def _steps(forward, chunks, cache):
-    position, logits = 0, []
+def _steps(forward, chunks, cache, start=0):
+    """Run the chunks through forward one call each, from position `start`; their logits."""
+    position, logits = start, []
     for chunk in chunks:
         out = forward(input_ids=chunk, past_key_values=cache, use_cache=True,
                       cache_position=torch.arange(position, position + chunk.shape[1]))
@@ -55,7 +56,7 @@ def test_an_eager_prefill_then_compiled_decode_steps():
         cache = T.StaticCache(config=model.config, max_cache_len=32)
         report = Report()
         step = torch.compile(model, backend="npu_attn", fullgraph=True, options={"report": report})
-        actual = _steps(model, prompt, cache) + _steps_from(step, decode, cache, start=9)
+        actual = _steps(model, prompt, cache) + _steps(step, decode, cache, start=9)
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert_caches_close(cache, eager_cache, rtol=1e-4, atol=1e-5)
@@ -65,16 +66,6 @@ def test_an_eager_prefill_then_compiled_decode_steps():
                for n in notes), report.table()
     assert any("ring buffer" in n for n in notes), report.table()
     assert all(s.rewritten for s in report.sites), report.table()
-
-
-def _steps_from(forward, chunks, cache, start):
-    position, logits = start, []
-    for chunk in chunks:
-        out = forward(input_ids=chunk, past_key_values=cache, use_cache=True,
-                      cache_position=torch.arange(position, position + chunk.shape[1]))
-        position += chunk.shape[1]
-        logits.append(out.logits)
-    return logits
 
 
 def test_an_eager_step_after_a_ring_step_is_an_error_not_a_wrong_cache():
@@ -87,10 +78,10 @@ def test_an_eager_step_after_a_ring_step_is_an_error_not_a_wrong_cache():
         step = torch.compile(model, backend="npu_attn", fullgraph=True)
         _steps(step, chunks, cache)
         assert all(ring_layout.is_ring(layer.keys) for layer in cache.layers)
-        _steps_from(model, _chunks([1], seed=3), cache, start=11)  # eager: roll + write into the ring
+        _steps(model, _chunks([1], seed=3), cache, start=11)  # eager: roll + write into the ring
         with pytest.raises(RingLayoutError, match=r"layers\[0\]\.keys was written by code outside the compiled "
                                                   r"graphs.*ring order \(slot = position mod 4\)"):
-            _steps_from(step, _chunks([1], seed=4), cache, start=12)
+            _steps(step, _chunks([1], seed=4), cache, start=12)
 
 
 def test_beam_search_refuses_a_copied_ring_and_equals_eager_in_eager_order():
