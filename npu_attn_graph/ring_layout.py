@@ -26,6 +26,7 @@ steps; `window_in_eager_order` gives that read.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,14 +60,47 @@ class LayoutPlan:
 
 
 RING, EAGER = "ring", "eager"
-# window tensor -> (RING or EAGER, its version counter when the last compiled graph left it)
+
+
+class _Record:
+    """The order the last compiled graph left a window in, and its version counter then."""
+
+    __slots__ = ("order", "version")
+
+    def __init__(self, order: str, version: int) -> None:
+        self.order, self.version = order, version
+
+
+# window tensor -> its _Record
 _LAYOUT: Any = WeakTensorKeyDictionary()
+# Bumped whenever a window is recorded for the first time, changes order or is forgotten: a
+# guard whose inputs are the tensors of its last call, unwritten since but by itself, with
+# the epoch unchanged, has nothing to check (its fast path, see guarded).
+_EPOCH = [0]
 
 
 def is_ring(window: torch.Tensor) -> bool:
     """The window was left in ring order by a compiled step, and nothing wrote it since."""
-    order, version = _LAYOUT.get(window, (None, None))
-    return order == RING and version == _version(window)
+    record = _LAYOUT.get(window)
+    return record is not None and record.order == RING and record.version == _version(window)
+
+
+def _record(window: torch.Tensor, order: str) -> _Record:
+    record = _LAYOUT.get(window)
+    if record is None:
+        record = _LAYOUT[window] = _Record(order, _version(window))
+        _EPOCH[0] += 1
+    else:
+        if record.order != order:
+            record.order = order
+            _EPOCH[0] += 1
+        record.version = _version(window)
+    return record
+
+
+def _forget(window: torch.Tensor) -> None:
+    del _LAYOUT[window]
+    _EPOCH[0] += 1
 
 
 def cache_shaped(example_inputs: Sequence[Any]) -> tuple[int | None, ...]:
@@ -112,6 +146,11 @@ def guarded(compiled: Callable[..., Any], plan: Callable[[], LayoutPlan]) -> Cal
     """`compiled` (called with the graph's inputs) with the layout checks around it.
     `plan` is asked once, at the first call (the passes have run by then)."""
     chosen: list[LayoutPlan] = []
+    # After a full check: the epoch, each checked input (index, weak reference: a cache the
+    # caller drops is not kept alive) and the records of
+    # the windows this graph recorded, so that a steady decode loop costs an identity and
+    # version test per window (the records are updated in place).
+    memo: list[Any] = [None, (), ()]
 
     def run(*args: Any) -> Any:  # dynamo calls the compiled graph with its inputs as arguments
         if not chosen:
@@ -119,9 +158,20 @@ def guarded(compiled: Callable[..., Any], plan: Callable[[], LayoutPlan]) -> Cal
         layout = chosen[0]
         if not (layout.windows or layout.new_windows or layout.plain_windows or _LAYOUT):
             return compiled(*args)
+        epoch, inputs, records = memo
+        if epoch == _EPOCH[0] and all(args[i] is t() for i, t in inputs) and \
+                all(r.version == _version(args[i]) for (i, _), r in zip(inputs, records)):
+            out = compiled(*args)
+            for (i, _), r in zip(inputs, records):
+                r.version = _version(args[i])
+            return out
         _before(layout, args)
         out = compiled(*args)
-        _after(layout, args, out)
+        written = _after(layout, args, out)
+        checked = [i for i, _ in layout.others if i not in written]
+        # (others last: records only cover the recorded windows, zip stops there)
+        memo[:] = [None if layout.new_windows else _EPOCH[0],
+                   tuple((i, weakref.ref(args[i])) for i in list(written) + checked), tuple(written.values())]
         return out
 
     return run
@@ -169,9 +219,11 @@ def _order_of(window: torch.Tensor, source: str, seen: int | None) -> str | None
     A window in eager's order stays so whatever eager code writes into it; a ring
     written since by anything else is forgotten when the layer was reset (token count
     under W, or the window zeroed), and an error otherwise."""
-    order, version = _LAYOUT.get(window, (None, None))
-    if order != RING or version == _version(window):
-        return order
+    record = _LAYOUT.get(window)
+    if record is None:
+        return None
+    if record.order != RING or record.version == _version(window):
+        return record.order
     slots = window.shape[WINDOW_DIM] if window.dim() > WINDOW_DIM else 0
     if (seen is None or seen >= slots) and bool(window.any()):
         raise RingLayoutError(
@@ -180,17 +232,17 @@ def _order_of(window: torch.Tensor, source: str, seen: int | None) -> str | None
             f"a compiled step left it in ring order (slot = position mod {slots}); the two orders are now "
             f"mixed and the cache is wrong. Compile with fullgraph=True and keep every step compiled, or "
             f"use sliding_window_cache='shift'")
-    del _LAYOUT[window]
+    _forget(window)
     return None
 
 
-def _after(plan: LayoutPlan, inputs: Sequence[Any], out: Any) -> None:
-    for w in plan.windows:
-        window = inputs[w.index]
-        _LAYOUT[window] = (RING if w.ring else EAGER, _version(window))
+def _after(plan: LayoutPlan, inputs: Sequence[Any], out: Any) -> dict[int, _Record]:
+    """Record the order this graph left its windows in; returns input index -> record."""
+    written = {w.index: _record(inputs[w.index], RING if w.ring else EAGER) for w in plan.windows}
     for i in plan.plain_windows:
-        _LAYOUT[inputs[i]] = (EAGER, _version(inputs[i]))
+        written[i] = _record(inputs[i], EAGER)
     if plan.new_windows:  # allocated and filled in eager's order
         for x in out if isinstance(out, (list, tuple)) else (out,):
             if isinstance(x, torch.Tensor) and x.dim() == 4 and x.dtype.is_floating_point and x not in _LAYOUT:
-                _LAYOUT[x] = (EAGER, _version(x))
+                _record(x, EAGER)
+    return written
