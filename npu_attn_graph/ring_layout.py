@@ -147,9 +147,9 @@ def guarded(compiled: Callable[..., Any], plan: Callable[[], LayoutPlan]) -> Cal
     `plan` is asked once, at the first call (the passes have run by then)."""
     chosen: list[LayoutPlan] = []
     # After a full check: the epoch, each checked input (index, weak reference: a cache the
-    # caller drops is not kept alive) and the records of
-    # the windows this graph recorded, so that a steady decode loop costs an identity and
-    # version test per window (the records are updated in place).
+    # caller drops is not kept alive) and the records of the windows this graph recorded,
+    # so that a steady decode loop costs an identity and a version test per window (the
+    # records are updated in place).
     memo: list[Any] = [None, (), ()]
 
     def run(*args: Any) -> Any:  # dynamo calls the compiled graph with its inputs as arguments
