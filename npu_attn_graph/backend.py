@@ -38,7 +38,7 @@ from . import kernels  # noqa: F401  (registers the npu_attn ops)
 from . import ring_layout
 from ._logging import graphs_log, log
 from .passes import PASSES, PassContext, run_passes, run_pre_aot_passes
-from .passes._context import FP32_ATTENTION, SLIDING_WINDOW_CACHE
+from .passes._context import FP32_ATTENTION, SLIDING_WINDOW_CACHE, WindowOrders
 from .passes._fx import CONSTANT
 from .report import Report
 from .torchair_bridge import TorchAir, load_torchair, torch_npu_available
@@ -127,15 +127,14 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
     _rewrite_for_training(gm, example_inputs, opts, report)
 
     sources = input_sources(gm)
-    ring_windows: set[str] = set()
-    untracked = ring_layout.untracked_reason(example_inputs, sources)
+    orders, untracked = WindowOrders(), ring_layout.untracked_reason(example_inputs, sources)
 
     def compiler(graph_name: str) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
         def compile_graph(aten_gm: torch.fx.GraphModule, aten_inputs: list[Any]) -> Callable[..., Any]:
             assert opts.executor is not None and opts.fp32_attention is not None  # BackendOptions.parse filled in every default
             _rewrite(aten_gm, opts, report, PassContext(graph_name, "torch", opts.fp32_attention,
                                                         sliding_window_cache=opts.sliding_window_cache,
-                                                        input_sources=sources, ring_windows=ring_windows,
+                                                        input_sources=sources, window_orders=orders,
                                                         ring_untracked=untracked))
             return _execute(aten_gm, aten_inputs, opts.executor)
 
@@ -153,16 +152,16 @@ def _compile_with_aot(gm: torch.fx.GraphModule, example_inputs: list[Any], opts:
         # cache-update pass can turn them into in-place writes.
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
-    return _with_window_layout(compiled, sources, example_inputs, ring_windows)
+    return _with_window_layout(compiled, sources, example_inputs, orders)
 
 
 def _with_window_layout(compiled: Callable[..., Any], sources: tuple[str | None, ...], example_inputs: list[Any],
-                        ring_windows: set[str]) -> Callable[..., Any]:
+                        orders: WindowOrders) -> Callable[..., Any]:
     """compiled, with the run-time guard that keeps sliding-window caches in the
-    order each graph reads them (ring_layout)."""
+    order each graph reads them (ring_layout); `orders` is filled by the passes."""
     ranks = ring_layout.cache_shaped(example_inputs)
     return ring_layout.guarded(compiled, lambda: ring_layout.plan_for(
-        sources, ranks, ring_windows, new_windows=PassContext.NEW_WINDOWS in ring_windows))
+        sources, ranks, orders.ring, new_windows=orders.new_windows))
 
 
 class NpuAttnBackend:
@@ -310,18 +309,17 @@ def _compile_with_torchair(gm: torch.fx.GraphModule, example_inputs: list[Any], 
         # Functional KV writers: TorchAir turns writer + copy_ into in-place GE writes.
         _rewrite(aten_gm, opts, report, PassContext(graph_name, "ge", opts.fp32_attention,
                                                     sliding_window_cache=opts.sliding_window_cache,
-                                                    input_sources=sources, ring_windows=ring_windows,
+                                                    input_sources=sources, window_orders=orders,
                                                     ring_untracked=untracked))
         if user_pass is not None:
             user_pass(aten_gm, aten_inputs, torchair_config)
         say(f"TorchAir: converting the {graph_name} graph into a GE graph")
 
     sources = input_sources(gm)
-    ring_windows: set[str] = set()
-    untracked = ring_layout.untracked_reason(example_inputs, sources)
+    orders, untracked = WindowOrders(), ring_layout.untracked_reason(example_inputs, sources)
     config.post_grad_custom_pre_pass = npu_attn_passes
     compiled = torchair.module.get_npu_backend(compiler_config=config)(gm, example_inputs)
-    return _with_window_layout(compiled, sources, example_inputs, ring_windows)
+    return _with_window_layout(compiled, sources, example_inputs, orders)
 
 
 def input_sources(gm: torch.fx.GraphModule) -> tuple[str | None, ...]:

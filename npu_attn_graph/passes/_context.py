@@ -12,6 +12,17 @@ FP32_ATTENTION = ("keep", "float16", "bfloat16", "unfused")
 SLIDING_WINDOW_CACHE = ("auto", "ring", "shift")
 
 
+@dataclass
+class WindowOrders:
+    """What the sliding-window pass leaves for the backend's run-time layout guard
+    (ring_layout): the sources of the window inputs a graph reads and writes in ring
+    order, and whether it allocates windows and fills them (in eager's order; they
+    leave the graph as outputs)."""
+
+    ring: set[str] = field(default_factory=set)
+    new_windows: bool = False
+
+
 @dataclass(frozen=True)
 class PassContext:
     graph_name: str  # "inference" / "forward" / "backward"
@@ -38,16 +49,11 @@ class PassContext:
     # dynamo's source name of each graph input ("L['kwargs']['past_key_values'].layers[0].keys"),
     # in placeholder order, where the backend knows them (None for an input without one).
     input_sources: tuple = ()
-    # Filled by the sliding-window pass for the backend's run-time layout guard
-    # (ring_layout): the sources of the window inputs this graph reads and writes in
-    # ring order, and "new windows" when it allocates windows and fills them (in
-    # eager's order; they leave the graph as outputs).
-    ring_windows: set = field(default_factory=set, compare=False)
+    # Filled by the sliding-window pass (see WindowOrders).
+    window_orders: WindowOrders = field(default_factory=WindowOrders, compare=False)
     # Why ring order must not be chosen by "auto" for this graph (its layout could not
     # be tracked at run time), or None.
     ring_untracked: str | None = None
-
-    NEW_WINDOWS = "new windows"  # the marker in ring_windows (see above)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -172,7 +172,7 @@ def rewrite_fill(rw: Rewrite, fill: WindowFill, ctx: PassContext, site: Site) ->
     starts = rw.call(aten.expand.default, (zero, [rw.size(fill.cache, 0)]))
     axis = fill.dim - val(fill.cache).dim()
     if fill.fresh:  # the copy's result is the cache: the functional writer takes its place
-        ctx.ring_windows.add(ctx.NEW_WINDOWS)
+        ctx.window_orders.new_windows = True
         written = rw.call(SCATTER_UPDATE.functional, (fill.cache, starts, value, axis))
         rw.replace(fill.copy, written)
         site.fused_op = "scatter_update"
@@ -214,7 +214,7 @@ def sliding_window_cache_update(gm: torch.fx.GraphModule, report: Report, ctx: P
     except SlidingWindowRingError as why:
         gm.graph = before
         del report.sites[first_site:]
-        ctx.ring_windows.clear()
+        ctx.window_orders.ring.clear()
         return _in_eager_order(gm, report, ctx, str(why))
 
 

@@ -315,7 +315,7 @@ def mark_ring(gm: torch.fx.GraphModule, ctx: PassContext, cache: torch.fx.Node) 
     backend's run-time layout guard, ring_layout)."""
     source = _placeholder_sources(gm, ctx).get(cache)
     if source is not None:
-        ctx.ring_windows.add(source)
+        ctx.window_orders.ring.add(source)
 
 
 def _insert_order(gm: torch.fx.GraphModule, before: torch.fx.Node, slots: int, seen: torch.fx.Node, sign: int,
