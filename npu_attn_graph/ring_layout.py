@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .passes.sliding_window_ring import token_count_source
+
 WINDOW_DIM = 2  # transformers' sliding layers keep (batch, kv heads, W, head dim)
 
 
@@ -122,13 +124,13 @@ def plan_for(sources: Sequence[str | None], ranks: Sequence[int | None], ring_so
     for i, (source, rank) in enumerate(zip(sources, ranks)):
         if rank is None:
             continue
-        layer = next((source[: -len(s)] for s in (".keys", ".values") if source and source.endswith(s)), None)
-        seen = index_of.get(f"{layer}.cumulative_length_int") if layer is not None else None
+        count = token_count_source(source)
+        seen = index_of.get(count) if count is not None else None
         if seen is not None and rank == 4:
             windows.append(Window(i, source or "", seen, source in ring))
         elif "._parameters[" not in (source or ""):
             others.append((i, source or f"input {i}"))
-    plain = tuple(i for i, source in others if source.endswith((".keys", ".values")))
+    plain = tuple(i for i, source in others if token_count_source(source) is not None)
     return LayoutPlan(tuple(windows), tuple(others), new_windows, plain)
 
 
@@ -136,7 +138,7 @@ def untracked_reason(example_inputs: Sequence[Any], sources: Sequence[str | None
     """Why the windows among these inputs could not be tracked (inference tensors
     have no version counter), or None."""
     for source, x in zip(sources, example_inputs):
-        if source and source.endswith((".keys", ".values")) and isinstance(x, torch.Tensor) and x.is_inference():
+        if token_count_source(source) is not None and isinstance(x, torch.Tensor) and x.is_inference():
             return (f"{source} is an inference tensor (made under torch.inference_mode), which has no version "
                     f"counter, so a ring order could not be tracked at run time; use torch.no_grad()")
     return None

@@ -94,16 +94,23 @@ def _placeholder_sources(gm: torch.fx.GraphModule, ctx: PassContext) -> dict[tor
     return {p: s for p, s in zip(placeholders, ctx.input_sources) if s}
 
 
+def token_count_source(source: str | None) -> str | None:
+    """dynamo's source of a layer window (`X.keys` / `X.values`) -> the source of the
+    same layer's token count (`X.cumulative_length_int`); None for any other source."""
+    for suffix in (".keys", ".values"):
+        if source and source.endswith(suffix):
+            return source[: -len(suffix)] + ".cumulative_length_int"
+    return None
+
+
 def seen_tokens(gm: torch.fx.GraphModule, ctx: PassContext, cache: torch.fx.Node) -> torch.fx.Node | None:
     """The graph input holding `cache`'s layer's cumulative_length_int (a SymInt),
-    found through dynamo's sources: `X.keys` / `X.values` -> `X.cumulative_length_int`."""
+    found through dynamo's sources (token_count_source)."""
     sources = _placeholder_sources(gm, ctx)
-    source = sources.get(cache, "")
-    for suffix in (".keys", ".values"):
-        if source.endswith(suffix):
-            wanted = source[: -len(suffix)] + ".cumulative_length_int"
-            return next((p for p, s in sources.items() if s == wanted and isinstance(val(p), torch.SymInt)), None)
-    return None
+    wanted = token_count_source(sources.get(cache))
+    if wanted is None:
+        return None
+    return next((p for p, s in sources.items() if s == wanted and isinstance(val(p), torch.SymInt)), None)
 
 
 def window_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
@@ -111,7 +118,7 @@ def window_inputs(gm: torch.fx.GraphModule, ctx: PassContext) -> list[tuple[torc
     whose token count is a graph input: the windows a ring can hold."""
     found = []
     for cache, source in _placeholder_sources(gm, ctx).items():
-        if source.endswith((".keys", ".values")) and isinstance(val(cache), torch.Tensor):
+        if token_count_source(source) is not None and isinstance(val(cache), torch.Tensor):
             seen = seen_tokens(gm, ctx, cache)
             if seen is not None:
                 found.append((cache, seen))
@@ -349,7 +356,7 @@ def unrotate_reads(gm: torch.fx.GraphModule, ctx: PassContext, is_window_step) -
     """Before the rules: in a graph where a ring window is full, every read of it
     other than a decode step's shift (and the writes into it) reads it un-rotated."""
     for cache, source in _placeholder_sources(gm, ctx).items():
-        if not (source.endswith(".keys") or source.endswith(".values")) or val(cache).dim() != 4:
+        if token_count_source(source) is None or val(cache).dim() != 4:
             continue
         seen = seen_tokens(gm, ctx, cache)
         if seen is None:
