@@ -5,9 +5,11 @@ with a static cache, batched, on the same requests.
     python bench/serving.py                    # defaults: 32 requests, tiny Llama, ~2 minutes
     python bench/serving.py --requests 64 --layers 4 --max-tokens 64
 
-Each variant runs in a fresh subprocess (so its peak RSS is its own) from one
-invocation; warm-up (compilation, a first generate()) is excluded from the timings, and
-each variant's time is the fastest of --repeats runs (default 3).
+Each variant lives in its own subprocess (so its peak RSS is its own), started from one
+invocation; warm-up (compilation, a first generate()) is excluded from the timings. The
+timed runs are interleaved: round r runs each variant once, one after another, so a
+change in this shared machine's speed hits every variant alike; each variant's time is
+its fastest of --repeats rounds (default 5).
 Reported: throughput (generated tokens/s), time per output token (mean over requests
 of (finish - first token) / (tokens - 1); for generate(): (full run - 1-token run) /
 (tokens - 1)), peak RSS of the process and the KV-cache size, each also as a ratio to
@@ -48,7 +50,8 @@ def make_prompts(args):
     return [torch.randint(1, args.vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_engine(args, compiled: bool, executor: str = "eager"):
+def engine_runner(args, compiled: bool, executor: str = "eager"):
+    """Build and warm the engine; return a function that serves the prompts once, timed."""
     from examples.mini_vllm import LLMEngine, SamplingParams
 
     hf, prompts = make_model(args), make_prompts(args)
@@ -58,18 +61,21 @@ def run_engine(args, compiled: bool, executor: str = "eager"):
                                max_num_batched_tokens=512, compile=compiled,
                                backend_options={"executor": executor})
     engine.warmup()
-    wall = float("inf")
-    for _ in range(args.repeats):  # the best of a few runs: this shared machine's load varies
+    cache = sum(c.numel() * c.element_size() for c in engine.kv_caches)
+
+    def run():
         t0 = time.perf_counter()
         outputs = engine.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
-        wall = min(wall, time.perf_counter() - t0)
-    tpot = [(o.finish_time - o.first_token_time) / (len(o.output_token_ids) - 1) for o in outputs]
-    cache = sum(c.numel() * c.element_size() for c in engine.kv_caches)
-    return dict(wall=wall, tokens=sum(len(o.output_token_ids) for o in outputs), tpot=sum(tpot) / len(tpot),
-                cache=cache, outputs=[o.output_token_ids for o in outputs])
+        wall = time.perf_counter() - t0
+        tpot = [(o.finish_time - o.first_token_time) / (len(o.output_token_ids) - 1) for o in outputs]
+        return dict(wall=wall, tokens=sum(len(o.output_token_ids) for o in outputs), tpot=sum(tpot) / len(tpot),
+                    cache=cache, outputs=[o.output_token_ids for o in outputs])
+
+    return run
 
 
-def run_hf(args):
+def hf_runner(args):
+    """transformers' generate() with a StaticCache, all prompts in one left-padded batch."""
     import transformers
 
     hf, prompts = make_model(args), make_prompts(args)
@@ -87,19 +93,21 @@ def run_hf(args):
                                past_key_values=cache, pad_token_id=0)
 
     gen(2)  # warm-up
-    first = wall = float("inf")
-    for _ in range(args.repeats):  # the best of a few runs, as for the engine
-        t0 = time.perf_counter()
-        gen(1)
-        first = min(first, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out = gen(args.max_tokens)
-        wall = min(wall, time.perf_counter() - t0)
     cfg = hf.config
     cache = 2 * cfg.num_hidden_layers * len(prompts) * (width + args.max_tokens) * cfg.num_key_value_heads * \
         (cfg.hidden_size // cfg.num_attention_heads) * 4
-    return dict(wall=wall, tokens=len(prompts) * args.max_tokens, tpot=(wall - first) / (args.max_tokens - 1),
-                cache=cache, outputs=out[:, width:].tolist())
+
+    def run():
+        t0 = time.perf_counter()
+        gen(1)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = gen(args.max_tokens)
+        wall = time.perf_counter() - t0
+        return dict(wall=wall, tokens=len(prompts) * args.max_tokens, tpot=(wall - first) / (args.max_tokens - 1),
+                    cache=cache, outputs=out[:, width:].tolist())
+
+    return run
 
 
 def reference_outputs(args):
@@ -109,8 +117,29 @@ def reference_outputs(args):
                 for p in prompts]
 
 
-VARIANTS = {"npu_attn": lambda a: run_engine(a, True), "npu_attn+inductor": lambda a: run_engine(a, True, "inductor"),
-            "eager": lambda a: run_engine(a, False), "hf_static": run_hf}
+VARIANTS = {"npu_attn": lambda a: engine_runner(a, True),
+            "npu_attn+inductor": lambda a: engine_runner(a, True, "inductor"),
+            "eager": lambda a: engine_runner(a, False), "hf_static": hf_runner}
+
+
+def child(args) -> None:
+    """One variant: warm up, then one timed run per line "run" on stdin, a JSON line each."""
+    run = VARIANTS[args.variant](args)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        result = run()
+        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps(result), flush=True)
+
+
+def _read(proc: subprocess.Popen, name: str) -> str:
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        sys.exit(f"{name} failed:\n{proc.stderr.read()[-4000:]}")
+    return line
 
 
 def main():
@@ -124,31 +153,41 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the fastest counts")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; each variant's fastest counts")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated variants to run (hf_static, the baseline, always runs)")
     ap.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    if args.variant:  # child process: one variant, result as JSON on the last line
-        result = VARIANTS[args.variant](args)
-        result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps(result))
+    if args.variant:  # child process
+        child(args)
         return
 
     child_args = [a for a in sys.argv[1:]]
-    results = {}
     names = [n for n in args.variants.split(",") if n != "hf_static"] + ["hf_static"]
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         sys.exit(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
-    for name in names:
-        proc = subprocess.run([sys.executable, __file__, *child_args, "--variant", name], capture_output=True,
-                              text=True, cwd=ROOT)
-        if proc.returncode:
-            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = {}
+    for name in names:  # warmed one at a time (compiling takes both cores)
+        procs[name] = subprocess.Popen([sys.executable, __file__, *child_args, "--variant", name], cwd=ROOT,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+        while _read(procs[name], name).strip() != "ready":
+            pass
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):  # interleaved rounds
+        for name, proc in procs.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            runs[name].append(json.loads(_read(proc, name)))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    results = {}
+    for name, rs in runs.items():  # the fastest round of each (this shared machine's speed varies)
+        results[name] = dict(rs[-1], wall=min(r["wall"] for r in rs), tpot=min(r["tpot"] for r in rs))
     expected = reference_outputs(args)
     base = results["hf_static"]
     print(f"{args.requests} requests, prompts {args.min_len}-{args.max_len} tokens, {args.max_tokens} new tokens each; "

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _library, _paged_decode
+from . import _library, _paged_decode, _varlen_prefill
 from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
 from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
@@ -60,6 +60,11 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
         if fast is not None:
             return fast
         _paged_decode.PATHS["general"] += 1
+    elif call.layout.inputs == "TND":  # a serving engine's packed prefill: one SDPA call
+        fast = _varlen_prefill.run(call, g) if _varlen_prefill.eligible(call, g) else None
+        if fast is not None:
+            return fast
+        _varlen_prefill.PATHS["general"] += 1
     layout, device = call.layout, call.query.device
     tnd = layout.inputs == "TND"
 

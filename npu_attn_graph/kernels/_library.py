@@ -11,11 +11,12 @@ import contextvars
 import functools
 import importlib.util
 import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence, TypeVar
 
 import torch
 
 NAMESPACE = "npu_attn"
+T = TypeVar("T")
 
 # One DEF library for the whole namespace; op modules add to it on import.
 LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -61,6 +62,29 @@ def holds_once(tensor: torch.Tensor, predicate: Callable[[torch.Tensor], bool]) 
 
 # Keyed by (id(tensor), predicate); the weak reference tells a live tensor from a reused id.
 _CHECKED: dict[tuple[int, Callable], tuple[weakref.ref, int]] = {}
+
+
+def once_per_version(tensor: torch.Tensor, tag: str, key: Hashable, compute: Callable[[], T]) -> T:
+    """compute(), a function of the tensor's contents and of `key`, evaluated once per
+    tensor version and key: a model hands the same mask or block table to every layer.
+    One entry per (tensor, tag), so a new key replaces the last. Not cached for fake
+    tensors and inference tensors (they have no version counter)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference tensor
+        return compute()
+    entry = _MEMO.get((id(tensor), tag))
+    if entry is not None and entry[0]() is tensor and entry[1] == version and entry[2] == key:
+        return entry[3]
+    value = compute()
+    if not isinstance(tensor, torch._subclasses.FakeTensor):
+        for stale in [k for k, (ref, *_) in _MEMO.items() if ref() is None]:
+            del _MEMO[stale]
+        _MEMO[(id(tensor), tag)] = (weakref.ref(tensor), version, key, value)
+    return value
+
+
+_MEMO: dict[tuple[int, str], tuple[weakref.ref, int, Hashable, object]] = {}
 
 
 class NpuAttnArgumentError(ValueError):
@@ -126,12 +150,18 @@ def with_schema_defaults(qualname: str, fn: Callable) -> Callable:
     arguments = schema_of(qualname).arguments
     positional = [a for a in arguments if not a.kwarg_only]
     keyword = {a.name: a.default_value for a in arguments if a.kwarg_only and a.has_default_value()}
+    list_keywords = [name for name, v in keyword.items() if isinstance(v, list)]
 
     @functools.wraps(fn)
     def kernel(*args, **kwargs):
         # Only arguments with a default can be left out (the dispatcher checked the call).
-        args += tuple(_fresh(a.default_value) for a in positional[len(args):])
-        return fn(*args, **{**{name: _fresh(v) for name, v in keyword.items()}, **kwargs})
+        if len(args) < len(positional):
+            args += tuple(_fresh(a.default_value) for a in positional[len(args):])
+        merged = dict(keyword)
+        for name in list_keywords:
+            merged[name] = list(merged[name])
+        merged.update(kwargs)
+        return fn(*args, **merged)
 
     return kernel
 

@@ -34,8 +34,8 @@ becomes block 0, whose slots are then zeroed like any unread slot).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
@@ -60,6 +60,15 @@ def eligible(call: InferenceCall, g: Geometry) -> bool:
     )
 
 
+class _Plan(NamedTuple):
+    """What a step's calls share: every layer reads the same block table and lengths."""
+
+    ids: torch.Tensor  # (B * width,) block ids, the table's entries past a need included
+    unread: torch.Tensor  # (B, S) bool: slots past each sequence's length
+    unread_rows: torch.Tensor  # ids of the unread rows of the gathered value, in _gather's row order
+    empty: torch.Tensor | None  # batches of length 0
+
+
 def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(attention_out, softmax_lse placeholder) of an eligible, validated call; None where the
     general path must take it (over the memory budget, or a used table entry out of range)."""
@@ -67,14 +76,32 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     if batch == 0:
         return None
     kv_lens = broadcast(call.kv_lens, batch)
-    width = max(1, max((math.ceil(n / bs) for n in kv_lens), default=1))
+    width = max(1, -(-max(kv_lens) // bs))
     seq = width * bs
     dtype = compute_dtype(call.query.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if batch * seq * g.kv_heads * max(g.head_dim, g.value_dim) * itemsize > _library.SCORE_BLOCK_BYTES:
+    if batch * seq * g.kv_heads * max(g.head_dim, g.value_dim) * dtype.itemsize > _library.SCORE_BLOCK_BYTES:
         return None
     if call.block_table.shape[1] < width:
         return None
+    key = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads)
+    plan = _library.once_per_version(call.block_table, "paged_decode", key, lambda: _plan(call, g, kv_lens, width))
+    key = _gather(call.key, plan.ids, None, batch, g.kv_heads, bs, dtype)
+    value = _gather(call.value, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
+    group = g.heads // g.kv_heads
+    q = (_as(to_bnsd(call.query, call.layout.inputs, g.heads), dtype) * call.scale).reshape(batch, g.kv_heads, group, -1)
+    scores = torch.matmul(q, key.transpose(-1, -2))  # (B, Nkv, group, S)
+    scores.masked_fill_(plan.unread.view(batch, 1, 1, seq), float("-inf"))  # also any NaN read there
+    out = torch.matmul(torch.softmax(scores, dim=-1), value).reshape(batch, g.heads, 1, -1)
+    if plan.empty is not None:  # nothing to attend to: 0 (the softmax of a row of -inf is NaN)
+        out.index_fill_(0, plan.empty, 0)
+    out = from_bnsd(_as(out, g.out_dtype), call.layout.output)
+    PATHS["fast"] += 1
+    return out, torch.zeros(1, dtype=torch.float32, device=call.query.device)
+
+
+def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int) -> _Plan:
+    batch, bs, device = g.batch, call.block_size, call.query.device
+    seq = width * bs
     table = call.block_table[:, :width]
     # Entries past a sequence's need are gathered too (then zeroed), so they must be block
     # ids as well. One reduction says whether they all are (an engine pads with a real
@@ -83,38 +110,35 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     low, high = (int(x) for x in torch.aminmax(table))
     if low < 0 or high >= call.key.shape[0]:
         table = paged_block_ids(call.op, call.block_table, kv_lens, bs, call.key.shape[0], call.kv_lens_name)
-    ids = table.reshape(-1).long()
-    device = call.query.device
     lengths = torch.tensor(kv_lens, dtype=torch.int64, device=device)
     unread = torch.arange(seq, device=device).view(1, -1) >= lengths.view(-1, 1)  # (B, S)
-    key = _gather(call.key, ids, None, batch, g.kv_heads, bs, dtype)
-    value = _gather(call.value, ids, unread, batch, g.kv_heads, bs, dtype)
-    group = g.heads // g.kv_heads
-    q = (to_bnsd(call.query, call.layout.inputs, g.heads).to(dtype) * call.scale).reshape(batch, g.kv_heads, group, -1)
-    scores = torch.matmul(q, key.transpose(-1, -2))  # (B, Nkv, group, S)
-    scores.masked_fill_(unread.view(batch, 1, 1, seq), float("-inf"))  # also any NaN read there
-    out = torch.matmul(torch.softmax(scores, dim=-1), value).reshape(batch, g.heads, 1, -1)
+    if call.value.dim() == 3:  # _gather zeroes token rows (B * S)
+        rows = unread.reshape(-1)
+    else:  # head-major rows (B * Nkv * S)
+        rows = unread.view(batch, 1, seq).expand(batch, g.kv_heads, seq).reshape(-1)
     empty = [b for b, n in enumerate(kv_lens) if n == 0]
-    if empty:  # nothing to attend to: 0 (the softmax of a row of -inf is NaN)
-        out.index_fill_(0, torch.tensor(empty, device=device), 0)
-    out = from_bnsd(out.to(g.out_dtype), call.layout.output)
-    PATHS["fast"] += 1
-    return out, torch.zeros(1, dtype=torch.float32, device=device)
+    return _Plan(table.reshape(-1), unread, rows.nonzero().view(-1),
+                 torch.tensor(empty, device=device) if empty else None)
 
 
-def _gather(cache: torch.Tensor, ids: torch.Tensor, unread: torch.Tensor | None, batch: int, kv_heads: int,
+def _gather(cache: torch.Tensor, ids: torch.Tensor, unread_rows: torch.Tensor | None, batch: int, kv_heads: int,
             block_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Blocks `ids` of a (blocknum, blocksize, H) or (blocknum, Nkv, blocksize, D) cache as
-    (B, Nkv, S, D) in `dtype`, with the `unread` (B, S) slots set to 0 in the copy (if given)."""
+    contiguous (B, Nkv, S, D) in `dtype`, with the `unread_rows` set to 0 in the copy (if given)."""
     seq = ids.shape[0] // batch * block_size
-    picked = cache.index_select(0, ids).to(dtype)
+    picked = _as(cache.index_select(0, ids), dtype)
     if cache.dim() == 3:  # (B * width, blocksize, H): token rows of H = Nkv * D
-        if unread is not None:
-            picked.view(batch * seq, -1).index_fill_(0, unread.view(-1).nonzero().view(-1), 0)
-        return picked.view(batch, seq, kv_heads, -1).transpose(1, 2)
+        if unread_rows is not None:
+            picked.view(batch * seq, -1).index_fill_(0, unread_rows, 0)
+        # Contiguous: a batched matmul over the strided (B, Nkv) batch would copy it anyway.
+        return picked.view(batch, seq, kv_heads, -1).transpose(1, 2).contiguous()
     width = seq // block_size  # (B * width, Nkv, blocksize, D) -> (B, Nkv, S, D), one copy
     picked = picked.view(batch, width, kv_heads, block_size, -1).transpose(1, 2).reshape(batch, kv_heads, seq, -1)
-    if unread is not None:
-        rows = unread.view(batch, 1, seq).expand(batch, kv_heads, seq).reshape(-1)
-        picked.view(batch * kv_heads * seq, -1).index_fill_(0, rows.nonzero().view(-1), 0)
+    if unread_rows is not None:
+        picked.view(batch * kv_heads * seq, -1).index_fill_(0, unread_rows, 0)
     return picked
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # x.to(its own dtype) returns x, but through the dispatcher: a few us per call here.
+    return x if x.dtype == dtype else x.to(dtype)

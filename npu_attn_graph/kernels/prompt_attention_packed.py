@@ -72,7 +72,8 @@ from ._inference import validate
 from ._inference_kernel import empty_outputs
 from ._layouts import batch_and_seq, from_bnsd, parse_layout, to_bnsd
 from ._dropin import dropin
-from ._library import COMPRESSED_MASK_SIZE, INT_MAX, define, register_fake, register_npu, register_reference
+from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, define, once_per_version, register_fake, register_npu,
+                       register_reference)
 
 __all__ = ["PATHS", "PackedPlan", "npu_fused_infer_attention_score_packed", "npu_prompt_flash_attention_packed",
            "packed_plan"]
@@ -234,7 +235,9 @@ def _packed(op: str, wrapped, scale_kwarg: str, query, key, value, atten_mask, *
     batch, q_seq = batch_and_seq(query.shape, layout.inputs)
     _, kv_seq = batch_and_seq(key.shape, layout.inputs)
     common = {"num_heads": num_heads, scale_kwarg: scale, "num_key_value_heads": num_key_value_heads}
-    plan = packed_plan(atten_mask, batch, q_seq, kv_seq) if batch > 0 else None
+    # The same mask reaches every layer's call: read once per mask (and version).
+    plan = once_per_version(atten_mask, "packed_plan", (batch, q_seq, kv_seq),
+                            lambda: packed_plan(atten_mask, batch, q_seq, kv_seq)) if batch > 0 else None
     if plan is None:
         PATHS["masked"] += 1
         log.debug("packed prefill: mask %s is not packed; the masked call", tuple(atten_mask.shape))

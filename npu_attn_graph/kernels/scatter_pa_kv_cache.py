@@ -205,21 +205,27 @@ def _validate_compressed(op, key, value, key_cache, value_cache, slot_mapping, c
 
 def _write_plain(op: str, plan: _Plan, key, value, key_cache, value_cache, slot_mapping) -> None:
     slots = slot_mapping.to(torch.int64)
-    bad = slots >= plan.num_slots
-    if bool(bad.any()):  # a value rule: the fake kernel cannot see slot_mapping's contents
-        t = int(bad.nonzero()[0, 0])
+    if slots.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.aminmax(slots))  # one host read: the range rule and the skip
+    if high >= plan.num_slots:  # a value rule: the fake kernel cannot see slot_mapping's contents
+        t = int((slots >= plan.num_slots).nonzero()[0, 0])
         fail(op, "slot_mapping", f"entries must be slots in [0, num_blocks * block_size) = [0, {plan.num_slots}) "
              "(negative slots are skipped)", f"slot_mapping[{t}] = {int(slots[t])}")
-    tokens = torch.nonzero(slots >= 0).squeeze(1)
-    slots = slots[tokens]
-    blocks, offsets = slots // plan.block_size, slots % plan.block_size
+    if low < 0:
+        tokens = torch.nonzero(slots >= 0).squeeze(1)
+        slots, key, value = slots[tokens], key[tokens], value[tokens]
     if plan.mode == "Norm":
-        key_cache[blocks, offsets] = key[tokens]
-        value_cache[blocks, offsets] = value[tokens]
+        for cache, new in ((key_cache, key), (value_cache, value)):
+            if cache.is_contiguous():  # one row copy per token (slot = block * block_size + offset)
+                cache.view(plan.num_slots, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+            else:
+                cache[slots // plan.block_size, slots % plan.block_size] = new
         return
+    blocks, offsets = slots // plan.block_size, slots % plan.block_size
     # PA_NZ: (num_blocks, N*D//c0, block_size, c0) seen as (num_blocks, block_size, N*D//c0, c0).
-    key_cache.transpose(1, 2)[blocks, offsets] = key[tokens].reshape(len(tokens), -1, plan.c0)
-    value_cache.transpose(1, 2)[blocks, offsets] = value[tokens].reshape(len(tokens), -1, plan.c0)
+    key_cache.transpose(1, 2)[blocks, offsets] = key.reshape(len(slots), -1, plan.c0)
+    value_cache.transpose(1, 2)[blocks, offsets] = value.reshape(len(slots), -1, plan.c0)
 
 
 def _expand(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
