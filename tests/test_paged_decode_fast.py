@@ -193,3 +193,20 @@ def test_bad_used_block_id_is_still_named():
     with pytest.raises(NpuAttnArgumentError, match=r"block_table\[1\]\[0\] = " + str(k.shape[0])):
         ifa(torch.randn(2, 1, n * d), k, v, num_heads=n, num_key_value_heads=nkv, actual_seq_lengths=lens,
             block_table=table, block_size=bs)
+
+
+def test_the_step_plan_is_shared_by_a_steps_calls_and_follows_table_writes():
+    # (That the plan goes with its table: tests/test_backend_inductor.py, the engine under Inductor.)
+    lens, n, nkv, d, bs = [5, 20], 4, 2, 16, 16
+    k, v, table = paged(lens, nkv, d, bs, 3, None)
+    q = torch.randn(len(lens), 1, n * d)
+    kw = dict(num_heads=n, num_key_value_heads=nkv, input_layout="BSH", scale_value=0.3,
+              actual_seq_lengths=lens, block_size=bs)
+    first, _ = taken(ifa, q, k, v, block_table=table, **kw)
+    memo = dict(_library._MEMO)
+    second, _ = taken(ifa, q, k, v, block_table=table, **kw)  # another layer: the same plan
+    assert _library._MEMO == memo and torch.equal(first, second)
+    table[1, :2] = table[1, :2].flip(0)  # written in place: a new version, a new plan
+    third, _ = taken(ifa, q, k, v, block_table=table, **kw)
+    assert not torch.equal(first[1], third[1]) and torch.equal(first[0], third[0])
+    assert_matches(third, ifa_oracle(q, k, v, block_table=table, **kw))

@@ -67,8 +67,9 @@ _CHECKED: dict[tuple[int, Callable], tuple[weakref.ref, int]] = {}
 def once_per_version(tensor: torch.Tensor, tag: str, key: Hashable, compute: Callable[[], T]) -> T:
     """compute(), a function of the tensor's contents and of `key`, evaluated once per
     tensor version and key: a model hands the same mask or block table to every layer.
-    One entry per (tensor, tag), so a new key replaces the last. Not cached for fake
-    tensors and inference tensors (they have no version counter)."""
+    One entry per (tensor, tag), so a new key replaces the last; an entry goes when its
+    tensor does, so the value must not hold the tensor or a view of it. Not cached for
+    fake tensors and inference tensors (they have no version counter)."""
     try:
         version = tensor._version
     except RuntimeError:  # an inference tensor

@@ -117,7 +117,8 @@ def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int) -> _
     else:  # head-major rows (B * Nkv * S)
         rows = unread.view(batch, 1, seq).expand(batch, g.kv_heads, seq).reshape(-1)
     empty = [b for b, n in enumerate(kv_lens) if n == 0]
-    return _Plan(table.reshape(-1), unread, rows.nonzero().view(-1),
+    # A copy, not a view: a view would keep the table alive in once_per_version's memo.
+    return _Plan(table.reshape(-1).clone(), unread, rows.nonzero().view(-1),
                  torch.tensor(empty, device=device) if empty else None)
 
 
