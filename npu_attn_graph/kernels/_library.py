@@ -11,7 +11,7 @@ import contextvars
 import functools
 import importlib.util
 import weakref
-from typing import Callable, Hashable, Iterator, Sequence, TypeVar
+from typing import Callable, Hashable, Iterator, Sequence, TypeVar, cast
 
 import torch
 
@@ -76,7 +76,7 @@ def once_per_version(tensor: torch.Tensor, tag: str, key: Hashable, compute: Cal
         return compute()
     entry = _MEMO.get((id(tensor), tag))
     if entry is not None and entry[0]() is tensor and entry[1] == version and entry[2] == key:
-        return entry[3]
+        return cast(T, entry[3])
     value = compute()
     if not isinstance(tensor, torch._subclasses.FakeTensor):
         for stale in [k for k, (ref, *_) in _MEMO.items() if ref() is None]:

@@ -68,6 +68,7 @@ def _is_causal(call: InferenceCall) -> bool | None:
 def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(attention_out, softmax_lse placeholder) of an eligible, validated call; None where the
     general path must take it (no tokens, or over the memory budget)."""
+    assert call.q_lens is not None  # eligible() checked it
     segs = segments(call.q_lens)
     lengths = [e - s for s, e in segs]
     width = max(lengths, default=0)
@@ -75,8 +76,8 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     if width == 0:
         return None
     dtype = compute_dtype(call.query.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(segs) * width * g.heads * max(g.head_dim, g.value_dim) * itemsize > _library.SCORE_BLOCK_BYTES:
+    # (the query's (T, N, D): eligible() checked head_dim == value_dim)
+    if len(segs) * width * g.heads * call.query.shape[-1] * dtype.itemsize > _library.SCORE_BLOCK_BYTES:
         return None
     device = call.query.device
     # Row of each token in the padded (segments * width) buffer.
