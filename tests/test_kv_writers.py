@@ -142,13 +142,15 @@ def _su_case(index_kind, index_dtype, axis, width, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     data = _rand((5, 3, 9, 7), dtype, gen)
     ax = axis % 4
-    n = 4 if index_kind == "1d" else 3
+    n = 3 if index_kind == "2d" else 4
     upd_shape = [n, 3, 9, 7]
     upd_shape[ax] = width
     updates = _rand(upd_shape, dtype, gen)
     extent = data.shape[ax]
     starts = torch.randint(0, extent - width + 1, (n,), generator=gen)
-    if index_kind == "1d":
+    if index_kind == "1d_same":  # every row at one offset (a decode step): the kernel's one-slice path
+        starts = starts[:1].expand(n)
+    if index_kind in ("1d", "1d_same"):
         indices = starts
     else:
         rows = torch.randperm(5, generator=gen)[:n]  # shuffled, unique batch rows
@@ -157,7 +159,7 @@ def _su_case(index_kind, index_dtype, axis, width, dtype, seed=0):
 
 
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
-@pytest.mark.parametrize("index_kind", ["1d", "2d"])
+@pytest.mark.parametrize("index_kind", ["1d", "1d_same", "2d"])
 @pytest.mark.parametrize("axis", [-2, -1, 1, 2])
 @pytest.mark.parametrize("width", [1, 3])
 def test_scatter_update_matches_loop(index_dtype, index_kind, axis, width):
@@ -194,7 +196,7 @@ def test_scatter_update_3d_and_positive_last_axis():
                            loop_scatter_update(data, indices, updates, axis))
 
 
-@pytest.mark.parametrize("index_kind", ["1d", "2d"])
+@pytest.mark.parametrize("index_kind", ["1d", "1d_same", "2d"])
 def test_scatter_update_inplace(index_kind):
     data, indices, updates = _su_case(index_kind, torch.int32, -2, 2, torch.float16, seed=2)
     expected = loop_scatter_update(data, indices, updates, -2)
@@ -502,6 +504,9 @@ SU_ERRORS = [
     ("axis_dim_too_big", lambda: _su_args(updates=torch.zeros(4, 3, 10, 7)), "updates.shape[2] (axis)", True),
     ("start_overflow", lambda: _su_args(indices=torch.tensor([0, 0, 8, 0])), "indices (start offsets)", False),
     ("start_negative", lambda: _su_args(indices=torch.tensor([0, -1, 0, 0])), "indices (start offsets)", False),
+    ("same_start_overflow", lambda: _su_args(indices=torch.tensor([8, 8, 8, 8])), "indices (start offsets)", False),
+    ("same_start_negative", lambda: _su_args(indices=torch.tensor([-1, -1, -1, -1])), "indices (start offsets)",
+     False),
     ("row_range", lambda: _su_args(indices=torch.tensor([[0, 0], [5, 0], [1, 0], [2, 0]])), "indices[:, 0]", False),
 ]
 

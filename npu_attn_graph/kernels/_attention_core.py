@@ -127,6 +127,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype. (x.to(its own dtype) returns x too, but through the dispatcher: a few
+    microseconds that the decode fast paths pay per call.)"""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def chunk_rows(batch: int, heads: int, kv_len: int, budget_bytes: int | None = None) -> int:
     """Query rows per chunk so that one fp32 (B, N, rows, kv_len) score block fits the budget
     (default: _library.SCORE_BLOCK_BYTES, read at call time so tests can shrink it)."""

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _library, _paged_decode, _varlen_prefill
+from . import _dense_decode, _library, _paged_decode, _varlen_prefill
 from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
 from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
@@ -65,6 +65,11 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
         if fast is not None:
             return fast
         _varlen_prefill.PATHS["general"] += 1
+    elif g.q_seq == 1:  # a static-cache decode step: SDPA on the valid slice of K/V
+        fast = _dense_decode.run(call, g) if _dense_decode.eligible(call, g) else None
+        if fast is not None:
+            return fast
+        _dense_decode.PATHS["general"] += 1
     layout, device = call.layout, call.query.device
     tnd = layout.inputs == "TND"
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _library
-from ._attention_core import compute_dtype, paged_block_ids
+from ._attention_core import as_dtype, compute_dtype, paged_block_ids
 from ._inference import Geometry, InferenceCall, broadcast
 from ._layouts import from_bnsd, to_bnsd
 
@@ -94,12 +94,12 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     # K too: a NaN key scores NaN, and SDPA masks by adding -inf, which leaves NaN.
     key = _gather(call.key, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
     value = _gather(call.value, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
-    query = _as(to_bnsd(call.query, call.layout.inputs, g.heads), dtype)
+    query = as_dtype(to_bnsd(call.query, call.layout.inputs, g.heads), dtype)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=plan.keep, scale=call.scale,
                                          enable_gqa=g.heads != g.kv_heads)
     if plan.empty is not None:  # nothing to attend to: 0 (the softmax of a row of -inf is NaN)
         out.index_fill_(0, plan.empty, 0)
-    out = from_bnsd(_as(out, g.out_dtype), call.layout.output)
+    out = from_bnsd(as_dtype(out, g.out_dtype), call.layout.output)
     PATHS["fast"] += 1
     return out, torch.zeros(1, dtype=torch.float32, device=call.query.device)
 
@@ -132,7 +132,7 @@ def _gather(cache: torch.Tensor, ids: torch.Tensor, unread_rows: torch.Tensor, b
     """Blocks `ids` of a (blocknum, blocksize, H) or (blocknum, Nkv, blocksize, D) cache as
     (B, Nkv, S, D) in `dtype`, with the `unread_rows` set to 0 in the copy."""
     seq = ids.shape[0] // batch * block_size
-    picked = _as(cache.index_select(0, ids), dtype)
+    picked = as_dtype(cache.index_select(0, ids), dtype)
     if cache.dim() == 3:  # (B * width, blocksize, H): token rows of H = Nkv * D; a strided view
         picked.view(batch * seq, -1).index_fill_(0, unread_rows, 0)
         return picked.view(batch, seq, kv_heads, -1).transpose(1, 2)
@@ -141,7 +141,3 @@ def _gather(cache: torch.Tensor, ids: torch.Tensor, unread_rows: torch.Tensor, b
     picked.view(batch * kv_heads * seq, -1).index_fill_(0, unread_rows, 0)
     return picked
 
-
-def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # x.to(its own dtype) returns x, but through the dispatcher: a few us per call here.
-    return x if x.dtype == dtype else x.to(dtype)
