@@ -536,17 +536,20 @@ def holds_compressed_pattern(mask: torch.Tensor, rows: int = COMPRESSED_MASK_SIZ
 
 def _pattern_predicate(rows: int) -> Callable[[torch.Tensor], bool]:
     size = COMPRESSED_MASK_SIZE
+    expected: dict[torch.device, torch.Tensor] = {}  # the pattern, built once per device (4-6 MiB)
+
+    def pattern(device: torch.device) -> torch.Tensor:
+        if device not in expected:
+            i = torch.arange(rows, device=device).view(-1, 1)
+            cols = torch.arange(size, device=device).view(1, -1)
+            expected[device] = torch.where(i < size, cols > i, cols >= size // 2)
+        return expected[device]
 
     def holds(mask: torch.Tensor) -> bool:
+        # One comparison with the cached pattern: a graph that builds its mask per call (an
+        # Inductor graph builds one per layer) pays a memcmp per layer, not a rebuild.
         mask = mask.reshape(rows, size)
-        cols = torch.arange(size, device=mask.device).view(1, -1)
-        # Compared a block of rows at a time: no full-size expected pattern is built.
-        for r0 in range(0, rows, 256):
-            i = torch.arange(r0, min(rows, r0 + 256), device=mask.device).view(-1, 1)
-            expected = torch.where(i < size, cols > i, cols >= size // 2)
-            if not torch.equal(mask[r0:r0 + 256] != 0, expected):
-                return False
-        return True
+        return torch.equal(mask if mask.dtype == torch.bool else mask != 0, pattern(mask.device))
 
     return holds
 
