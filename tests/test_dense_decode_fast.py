@@ -11,48 +11,28 @@ mask, softmax_lse) go the general way.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from npu_attn_graph.kernels import _dense_decode
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.incre_flash_attention import npu_incre_flash_attention as ifa
+
+import fast_paths
+from fast_paths import assert_matches
 from oracle import fia_oracle, ifa_oracle
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# Against the fp64 oracle: fp32 rounding of the same sums; fp16/bf16 inputs are rounded
-# alike for both, the kernel computes in fp32 and rounds once at the end: twice the
-# output dtype's eps (as tests/test_attention_ops.py).
-TOL = {FP32: (1e-5, 1e-6), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
+general = functools.partial(fast_paths.general, _dense_decode)
+taken = functools.partial(fast_paths.taken, _dense_decode)
+
+FP32, FP16, BF16 = fast_paths.FP32, fast_paths.FP16, fast_paths.BF16
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(5)
-
-
-def general(fn, *args, **kwargs):
-    """The same call through the general (chunked) path."""
-    eligible = _dense_decode.eligible
-    _dense_decode.eligible = lambda call, g: False
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _dense_decode.eligible = eligible
-
-
-def taken(fn, *args, **kwargs):
-    before = dict(_dense_decode.PATHS)
-    out = fn(*args, **kwargs)
-    after = _dense_decode.PATHS
-    paths = [p for p in ("fast", "general") if after[p] != before.get(p, 0)]
-    assert len(paths) == 1, paths
-    return out, paths[0]
-
-
-def assert_matches(actual, expected):
-    rtol, atol = TOL[actual.dtype]
-    torch.testing.assert_close(actual.to(FP32), expected.to(FP32), rtol=rtol, atol=atol)
 
 
 def qkv(layout, b, n, nkv, s, d, dtype=FP32):
@@ -74,13 +54,7 @@ def test_ifa_fast_path_equals_oracle_and_general_path(batch, gqa, layout, dtype)
     q, k, v = qkv(layout, batch, n, n // gqa, capacity, d, dtype)
     kw = dict(num_heads=n, num_key_value_heads=n // gqa, input_layout=layout, scale_value=0.3,
               actual_seq_lengths=[length] * batch)
-    out, path = taken(ifa, q, k, v, **kw)
-    assert path == "fast"
-    assert out.dtype == dtype and out.shape == q.shape
-    assert_matches(out, ifa_oracle(q, k, v, **kw))
-    slow, path = taken(general, ifa, q, k, v, **kw)
-    assert path == "general"
-    torch.testing.assert_close(out, slow, rtol=1e-6, atol=1e-6) if dtype == FP32 else assert_matches(out, slow)
+    fast_paths.fast_equals_oracle_and_general(_dense_decode, ifa, ifa_oracle, q, k, v, **kw)
 
 
 def test_fia_fast_path_with_and_without_lengths():

@@ -14,6 +14,7 @@ is still an error naming it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -23,13 +24,15 @@ from npu_attn_graph.kernels import _library, _paged_decode
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.incre_flash_attention import npu_incre_flash_attention as ifa
 from npu_attn_graph.kernels._library import NpuAttnArgumentError
+
+import fast_paths
+from fast_paths import assert_matches
 from oracle import fia_oracle, ifa_oracle
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# Against the fp64 oracle: fp32 rounding of the same sums; fp16/bf16 inputs are rounded
-# alike for both, the kernel computes in fp32 and rounds once at the end: twice the
-# output dtype's eps (as tests/test_attention_ops.py).
-TOL = {FP32: (1e-5, 1e-6), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
+general = functools.partial(fast_paths.general, _paged_decode)
+taken = functools.partial(fast_paths.taken, _paged_decode)
+
+FP32, FP16, BF16 = fast_paths.FP32, fast_paths.FP16, fast_paths.BF16
 I32 = torch.int32
 
 
@@ -73,31 +76,6 @@ def paged(lens, nkv, d, bs, rank, fill, dtype=FP32, poison=None, table_fill="-1"
     return caches[0], caches[1], table
 
 
-def general(fn, *args, **kwargs):
-    """The same call through the general (chunked) path."""
-    eligible = _paged_decode.eligible
-    _paged_decode.eligible = lambda call, g: False
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _paged_decode.eligible = eligible
-
-
-def taken(fn, *args, **kwargs):
-    """fn(...) and the path its one paged call took."""
-    before = dict(_paged_decode.PATHS)
-    out = fn(*args, **kwargs)
-    after = _paged_decode.PATHS
-    paths = [p for p in ("fast", "general") if after[p] != before.get(p, 0)]
-    assert len(paths) == 1, paths
-    return out, paths[0]
-
-
-def assert_matches(actual, expected):
-    rtol, atol = TOL[actual.dtype]
-    torch.testing.assert_close(actual.to(FP32), expected.to(FP32), rtol=rtol, atol=atol)
-
-
 @pytest.mark.parametrize("dtype", [FP32, FP16, BF16])
 @pytest.mark.parametrize("table_fill", ["-1", "garbage", "block"])
 @pytest.mark.parametrize("gqa", [1, 4])
@@ -113,13 +91,7 @@ def test_ifa_fast_path_equals_oracle_and_general_path(rank, gqa, table_fill, dty
         q = q.reshape(len(lens), 1, n * d)
     kw = dict(num_heads=n, num_key_value_heads=nkv, input_layout=layout, scale_value=0.3,
               actual_seq_lengths=lens, block_table=table, block_size=bs)
-    out, path = taken(ifa, q, k, v, **kw)
-    assert path == "fast"
-    assert out.dtype == dtype and out.shape == q.shape
-    assert_matches(out, ifa_oracle(q, k, v, **kw))
-    slow, path = taken(general, ifa, q, k, v, **kw)
-    assert path == "general"
-    torch.testing.assert_close(out, slow, rtol=1e-6, atol=1e-6) if dtype == FP32 else assert_matches(out, slow)
+    out = fast_paths.fast_equals_oracle_and_general(_paged_decode, ifa, ifa_oracle, q, k, v, **kw)
     assert not out.view(len(lens), -1)[2].any()  # length 0: zeros
 
 

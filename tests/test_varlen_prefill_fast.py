@@ -12,6 +12,8 @@ compressed mask is still the general path's named error.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -19,13 +21,15 @@ from npu_attn_graph.kernels import _library, _varlen_prefill
 from npu_attn_graph.kernels._library import COMPRESSED_MASK_SIZE, NpuAttnArgumentError
 from npu_attn_graph.kernels.fused_infer_attention_score import npu_fused_infer_attention_score as fia
 from npu_attn_graph.kernels.prompt_flash_attention import npu_prompt_flash_attention as pfa
+
+import fast_paths
+from fast_paths import assert_matches
 from oracle import fia_oracle, pfa_oracle
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-# Against the fp64 oracle: fp32 rounding of the same sums; fp16/bf16 inputs are rounded
-# alike for both, the kernel computes in fp32 and rounds once at the end: twice the
-# output dtype's eps (as tests/test_attention_ops.py).
-TOL = {FP32: (1e-5, 1e-6), FP16: (2e-3, 2e-3), BF16: (1.6e-2, 1.6e-2)}
+general = functools.partial(fast_paths.general, _varlen_prefill)
+taken = functools.partial(fast_paths.taken, _varlen_prefill)
+
+FP32, FP16, BF16 = fast_paths.FP32, fast_paths.FP16, fast_paths.BF16
 CAUSAL = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
 
 
@@ -38,31 +42,6 @@ def tnd(lens, heads, d, dtype=FP32):
     """(T, heads, d) with T = sum(lens); cumulative lengths (the last one must be T)."""
     cumulative = torch.tensor(lens).cumsum(0).tolist()
     return torch.randn(sum(lens), heads, d).to(dtype), cumulative
-
-
-def general(fn, *args, **kwargs):
-    """The same call through the general (chunked) path."""
-    eligible = _varlen_prefill.eligible
-    _varlen_prefill.eligible = lambda call, g: False
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _varlen_prefill.eligible = eligible
-
-
-def taken(fn, *args, **kwargs):
-    """fn(...) and the path its one TND call took."""
-    before = dict(_varlen_prefill.PATHS)
-    out = fn(*args, **kwargs)
-    after = _varlen_prefill.PATHS
-    paths = [p for p in ("fast", "general") if after[p] != before.get(p, 0)]
-    assert len(paths) == 1, paths
-    return out, paths[0]
-
-
-def assert_matches(actual, expected):
-    rtol, atol = TOL[actual.dtype]
-    torch.testing.assert_close(actual.to(FP32), expected.to(FP32), rtol=rtol, atol=atol)
 
 
 MODES = {"causal": dict(sparse_mode=3, atten_mask=CAUSAL), "full": dict(sparse_mode=0)}
@@ -81,13 +60,7 @@ def test_pfa_fast_path_equals_oracle_and_general_path(mode, gqa, dtype):
               actual_seq_lengths=cumulative, actual_seq_lengths_kv=cumulative, **MODES[mode])
     if mode == "full":
         kw["next_tokens"] = 2**31 - 1
-    out, path = taken(pfa, q, k, v, **kw)
-    assert path == "fast"
-    assert out.dtype == dtype and out.shape == q.shape
-    assert_matches(out, pfa_oracle(q, k, v, **kw))
-    slow, path = taken(general, pfa, q, k, v, **kw)
-    assert path == "general"
-    torch.testing.assert_close(out, slow, rtol=1e-6, atol=1e-6) if dtype == FP32 else assert_matches(out, slow)
+    fast_paths.fast_equals_oracle_and_general(_varlen_prefill, pfa, pfa_oracle, q, k, v, **kw)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
