@@ -144,3 +144,22 @@ def test_once_per_version_recomputes_after_a_write_and_for_a_new_key():
     with torch.inference_mode():
         frozen = torch.ones(2)
     assert _library.once_per_version(frozen, "test", 1, lambda: 5) == 5  # no version counter: not cached
+
+
+def test_a_compressed_mask_made_under_inference_mode_is_checked_and_read():
+    # Inference tensors have no version counter: the pattern check's memo must not need one
+    # (it raised "Inference tensors do not track version counter" before).
+    n, d = 2, 16
+    lens = [4, 6]
+    with torch.inference_mode():
+        q, cumulative = tnd(lens, n, d)
+        mask = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool).triu(1)
+        kw = dict(num_heads=n, input_layout="TND", scale_value=0.5, actual_seq_lengths=cumulative,
+                  actual_seq_lengths_kv=cumulative, sparse_mode=3)
+        out, path = taken(pfa, q, q, q, atten_mask=mask, **kw)
+        assert path == "fast"
+        assert_matches(out, pfa_oracle(q, q, q, atten_mask=mask, **kw))
+        wrong = mask.clone()
+        wrong[5, 9] = False
+        with pytest.raises(NpuAttnArgumentError, match="atten_mask"):
+            pfa(q, q, q, atten_mask=wrong, **kw)

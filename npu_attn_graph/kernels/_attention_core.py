@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _library
-from ._library import COMPRESSED_MASK_SIZE, fail, holds_once
+from ._library import COMPRESSED_MASK_SIZE, fail, once_per_version
 
 # Query chunks with at least this many rows use torch's fused SDPA kernel.
 FUSED_MIN_ROWS = 16
@@ -526,12 +526,12 @@ def holds_compressed_pattern(mask: torch.Tensor, rows: int = COMPRESSED_MASK_SIZ
     """Whether a compressed mask (bool or integer, nonzero = masked, any leading dims of 1)
     holds the pattern the sparse modes read instead of its data: triu(ones(2048, 2048), 1);
     with rows=3072 (the training op's sparse_mode 6) stacked over a (1024, 2048) block whose
-    left half is 0 and right half 1. Checked once per tensor version (_library.holds_once):
+    left half is 0 and right half 1. Checked once per tensor version (_library.once_per_version):
     a model hands the same constant mask to every layer and every call."""
     predicate = _PATTERNS.get(rows)
     if predicate is None:
         predicate = _PATTERNS[rows] = _pattern_predicate(rows)
-    return holds_once(mask, predicate)
+    return once_per_version(mask, predicate, None, lambda: predicate(mask))
 
 
 def _pattern_predicate(rows: int) -> Callable[[torch.Tensor], bool]:
@@ -554,7 +554,7 @@ def _pattern_predicate(rows: int) -> Callable[[torch.Tensor], bool]:
     return holds
 
 
-# One predicate per row count: holds_once remembers the tensors that passed it.
+# One predicate per row count, the memo's tag for the tensors it checked.
 _PATTERNS: dict[int, Callable[[torch.Tensor], bool]] = {}
 
 

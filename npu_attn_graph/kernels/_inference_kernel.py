@@ -55,21 +55,16 @@ def empty_outputs(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
 def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference kernel: (attention_out, softmax_lse) with the op's exact semantics."""
     g = validate(call)
-    if call.block_table is not None:  # a serving engine's decode step: a few ops, same result
-        fast = _paged_decode.run(call, g) if _paged_decode.eligible(call, g) else None
+    # The fast paths, each for one common call form, the same result in a few ops: a
+    # serving engine's paged decode step and packed prefill, a static-cache decode step.
+    fast_path = (_paged_decode if call.block_table is not None else
+                 _varlen_prefill if call.layout.inputs == "TND" else
+                 _dense_decode if g.q_seq == 1 else None)
+    if fast_path is not None:
+        fast = fast_path.run(call, g) if fast_path.eligible(call, g) else None
         if fast is not None:
             return fast
-        _paged_decode.PATHS["general"] += 1
-    elif call.layout.inputs == "TND":  # a serving engine's packed prefill: one SDPA call
-        fast = _varlen_prefill.run(call, g) if _varlen_prefill.eligible(call, g) else None
-        if fast is not None:
-            return fast
-        _varlen_prefill.PATHS["general"] += 1
-    elif g.q_seq == 1:  # a static-cache decode step: SDPA on the valid slice of K/V
-        fast = _dense_decode.run(call, g) if _dense_decode.eligible(call, g) else None
-        if fast is not None:
-            return fast
-        _dense_decode.PATHS["general"] += 1
+        fast_path.PATHS["general"] += 1
     layout, device = call.layout, call.query.device
     tnd = layout.inputs == "TND"
 

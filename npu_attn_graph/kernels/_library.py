@@ -44,29 +44,10 @@ INT_MAX = 2147483647
 INT64_MAX = 2**63 - 1
 
 
-def holds_once(tensor: torch.Tensor, predicate: Callable[[torch.Tensor], bool]) -> bool:
-    """predicate(tensor), an expensive content check, evaluated only until this
-    very tensor, at this version, has passed it once: a model hands the same
-    constant mask to every layer and every call."""
-    seen = _CHECKED.get((id(tensor), predicate))
-    if seen is not None and seen[0]() is tensor and seen[1] == tensor._version:
-        return True
-    if not predicate(tensor):
-        return False
-    if not isinstance(tensor, torch._subclasses.FakeTensor):
-        for key in [k for k, (ref, _) in _CHECKED.items() if ref() is None]:
-            del _CHECKED[key]
-        _CHECKED[(id(tensor), predicate)] = (weakref.ref(tensor), tensor._version)
-    return True
-
-
-# Keyed by (id(tensor), predicate); the weak reference tells a live tensor from a reused id.
-_CHECKED: dict[tuple[int, Callable], tuple[weakref.ref, int]] = {}
-
-
-def once_per_version(tensor: torch.Tensor, tag: str, key: Hashable, compute: Callable[[], T]) -> T:
+def once_per_version(tensor: torch.Tensor, tag: Hashable, key: Hashable, compute: Callable[[], T]) -> T:
     """compute(), a function of the tensor's contents and of `key`, evaluated once per
-    tensor version and key: a model hands the same mask or block table to every layer.
+    tensor version and key: a model hands the same mask or block table to every layer
+    (and a constant mask to every call).
     One entry per (tensor, tag), so a new key replaces the last; an entry goes when its
     tensor does, so the value must not hold the tensor or a view of it. Not cached for
     fake tensors and inference tensors (they have no version counter)."""
@@ -85,7 +66,8 @@ def once_per_version(tensor: torch.Tensor, tag: str, key: Hashable, compute: Cal
     return value
 
 
-_MEMO: dict[tuple[int, str], tuple[weakref.ref, int, Hashable, object]] = {}
+# Keyed by (id(tensor), tag); the weak reference tells a live tensor from a reused id.
+_MEMO: dict[tuple[int, Hashable], tuple[weakref.ref, int, Hashable, object]] = {}
 
 
 class NpuAttnArgumentError(ValueError):

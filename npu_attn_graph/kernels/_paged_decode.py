@@ -89,8 +89,9 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
         return None
     if call.block_table.shape[1] < width:
         return None
-    key = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads)
-    plan = _library.once_per_version(call.block_table, "paged_decode", key, lambda: _plan(call, g, kv_lens, width))
+    shared_by = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads)
+    plan = _library.once_per_version(call.block_table, "paged_decode", shared_by,
+                                     lambda: _plan(call, g, kv_lens, width))
     # K too: a NaN key scores NaN, and SDPA masks by adding -inf, which leaves NaN.
     key = _gather(call.key, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
     value = _gather(call.value, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)

@@ -218,7 +218,7 @@ def _write_plain(op: str, plan: _Plan, key, value, key_cache, value_cache, slot_
     if plan.mode == "Norm":
         for cache, new in ((key_cache, key), (value_cache, value)):
             if cache.is_contiguous():  # one row copy per token (slot = block * block_size + offset)
-                cache.view(plan.num_slots, *cache.shape[2:]).index_copy_(0, slots, new.to(cache.dtype))
+                cache.view(plan.num_slots, *cache.shape[2:]).index_copy_(0, slots, new)  # (dtypes checked equal)
             else:
                 cache[slots // plan.block_size, slots % plan.block_size] = new
         return
