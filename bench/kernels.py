@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU")
-    header = f"| case | ours ms | SDPA ms | time ratio | goal | ours peak MiB | SDPA peak MiB | max abs diff |"
+    header = "| case | ours ms | SDPA ms | time ratio | goal | ours peak MiB | SDPA peak MiB | max abs diff |"
     print(header)
     print("|" + "---|" * 8)
     rows = []

@@ -146,6 +146,39 @@ def test_once_per_version_recomputes_after_a_write_and_for_a_new_key():
     assert _library.once_per_version(frozen, "test", 1, lambda: 5) == 5  # no version counter: not cached
 
 
+def test_once_per_contents_reuses_for_an_equal_copy_and_never_for_a_changed_one():
+    calls = []
+
+    def counted(t):
+        def compute():
+            calls.append(1)
+            return float(t.sum())
+        return compute
+
+    a = torch.tensor([1.0, 2.0])
+    assert _library.once_per_contents(a, "test-contents", 1, counted(a)) == 3.0
+    copy = a.clone()  # a fresh tensor, equal contents (Inductor's per-op copy of a mask)
+    assert _library.once_per_contents(copy, "test-contents", 1, counted(copy)) == 3.0
+    assert len(calls) == 1
+    other = torch.tensor([1.0, 5.0])
+    assert _library.once_per_contents(other, "test-contents", 1, counted(other)) == 6.0
+    assert _library.once_per_contents(copy, "test-contents", 2, counted(copy)) == 3.0  # a new key
+    assert len(calls) == 3
+    held = torch.tensor([0.0, 1.0])
+    assert _library.once_per_contents(held, "test-contents", 1, counted(held)) == 1.0
+    equal_before = held.clone()
+    held.add_(1)  # the held tensor is written: its value no longer says anything about equal_before
+    assert _library.once_per_contents(equal_before, "test-contents", 1, counted(equal_before)) == 1.0
+    assert len(calls) == 5
+    shaped = torch.tensor([[0.0, 1.0]])  # equal elements, another shape
+    assert _library.once_per_contents(shaped, "test-contents", 1, counted(shaped)) == 1.0
+    assert len(calls) == 6
+    big = torch.zeros(8)
+    assert _library.once_per_contents(big, "test-contents", 1, counted(big), max_bytes=16) == 0.0
+    assert _library.once_per_contents(big.clone(), "test-contents", 1, counted(big), max_bytes=16) == 0.0
+    assert len(calls) == 8  # over max_bytes: not held, so the copy is computed again
+
+
 def test_a_compressed_mask_made_under_inference_mode_is_checked_and_read():
     # Inference tensors have no version counter: the pattern check's memo must not need one
     # (it raised "Inference tensors do not track version counter" before).

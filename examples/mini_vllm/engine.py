@@ -15,8 +15,8 @@ Batches are padded to fixed shapes so that steady-state serving never recompiles
   by the fused writer) and seq_len 1. Rows never mix (every op is per row), so padding
   cannot change a real row's result;
 * prefill: the packed token count padded to a power of two (>= 16) up to
-  ``max_num_batched_tokens``; padding tokens have sequence id -1, slot -1 and positions
-  0, 1, ...
+  ``max_num_batched_tokens``; padding tokens have slot -1 and form causal sequences of
+  their own (ids -1, -2, ..., positions 0, 1, ...), none longer than the batch's longest.
 
 ``warmup()`` compiles every shape once on scratch-only data.
 """
@@ -231,10 +231,13 @@ class LLMEngine:
         t = self._prefill_size(len(ids))
         pad = t - len(ids)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=self.device)  # noqa: E731
-        # Padding tokens: sequence -1 at positions 0, 1, ...: a causal segment of their own, so
-        # the fused prefill is one TND call (at one position they would be a second, full one).
-        hidden = self._prefill(as_tensor(ids + [0] * pad), as_tensor(positions + list(range(pad))),
-                               as_tensor(seq_ids + [-1] * pad), as_tensor(slots + [-1] * pad), self.kv_caches)
+        # Padding tokens: causal sequences of their own (ids -1, -2, ... at positions 0, 1, ...),
+        # none longer than the longest real one, so the fused prefill is one TND call (at one
+        # position they would be a second, full one) whose segments are no wider than the batch's.
+        width = max(len(r.all_token_ids) for r in requests)
+        hidden = self._prefill(as_tensor(ids + [0] * pad), as_tensor(positions + [i % width for i in range(pad)]),
+                               as_tensor(seq_ids + [-1 - i // width for i in range(pad)]),
+                               as_tensor(slots + [-1] * pad), self.kv_caches)
         for r in requests:
             r.num_cached = len(r.all_token_ids)
         self._append(requests, self.model.compute_logits(hidden[as_tensor(last)]))

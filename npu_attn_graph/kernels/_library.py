@@ -70,6 +70,37 @@ def once_per_version(tensor: torch.Tensor, tag: Hashable, key: Hashable, compute
 _MEMO: dict[tuple[int, Hashable], tuple[weakref.ref, int, Hashable, object]] = {}
 
 
+def once_per_contents(tensor: torch.Tensor, tag: Hashable, key: Hashable, compute: Callable[[], T],
+                      max_bytes: int = SCORE_BLOCK_BYTES) -> T:
+    """once_per_version, and also once for equal contents: compute() of the last tensor
+    that missed (with this tag) is reused for a tensor equal to it (torch.equal) under
+    the same key. For a value a model recomputes per layer into a fresh tensor (Inductor
+    writes one copy of a mask for each op that reads it). The last tensor is held, one
+    per tag and at most max_bytes, and used only while its version is the one it had."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference tensor: no version to tell a later write by
+        return compute()
+    last = _LAST.get(tag)
+    if last is not None:
+        held, held_version, held_key, value = last
+        if held_version != held._version or held_key != key:
+            del _LAST[tag]
+        elif held is tensor or (held.shape == tensor.shape and held.dtype == tensor.dtype
+                                and held.device == tensor.device and torch.equal(held, tensor)):
+            _LAST[tag] = (tensor, version, key, value)
+            return cast(T, value)
+    value = once_per_version(tensor, tag, key, compute)
+    if tensor.numel() * tensor.element_size() <= max_bytes and \
+            not isinstance(tensor, torch._subclasses.FakeTensor):
+        _LAST[tag] = (tensor, version, key, value)
+    return value
+
+
+# tag -> (the last tensor, its version then, key, value).
+_LAST: dict[Hashable, tuple[torch.Tensor, int, Hashable, object]] = {}
+
+
 class NpuAttnArgumentError(ValueError):
     """A documented constraint of an op does not hold for the given arguments.
 
@@ -170,7 +201,24 @@ def register_reference(qualname: str, fn: Callable) -> None:
     CompositeExplicitAutograd covers CPU, CUDA and Meta-less backends alike; a
     backend-specific kernel (PrivateUse1 on an NPU host) takes precedence.
     """
-    LIB.impl(qualname.split("::")[1], with_schema_defaults(qualname, fn), "CompositeExplicitAutograd")
+    kernel = with_schema_defaults(qualname, fn)
+    _REFERENCES[qualname] = kernel
+    LIB.impl(qualname.split("::")[1], kernel, "CompositeExplicitAutograd")
+
+
+_REFERENCES: dict[str, Callable] = {}
+
+
+def call_op(qualname: str, *args, **kwargs):
+    """``npu_attn::<name>`` called from another op's kernel (a wrapper calling the op it wraps).
+    On CPU tensors, its reference kernel directly: that is the kernel the dispatcher picks
+    there (CPU has no other), and a second trip through the dispatcher costs tens of
+    microseconds a call, as much as a decode step's attention on small data. Elsewhere
+    (an NPU, whose own kernel may be registered) through the dispatcher."""
+    if args[0].device.type == "cpu":
+        return _REFERENCES[qualname](*args, **kwargs)
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)(*args, **kwargs)
 
 
 def register_npu(qualname: str, fn: Callable | None = None) -> None:

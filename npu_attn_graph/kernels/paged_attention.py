@@ -43,7 +43,7 @@ from . import fused_infer_attention_score as _fia
 from . import incre_flash_attention as _ifa
 from ._inference_kernel import empty_outputs
 from ._dropin import dropin
-from ._library import INT_MAX, check, define, register_fake, register_reference
+from ._library import INT_MAX, call_op, check, define, register_fake, register_reference
 
 __all__ = ["npu_fused_infer_attention_score_paged", "npu_incre_flash_attention_paged"]
 
@@ -90,8 +90,8 @@ def _incre_fake(query, key, value, *, block_table=None, actual_seq_lengths, **kw
 
 def _incre_reference(query, key, value, *, block_table=None, actual_seq_lengths, **kwargs):
     _placeholder(INCRE_OP, "actual_seq_lengths", actual_seq_lengths)
-    return torch.ops.npu_attn.npu_incre_flash_attention(
-        query, key, value, block_table=block_table, actual_seq_lengths=_host(actual_seq_lengths), **kwargs)
+    return call_op(_ifa.QUALNAME, query, key, value, block_table=block_table,
+                   actual_seq_lengths=_host(actual_seq_lengths), **kwargs)
 
 
 @register_fake(FIA_QUALNAME)
@@ -103,8 +103,8 @@ def _fia_fake(query, key, value, *, block_table=None, actual_seq_lengths_kv, **k
 
 def _fia_reference(query, key, value, *, block_table=None, actual_seq_lengths_kv, **kwargs):
     _placeholder(FIA_OP, "actual_seq_lengths_kv", actual_seq_lengths_kv)
-    return torch.ops.npu_attn.npu_fused_infer_attention_score(
-        query, key, value, block_table=block_table, actual_seq_lengths_kv=_host(actual_seq_lengths_kv), **kwargs)
+    return call_op(_fia.QUALNAME, query, key, value, block_table=block_table,
+                   actual_seq_lengths_kv=_host(actual_seq_lengths_kv), **kwargs)
 
 
 register_reference(INCRE_QUALNAME, _incre_reference)

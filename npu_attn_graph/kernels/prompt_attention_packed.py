@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -72,7 +73,7 @@ from ._inference import validate
 from ._inference_kernel import empty_outputs
 from ._layouts import batch_and_seq, from_bnsd, parse_layout, to_bnsd
 from ._dropin import dropin
-from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, define, once_per_version, register_fake, register_npu,
+from ._library import (COMPRESSED_MASK_SIZE, INT_MAX, call_op, define, once_per_contents, register_fake, register_npu,
                        register_reference)
 
 __all__ = ["PATHS", "PackedPlan", "npu_fused_infer_attention_score_packed", "npu_prompt_flash_attention_packed",
@@ -214,10 +215,17 @@ def _to_tnd(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
 
 
 def _tokens(x: torch.Tensor, segments: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    if len(segments) == 1:
-        s, e = segments[0]
-        return x[s:e]
-    return torch.cat([x[s:e] for s, e in segments])
+    """The segments' tokens, in order: one slice per run of adjacent segments (a view when
+    they are all adjacent, as when every segment is of one kind)."""
+    runs: list[list[int]] = []
+    for s, e in segments:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] = e
+        else:
+            runs.append([s, e])
+    if len(runs) == 1:
+        return x[runs[0][0]:runs[0][1]]
+    return torch.cat([x[s:e] for s, e in runs])
 
 
 def _cumulative(segments: tuple[tuple[int, int], ...]) -> list[int]:
@@ -235,9 +243,9 @@ def _packed(op: str, wrapped, scale_kwarg: str, query, key, value, atten_mask, *
     batch, q_seq = batch_and_seq(query.shape, layout.inputs)
     _, kv_seq = batch_and_seq(key.shape, layout.inputs)
     common = {"num_heads": num_heads, scale_kwarg: scale, "num_key_value_heads": num_key_value_heads}
-    # The same mask reaches every layer's call: read once per mask (and version).
-    plan = once_per_version(atten_mask, "packed_plan", (batch, q_seq, kv_seq),
-                            lambda: packed_plan(atten_mask, batch, q_seq, kv_seq)) if batch > 0 else None
+    # The same mask reaches every layer's call (or an equal copy of it, under Inductor): read once.
+    plan = once_per_contents(atten_mask, "packed_plan", (batch, q_seq, kv_seq),
+                             lambda: packed_plan(atten_mask, batch, q_seq, kv_seq)) if batch > 0 else None
     if plan is None:
         PATHS["masked"] += 1
         log.debug("packed prefill: mask %s is not packed; the masked call", tuple(atten_mask.shape))
@@ -274,7 +282,7 @@ def _prompt_kernel(query, key, value, atten_mask, *, num_heads, scale_value, inp
                    num_key_value_heads):
     _prompt_call(query, key, value, atten_mask, num_heads=num_heads, scale_value=scale_value,
                  input_layout=input_layout, num_key_value_heads=num_key_value_heads)  # the wrapped op's checks
-    return _packed(PROMPT_OP, torch.ops.npu_attn.npu_prompt_flash_attention, "scale_value", query, key, value,
+    return _packed(PROMPT_OP, functools.partial(call_op, _pfa.QUALNAME), "scale_value", query, key, value,
                    atten_mask, num_heads=num_heads, scale=scale_value, input_layout=input_layout,
                    num_key_value_heads=num_key_value_heads)
 
@@ -283,7 +291,7 @@ def _fia_kernel(query, key, value, atten_mask, *, num_heads, scale, input_layout
                 num_key_value_heads):
     g = validate(_fia_call(query, key, value, atten_mask, num_heads=num_heads, scale=scale,
                            input_layout=input_layout, num_key_value_heads=num_key_value_heads))
-    out = _packed(FIA_OP, torch.ops.npu_attn.npu_fused_infer_attention_score, "scale", query, key, value,
+    out = _packed(FIA_OP, functools.partial(call_op, _fia.QUALNAME), "scale", query, key, value,
                   atten_mask, num_heads=num_heads, scale=scale, input_layout=input_layout,
                   num_key_value_heads=num_key_value_heads)
     if isinstance(out, (tuple, list)):  # the masked call: (out, lse) already

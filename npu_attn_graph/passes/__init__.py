@@ -57,7 +57,9 @@ int64 graph inputs) turns vLLM's torch-only advance_step into
 npu_advance_step_flashattn: the plain step, and the speculative one (spec_token,
 accepted_num) when its last token is provably the op's. gqa_repeat_kv, attention_layout and
 attention_precision refine fused ops the
-rules inserted, reading the fused-op registry (registry.py).
+rules inserted, reading the fused-op registry (registry.py). shared_subexpressions,
+last, merges the identical pure nodes the rules built for several sites (every
+layer's copy of the mask chain) into one.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from .nsa_compress_attention_to_fused import NSA_RULE, nsa_compress_attention_to
 from .packed_prefill_to_tnd import packed_prefill_to_tnd
 from .paged_attention_read import PAGED_READ_RULE, paged_attention_read
 from .paged_cache_update import PAGED_WRITE_RULE, paged_cache_update
+from .shared_subexpressions import shared_subexpressions
 from .sdpa_to_fused import SDPA_RULE, sdpa_to_fused
 from .sparse_attention_to_fused import SPARSE_RULE, sparse_attention_to_fused
 from .sliding_window_cache_update import SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, sliding_window_cache_update
@@ -130,6 +133,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("attention_precision", POST_AOT, attention_precision),
     # Last: retargets a fused prefill whose mask is proved packed (sequence ids, positions) to its TND wrapper.
     Pass("packed_prefill_to_tnd", POST_AOT, packed_prefill_to_tnd),
+    # After every rule: what the rules built alike for several sites (a layer's mask chain), built once.
+    Pass("shared_subexpressions", POST_AOT, shared_subexpressions),
 )
 PASSES: dict[str, Pass] = {p.name: p for p in PIPELINE}
 RULES = (SDPA_RULE, EAGER_RULE, SINK_RULE, STATIC_WRITE_RULE, SLIDING_WINDOW_RULE, WINDOW_FILL_RULE, PAGED_WRITE_RULE,

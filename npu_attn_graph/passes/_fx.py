@@ -23,6 +23,7 @@ CASTS = (aten._to_copy.default, prims.convert_element_type.default)
 
 CLAIMED = "npu_attn_claimed"  # a node a rule looked at and left alone -> its Site (not reported twice)
 CONSTANT = "npu_attn_constant"  # computed from constants only: executors may fold it
+INSERTED = "npu_attn_inserted"  # built by a pass (shared_subexpressions may merge equal ones)
 
 
 class RewriteRefused(Exception):
@@ -231,6 +232,7 @@ def insert_call(gm: torch.fx.GraphModule, target: Any, args: tuple, kwargs: dict
     with (gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after)):
         node = gm.graph.call_function(target, args, kwargs)
     node.meta["val"] = fake_result(target, args, kwargs)
+    node.meta[INSERTED] = True
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in anchor.meta:
             node.meta[key] = anchor.meta[key]
@@ -280,6 +282,7 @@ class Rewrite:
         with self.graph.inserting_before(self.anchor):
             node = self.graph.call_function(target, args, kwargs)
         node.meta["val"] = value
+        node.meta[INSERTED] = True
         source = meta_from if meta_from is not None else self.anchor
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in source.meta:
