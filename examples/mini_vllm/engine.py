@@ -18,11 +18,18 @@ Batches are padded to fixed shapes so that steady-state serving never recompiles
   ``max_num_batched_tokens``; padding tokens have slot -1 and form causal sequences of
   their own (ids -1, -2, ..., positions 0, 1, ...), none longer than the batch's longest.
 
-``warmup()`` compiles every shape once on scratch-only data.
+``warmup()`` compiles every shape once on scratch-only data. After it, ``step()`` runs
+the compiled graphs with dynamo's guard evaluation skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; ``skip_guards_after_warmup=False``
+keeps it): every input is one the engine owns and has warmed up, so the guards could
+only pass. Before warm-up, or for a step outside those shapes, that would be unsafe;
+the engine never makes one (tests/test_mini_vllm.py counts no compile after warm-up
+with the guards evaluated).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -74,7 +81,8 @@ class LLMEngine:
     def __init__(self, model: PagedCausalLM, *, num_blocks: int = 128, block_size: int = 16,
                  max_model_len: int = 256, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
                  compile: bool = True, backend: str | object = "npu_attn", backend_options: dict | None = None,
-                 decode_batch_sizes: tuple[int, ...] | None = None, device: str | torch.device = "cpu"):
+                 decode_batch_sizes: tuple[int, ...] | None = None, device: str | torch.device = "cpu",
+                 skip_guards_after_warmup: bool = True):
         self.model = model.to(device).eval()
         cfg = model.config
         self.device = torch.device(device)
@@ -99,6 +107,11 @@ class LLMEngine:
         self.prefill_sizes = tuple(sizes + [max_num_batched_tokens])
         self._states = {b: _DecodeState(b, self.max_blocks_per_seq, device) for b in self.decode_batch_sizes}
         self.compiled = compile
+        # After warmup() has compiled every shape the engine can produce, dynamo's guards only
+        # re-check what the engine fixes (the same model, caches and state tensors, warmed
+        # shapes): skipped, as vLLM does, keeping only those that tell the shapes apart.
+        self.skip_guards_after_warmup = skip_guards_after_warmup
+        self._warmed = False
         if compile:
             opts = dict(backend_options or {})
             kw = {"options": opts} if opts else {}
@@ -154,8 +167,9 @@ class LLMEngine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
-        decode_b = self._run_decode(plan.decode) if plan.decode else 0
-        prefill_t = self._run_prefill(plan.prefill) if plan.prefill else 0
+        with self._guards():
+            decode_b = self._run_decode(plan.decode) if plan.decode else 0
+            prefill_t = self._run_prefill(plan.prefill) if plan.prefill else 0
         finished = []
         for request in plan.decode + plan.prefill:
             if self._done(request):
@@ -163,6 +177,11 @@ class LLMEngine:
         self.step_stats.append(StepStats(len(plan.prefill), sum(len(r.all_token_ids) - 1 for r in plan.prefill),
                                          prefill_t, len(plan.decode), decode_b, len(plan.preempted), len(finished)))
         return finished
+
+    def _guards(self) -> contextlib.AbstractContextManager:
+        if self.compiled and self._warmed and self.skip_guards_after_warmup:
+            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        return contextlib.nullcontext()
 
     def _done(self, request: Request) -> bool:
         token, p = request.output_token_ids[-1], request.params
@@ -261,6 +280,7 @@ class LLMEngine:
         for t in self.prefill_sizes:
             z = lambda fill: torch.full((t,), fill, dtype=torch.int64, device=self.device)  # noqa: E731
             self._prefill(z(0), z(0), z(-1), z(-1), self.kv_caches)  # distinct tensors: no aliasing guard
+        self._warmed = True
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  arrivals: list[int] | None = None) -> list[RequestOutput]:

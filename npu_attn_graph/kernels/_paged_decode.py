@@ -25,7 +25,9 @@ per call. Here the same result is computed in a handful of ops:
 4. a sequence of length 0 outputs zeros, as on the NPU.
 
 What every layer of a step shares (the block ids, the key mask, the rows to
-zero) is computed once per block table and lengths (_library.once_per_version).
+zero) is computed once per block table contents and lengths
+(_library.once_per_contents: under Inductor each layer's op may get its own
+copy of the table, cast to int32).
 
 Taken only when the call is exactly that form and the gathered K/V fit the
 reference kernels' memory budget (_library.SCORE_BLOCK_BYTES); every other
@@ -90,8 +92,8 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     if call.block_table.shape[1] < width:
         return None
     shared_by = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads)
-    plan = _library.once_per_version(call.block_table, "paged_decode", shared_by,
-                                     lambda: _plan(call, g, kv_lens, width))
+    plan = _library.once_per_contents(call.block_table, "paged_decode", shared_by,
+                                      lambda: _plan(call, g, kv_lens, width))
     # K too: a NaN key scores NaN, and SDPA masks by adding -inf, which leaves NaN.
     key = _gather(call.key, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
     value = _gather(call.value, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)

@@ -60,7 +60,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_fake, register_npu, register_reference
+from ._library import check, define, fail, once_per_contents, register_fake, register_npu, register_reference
 
 __all__ = ["npu_scatter_pa_kv_cache", "npu_scatter_pa_kv_cache_functional"]
 
@@ -203,18 +203,32 @@ def _validate_compressed(op, key, value, key_cache, value_cache, slot_mapping, c
 # ---------------------------------------------------------------------------- reference kernel
 
 
-def _write_plain(op: str, plan: _Plan, key, value, key_cache, value_cache, slot_mapping) -> None:
+def _written_slots(op: str, plan: _Plan, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(tokens, their slots) when some slots are negative (skipped), None when every token
+    is written; raises for a slot past the cache."""
     slots = slot_mapping.to(torch.int64)
-    if slots.numel() == 0:
-        return
     low, high = (int(x) for x in torch.aminmax(slots))  # one host read: the range rule and the skip
     if high >= plan.num_slots:  # a value rule: the fake kernel cannot see slot_mapping's contents
         t = int((slots >= plan.num_slots).nonzero()[0, 0])
         fail(op, "slot_mapping", f"entries must be slots in [0, num_blocks * block_size) = [0, {plan.num_slots}) "
              "(negative slots are skipped)", f"slot_mapping[{t}] = {int(slots[t])}")
-    if low < 0:
-        tokens = torch.nonzero(slots >= 0).squeeze(1)
-        slots, key, value = slots[tokens], key[tokens], value[tokens]
+    if low >= 0:
+        return None
+    tokens = torch.nonzero(slots >= 0).squeeze(1)
+    return tokens, slots[tokens]
+
+
+def _write_plain(op: str, plan: _Plan, key, value, key_cache, value_cache, slot_mapping) -> None:
+    if slot_mapping.numel() == 0:
+        return
+    # Every layer of a step writes through the same slot mapping: read it once.
+    skipping = once_per_contents(slot_mapping, "scatter_pa_slots", (op, plan.num_slots),
+                                 lambda: _written_slots(op, plan, slot_mapping))
+    if skipping is None:
+        slots = slot_mapping.to(torch.int64)
+    else:
+        tokens, slots = skipping
+        key, value = key.index_select(0, tokens), value.index_select(0, tokens)
     if plan.mode == "Norm":
         for cache, new in ((key_cache, key), (value_cache, value)):
             if cache.is_contiguous():  # one row copy per token (slot = block * block_size + offset)
