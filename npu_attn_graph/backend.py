@@ -338,10 +338,25 @@ def _needs_gradients(example_inputs: list[Any]) -> bool:
 
 def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str) -> Callable[..., Any]:
     if executor == "inductor":
+        from torch._guards import detect_fake_mode
         from torch._inductor.compile_fx import compile_fx_inner
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
         _writes_returning_nothing(gm)
-        return compile_fx_inner(_decompose_for_inductor(gm, example_inputs), example_inputs)
+        constants = _lift_pass_constants(gm)
+        if not constants:
+            return compile_fx_inner(_decompose_for_inductor(gm, example_inputs), example_inputs)
+        fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode()
+        inputs = [*example_inputs, *(fake_mode.from_tensor(c) for c in constants)]
+        compiled = compile_fx_inner(_decompose_for_inductor(gm, inputs), inputs)
+
+        def with_constants(args: list[Any]) -> Any:
+            full = [*args, *constants]
+            args.clear()  # boxed: the caller's list is handed over, as to the compiled graph itself
+            return compiled(full)
+
+        with_constants._boxed_call = True  # type: ignore[attr-defined]
+        return with_constants
     _fold_pass_constants(gm)
     return make_boxed_func(gm)  # AOT calls compiled graphs with a boxed (list) argument
 
@@ -380,11 +395,8 @@ def _decompose_for_inductor(gm: torch.fx.GraphModule, example_inputs: list[Any])
     return decomposed
 
 
-def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
-    """Evaluate the nodes the passes marked constant (the 2048x2048 causal
-    mask) once, and keep the results as graph attributes: run op by op, the
-    graph would otherwise rebuild them on every call. (Inductor's own constant
-    folding leaves iota alone, so this is done here.)"""
+def _constant_values(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
+    """The nodes the passes marked constant (the 2048x2048 causal mask), evaluated."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     values: dict[torch.fx.Node, Any] = {}
@@ -393,6 +405,39 @@ def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
             if node.meta.get(CONSTANT):
                 args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 values[node] = node.target(*args, **kwargs)
+    return values
+
+
+def _lift_pass_constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """For Inductor: each constant the passes marked, evaluated once, becomes an extra graph
+    input (after the others) whose value the executor passes on every call. Left in the
+    graph, Inductor would rebuild it on every call, and once for each fused op that reads
+    it: it realises an extern kernel's input per kernel (4 layers, 4 masks of 2048x2048).
+    Returns the values, in the order of the new inputs."""
+    values = _constant_values(gm)
+    lifted = [node for node, value in values.items()
+              if isinstance(value, torch.Tensor) and any(user not in values for user in node.users)]
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for i, node in enumerate(lifted):
+        with gm.graph.inserting_after(placeholders[-1]):
+            placeholder = gm.graph.placeholder(f"npu_attn_constant_{i}")
+        placeholder.meta.update({k: v for k, v in node.meta.items() if k != CONSTANT})
+        placeholders.append(placeholder)
+        node.replace_all_uses_with(placeholder)
+    for node in reversed(list(values)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    if values:
+        gm.recompile()
+    return [values[node] for node in lifted]
+
+
+def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
+    """Evaluate the nodes the passes marked constant (the 2048x2048 causal
+    mask) once, and keep the results as graph attributes: run op by op, the
+    graph would otherwise rebuild them on every call. (Inductor's own constant
+    folding leaves iota alone, so this is done here.)"""
+    values = _constant_values(gm)
     if not values and isinstance(gm, _LazyGraphModule):
         return  # graph unchanged: keep the forward compiled for the report's code (_rewrite), not a second one
     for node, value in values.items():

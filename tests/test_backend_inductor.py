@@ -135,3 +135,27 @@ def test_mini_vllm_under_inductor_equals_eager_and_keeps_no_state_per_step():
     entries = len(_library._MEMO)
     assert [o.output_token_ids for o in engine.generate(prompts, params)] == expected
     assert len(_library._MEMO) <= entries
+
+
+def test_compressed_causal_mask_is_an_input_of_inductors_code_not_rebuilt_per_layer():
+    """The 2048x2048 causal mask that sparse_mode 3 reads is evaluated once, at compile
+    time, and handed to Inductor's code as an input: left in the graph, Inductor built it
+    from iota on every call, once for each layer's fused op (issue 15, goal 1)."""
+    pytest.importorskip("transformers")
+    model = build("llama", "sdpa")
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    report = Report()
+    compiled = torch.compile(model, backend=NpuAttnBackend(report=report, **INDUCTOR), fullgraph=True)
+    with torch.no_grad():
+        expected = model(ids).logits
+        actual, codes = run_and_get_code(lambda: compiled(ids).logits)
+        again = compiled(ids).logits  # the held constant, a second time
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)  # two layers of fp32 attention
+    assert torch.equal(again, actual)
+    layers = model.config.num_hidden_layers
+    assert [(s.rewritten, s.fused_op) for s in report.sites] == [(True, "npu_prompt_flash_attention")] * layers
+    assert "sparse_mode=3" in report.code_after[-1].replace(" ", ""), report.code_after[-1]
+    code = "\n".join(codes)
+    assert code.count("npu_prompt_flash_attention.default(") == layers, code
+    assert "empty_strided_cpu((2048, 2048)" not in code, code  # not built by the compiled code
+    assert "assert_size_stride(arg" in code and "(2048, 2048), (2048, 1), 'input')" in code, code
