@@ -182,3 +182,27 @@ def test_the_step_plan_is_shared_by_a_steps_calls_and_follows_table_writes():
     third, _ = taken(ifa, q, k, v, block_table=table, **kw)
     assert not torch.equal(first[1], third[1]) and torch.equal(first[0], third[0])
     assert_matches(third, ifa_oracle(q, k, v, block_table=table, **kw))
+
+
+def test_validation_is_remembered_per_signature_and_a_failing_call_raises_every_time():
+    """The reference kernels validate once per call signature (shapes, strides, dtypes,
+    devices, host values): a decode step repeats one in every layer."""
+    from npu_attn_graph.kernels import _inference
+    from npu_attn_graph.kernels.incre_flash_attention import _call
+
+    q, cache, table = torch.randn(2, 2, 1, 16), torch.randn(4, 16, 16), torch.tensor([[0, 1], [2, 3]], dtype=I32)
+    kw = dict(num_heads=2, input_layout="BNSD", num_key_value_heads=1, block_size=16)
+    first = _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 20], **kw))
+    again = _inference.validated(_call(q.clone(), cache, cache.clone(), block_table=table.clone(),
+                                       actual_seq_lengths=[5, 20], **kw))
+    assert again is first  # equal signature: remembered
+    other = _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 32], **kw))
+    assert other is not first and other == first  # new host values: validated again (same geometry)
+    strided = torch.randn(4, 16, 32)[..., :16]  # another stride: validated again
+    assert _inference.validated(_call(q, strided, strided, block_table=table, actual_seq_lengths=[5, 20],
+                                      **kw)) is not first
+    for _ in range(2):  # past the table's capacity (2 blocks of 16): raised, never remembered
+        with pytest.raises(NpuAttnArgumentError, match="block_table.shape\\[1\\]"):
+            _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 33], **kw))
+    with pytest.raises(NpuAttnArgumentError, match="block_table.dtype"):
+        _inference.validated(_call(q, cache, cache, block_table=table.long(), actual_seq_lengths=[5, 20], **kw))

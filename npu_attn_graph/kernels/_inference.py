@@ -96,7 +96,7 @@ class InferenceCall:
     incremental_only: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     """Shapes derived from a validated call (may hold SymInts under tracing)."""
 
@@ -201,6 +201,43 @@ def validate(call: InferenceCall) -> Geometry:
         lse_shape = [batch, heads, q_seq, 1]
     return Geometry(batch, q_seq, heads, head_dim, kv_heads, kv_seq, value_dim, cache_rank,
                     out_shape, out_dtype, lse_shape)
+
+
+def validated(call: InferenceCall) -> Geometry:
+    """validate(call) for real tensors, remembered per call signature: the rules read only
+    the arguments' metadata (shapes, strides, dtypes, devices) and host values, and a
+    decode step repeats one signature in every layer (about 40 µs a call). A call that
+    fails is never remembered: it raises every time."""
+    key = _signature(call)
+    geometry = _VALIDATED.get(key)
+    if geometry is None:
+        geometry = validate(call)
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = geometry
+    return geometry
+
+
+_VALIDATED: dict[tuple, Geometry] = {}
+_VALIDATED_MAX = 256
+
+
+def _signature(call: InferenceCall) -> tuple:
+    return (on_npu_device(call.query), *(_field_signature(v) for v in vars(call).values()))
+
+
+def _field_signature(value: object) -> object:
+    if value is None or isinstance(value, (int, float, str, bool, Layout)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.stride(), value.dtype, value.device)
+    if isinstance(value, (list, tuple)):
+        if all(type(v) is int for v in value):  # lengths: the common case, kept cheap
+            return tuple(value)
+        return tuple(_field_signature(v) for v in value)
+    if isinstance(value, Antiquant):
+        return tuple(_field_signature(v) for v in vars(value).values())
+    return value
 
 
 def _int8_involved(call: InferenceCall) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from . import _dense_decode, _library, _paged_decode, _varlen_prefill
 from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
-from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate
+from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate, validated
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
 from ._library import (COMPRESSED_MASK_EXPRESSION, INT64_MAX, LIB, check, fail, register_npu, register_reference)
 
@@ -54,7 +54,7 @@ def empty_outputs(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference kernel: (attention_out, softmax_lse) with the op's exact semantics."""
-    g = validate(call)
+    g = validated(call)
     # The fast paths, each for one common call form, the same result in a few ops: a
     # serving engine's paged decode step and packed prefill, a static-cache decode step.
     fast_path = (_paged_decode if call.block_table is not None else
