@@ -344,11 +344,11 @@ def _execute(gm: torch.fx.GraphModule, example_inputs: list[Any], executor: str)
 
         _writes_returning_nothing(gm)
         constants = _lift_pass_constants(gm)
-        if not constants:
-            return compile_fx_inner(_decompose_for_inductor(gm, example_inputs), example_inputs)
         fake_mode = detect_fake_mode(example_inputs) or FakeTensorMode()
         inputs = [*example_inputs, *(fake_mode.from_tensor(c) for c in constants)]
         compiled = compile_fx_inner(_decompose_for_inductor(gm, inputs), inputs)
+        if not constants:
+            return compiled
 
         def with_constants(args: list[Any]) -> Any:
             full = [*args, *constants]
@@ -408,6 +408,20 @@ def _constant_values(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
     return values
 
 
+def _replace_constants(gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any],
+                       stand_in: Callable[[torch.fx.Node, Any], torch.fx.Node]) -> list[torch.fx.Node]:
+    """Each evaluated constant that a node outside the constants reads is replaced by
+    stand_in(node, value); the constant nodes left unused are erased. Returns the
+    replaced nodes, in graph order."""
+    replaced = [node for node in values if any(user not in values for user in node.users)]
+    for node in replaced:
+        node.replace_all_uses_with(stand_in(node, values[node]))
+    for node in reversed(list(values)):
+        if not node.users:
+            gm.graph.erase_node(node)
+    return replaced
+
+
 def _lift_pass_constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     """For Inductor: each constant the passes marked, evaluated once, becomes an extra graph
     input (after the others) whose value the executor passes on every call. Left in the
@@ -415,18 +429,16 @@ def _lift_pass_constants(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
     it: it realises an extern kernel's input per kernel (4 layers, 4 masks of 2048x2048).
     Returns the values, in the order of the new inputs."""
     values = _constant_values(gm)
-    lifted = [node for node, value in values.items()
-              if isinstance(value, torch.Tensor) and any(user not in values for user in node.users)]
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    for i, node in enumerate(lifted):
+
+    def new_input(node: torch.fx.Node, value: Any) -> torch.fx.Node:
         with gm.graph.inserting_after(placeholders[-1]):
-            placeholder = gm.graph.placeholder(f"npu_attn_constant_{i}")
+            placeholder = gm.graph.placeholder(f"npu_attn_constant_{len(placeholders)}")
         placeholder.meta.update({k: v for k, v in node.meta.items() if k != CONSTANT})
         placeholders.append(placeholder)
-        node.replace_all_uses_with(placeholder)
-    for node in reversed(list(values)):
-        if not node.users:
-            gm.graph.erase_node(node)
+        return placeholder
+
+    lifted = _replace_constants(gm, values, new_input)
     if values:
         gm.recompile()
     return [values[node] for node in lifted]
@@ -440,18 +452,16 @@ def _fold_pass_constants(gm: torch.fx.GraphModule) -> None:
     values = _constant_values(gm)
     if not values and isinstance(gm, _LazyGraphModule):
         return  # graph unchanged: keep the forward compiled for the report's code (_rewrite), not a second one
-    for node, value in values.items():
-        if all(user in values for user in node.users):
-            continue
+
+    def buffer(node: torch.fx.Node, value: Any) -> torch.fx.Node:
         name = f"_npu_attn_constant_{len(gm._buffers)}"
         gm.register_buffer(name, value)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
         attr.meta.update(node.meta)
-        node.replace_all_uses_with(attr)
-    for node in reversed(list(values)):
-        if not node.users:
-            gm.graph.erase_node(node)
+        return attr
+
+    _replace_constants(gm, values, buffer)
     gm.recompile()
 
 

@@ -125,7 +125,8 @@ def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int) -> _
     else:  # head-major rows (B * Nkv * S)
         rows = unread.view(batch, 1, seq).expand(batch, g.kv_heads, seq).reshape(-1)
     empty = [b for b, n in enumerate(kv_lens) if n == 0]
-    # A copy, not a view: a view would keep the table alive in once_per_version's memo.
+    # A copy, not a view: a view would keep the table alive in the memo (once_per_version's
+    # entries go with their tensor; under Inductor every step's table would stay).
     return _Plan(table.reshape(-1).clone(), ~unread.view(batch, 1, 1, seq), rows.nonzero().view(-1),
                  torch.tensor(empty, device=device) if empty else None)
 

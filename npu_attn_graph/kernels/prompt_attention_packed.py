@@ -40,9 +40,10 @@ decision; one more: the segment starts), the op computes
 - the full segments (if any) in one TND call with their cumulative lengths,
   sparse_mode 0 and no mask (each query attends its whole segment).
 
-The full segments are for padding: the engine pads a batch with tokens of
-sequence id -1 at position 0, which eager attends to one another (all at
-position 0: each sees all of them); a full segment gives exactly that. Any
+The full segments are for padding written at one position: tokens of one
+sequence id all at position 0, which eager attends to one another (each sees
+all of them); a full segment gives exactly that. (The mini-vLLM engine gives
+its padding positions 0, 1, ... instead: causal segments, one call.) Any
 other mask (a key outside the row's range, a row with no key, a hole, S_q !=
 S_kv, a per-head mask) is computed by the masked call itself. A misdetected
 site therefore still computes its mask exactly.
