@@ -58,7 +58,7 @@ def engine_runner(args, compiled: bool, executor: str = "eager"):
     max_model_len = args.max_len + args.max_tokens
     engine = LLMEngine.from_hf(hf, num_blocks=args.requests * -(-max_model_len // 16) + 1, block_size=16,
                                max_model_len=max_model_len, max_num_seqs=args.requests,
-                               max_num_batched_tokens=512, compile=compiled,
+                               max_num_batched_tokens=args.max_num_batched_tokens, compile=compiled,
                                backend_options={"executor": executor})
     engine.warmup()
     cache = sum(c.numel() * c.element_size() for c in engine.kv_caches)
@@ -153,6 +153,9 @@ def main():
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="the engine's token budget per step (vLLM's default, 2048, admits all 32 default prompts "
+                         "in one prefill, as generate() takes them in one batch)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; each variant's fastest counts")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help="comma-separated variants to run (hf_static, the baseline, always runs)")

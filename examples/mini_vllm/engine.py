@@ -14,8 +14,8 @@ Batches are padded to fixed shapes so that steady-state serving never recompiles
   the padding row has slot -1 (the scratch block's last slot for eager PyTorch, skipped
   by the fused writer) and seq_len 1. Rows never mix (every op is per row), so padding
   cannot change a real row's result;
-* prefill: the packed token count padded to a power of two (>= 16) up to
-  ``max_num_batched_tokens``; padding tokens have slot -1 and form causal sequences of
+* prefill: the packed token count padded to a power of two (>= 16) up to 256, then to a
+  multiple of 256, up to ``max_num_batched_tokens`` (``prefill_token_counts``); padding tokens have slot -1 and form causal sequences of
   their own (ids -1, -2, ..., positions 0, 1, ...), none longer than the batch's longest.
 
 ``warmup()`` compiles every shape once on scratch-only data. After it, ``step()`` runs
@@ -77,6 +77,28 @@ class _DecodeState:
         self.sampled = z(batch - 1, 1)
 
 
+PREFILL_STEP = 256
+
+
+def prefill_token_counts(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """The packed token counts a prefill is padded to: powers of two from 16 up to
+    PREFILL_STEP, then multiples of PREFILL_STEP, up to max_num_batched_tokens. Powers of
+    two all the way would pad 1,100 tokens to 2,048 (MLP and projections on 86% more
+    tokens); steps of 256 keep the padding under 256 tokens for one more compiled shape
+    per 256 tokens of budget."""
+    if max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+    sizes, t = [], 16
+    while t < min(max_num_batched_tokens, PREFILL_STEP):
+        sizes.append(t)
+        t *= 2
+    t = PREFILL_STEP
+    while t < max_num_batched_tokens:
+        sizes.append(t)
+        t += PREFILL_STEP
+    return tuple(sizes + [max_num_batched_tokens])
+
+
 class LLMEngine:
     def __init__(self, model: PagedCausalLM, *, num_blocks: int = 128, block_size: int = 16,
                  max_model_len: int = 256, max_num_seqs: int = 32, max_num_batched_tokens: int = 256,
@@ -100,11 +122,7 @@ class LLMEngine:
         if self.decode_batch_sizes[0] < 2 or self.decode_batch_sizes[-1] - 1 < max_num_seqs:
             raise ValueError(f"decode_batch_sizes {self.decode_batch_sizes} must be >= 2 and the largest must leave "
                              f"room for max_num_seqs={max_num_seqs} live rows plus one padding row")
-        sizes, t = [], 16
-        while t < max_num_batched_tokens:
-            sizes.append(t)
-            t *= 2
-        self.prefill_sizes = tuple(sizes + [max_num_batched_tokens])
+        self.prefill_sizes = prefill_token_counts(max_num_batched_tokens)
         self._states = {b: _DecodeState(b, self.max_blocks_per_seq, device) for b in self.decode_batch_sizes}
         self.compiled = compile
         # After warmup() has compiled every shape the engine can produce, dynamo's guards only
@@ -179,9 +197,19 @@ class LLMEngine:
         return finished
 
     def _guards(self) -> contextlib.AbstractContextManager:
-        if self.compiled and self._warmed and self.skip_guards_after_warmup:
+        if not self.compiled:
+            return contextlib.nullcontext()
+        if not self._warmed:  # every shape is one graph of the same function: room for all of them
+            return self._room_for_every_shape()
+        if self.skip_guards_after_warmup:
             return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
         return contextlib.nullcontext()
+
+    def _room_for_every_shape(self) -> contextlib.AbstractContextManager:
+        """dynamo's recompile limit (8 graphs per function by default) raised to the number
+        of shapes the engine compiles prefill and decode for."""
+        shapes = max(len(self.prefill_sizes), len(self.decode_batch_sizes))
+        return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, shapes))
 
     def _done(self, request: Request) -> bool:
         token, p = request.output_token_ids[-1], request.params
@@ -270,6 +298,11 @@ class LLMEngine:
     @torch.no_grad()
     def warmup(self) -> None:
         """Compile (or run) every decode and prefill shape once, on the scratch block only."""
+        with self._guards():
+            self._warm_every_shape()
+        self._warmed = True
+
+    def _warm_every_shape(self) -> None:
         scratch = self.blocks.scratch_block
         for b in self.decode_batch_sizes:
             st = self._states[b]
@@ -280,7 +313,6 @@ class LLMEngine:
         for t in self.prefill_sizes:
             z = lambda fill: torch.full((t,), fill, dtype=torch.int64, device=self.device)  # noqa: E731
             self._prefill(z(0), z(0), z(-1), z(-1), self.kv_caches)  # distinct tensors: no aliasing guard
-        self._warmed = True
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  arrivals: list[int] | None = None) -> list[RequestOutput]:
