@@ -16,12 +16,14 @@ per call. Here the same result is computed in a handful of ops:
    cache itself is never written -- and masked out of the scores, so whatever
    they held (NaN, inf) cannot reach the output (0 * NaN is NaN, NaN - inf is
    NaN), exactly as the NPU never reads them;
-3. one torch SDPA call with that key mask, on strided views of the gathered
-   copy, the query heads grouped over the KV heads (enable_gqa: K/V are not
-   repeated). Measured side by side in one process on the mini-vLLM decode
-   call (33 sequences, 8/2 heads, up to 96 slots): 1.7-3x faster than the
-   batched matmuls, masked_fill and softmax it replaced, which also needed K
-   and V contiguous per head (two more copies of the gathered blocks);
+3. per KV head, one (G, S) score matrix for its G = N // Nkv query heads: one
+   baddbmm adds the key mask (0 / -inf) to the scaled scores, then softmax and one
+   bmm with V (K/V are not repeated per query head). Measured side by side in one
+   process on the mini-vLLM decode call (33 sequences, 8/2 heads, up to 96 slots):
+   the whole op 0.87-0.91x the time it took with torch SDPA and a bool key mask
+   (CPU SDPA's per-call overhead outweighs its kernel at one query token), which in
+   turn had been 1.7-3x faster than the masked_fill / softmax / per-head copies
+   before it;
 4. a sequence of length 0 outputs zeros, as on the NPU.
 
 What every layer of a step shares (the block ids, the key mask, the rows to
@@ -45,7 +47,6 @@ from collections import Counter
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _library
 from ._attention_core import as_dtype, compute_dtype, paged_block_ids
@@ -72,7 +73,7 @@ class _Plan(NamedTuple):
     """What a step's calls share: every layer reads the same block table and lengths."""
 
     ids: torch.Tensor  # (B * width,) block ids, the table's entries past a need included
-    keep: torch.Tensor  # (B, 1, 1, S) bool: slots within each sequence's length
+    bias: torch.Tensor  # (B * Nkv, 1, S): 0 within each sequence's length, -inf past it
     unread_rows: torch.Tensor  # ids of the unread rows of the gathered K/V, in _gather's row order
     empty: torch.Tensor | None  # batches of length 0
 
@@ -91,15 +92,14 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
         return None
     if call.block_table.shape[1] < width:
         return None
-    shared_by = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads)
+    shared_by = (tuple(kv_lens), bs, call.key.shape[0], call.key.dim(), g.kv_heads, dtype)
     plan = _library.once_per_contents(call.block_table, "paged_decode", shared_by,
-                                      lambda: _plan(call, g, kv_lens, width))
-    # K too: a NaN key scores NaN, and SDPA masks by adding -inf, which leaves NaN.
+                                      lambda: _plan(call, g, kv_lens, width, dtype))
+    # K too: a NaN key scores NaN, and the mask is added (-inf), which leaves NaN.
     key = _gather(call.key, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
     value = _gather(call.value, plan.ids, plan.unread_rows, batch, g.kv_heads, bs, dtype)
     query = as_dtype(to_bnsd(call.query, call.layout.inputs, g.heads), dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=plan.keep, scale=call.scale,
-                                         enable_gqa=g.heads != g.kv_heads)
+    out = _grouped_attention(query, key, value, plan.bias, call.scale)
     if plan.empty is not None:  # nothing to attend to: 0 (the softmax of a row of -inf is NaN)
         out.index_fill_(0, plan.empty, 0)
     out = from_bnsd(as_dtype(out, g.out_dtype), call.layout.output)
@@ -107,7 +107,22 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     return out, torch.zeros(1, dtype=torch.float32, device=call.query.device)
 
 
-def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int) -> _Plan:
+def _grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """(B, N, 1, Dv) attention of one query token per sequence: each KV head's query heads
+    (N // Nkv of them, heads n * G .. n * G + G - 1 read KV head n) form the rows of one
+    (G, S) score matrix, the key mask added by the same baddbmm."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, seq = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    q = query.reshape(batch * kv_heads, groups, head_dim)
+    k = key.reshape(batch * kv_heads, seq, head_dim)
+    scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
+    out = torch.bmm(torch.softmax(scores, -1), value.reshape(batch * kv_heads, seq, value.shape[-1]))
+    return out.view(batch, heads, 1, value.shape[-1])
+
+
+def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int, dtype: torch.dtype) -> _Plan:
     batch, bs, device = g.batch, call.block_size, call.query.device
     seq = width * bs
     table = call.block_table[:, :width]
@@ -125,9 +140,12 @@ def _plan(call: InferenceCall, g: Geometry, kv_lens: list[int], width: int) -> _
     else:  # head-major rows (B * Nkv * S)
         rows = unread.view(batch, 1, seq).expand(batch, g.kv_heads, seq).reshape(-1)
     empty = [b for b, n in enumerate(kv_lens) if n == 0]
-    # A copy, not a view: a view would keep the table alive in the memo (once_per_version's
-    # entries go with their tensor; under Inductor every step's table would stay).
-    return _Plan(table.reshape(-1).clone(), ~unread.view(batch, 1, 1, seq), rows.nonzero().view(-1),
+    # (B * Nkv, 1, S): 0 where read, -inf where not; baddbmm broadcasts it over the query heads.
+    bias = torch.zeros(batch, seq, dtype=dtype, device=device).masked_fill_(unread, float("-inf"))
+    bias = bias.view(batch, 1, 1, seq).expand(batch, g.kv_heads, 1, seq).reshape(batch * g.kv_heads, 1, seq)
+    # The table a copy, not a view: a view would keep the table alive in the memo
+    # (once_per_version's entries go with their tensor; under Inductor every step's table would stay).
+    return _Plan(table.reshape(-1).clone(), bias, rows.nonzero().view(-1),
                  torch.tensor(empty, device=device) if empty else None)
 
 

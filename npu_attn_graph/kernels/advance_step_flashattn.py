@@ -174,22 +174,27 @@ def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int)
 
 def _advance(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
              num_queries, block_size, plan: _Plan) -> None:
-    _check_block_table_width(seq_lens, block_tables, block_size)
     tokens, positions, lens, slots = (_rows(t, num_seqs, 1)[:, 0] for t in
                                       (input_tokens, input_positions, seq_lens, slot_mapping))
-    live = num_queries
-    old = lens[:live].clone()
-    if bool((old < 0).any()):
+    live, padding = num_queries, num_seqs - num_queries
+    old = lens.narrow(0, 0, live)
+    # One host read for both value rules (a decode step's state is small; each read is a sync on a device).
+    longest, shortest_live = torch.stack((lens.max(), old.min())).tolist()
+    need = longest // block_size  # documented: block_tables.shape[1] > max(seq_lens) // block_size
+    check(block_tables.shape[1] > need, OP, "block_tables.shape[1]",
+          f"must be > max(seq_lens) // block_size = {need}", block_tables.shape[1])
+    if shortest_live < 0:
         fail(OP, "seq_lens", f"entries of the first num_queries ({live}) rows must be >= 0", old.tolist())
-    new_slots = _slots(block_tables[:live], old.unsqueeze(1), block_size).squeeze(1)
-    tokens[:live] = sampled_token_ids[:, 0]
-    positions[:live] = old
-    lens[:live] = old + 1
-    slots[:live] = new_slots
+    # The new token's cache slot: its sequence's block holding position old, at offset old % block_size.
+    blocks = block_tables.narrow(0, 0, live).gather(1, old.div(block_size, rounding_mode="floor").unsqueeze(1))
+    slots.narrow(0, 0, live).copy_(blocks.squeeze(1) * block_size + old.remainder(block_size))
+    tokens.narrow(0, 0, live).copy_(sampled_token_ids[:, 0])
+    positions.narrow(0, 0, live).copy_(old)
+    old.add_(1)  # seq_lens of the live rows, after their positions took the old values
     # CUDA-graph padding rows: vLLM zeroes their token and position and sets PAD_SLOT_ID.
-    tokens[live:] = 0
-    positions[live:] = 0
-    slots[live:] = PAD_SLOT_ID
+    tokens.narrow(0, live, padding).zero_()
+    positions.narrow(0, live, padding).zero_()
+    slots.narrow(0, live, padding).fill_(PAD_SLOT_ID)
 
 
 def _last_valid_tokens(sampled: torch.Tensor) -> torch.Tensor:
