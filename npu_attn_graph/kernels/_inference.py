@@ -388,6 +388,21 @@ def mask_uses_compressed_form(call: InferenceCall, q_seq: object) -> bool:
     return call.atten_mask is not None and tuple(call.atten_mask.shape) in COMPRESSED_MASK_SHAPES
 
 
+def ordinary_mask(mask: torch.Tensor, q_seq: object) -> torch.Tensor:
+    """A validated, non-compressed atten_mask as bool (True: masked out), 4-D and
+    broadcastable to (B, N, Sq, KV_S'), its query rows cut to q_seq (its key columns
+    may still reach past KV_S)."""
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    if mask.dim() == 2 and q_seq == 1 and mask.shape[0] != 1:
+        mask = mask[:, None, None, :]  # (B, KV_S)
+    elif mask.dim() == 2:
+        mask = mask[None, None]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    return mask[..., :q_seq, :]
+
+
 def _validate_mask(call: InferenceCall, batch: object, q_seq: object, kv_seq: object) -> None:
     op, mask = call.op, call.atten_mask
     if mask is None:

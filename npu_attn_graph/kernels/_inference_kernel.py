@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import _dense_decode, _library, _paged_decode, _varlen_prefill
+from . import _dense_decode, _dense_prompt, _library, _paged_decode, _varlen_prefill
 from ._attention_core import AttentionProblem, Band, attention, compute_dtype, holds_compressed_pattern, paged_block_ids
-from ._inference import Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, validate, validated
+from ._inference import (Antiquant, Geometry, InferenceCall, broadcast, mask_uses_compressed_form, ordinary_mask, validate,
+                         validated)
 from ._layouts import from_bnsd, pack_tnd, segments, to_bnsd, unpack_tnd
 from ._library import (COMPRESSED_MASK_EXPRESSION, INT64_MAX, LIB, check, fail, register_npu, register_reference)
 
@@ -56,10 +57,11 @@ def run(call: InferenceCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference kernel: (attention_out, softmax_lse) with the op's exact semantics."""
     g = validated(call)
     # The fast paths, each for one common call form, the same result in a few ops: a
-    # serving engine's paged decode step and packed prefill, a static-cache decode step.
+    # serving engine's paged decode step and packed prefill, a static-cache decode step,
+    # a dense prompt with at most an ordinary mask.
     fast_path = (_paged_decode if call.block_table is not None else
                  _varlen_prefill if call.layout.inputs == "TND" else
-                 _dense_decode if g.q_seq == 1 else None)
+                 _dense_decode if g.q_seq == 1 else _dense_prompt)
     if fast_path is not None:
         fast = fast_path.run(call, g) if fast_path.eligible(call, g) else None
         if fast is not None:
@@ -257,15 +259,7 @@ def _normalise_mask(call: InferenceCall, g: Geometry) -> torch.Tensor | None:
         if mask is not None:
             _check_compressed_mask(call, mask)
         return None
-    if mask.dtype != torch.bool:
-        mask = mask != 0
-    if mask.dim() == 2 and g.q_seq == 1 and mask.shape[0] != 1:
-        mask = mask[:, None, None, :]
-    elif mask.dim() == 2:
-        mask = mask[None, None]
-    elif mask.dim() == 3:
-        mask = mask[:, None]
-    return mask[..., : g.q_seq, :]
+    return ordinary_mask(mask, g.q_seq)
 
 
 def _check_compressed_mask(call: InferenceCall, mask: torch.Tensor) -> None:
