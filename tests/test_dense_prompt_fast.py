@@ -113,6 +113,21 @@ def test_calls_it_does_not_take_go_the_general_way():
     assert path == "general" and lse.shape == (b, n, sq, 1)
 
 
+def test_a_mask_over_the_memory_budget_goes_the_general_way(monkeypatch):
+    """SDPA adds the mask as a float tensor of its shape; past the budget the row chunks bound it."""
+    from npu_attn_graph.kernels import _library
+
+    b, n, sq, d = 2, 4, 6, 16
+    q, k, v = qkv("BNSD", b, n, 4, sq, sq, d)
+    kw = dict(num_heads=n, input_layout="BNSD", scale_value=0.5, atten_mask=padded_causal(b, sq, sq, [0, 2]),
+              sparse_mode=1)
+    assert taken(pfa, q, k, v, **kw)[1] == "fast"
+    monkeypatch.setattr(_library, "SCORE_BLOCK_BYTES", b * sq * sq * 4 - 1)
+    out, path = taken(pfa, q, k, v, **kw)
+    assert path == "general"
+    assert_matches(out, pfa_oracle(q, k, v, **kw))
+
+
 def test_compiled_padded_prefill_takes_it():
     """The demo Llama's padded 2-prompt prefill under both executors: each layer's prompt
     attention takes the fast path, and the logits equal eager's."""

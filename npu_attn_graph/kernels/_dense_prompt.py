@@ -16,9 +16,10 @@ process on the demo Llama's 2-prompt prefill (7 tokens, the padding mask kept), 
 Inductor: the whole compiled call took 0.77x its time with the general path.
 
 Taken only when the call is exactly that form, with float inputs of one dtype and
-equal key and value head dims, and a sparse_mode 0 band that cannot drop a key
-(pre_tokens >= Sq - 1 and next_tokens >= KV_S - 1: torch_npu's defaults). Every other
-call goes the general way. run() validates the call before trying this path.
+equal key and value head dims, a sparse_mode 0 band that cannot drop a key
+(pre_tokens >= Sq - 1 and next_tokens >= KV_S - 1), and a mask whose float form (SDPA
+adds it as one) fits the reference kernels' budget (_library.SCORE_BLOCK_BYTES). Every
+other call goes the general way. run() validates the call before trying this path.
 ``PATHS`` counts the dense prompt calls each way ("fast" / "general").
 """
 
@@ -29,6 +30,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from . import _library
 from ._attention_core import as_dtype, compute_dtype
 from ._inference import Geometry, InferenceCall, mask_uses_compressed_form, ordinary_mask
 from ._layouts import from_bnsd, to_bnsd
@@ -72,7 +74,12 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     value = as_dtype(to_bnsd(call.value, layout, g.kv_heads), dtype)
     keep = None
     if call.atten_mask is not None:
-        keep = ~ordinary_mask(call.atten_mask, g.q_seq)[..., : g.kv_seq]
+        keep = ordinary_mask(call.atten_mask, g.q_seq)[..., : g.kv_seq]
+        # SDPA adds the mask as a float tensor of the mask's shape: over the reference kernels'
+        # budget, the general path's row chunks bound it.
+        if keep.numel() * dtype.itemsize > _library.SCORE_BLOCK_BYTES:
+            return None
+        keep = ~keep
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=call.scale,
                                          enable_gqa=g.heads != g.kv_heads)
     if keep is not None:  # rows with no key: 0
