@@ -135,6 +135,37 @@ def test_engine_refuses_a_request_that_can_never_fit(hf_llama):
 
 # -- advance_step ---------------------------------------------------------------------------------
 
+def test_prefill_token_counts_are_powers_of_two_then_steps_of_256():
+    from examples.mini_vllm.engine import prefill_token_counts
+
+    assert prefill_token_counts(64) == (16, 32, 64)
+    assert prefill_token_counts(100) == (16, 32, 64, 100)
+    assert prefill_token_counts(2048) == (16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048)
+    assert prefill_token_counts(600) == (16, 32, 64, 128, 256, 512, 600)
+    assert prefill_token_counts(8) == (8,)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
+        prefill_token_counts(0)
+
+
+def test_warmup_compiles_more_shapes_than_dynamos_recompile_limit(hf_llama):
+    """A 1,280-token budget makes 9 prefill shapes, one more than dynamo's default limit
+    of 8 graphs per function (fullgraph=True would fail at the ninth); warm-up makes room
+    for all of them. Backend "eager" (dynamo's): only the count of graphs matters here."""
+    assert torch._dynamo.config.recompile_limit == 8
+    torch._dynamo.reset()
+    engine = LLMEngine.from_hf(hf_llama, num_blocks=81, block_size=16, max_model_len=1280, max_num_seqs=2,
+                               max_num_batched_tokens=1280, backend="eager", decode_batch_sizes=(3,))
+    assert len(engine.prefill_sizes) == 9
+    try:
+        engine.warmup()
+        prompt = [1 + i % 95 for i in range(1099)]  # padded to the 1,280-token shape
+        out = engine.generate([prompt], SamplingParams(max_tokens=2))
+        assert out[0].output_token_ids == hf_greedy(hf_llama, prompt, 2)
+        assert torch._dynamo.config.recompile_limit == 8  # raised only while warming up
+    finally:
+        torch._dynamo.reset()  # the model's functions are compiled again by the tests below
+
+
 def test_advance_step_matches_the_fused_op_exactly():
     g = torch.Generator().manual_seed(3)
     num_seqs, nq, bs = 5, 3, 4

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ._attention_core import as_dtype, compute_dtype
-from ._inference import Geometry, InferenceCall, broadcast
+from ._inference import Geometry, InferenceCall, broadcast, plain_float_inputs
 from ._layouts import from_bnsd, to_bnsd
 
 PATHS: Counter = Counter()
@@ -37,13 +37,9 @@ def eligible(call: InferenceCall, g: Geometry) -> bool:
     """The call is a plain dense decode: S == 1 queries, dense float K/V, no other input."""
     return (
         call.block_table is None and g.q_seq == 1 and call.layout.inputs != "TND"
-        and call.atten_mask is None and call.pse_shift is None and not call.softmax_lse
+        and call.atten_mask is None
         and call.kv_padding_size is None and call.query_padding_size is None and call.q_lens is None
-        and call.key_antiquant is None and call.value_antiquant is None
-        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
-        and call.value.dtype == call.query.dtype and g.head_dim == g.value_dim
-        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
-        and call.quant_scale2 is None and call.learnable_sink is None
+        and g.head_dim == g.value_dim and plain_float_inputs(call)
     )
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import _library
 from ._attention_core import as_dtype, compute_dtype
-from ._inference import Geometry, InferenceCall, mask_uses_compressed_form, ordinary_mask
+from ._inference import Geometry, InferenceCall, mask_uses_compressed_form, ordinary_mask, plain_float_inputs
 from ._layouts import from_bnsd, to_bnsd
 
 PATHS: Counter = Counter()
@@ -46,12 +46,7 @@ def eligible(call: InferenceCall, g: Geometry) -> bool:
         and (call.sparse_mode == 1 or call.atten_mask is None or _band_keeps_every_key(call, g))
         and call.q_lens is None and call.kv_lens is None
         and call.query_padding_size is None and call.kv_padding_size is None
-        and call.pse_shift is None and not call.softmax_lse
-        and call.key_antiquant is None and call.value_antiquant is None
-        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
-        and call.value.dtype == call.query.dtype and g.head_dim == g.value_dim
-        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
-        and call.quant_scale2 is None and call.learnable_sink is None
+        and g.head_dim == g.value_dim and plain_float_inputs(call)
     )
 
 

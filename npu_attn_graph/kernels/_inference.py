@@ -388,6 +388,20 @@ def mask_uses_compressed_form(call: InferenceCall, q_seq: object) -> bool:
     return call.atten_mask is not None and tuple(call.atten_mask.shape) in COMPRESSED_MASK_SHAPES
 
 
+def plain_float_inputs(call: InferenceCall) -> bool:
+    """Q, K and V float of one dtype, and no input beyond them, the mask, the lengths and the
+    block table: no pse, softmax_lse, KV antiquant, rope, shared prefix, output quantisation
+    or sink. (What every fast path of the reference kernels requires besides its own form.)"""
+    return (
+        call.pse_shift is None and not call.softmax_lse
+        and call.key_antiquant is None and call.value_antiquant is None
+        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
+        and call.value.dtype == call.query.dtype
+        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
+        and call.quant_scale2 is None and call.learnable_sink is None
+    )
+
+
 def ordinary_mask(mask: torch.Tensor, q_seq: object) -> torch.Tensor:
     """A validated, non-compressed atten_mask as bool (True: masked out), 4-D and
     broadcastable to (B, N, Sq, KV_S'), its query rows cut to q_seq (its key columns

@@ -50,7 +50,7 @@ import torch
 
 from . import _library
 from ._attention_core import as_dtype, compute_dtype, paged_block_ids
-from ._inference import Geometry, InferenceCall, broadcast
+from ._inference import Geometry, InferenceCall, broadcast, plain_float_inputs
 from ._layouts import from_bnsd, to_bnsd
 
 PATHS: Counter = Counter()
@@ -60,12 +60,7 @@ def eligible(call: InferenceCall, g: Geometry) -> bool:
     """The call is a plain paged decode: S == 1 queries, paged float caches, no other input."""
     return (
         call.block_table is not None and g.q_seq == 1 and call.layout.inputs != "TND"
-        and call.atten_mask is None and call.pse_shift is None and not call.softmax_lse
-        and call.key_antiquant is None and call.value_antiquant is None
-        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
-        and call.value.dtype == call.query.dtype
-        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
-        and call.quant_scale2 is None and call.learnable_sink is None
+        and call.atten_mask is None and plain_float_inputs(call)
     )
 
 

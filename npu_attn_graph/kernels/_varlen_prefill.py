@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import _library
 from ._attention_core import compute_dtype, holds_compressed_pattern
-from ._inference import Geometry, InferenceCall
+from ._inference import Geometry, InferenceCall, plain_float_inputs
 from ._layouts import segments
 
 PATHS: Counter = Counter()
@@ -45,12 +45,7 @@ def eligible(call: InferenceCall, g: Geometry) -> bool:
         call.layout.inputs == "TND" and call.block_table is None and call.q_lens is not None
         and call.kv_lens is not None and list(call.q_lens) == list(call.kv_lens)
         and _is_causal(call) is not None
-        and call.pse_shift is None and not call.softmax_lse
-        and call.key_antiquant is None and call.value_antiquant is None
-        and call.query.dtype.is_floating_point and call.key.dtype == call.query.dtype
-        and call.value.dtype == call.query.dtype and g.head_dim == g.value_dim
-        and call.query_rope is None and call.key_rope is None and call.key_shared_prefix is None
-        and call.quant_scale2 is None and call.learnable_sink is None
+        and g.head_dim == g.value_dim and plain_float_inputs(call)
     )
 
 
