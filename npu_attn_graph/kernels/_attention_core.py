@@ -7,7 +7,8 @@ budget: extra memory is O(chunk x S_kv) per head, whatever the sequence length.
 The pieces every attention kernel shares live here too, and the training kernel
 (_fusion_kernel) is built from them: :class:`Structure` (valid ranges, bands,
 prefix keys -> masks and key windows), :class:`RowChunks` (the chunk walk and
-each chunk's mask), :func:`fold_rows` (GQA), the chunked softmax step
+each chunk's mask), :func:`fold_rows` (GQA), :func:`fused_chunk` (one chunk through
+torch SDPA, also the dense prompt fast path's whole call), the chunked softmax step
 (:func:`exp_scores`, also the sparse kernel's, and :func:`fused_softmax`, the
 same math in torch's one-pass kernel), :func:`chunk_rows` and :func:`compute_dtype`.
 
@@ -287,7 +288,7 @@ def attention(
         if use_fused and rows >= FUSED_MIN_ROWS:
             qf = q[:, :, r0:r1].to(dtype)
             if windows is None:
-                out[:, :, r0:r1] = _fused_chunk(qf, source, lo, hi, dtype, problem.scale, bias, masked, group)
+                out[:, :, r0:r1] = fused_chunk(qf, source, lo, hi, dtype, problem.scale, bias, masked, group)
             else:
                 _fused_per_batch(out[:, :, r0:r1], qf, source, lo, windows, dtype, problem.scale, bias, masked, group)
             continue
@@ -347,7 +348,7 @@ def _is_top_left_causal(band: Band | None, q_ranges, kv_ranges, shifts, q_len: i
     )
 
 
-def _fused_chunk(
+def fused_chunk(
     q: torch.Tensor,
     source: DenseKeyValues,
     lo: int,
@@ -386,13 +387,13 @@ def _fused_per_batch(
     masked: torch.Tensor | None,
     group: int,
 ) -> None:
-    """_fused_chunk one batch at a time over its window of keys only, into out
+    """fused_chunk one batch at a time over its window of keys only, into out
     (B, N, rows, Dv), which holds zeros: SDPA adds its mask to the scores, so a
     masked NaN key would still give NaN."""
     for i, (s, e) in enumerate(windows):
         if e > s:  # else nothing to read: the batch's rows stay 0
             one = DenseKeyValues(source.key[i : i + 1], source.value[i : i + 1])
-            out[i : i + 1] = _fused_chunk(q[i : i + 1], one, s, e, dtype, scale, _batch_keys(bias, i, s - lo, e - lo),
+            out[i : i + 1] = fused_chunk(q[i : i + 1], one, s, e, dtype, scale, _batch_keys(bias, i, s - lo, e - lo),
                                           _batch_keys(masked, i, s - lo, e - lo), group)
 
 

@@ -28,10 +28,9 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 
 from . import _library
-from ._attention_core import as_dtype, compute_dtype
+from ._attention_core import DenseKeyValues, as_dtype, compute_dtype, fused_chunk
 from ._inference import Geometry, InferenceCall, mask_uses_compressed_form, ordinary_mask, plain_float_inputs
 from ._layouts import from_bnsd, to_bnsd
 
@@ -64,21 +63,17 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
         return None
     dtype = compute_dtype(call.query.dtype)
     layout = call.layout.inputs
-    query = as_dtype(to_bnsd(call.query, layout, g.heads), dtype)
-    key = as_dtype(to_bnsd(call.key, layout, g.kv_heads), dtype)
-    value = as_dtype(to_bnsd(call.value, layout, g.kv_heads), dtype)
-    keep = None
+    masked = None
     if call.atten_mask is not None:
-        keep = ordinary_mask(call.atten_mask, g.q_seq)[..., : g.kv_seq]
+        masked = ordinary_mask(call.atten_mask, g.q_seq)[..., : g.kv_seq]
         # SDPA adds the mask as a float tensor of the mask's shape: over the reference kernels'
         # budget, the general path's row chunks bound it.
-        if keep.numel() * dtype.itemsize > _library.SCORE_BLOCK_BYTES:
+        if masked.numel() * dtype.itemsize > _library.SCORE_BLOCK_BYTES:
             return None
-        keep = ~keep
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=call.scale,
-                                         enable_gqa=g.heads != g.kv_heads)
-    if keep is not None:  # rows with no key: 0
-        out = torch.where(keep.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=dtype, device=out.device))
+    # The general path's own SDPA chunk (mask inverted, rows with no key 0), over the whole problem.
+    keys = DenseKeyValues(to_bnsd(call.key, layout, g.kv_heads), to_bnsd(call.value, layout, g.kv_heads))
+    out = fused_chunk(as_dtype(to_bnsd(call.query, layout, g.heads), dtype), keys, 0, g.kv_seq, dtype, call.scale,
+                      None, masked, g.heads // g.kv_heads)
     PATHS["fast"] += 1
     return from_bnsd(as_dtype(out, g.out_dtype), call.layout.output), torch.zeros(1, dtype=torch.float32,
                                                                           device=call.query.device)

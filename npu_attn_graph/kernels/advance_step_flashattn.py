@@ -158,18 +158,19 @@ def _rows(t: torch.Tensor, num_seqs: int, per_request: int) -> torch.Tensor:
     return t.view(num_seqs, per_request) if t.dim() == 1 else t
 
 
-def _check_block_table_width(seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> None:
-    # Documented: block_tables.shape[1] > max(seq_lens) // block_size (before the update).
-    need = int(seq_lens.max()) // block_size
+def _check_block_table_width(longest: int, block_tables: torch.Tensor, block_size: int) -> None:
+    """Documented: block_tables.shape[1] > max(seq_lens) // block_size (before the update);
+    `longest` is that max, read by the caller."""
+    need = longest // block_size
     check(block_tables.shape[1] > need, OP, "block_tables.shape[1]",
           f"must be > max(seq_lens) // block_size = {need}", block_tables.shape[1])
 
 
 def _slots(block_tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slot of each position (n, k) of sequence row n of block_tables."""
-    rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1).expand_as(positions)
-    blocks = block_tables[rows, positions // block_size]
-    return blocks * block_size + positions % block_size
+    """Cache slot of each position (n, k) of sequence row n of block_tables: the row's block
+    holding the position, at offset position % block_size."""
+    blocks = block_tables.gather(1, positions.div(block_size, rounding_mode="floor"))
+    return blocks * block_size + positions.remainder(block_size)
 
 
 def _advance(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables, num_seqs,
@@ -180,14 +181,10 @@ def _advance(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_ma
     old = lens.narrow(0, 0, live)
     # One host read for both value rules (a decode step's state is small; each read is a sync on a device).
     longest, shortest_live = torch.stack((lens.max(), old.min())).tolist()
-    need = longest // block_size  # documented: block_tables.shape[1] > max(seq_lens) // block_size
-    check(block_tables.shape[1] > need, OP, "block_tables.shape[1]",
-          f"must be > max(seq_lens) // block_size = {need}", block_tables.shape[1])
+    _check_block_table_width(longest, block_tables, block_size)
     if shortest_live < 0:
         fail(OP, "seq_lens", f"entries of the first num_queries ({live}) rows must be >= 0", old.tolist())
-    # The new token's cache slot: its sequence's block holding position old, at offset old % block_size.
-    blocks = block_tables.narrow(0, 0, live).gather(1, old.div(block_size, rounding_mode="floor").unsqueeze(1))
-    slots.narrow(0, 0, live).copy_(blocks.squeeze(1) * block_size + old.remainder(block_size))
+    slots.narrow(0, 0, live).copy_(_slots(block_tables.narrow(0, 0, live), old.unsqueeze(1), block_size).squeeze(1))
     tokens.narrow(0, 0, live).copy_(sampled_token_ids[:, 0])
     positions.narrow(0, 0, live).copy_(old)
     old.add_(1)  # seq_lens of the live rows, after their positions took the old values
@@ -209,7 +206,7 @@ def _last_valid_tokens(sampled: torch.Tensor) -> torch.Tensor:
 
 def _advance_speculative(input_tokens, sampled_token_ids, input_positions, seq_lens, slot_mapping, block_tables,
                          num_seqs, block_size, spec_token, accepted_num, plan: _Plan) -> None:
-    _check_block_table_width(seq_lens, block_tables, block_size)
+    _check_block_table_width(int(seq_lens.max()), block_tables, block_size)
     if bool((accepted_num < 0).any()):
         fail(OP, "accepted_num", "entries must be >= 0", accepted_num.tolist())
     if bool((sampled_token_ids < REJECTED_TOKEN).any()):
