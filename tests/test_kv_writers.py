@@ -685,3 +685,45 @@ def test_public_signatures_match_schema_defaults():
 def test_in_place_writers_pass_opcheck(op, args):
     """Tagged inplace, the alias-returning writers functionalize (AOT dispatch included)."""
     torch.library.opcheck(op, args())
+
+
+def test_scatter_update_remembers_its_shape_rules_but_checks_offsets_on_every_call():
+    """The reference kernel validates shapes once per call form (a decode step repeats one
+    in every layer); the start offsets are data, checked on every call, and a call that
+    breaks a shape rule raises every time, even right after a good call."""
+    args = _su_args()
+    good = su.scatter_update(**args)
+    assert torch.equal(su.scatter_update(**args), good)
+    for _ in range(2):
+        _raises(lambda: su.scatter_update(**{**args, "indices": torch.tensor([0, 0, 8, 0])}), "scatter_update",
+                "indices (start offsets)")
+        _raises(lambda: su.scatter_update(**{**args, "updates": torch.zeros(4, 3, 2, 6)}), "scatter_update",
+                "updates.shape[3]")
+    assert torch.equal(su.scatter_update(**args), good)
+
+
+def test_remembered_per_metadata_keys_on_shape_dtype_and_device_and_skips_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from npu_attn_graph.kernels._library import remembered_per_metadata
+
+    calls = []
+
+    def rule(x: torch.Tensor, n: int) -> int:
+        calls.append(n)
+        if n < 0:
+            raise NpuAttnArgumentError(f"n must be >= 0, got {n}")
+        return x.shape[0] + n
+
+    checked = remembered_per_metadata(rule)
+    assert checked(torch.zeros(3), 1) == 4 and checked(torch.ones(3), 1) == 4 and calls == [1]
+    assert checked(torch.zeros(3, dtype=torch.int64), 1) == 4 and checked(torch.zeros(5), 1) == 6
+    assert checked(torch.zeros(3), 2) == 5 and calls == [1, 1, 1, 2]
+    for _ in range(2):
+        with pytest.raises(NpuAttnArgumentError):
+            checked(torch.zeros(3), -1)
+    assert calls[-2:] == [-1, -1]  # a failing call is never remembered
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.zeros(3))
+        checked(fake, 1), checked(fake, 1)
+    assert calls[-2:] == [1, 1]  # fake tensors: validated every time

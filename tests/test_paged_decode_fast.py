@@ -186,7 +186,9 @@ def test_the_step_plan_is_shared_by_a_steps_calls_and_follows_table_writes():
 
 def test_validation_is_remembered_per_signature_and_a_failing_call_raises_every_time():
     """The reference kernels validate once per call signature (shapes, strides, dtypes,
-    devices, host values): a decode step repeats one in every layer."""
+    devices, host values but the lengths'): a decode step repeats one in every layer, and
+    only its lengths change from step to step. The rules on the lengths' values run on
+    every call."""
     from npu_attn_graph.kernels import _inference
     from npu_attn_graph.kernels.incre_flash_attention import _call
 
@@ -196,8 +198,8 @@ def test_validation_is_remembered_per_signature_and_a_failing_call_raises_every_
     again = _inference.validated(_call(q.clone(), cache, cache.clone(), block_table=table.clone(),
                                        actual_seq_lengths=[5, 20], **kw))
     assert again is first  # equal signature: remembered
-    other = _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 32], **kw))
-    assert other is not first and other == first  # new host values: validated again (same geometry)
+    # New lengths (the next decode step): remembered, their values checked on their own.
+    assert _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 32], **kw)) is first
     strided = torch.randn(4, 16, 32)[..., :16]  # another stride: validated again
     assert _inference.validated(_call(q, strided, strided, block_table=table, actual_seq_lengths=[5, 20],
                                       **kw)) is not first
@@ -206,3 +208,23 @@ def test_validation_is_remembered_per_signature_and_a_failing_call_raises_every_
             _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 33], **kw))
     with pytest.raises(NpuAttnArgumentError, match="block_table.dtype"):
         _inference.validated(_call(q, cache, cache, block_table=table.long(), actual_seq_lengths=[5, 20], **kw))
+    with pytest.raises(NpuAttnArgumentError, match="entries must be >= 0"):
+        _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, -1], **kw))
+    other = _inference.validated(_call(q, cache, cache, block_table=table, actual_seq_lengths=[5, 20, 7], **kw))
+    assert other is not first and other == first  # another count of lengths: validated again
+
+
+def test_dense_lengths_are_checked_on_every_call_after_their_signature_is_remembered():
+    """A dense decode call's lengths leave the signature, so a remembered signature must not
+    let a length past the cache, or a negative one, through."""
+    from npu_attn_graph.kernels import _inference
+    from npu_attn_graph.kernels.incre_flash_attention import _call
+
+    q, cache = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 24, 16)
+    kw = dict(num_heads=2, input_layout="BNSD", num_key_value_heads=1)
+    first = _inference.validated(_call(q, cache, cache, actual_seq_lengths=[5, 20], **kw))
+    assert _inference.validated(_call(q, cache, cache, actual_seq_lengths=[24, 1], **kw)) is first
+    for lengths, rule in (([5, 25], "must be <= the key/value sequence length 24"), ([-2, 3], "must be >= 0"),
+                          ([25], "must be <= the key/value sequence length 24")):
+        with pytest.raises(NpuAttnArgumentError, match=rule):
+            _inference.validated(_call(q, cache, cache, actual_seq_lengths=lengths, **kw))

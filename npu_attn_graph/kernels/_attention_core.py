@@ -367,12 +367,18 @@ def fused_chunk(
     attn_mask = keep
     if bias is not None:
         attn_mask = bias if masked is None else bias.masked_fill(masked, float("-inf"))
-    k = source.key[:, :, lo:hi].to(dtype)
-    v = source.value[:, :, lo:hi].to(dtype)
+    k = as_dtype(_key_range(source.key, lo, hi), dtype)
+    v = as_dtype(_key_range(source.value, lo, hi), dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=group > 1)
     if keep is not None:
         out = torch.where(keep.any(dim=-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
     return out
+
+
+def _key_range(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Keys lo:hi of a (B, N, S, D) tensor: x itself when that is all of them (a slice costs
+    microseconds a call, as much as a small decode step's SDPA)."""
+    return x if lo == 0 and hi >= x.shape[2] else x[:, :, lo:hi]
 
 
 def _fused_per_batch(

@@ -60,8 +60,8 @@ def run(call: InferenceCall, g: Geometry) -> tuple[torch.Tensor, torch.Tensor] |
     dtype = compute_dtype(call.query.dtype)
     layout = call.layout.inputs
     query = as_dtype(to_bnsd(call.query, layout, g.heads), dtype)
-    key = as_dtype(to_bnsd(call.key, layout, g.kv_heads)[:, :, :length], dtype)
-    value = as_dtype(to_bnsd(call.value, layout, g.kv_heads)[:, :, :length], dtype)
+    key = as_dtype(to_bnsd(call.key, layout, g.kv_heads).narrow(2, 0, length), dtype)
+    value = as_dtype(to_bnsd(call.value, layout, g.kv_heads).narrow(2, 0, length), dtype)
     out = F.scaled_dot_product_attention(query, key, value, scale=call.scale, enable_gqa=g.heads != g.kv_heads)
     PATHS["fast"] += 1
     return from_bnsd(as_dtype(out, g.out_dtype), call.layout.output), torch.zeros(1, dtype=torch.float32,

@@ -11,7 +11,8 @@ are in _inference_kernel.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -204,26 +205,60 @@ def validate(call: InferenceCall) -> Geometry:
 
 
 def validated(call: InferenceCall) -> Geometry:
-    """validate(call) for real tensors, remembered per call signature: the rules read only
-    the arguments' metadata (shapes, strides, dtypes, devices) and host values, and a
-    decode step repeats one signature in every layer (about 40 µs a call). A call that
-    fails is never remembered: it raises every time."""
-    key = _signature(call)
+    """validate(call) for real tensors, remembered per call signature: the rules read the
+    arguments' metadata (shapes, strides, dtypes, devices) and host values, and a decode
+    step repeats one signature in every layer (about 40 µs a call). The lengths change at
+    every step, so for a dense layout without KV antiquant, where only
+    _check_length_values reads them, the signature holds their count and that function
+    checks the values on every call. A call that fails is never remembered: it raises
+    every time."""
+    values_free = call.layout.inputs != "TND" and call.key_antiquant is None and call.value_antiquant is None
+    key = _signature(call, values_free)
     geometry = _VALIDATED.get(key)
     if geometry is None:
         geometry = validate(call)
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
         _VALIDATED[key] = geometry
+    elif values_free:
+        _check_length_values(call, geometry)
     return geometry
+
+
+def _check_length_values(call: InferenceCall, g: Geometry) -> None:
+    """The rules on the lengths' values of a dense-layout call without KV antiquant, in
+    validate's order."""
+    if call.block_table is not None:
+        _check_block_count(call, g.batch)
+    _validate_lengths(call, g.batch, g.q_seq, g.kv_seq)
 
 
 _VALIDATED: dict[tuple, Geometry] = {}
 _VALIDATED_MAX = 256
 
 
-def _signature(call: InferenceCall) -> tuple:
-    return (on_npu_device(call.query), *(_field_signature(v) for v in vars(call).values()))
+def _signature(call: InferenceCall, values_free: bool) -> tuple:
+    tensors = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in _TENSOR_FIELDS(call))
+    if values_free:
+        lengths = tuple(None if n is None else len(n) for n in _LENGTHS(call))
+    else:
+        lengths = tuple(_field_signature(n) for n in _LENGTHS(call))
+    others = tuple(_field_signature(v) for v in _OTHER_FIELDS(call))
+    return on_npu_device(call.query), _PLAIN_FIELDS(call), tensors, lengths, others
+
+
+def _fields(names: list[str]) -> operator.attrgetter:
+    assert len(names) > 1, names  # attrgetter of one name gives the value, not a tuple
+    return operator.attrgetter(*names)
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(InferenceCall)}
+_LENGTHS = _fields(["q_lens", "kv_lens"])
+_TENSOR_FIELDS = _fields([n for n, t in _FIELD_TYPES.items() if "Tensor" in t])
+# str, int, float, bool and Layout: hashable as they are.
+_PLAIN_FIELDS = _fields([n for n, t in _FIELD_TYPES.items() if not any(k in t for k in ("Tensor", "Sequence", "Antiquant"))])
+_OTHER_FIELDS = _fields([n for n, t in _FIELD_TYPES.items()
+                         if n not in ("q_lens", "kv_lens") and any(k in t for k in ("Sequence", "Antiquant"))])
 
 
 def _field_signature(value: object) -> object:
@@ -273,9 +308,10 @@ def _per_batch(call: InferenceCall, values: Sequence[int] | None, name: str, bat
     if values is None:
         return
     n = len(values)
-    check(n == 1 or n >= batch, call.op, name, f"must have 1 or at least batch={batch} entries", n)
-    for x in values:
-        check(x >= 0, call.op, name, "entries must be >= 0", list(values))
+    if not (n == 1 or n >= batch):
+        fail(call.op, name, f"must have 1 or at least batch={batch} entries", n)
+    if min(values, default=0) < 0:
+        fail(call.op, name, "entries must be >= 0", list(values))
 
 
 def _validate_lengths(call: InferenceCall, batch: object, q_seq: object, kv_seq: object) -> None:
@@ -291,12 +327,10 @@ def _validate_lengths(call: InferenceCall, batch: object, q_seq: object, kv_seq:
     _per_batch(call, call.q_lens, call.q_lens_name, batch)
     _per_batch(call, call.kv_lens, call.kv_lens_name, batch)
     # Only the first `batch` entries are used (a single entry is broadcast).
-    if call.q_lens is not None:
-        check(max(_used_entries(call.q_lens, batch)) <= q_seq, op, call.q_lens_name,
-              f"entries must be <= the query sequence length {q_seq}", list(call.q_lens))
-    if call.kv_lens is not None and kv_seq is not None:
-        check(max(_used_entries(call.kv_lens, batch)) <= kv_seq, op, call.kv_lens_name,
-              f"entries must be <= the key/value sequence length {kv_seq}", list(call.kv_lens))
+    if call.q_lens is not None and max(_used_entries(call.q_lens, batch)) > q_seq:
+        fail(op, call.q_lens_name, f"entries must be <= the query sequence length {q_seq}", list(call.q_lens))
+    if call.kv_lens is not None and kv_seq is not None and max(_used_entries(call.kv_lens, batch)) > kv_seq:
+        fail(op, call.kv_lens_name, f"entries must be <= the key/value sequence length {kv_seq}", list(call.kv_lens))
 
 
 def _used_entries(values: Sequence[int], batch: object) -> list:
@@ -338,12 +372,18 @@ def _validate_paged(call: InferenceCall, batch: object, kv_heads: int, head_dim:
         check(v.shape[:3] == k.shape[:3], op, "value.shape", f"must match key.shape[:3] {tuple(k.shape[:3])}",
               tuple(v.shape))
         value_dim = v.shape[3]
-    max_blocks = table.shape[1]
-    needed = max((math.ceil(x / call.block_size) for x in _used_entries(call.kv_lens, batch)), default=0)
-    check(needed <= max_blocks, op, "block_table.shape[1]",
-          f"must be >= ceil(max({call.kv_lens_name}) / block_size) = {needed}", max_blocks)
+    _check_block_count(call, batch)
     check(call.kv_padding_size is None, op, "kv_padding_size", "is not supported with block_table", "a tensor")
-    return max_blocks * call.block_size, value_dim, k.dim()
+    return table.shape[1] * call.block_size, value_dim, k.dim()
+
+
+def _check_block_count(call: InferenceCall, batch: object) -> None:
+    """The block table is wide enough for the longest sequence (a rule on the lengths' values)."""
+    max_blocks = call.block_table.shape[1]
+    needed = max((math.ceil(x / call.block_size) for x in _used_entries(call.kv_lens, batch)), default=0)
+    if needed > max_blocks:
+        fail(call.op, "block_table.shape[1]", f"must be >= ceil(max({call.kv_lens_name}) / block_size) = {needed}",
+             max_blocks)
 
 
 def _validate_sparse(call: InferenceCall, q_seq: object) -> None:

@@ -7,6 +7,7 @@ Composite layouts such as "BNSD_BSND" name the input and the output layout.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +24,8 @@ class Layout:
     output: str
 
 
-def parse_layout(op: str, input_layout: str, allowed: Sequence[str]) -> Layout:
+@functools.lru_cache(maxsize=None)  # a few layouts, parsed on every call of every layer otherwise
+def parse_layout(op: str, input_layout: str, allowed: tuple[str, ...]) -> Layout:
     check(input_layout in allowed, op, "input_layout", f"must be one of {list(allowed)}", repr(input_layout))
     if "_" in input_layout:
         inputs, output = input_layout.split("_")

@@ -138,6 +138,43 @@ def check(condition: bool, op: str, argument: str, rule: str, value: object) -> 
         fail(op, argument, rule, value)
 
 
+def remembered_per_metadata(validate: Callable[..., T]) -> Callable[..., T]:
+    """validate(*args), remembered per the arguments' metadata (a tensor's shape, dtype and
+    device; any other argument as it is), for a rule check that reads nothing else: a model
+    repeats one call form in every layer and step, and the checks cost more than a small
+    kernel. Calls with a tensor that is not a plain torch.Tensor (fake, functional) or under
+    npu_rules() are not remembered, nor is a call that raises."""
+
+    @functools.wraps(validate)
+    def remembered(*args: object) -> T:
+        if _NPU_RULES.get():
+            return validate(*args)
+        key: list[object] = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if type(a) is not torch.Tensor:
+                    return validate(*args)
+                key.append((a.shape, a.dtype, a.device))
+            else:
+                key.append(a)
+        signature = tuple(key)
+        try:
+            return cast(T, memo[signature])
+        except KeyError:
+            pass
+        value = validate(*args)
+        if len(memo) >= _REMEMBERED_MAX:
+            memo.clear()
+        memo[signature] = value
+        return value
+
+    memo: dict[tuple, object] = {}
+    return remembered
+
+
+_REMEMBERED_MAX = 256
+
+
 def define(name: str, schema: str, tags: tuple = ()) -> str:
     """Define ``npu_attn::<name>`` from the schema text after the op name."""
     LIB.define(name + schema, tags=tags)
@@ -165,6 +202,8 @@ def with_schema_defaults(qualname: str, fn: Callable) -> Callable:
     positional = [a for a in arguments if not a.kwarg_only]
     keyword = {a.name: a.default_value for a in arguments if a.kwarg_only and a.has_default_value()}
     list_keywords = [name for name, v in keyword.items() if isinstance(v, list)]
+    if not keyword and not any(a.has_default_value() for a in positional):
+        return fn  # every argument is always passed
 
     @functools.wraps(fn)
     def kernel(*args, **kwargs):

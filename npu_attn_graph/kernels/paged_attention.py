@@ -43,7 +43,7 @@ from . import fused_infer_attention_score as _fia
 from . import incre_flash_attention as _ifa
 from ._inference_kernel import empty_outputs
 from ._dropin import dropin
-from ._library import INT_MAX, call_op, check, define, register_fake, register_reference
+from ._library import INT_MAX, call_op, define, fail, register_fake, register_reference
 
 __all__ = ["npu_fused_infer_attention_score_paged", "npu_incre_flash_attention_paged"]
 
@@ -70,9 +70,10 @@ FIA_QUALNAME = define(
 def _placeholder(op: str, name: str, lengths: torch.Tensor) -> list[int]:
     """The lengths tensor's own rules, and a list of zeros with one entry per element
     (one entry when the count is symbolic: the ops broadcast a single entry)."""
-    check(lengths.dtype in LENGTH_DTYPES, op, f"{name}.dtype", f"must be one of {list(LENGTH_DTYPES)}",
-          lengths.dtype)
-    check(lengths.dim() == 1, op, f"{name}.dim()", "must be 1 (one length per batch)", lengths.dim())
+    if lengths.dtype not in LENGTH_DTYPES:
+        fail(op, f"{name}.dtype", f"must be one of {list(LENGTH_DTYPES)}", lengths.dtype)
+    if lengths.dim() != 1:
+        fail(op, f"{name}.dim()", "must be 1 (one length per batch)", lengths.dim())
     n = lengths.shape[0]
     return [0] * n if isinstance(n, int) else [0]
 

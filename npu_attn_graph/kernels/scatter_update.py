@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ._dropin import dropin
-from ._library import check, define, fail, register_fake, register_npu, register_reference
+from ._library import check, define, fail, register_fake, register_npu, register_reference, remembered_per_metadata
 
 __all__ = ["scatter_update", "scatter_update_"]
 
@@ -63,22 +63,29 @@ def _validate(op: str, self: torch.Tensor, indices: torch.Tensor, updates: torch
     return _Plan(ax)
 
 
+# The reference kernels' validation: a decode step writes every layer's cache with one call form.
+_validated = remembered_per_metadata(_validate)
+
+
 def _scatter_into(op: str, out: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, axis: int) -> None:
     """Write ``updates`` into ``out`` in place (validation of the data included)."""
-    ax = _validate(op, out, indices, updates, axis).axis
+    ax = _validated(op, out, indices, updates, axis).axis
     n, width, extent = indices.shape[0], updates.shape[ax], out.shape[ax]
     if n == 0 or width == 0:
         return
-    idx = indices.to(torch.int64)
-    if idx.dim() == 1:
-        low, high = (int(x) for x in torch.aminmax(idx))  # one host read: the range rule and the shape
+    if indices.dim() == 1:
+        # One host read (n <= self.shape[0], the batch): the range rule and the shape.
+        offsets = indices.tolist()
+        low, high = min(offsets), max(offsets)
         if low == high and 0 <= low and low + width <= extent:
             # Every row at one offset (a decode step, or a batch prefilled together): one slice copy.
-            out.narrow(ax, low, width)[:n].copy_(updates)
+            target = out.narrow(ax, low, width)
+            (target if n == out.shape[0] else target.narrow(0, 0, n)).copy_(updates)
             return
         rows = torch.arange(n, device=out.device)
-        starts = idx
+        starts = indices.to(torch.int64)
     else:
+        idx = indices.to(torch.int64)
         rows, starts = idx[:, 0], idx[:, 1]
         bad = (rows < 0) | (rows >= out.shape[0])
         if bool(bad.any()):
