@@ -83,10 +83,10 @@ class DenseKeyValues:
         self.kv_heads, self.length, self.value_dim = key.shape[1], key.shape[2], value.shape[-1]
 
     def key_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
-        yield lo, hi, self.key[:, :, lo:hi].to(dtype)
+        yield lo, hi, as_dtype(_key_range(self.key, lo, hi), dtype)
 
     def value_chunks(self, lo: int, hi: int, dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
-        yield lo, hi, self.value[:, :, lo:hi].to(dtype)
+        yield lo, hi, as_dtype(_key_range(self.value, lo, hi), dtype)
 
 
 @dataclass

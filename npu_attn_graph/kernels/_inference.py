@@ -11,8 +11,7 @@ are in _inference_kernel.py.
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -238,27 +237,14 @@ _VALIDATED_MAX = 256
 
 
 def _signature(call: InferenceCall, values_free: bool) -> tuple:
-    tensors = tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in _TENSOR_FIELDS(call))
-    if values_free:
-        lengths = tuple(None if n is None else len(n) for n in _LENGTHS(call))
-    else:
-        lengths = tuple(_field_signature(n) for n in _LENGTHS(call))
-    others = tuple(_field_signature(v) for v in _OTHER_FIELDS(call))
-    return on_npu_device(call.query), _PLAIN_FIELDS(call), tensors, lengths, others
+    values = vars(call)
+    if values_free:  # the lengths' count only
+        values = {**values, "q_lens": _count(call.q_lens), "kv_lens": _count(call.kv_lens)}
+    return (on_npu_device(call.query), *(_field_signature(v) for v in values.values()))
 
 
-def _fields(names: list[str]) -> operator.attrgetter:
-    assert len(names) > 1, names  # attrgetter of one name gives the value, not a tuple
-    return operator.attrgetter(*names)
-
-
-_FIELD_TYPES = {f.name: str(f.type) for f in fields(InferenceCall)}
-_LENGTHS = _fields(["q_lens", "kv_lens"])
-_TENSOR_FIELDS = _fields([n for n, t in _FIELD_TYPES.items() if "Tensor" in t])
-# str, int, float, bool and Layout: hashable as they are.
-_PLAIN_FIELDS = _fields([n for n, t in _FIELD_TYPES.items() if not any(k in t for k in ("Tensor", "Sequence", "Antiquant"))])
-_OTHER_FIELDS = _fields([n for n, t in _FIELD_TYPES.items()
-                         if n not in ("q_lens", "kv_lens") and any(k in t for k in ("Sequence", "Antiquant"))])
+def _count(lengths: Sequence[int] | None) -> int | None:
+    return None if lengths is None else len(lengths)
 
 
 def _field_signature(value: object) -> object:

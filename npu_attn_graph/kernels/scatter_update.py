@@ -82,10 +82,10 @@ def _scatter_into(op: str, out: torch.Tensor, indices: torch.Tensor, updates: to
             target = out.narrow(ax, low, width)
             (target if n == out.shape[0] else target.narrow(0, 0, n)).copy_(updates)
             return
-        rows = torch.arange(n, device=out.device)
-        starts = indices.to(torch.int64)
+    idx = indices.to(torch.int64)
+    if idx.dim() == 1:
+        rows, starts = torch.arange(n, device=out.device), idx
     else:
-        idx = indices.to(torch.int64)
         rows, starts = idx[:, 0], idx[:, 1]
         bad = (rows < 0) | (rows >= out.shape[0])
         if bool(bad.any()):
