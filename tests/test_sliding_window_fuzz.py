@@ -33,7 +33,7 @@ from npu_attn_graph import Report, ring_layout, window_in_eager_order
 transformers = pytest.importorskip("transformers")
 # the switches of tests/test_fuzz.py: NPU_ATTN_FUZZ_SCALE multiplies the budget, NPU_ATTN_FUZZ_SHRINK=0 reports
 # the first failing program as drawn
-EXAMPLES = max(1, round(12 * float(os.environ.get("NPU_ATTN_FUZZ_SCALE", "1"))))
+EXAMPLES = max(1, round(8 * float(os.environ.get("NPU_ATTN_FUZZ_SCALE", "1"))))
 PHASES = [Phase.explicit, Phase.generate] + ([Phase.shrink] if os.environ.get("NPU_ATTN_FUZZ_SHRINK", "1") != "0" else [])
 MIN = torch.finfo(torch.float32).min
 
