@@ -30,7 +30,7 @@ import sys
 from typing import Callable
 
 import torch
-from executors import interleaved, rewound
+from executors import compiled, interleaved, rewound
 
 MODES = ("python", "cpp")
 VARIANTS = ("inductor", "npu_attn+inductor", "attention only")
@@ -105,11 +105,11 @@ def _load_stand_ins() -> None:
 
 
 def _compiled(model: torch.nn.Module, variant: str) -> Callable:
-    if variant == "inductor":
-        return torch.compile(model, backend="inductor", fullgraph=True)
+    if variant != "attention only":
+        return compiled(model, variant)
     from npu_attn_graph.passes import PASSES
 
-    passes = [p for p in PASSES if p != "static_cache_update"] if variant == "attention only" else None
+    passes = [p for p in PASSES if p != "static_cache_update"]
     return torch.compile(model, backend="npu_attn", fullgraph=True,
                          options={"executor": "inductor", "passes": passes})
 
